@@ -1,0 +1,2 @@
+"""The `amoe` command line. Each package owns its subcommands; this only dispatches."""
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from amoe.cli import main
+
+sys.exit(main())

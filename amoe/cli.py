@@ -1,0 +1,55 @@
+"""`amoe` command line: one entry point, subcommands owned by the packages.
+
+Each package exposes `register(subparsers)` in its own `cli` module; a subcommand's handler is
+stored as `func` on its parser. Packages are imported lazily per command group so `amoe --help`
+stays fast and a broken optional dependency only affects its own commands.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command group -> the module that owns it (its `register(subparsers)` adds exactly that group)
+GROUPS = {
+    "student": "distill.student.cli",        # amoe student perf
+    "encoders": "distill.encoders.cli",      # amoe encoders list
+    "teachers": "distill.teachers.cli",      # amoe teachers train
+    "distill": "distill.train.cli",          # amoe distill CONFIG / amoe distill perf
+    "curate": "distill.curation.cli",        # amoe curate embed|cluster|sample|perf
+    "world": "benchmarks.world.cli",         # amoe world make
+    "bench": "benchmarks.cli",               # amoe bench run|sweep|perf
+    "leaderboard": "benchmarks.leaderboard_cli",  # amoe leaderboard build
+    "quickstart": "benchmarks.quickstart",   # amoe quickstart
+    "ground": "grounding_vlm.cli",           # amoe ground train|eval
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amoe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups = GROUPS if only is None else {only: GROUPS[only]}
+    for name in groups.values():
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:  # a group whose module is not installed: leave it out
+            if e.name is None or not name.startswith(e.name):
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    only = argv[0] if argv and argv[0] in GROUPS else None
+    parser = build_parser(only)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Early-fusion MoE grounding VLMs whose vision experts start from a distilled student.
+Depends on `distill` only."""
