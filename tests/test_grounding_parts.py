@@ -1,0 +1,87 @@
+"""Grounding building blocks: boxes and location tokens, Gram anchoring, the tokenizer."""
+import math
+
+import pytest
+import torch
+
+from grounding_vlm.boxes import GroundingScore, box_iou, dequantise_box, quantise_box
+from grounding_vlm.gram import gram_anchoring_loss, gram_weight
+from grounding_vlm.tokenizer import GroundingTokenizer, train_tokenizer
+
+
+def test_box_round_trip_within_half_a_bin():
+    box = (13.0, 40.0, 97.5, 120.0)
+    bins = quantise_box(box, width=160, height=128, bins=100)
+    back = dequantise_box(bins, width=160, height=128, bins=100)
+    for v, w, s in zip(box, back, (160, 128, 160, 128)):
+        assert abs(v - w) <= 0.5 * s / 100 + 1e-9
+
+
+def test_quantise_clamps_and_rejects_degenerate():
+    assert quantise_box((-5, -5, 500, 500), 100, 100, 10) == [0, 0, 9, 9]
+    with pytest.raises(ValueError, match="degenerate"):
+        quantise_box((10, 10, 10, 20), 100, 100, 10)
+
+
+def test_iou_and_accuracy_hand_cases():
+    assert box_iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)
+    assert box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
+    score = GroundingScore()
+    score.add([0, 0, 10, 10], [0, 0, 10, 10])        # IoU 1: hit
+    score.add([0, 0, 10, 10], [0, 0, 10, 20])        # IoU 0.5: hit (>=)
+    score.add([0, 0, 10, 10], [0, 0, 10, 21])        # IoU < 0.5: miss
+    score.add(None, [0, 0, 1, 1])                    # unparsable: a miss, counted apart
+    m = score.metrics()
+    assert m["acc@0.5"] == 50.0 and m["unparsable"] == 1 and m["n"] == 4
+
+
+def test_gram_loss_hand_computed_unequal_token_counts():
+    # Image A: 2 tokens. VLM tokens orthogonal -> Gram I; anchor tokens parallel -> Gram all ones.
+    # Differences: off-diagonals 1 - 0 -> mean of squares over 4 entries = 2/4 = 0.5.
+    a_vlm = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    a_ref = torch.tensor([[3.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    # Image B: 3 tokens, identical directions on both sides -> 0.
+    b_vlm = torch.tensor([[1.0, 1.0], [1.0, -1.0], [2.0, 0.0]])
+    b_ref = b_vlm.clone() * 5
+    loss = gram_anchoring_loss([a_vlm, b_vlm], [a_ref, b_ref])
+    # Per-image average (0.5 + 0) / 2, not a per-element average over 4 + 9 entries (2/13).
+    assert loss.item() == pytest.approx(0.25)
+    assert not math.isclose(loss.item(), 2 / 13)
+
+
+def test_gram_loss_gradient_flows_only_to_vlm_side():
+    x = torch.randn(5, 8, requires_grad=True)
+    y = torch.randn(5, 4, requires_grad=True)
+    gram_anchoring_loss([x], [y]).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert y.grad is None
+
+
+def test_gram_loss_rejects_mismatched_counts():
+    with pytest.raises(ValueError, match="token counts"):
+        gram_anchoring_loss([torch.randn(3, 4)], [torch.randn(4, 4)])
+
+
+def test_gram_weight_schedule():
+    cfg = {"weight": 2.0, "start_step": 10, "warmup_steps": 4}
+    assert gram_weight(5, cfg) == 0.0
+    assert gram_weight(10, cfg) == pytest.approx(0.5)
+    assert gram_weight(13, cfg) == pytest.approx(2.0)
+    assert gram_weight(100, {"weight": 0.0}) == 0.0
+
+
+def test_tokenizer_prompt_target_and_box_parsing(tmp_path):
+    texts = ["the small red square left of the circle", "a big blue ring", "green star below the cross"]
+    tok = GroundingTokenizer(train_tokenizer(texts * 20, vocab_size=120), bins=50)
+    prompt = tok.encode_prompt("The small RED square")
+    assert prompt[0] == tok.hf.bos_token_id and prompt[-1] == tok.hf.sep_token_id
+    assert tok.hf.decode(prompt[1:-1]).replace(" ", "") == "thesmallredsquare"
+    target = tok.encode_target([3, 4, 40, 49])
+    assert target[-1] == tok.eos_id and tok.decode_box(target) == [3, 4, 40, 49]
+    assert tok.decode_box([tok.loc_start, tok.eos_id]) is None              # too short
+    assert tok.decode_box(prompt[:4]) is None                                # not location tokens
+    assert tok.decode_box([tok.loc_start + 9, tok.loc_start, tok.loc_start + 1, tok.loc_start + 2]) is None
+    tok.save(tmp_path / "tok")
+    again = GroundingTokenizer.load(tmp_path / "tok", bins=50)
+    assert again.loc_start == tok.loc_start and again.encode_prompt("a big blue ring") == tok.encode_prompt(
+        "a big blue ring")
