@@ -1,0 +1,105 @@
+"""Pre-training pool: webdataset tar shards of (image, caption, metadata) for distillation/curation.
+
+Training data is allowed to be dirty: a sample whose image does not decode is skipped and counted
+(`pool.stats`), never fatal. Evaluation readers do the opposite (they fail listing the files).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+from torch.utils.data import IterableDataset
+
+from .base import PoolSample, require
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+POOL_LAYOUT = """  ROOT/shards/*.tar  or  ROOT/*.tar  or a list / brace pattern of shard paths ('pool-{000000..000009}.tar')
+  each sample: <key>.jpg (or .png/.webp), optional <key>.txt caption, optional <key>.json metadata"""
+POOL_SOURCE = "webdataset shards (https://github.com/webdataset/webdataset), e.g. made with img2dataset"
+
+
+def resolve_shards(root: str | os.PathLike | list) -> list[str]:
+    """A directory (ROOT/shards/*.tar or ROOT/*.tar), a list of paths, or a brace pattern."""
+    if isinstance(root, (list, tuple)):
+        return [str(p) for p in root]
+    text = str(root)
+    if "{" in text and ".." in text:
+        import braceexpand
+        return list(braceexpand.braceexpand(text))
+    path = Path(text)
+    if path.is_file():
+        return [str(path)]
+    shards = sorted((path / "shards").glob("*.tar")) if (path / "shards").is_dir() else []
+    shards = shards or sorted(path.glob("*.tar"))
+    require(len(shards) > 0, "webdataset", root, "no .tar shards found", POOL_LAYOUT, POOL_SOURCE)
+    return [str(s) for s in shards]
+
+
+class WebDatasetPool(IterableDataset):
+    """Iterate samples of webdataset shards as `PoolSample`s, in shard order.
+
+    `stats` counts `seen`, `yielded`, `corrupt` (image missing or undecodable; first keys kept in
+    `corrupt_keys`). Under a multi-worker DataLoader each worker reads its own shards and keeps its own
+    counts; the totals are logged at the end of every pass."""
+
+    def __init__(self, shards, max_corrupt_keys: int = 100):
+        self.shards = resolve_shards(shards)
+        missing = [s for s in self.shards if "://" not in s and not Path(s).is_file()]
+        require(not missing, "webdataset", shards, f"shard files missing: {missing[:5]}", POOL_LAYOUT, POOL_SOURCE)
+        self.max_corrupt_keys = max_corrupt_keys
+        self.stats = {"seen": 0, "yielded": 0, "corrupt": 0, "corrupt_keys": []}
+
+    def _raw_samples(self) -> Iterator[dict]:
+        import webdataset as wds
+        return iter(wds.WebDataset(self.shards, shardshuffle=False, empty_check=False))
+
+    def _skip(self, key: str, why: str) -> None:
+        self.stats["corrupt"] += 1
+        if len(self.stats["corrupt_keys"]) < self.max_corrupt_keys:
+            self.stats["corrupt_keys"].append(f"{key}: {why}")
+
+    def __iter__(self) -> Iterator[PoolSample]:
+        self.stats = {"seen": 0, "yielded": 0, "corrupt": 0, "corrupt_keys": []}
+        for raw in self._raw_samples():
+            self.stats["seen"] += 1
+            key, shard = raw.get("__key__", "?"), raw.get("__url__", "?")
+            blob = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
+            if blob is None:
+                self._skip(key, "no image member")
+                continue
+            try:
+                with Image.open(io.BytesIO(blob)) as im:
+                    image = im.convert("RGB")
+            except Exception as e:  # any decode failure: training data is skipped, counted, reported
+                self._skip(key, f"{type(e).__name__}")
+                continue
+            try:
+                metadata = json.loads(raw["json"]) if "json" in raw else {}
+            except ValueError:
+                metadata = {}
+                log.warning("webdataset: %s has unparsable json metadata; using {}", key)
+            caption = raw["txt"].decode("utf-8", errors="replace").strip() if "txt" in raw else None
+            self.stats["yielded"] += 1
+            yield PoolSample(key=key, shard=os.path.basename(shard), image=image, caption=caption,
+                             metadata=metadata)
+        if self.stats["corrupt"]:
+            log.warning("webdataset: skipped %d corrupt sample(s) of %d (first: %s)", self.stats["corrupt"],
+                        self.stats["seen"], self.stats["corrupt_keys"][:3])
+
+    def report(self) -> str:
+        s = self.stats
+        return f"{s['yielded']} samples read, {s['corrupt']} corrupt skipped (of {s['seen']} seen)"
+
+
+def load_webdataset(root, split: str = "train", **kw) -> WebDatasetPool:
+    """`split` is accepted for registry symmetry; a ROOT/<split>/ folder of shards is used if present."""
+    if isinstance(root, (str, os.PathLike)) and (Path(root) / split).is_dir():
+        root = Path(root) / split
+    return WebDatasetPool(root, **kw)

@@ -1,0 +1,1 @@
+"""Package data: prompt templates per dataset (one per line, "{}" = class name)."""
