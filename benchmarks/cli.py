@@ -1,0 +1,128 @@
+"""`amoe bench run | sweep | perf`: benchmark cells, resumable sweeps, harness performance figures."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.results import Cell, read_result, result_path
+
+
+def _parse_vars(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--var expects NAME=VALUE, got {pair!r}")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def _resolution(text: str | None) -> int | None:
+    if text is None or str(text).lower() in ("none", "native", "default"):
+        return None
+    return int(text)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, default=None, help="at most N images per dataset role (first N)")
+    p.add_argument("--var", action="append", metavar="NAME=VALUE",
+                   help="fill ${NAME} in suite roots (repeatable), e.g. --var world=runs/quickstart/world")
+    p.add_argument("--cache-dir", default=None, help="feature cache folder (default $AMOE_CACHE or "
+                                                     "~/.cache/amoe/features)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--force", action="store_true", help="re-run cells that already have a result")
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmark encoders: single cells, sweeps, harness perf")
+    sub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
+
+    run = sub.add_parser("run", help="run one (model, task, dataset, resolution) cell")
+    run.add_argument("--model", required=True, help="encoder spec, e.g. siglip2:DIR (see `amoe encoders list`)")
+    run.add_argument("--task", required=True, help="zeroshot | knn | retrieval | segmentation")
+    run.add_argument("--dataset", required=True, help="dataset id within the suite, e.g. mw-cls")
+    run.add_argument("--suite", default="miniworld", help="built-in suite name or suite JSON path")
+    run.add_argument("--resolution", default=None, help="pixel budget side (e.g. 512); default: suite's")
+    run.add_argument("--out", default="results", help="results folder (one JSON per cell)")
+    run.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--task-cfg", default=None, help="JSON object overriding the task's defaults")
+    _common(run)
+    run.set_defaults(func=cmd_run)
+
+    sweep = sub.add_parser("sweep", help="run a sweep config (models x tasks x datasets x resolutions)")
+    sweep.add_argument("config", help="sweep config JSON (see docs/benchmarks.md)")
+    sweep.add_argument("--out", default=None, help="results folder (default: the config's 'out' or results/)")
+    _common(sweep)
+    sweep.set_defaults(func=cmd_sweep)
+
+    perf = sub.add_parser("perf", help="measure harness overhead and cache effectiveness (prints JSON)")
+    perf.add_argument("--json", action="store_true", help="print only the JSON figures")
+    perf.add_argument("--model", default=None, help="encoder spec to time (default: a random-init student)")
+    perf.add_argument("--world", default=None, help="mini-world folder (default: make a small one in --work)")
+    perf.add_argument("--work", default="runs/bench-perf", help="scratch folder for results and cache")
+    perf.add_argument("--limit", type=int, default=None, help="at most N images per role")
+    perf.add_argument("--batch-size", type=int, default=32)
+    perf.set_defaults(func=cmd_perf)
+
+    bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
+
+
+def _quiet_unless_rank0(rank: int, payload: dict) -> None:
+    if rank == 0:
+        print(json.dumps(payload, indent=2))
+
+
+def cmd_run(args) -> int:
+    from benchmarks.context import init_distributed_from_env
+    from benchmarks.suites import load_suite
+
+    rank, _ = init_distributed_from_env()
+    from benchmarks.sweep import harness_from_config, run_cells
+
+    suite = load_suite(args.suite)
+    resolution = _resolution(args.resolution) if args.resolution is not None else suite.get("resolution")
+    cell = Cell(args.model, args.task, args.dataset, resolution)
+    cfg = {"device": args.device, "batch_size": args.batch_size,
+           "task_cfg": {args.task: json.loads(args.task_cfg)} if args.task_cfg else {}}
+    h = harness_from_config(cfg, out=args.out, limit=args.limit, cache_dir=args.cache_dir,
+                            variables=_parse_vars(args.var), show_progress=not args.no_progress)
+    # validate the dataset id and task pairing before loading a model
+    from benchmarks.suites import dataset_entry
+    entry = dataset_entry(suite, args.dataset, h.variables)
+    if args.task not in entry["tasks"]:
+        print(f"warning: suite '{suite['name']}' does not list task '{args.task}' for dataset "
+              f"'{args.dataset}' (listed: {entry['tasks']})", file=sys.stderr)
+    summary = run_cells([cell], suite, h, force=args.force)
+    if rank != 0:
+        return 0
+    path = result_path(h.out_dir, cell)
+    record = read_result(path)
+    _quiet_unless_rank0(rank, {"result": str(path), "status": record["status"], "reason": record.get("reason"),
+                               "metrics": record["metrics"], "already_done": bool(summary.already_done)})
+    return 0 if record["status"] != "failed" else 1
+
+
+def cmd_sweep(args) -> int:
+    from benchmarks.context import init_distributed_from_env
+    from benchmarks.sweep import harness_from_config, load_sweep_config, run_sweep
+
+    rank, _ = init_distributed_from_env()
+
+    cfg = load_sweep_config(args.config)
+    h = harness_from_config(cfg, out=args.out, limit=args.limit, cache_dir=args.cache_dir,
+                            variables=_parse_vars(args.var), show_progress=not args.no_progress)
+    summary = run_sweep(cfg, h, force=args.force)
+    _quiet_unless_rank0(rank, {"out": str(h.out_dir), **summary.as_dict()})
+    return 0 if summary.failed == 0 else 1
+
+
+def cmd_perf(args) -> int:
+    from benchmarks.perf import measure
+
+    figures = measure(model=args.model, world=args.world, work=Path(args.work), limit=args.limit,
+                      batch_size=args.batch_size, show_progress=not args.json)
+    print(json.dumps(figures, indent=2))
+    return 0

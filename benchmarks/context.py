@@ -1,0 +1,255 @@
+"""The harness side of the task contract: `HarnessContext` implements `TaskContext`.
+
+A task asks the context for a dataset role ("train" / "test"), for that role's features and for text
+embeddings; the context reads the dataset through `distill.data.load_dataset`, encodes it in batches
+with a progress bar, and keeps everything in the shared feature cache. Under torchrun each rank
+encodes one contiguous slice of the images, the slices are gathered in dataset order, and rank 0
+writes the cache entry.
+
+Features handed to tasks are float32 on the CPU, whether they came from the cache or were just
+computed, so a cache hit and a miss give the same numbers; tasks move them to `ctx.device`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from distill.encoders.base import Encoder
+from distill.features import Features
+from distill.io import fingerprint
+
+from benchmarks.cache import FeatureCache, FeatureKey
+
+
+# ---------------------------------------------------------------- limited datasets
+
+class LimitedDataset(Dataset):
+    """The first `limit` items of a reader's dataset, with its per-item attributes cut to match.
+
+    Per-dataset attributes (`classes`, `templates`, `ignore_index`...) are forwarded unchanged;
+    per-item lists (`targets`, `captions`, `image_paths`...) are sliced so they stay aligned.
+    """
+
+    _PER_ITEM = ("targets", "captions", "image_paths", "samples", "imgs", "labels", "image_ids")
+
+    def __init__(self, base: Dataset, limit: int | None):
+        self.base = base
+        self.n = len(base) if limit is None else min(int(limit), len(base))
+        for name in self._PER_ITEM:
+            value = getattr(base, name, None)
+            if isinstance(value, (list, tuple)) and len(value) == len(base):
+                setattr(self, name, list(value[: self.n]))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if not -self.n <= i < self.n:
+            raise IndexError(f"index {i} out of range for {self.n} items")
+        return self.base[i % self.n]
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes not set on self: forward per-dataset attributes
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+def image_of(item) -> Any:
+    """The image of a dataset item: classification/segmentation tuples hold it first."""
+    if isinstance(item, (tuple, list)):
+        return item[0]
+    image = getattr(item, "image", None)
+    return image if image is not None else item
+
+
+class _Preprocessed(Dataset):
+    """Dataset items -> the encoder's preprocessed CHW tensors (so a DataLoader can prefetch them)."""
+
+    def __init__(self, ds: Dataset, preprocess: Callable, resolution: int | None, indices: range):
+        self.ds, self.preprocess, self.resolution, self.indices = ds, preprocess, resolution, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.preprocess(image_of(self.ds[self.indices[i]]), resolution=self.resolution)
+
+
+def _as_list(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    return batch  # keep images of different sizes apart; the encoder packs or pads them
+
+
+# ---------------------------------------------------------------- distributed helpers
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed_from_env() -> tuple[int, int]:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1); returns (rank, world).
+
+    nccl with one GPU per rank (LOCAL_RANK) when CUDA is available, else gloo.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist_info()
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if dist_info()[1] > 1 else "cuda"
+    return "cpu"
+
+
+def shard_range(n: int, rank: int, world: int) -> range:
+    """Contiguous slice of n items for `rank`, so gathering the slices in rank order keeps dataset order."""
+    per, extra = divmod(n, world)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (1 if rank < extra else 0))
+
+
+def encode_dataset(encoder: Encoder, ds: Dataset, resolution: int | None, batch_size: int = 32,
+                   num_workers: int = 0, patches: bool = False, desc: str = "features",
+                   show_progress: bool = True) -> Features:
+    """Encode every image of `ds` (this rank's slice under torch.distributed, then gathered).
+
+    Returns CPU float32 Features in dataset order on every rank.
+    """
+    rank, world = dist_info()
+    indices = shard_range(len(ds), rank, world)
+    loader = DataLoader(_Preprocessed(ds, encoder.preprocess, resolution, indices), batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers, collate_fn=_as_list)
+    parts: list[Features] = []
+    bar = tqdm(total=len(indices), desc=desc, unit="img", disable=not show_progress or rank != 0,
+               dynamic_ncols=True, leave=False)
+    with torch.inference_mode():
+        for batch in loader:
+            f = encoder.encode([x.to(encoder.device, encoder.dtype) for x in batch])
+            if not patches:
+                f = Features(summary=f.summary, cls=f.cls, registers=f.registers)
+            parts.append(f.to("cpu", torch.float32))
+            bar.update(len(batch))
+    bar.close()
+    local = Features.concat(parts) if parts else None
+    if world == 1:
+        if local is None:
+            raise ValueError(f"{desc}: the dataset is empty; nothing to encode")
+        return local
+    gathered: list[Features | None] = [None] * world
+    dist.all_gather_object(gathered, local)  # gloo and nccl both carry pickled CPU objects
+    present = [g for g in gathered if g is not None]
+    if not present:
+        raise ValueError(f"{desc}: the dataset is empty; nothing to encode")
+    return Features.concat(present)
+
+
+# ---------------------------------------------------------------- the context
+
+class HarnessContext:
+    """`TaskContext` for one (encoder, dataset entry, resolution, limit) cell."""
+
+    def __init__(self, encoder: Encoder, dataset_cfg: dict, resolution: int | None = None,
+                 limit: int | None = None, cache: FeatureCache | None = None, batch_size: int = 32,
+                 num_workers: int = 0, show_progress: bool = True,
+                 load_dataset: Callable[..., Dataset] | None = None):
+        self.encoder = encoder
+        self.dataset_cfg = dataset_cfg
+        self.resolution = resolution
+        self.limit = limit
+        self.device = torch.device(getattr(encoder, "device", "cpu"))
+        self.cache = cache if cache is not None else FeatureCache(enabled=False)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.show_progress = show_progress
+        self._load_dataset = load_dataset
+        self._datasets: dict[str, Dataset] = {}
+        self._memo: dict[tuple[str, bool], Features] = {}  # a cell asks for the same role more than once
+        self.feature_seconds = 0.0   # wall time inside features()/text_features(): extraction or cache loads
+        self.rank, self.world = dist_info()
+
+    # -- datasets
+    def split_of(self, role: str) -> str:
+        roles = self.dataset_cfg.get("roles") or {}
+        if role not in roles:
+            raise KeyError(f"dataset '{self.dataset_cfg.get('id')}' has no role '{role}' "
+                           f"(its roles: {', '.join(roles) or 'none'}); add it under \"roles\" in the suite")
+        return roles[role]
+
+    def dataset(self, role: str) -> Dataset:
+        if role not in self._datasets:
+            loader = self._load_dataset
+            if loader is None:
+                from distill.data import load_dataset as loader  # the dataset registry (distill.data)
+            cfg = self.dataset_cfg
+            base = loader(cfg["reader"], cfg["root"], self.split_of(role), **(cfg.get("reader_kwargs") or {}))
+            self._datasets[role] = LimitedDataset(base, self.limit)
+        return self._datasets[role]
+
+    def feature_key(self, role: str, patches: bool) -> FeatureKey:
+        cfg = self.dataset_cfg
+        return FeatureKey(model=self.encoder.fingerprint(), reader=cfg["reader"],
+                          root=str(Path(cfg["root"]).expanduser().resolve()), split=self.split_of(role),
+                          reader_kwargs=dict(cfg.get("reader_kwargs") or {}), resolution=self.resolution,
+                          preprocess=fingerprint(self.encoder.preprocess_config()), limit=self.limit,
+                          patches=patches)
+
+    def dataset_fingerprint(self, roles: Iterable[str]) -> str:
+        """Identifies the data a cell saw: reader, resolved root, splits, kwargs, limit, sizes."""
+        return fingerprint({role: {**self.feature_key(role, False).as_dict(), "model": None,
+                                   "preprocess": None, "n": len(self.dataset(role))} for role in roles})
+
+    # -- features
+    def features(self, role: str, patches: bool = False) -> Features:
+        if (role, patches) in self._memo:
+            return self._memo[(role, patches)]
+        if not patches and (role, True) in self._memo:
+            f = self._memo[(role, True)]
+            return Features(summary=f.summary, cls=f.cls, registers=f.registers)
+        t0 = time.perf_counter()
+        key = self.feature_key(role, patches)
+
+        def compute() -> Features:
+            return encode_dataset(self.encoder, self.dataset(role), self.resolution, self.batch_size,
+                                  self.num_workers, patches=patches,
+                                  desc=f"{self.encoder.name} {self.dataset_cfg.get('id')}/{role}",
+                                  show_progress=self.show_progress)
+
+        feats = self.cache.get_or_compute(key, compute, write=self.rank == 0)
+        if self.world > 1:
+            dist.barrier()  # rank 0 has written the entry before anyone moves on
+        self.feature_seconds += time.perf_counter() - t0
+        self._memo[(role, patches)] = feats
+        return feats
+
+    def text_features(self, texts: list[str], head: str) -> torch.Tensor:
+        t0 = time.perf_counter()
+        self.encoder.require_head(head, text=True)
+
+        def compute() -> torch.Tensor:
+            with torch.inference_mode():
+                chunks = [self.encoder.encode_text(list(texts[i:i + 256]), head).float().cpu()
+                          for i in range(0, len(texts), 256)]
+            return torch.cat(chunks) if chunks else torch.zeros(0, 0)
+
+        emb = self.cache.get_or_compute_text(self.encoder.fingerprint(), head, list(texts), compute,
+                                             write=self.rank == 0)
+        self.feature_seconds += time.perf_counter() - t0
+        return emb
+
+    def progress(self, iterable, desc: str, total: int | None = None):
+        return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
+                    disable=not self.show_progress or self.rank != 0)

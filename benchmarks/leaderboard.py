@@ -1,0 +1,301 @@
+"""Leaderboards built from result JSONs only: tables in the paper's shape, comparison with the papers, plots.
+
+For each suite found in the results, one table with a row per (model, resolution) and a column per
+(task, dataset, metric) in suite order, followed by the suite's macro averages per task family
+(image-text avg, kNN avg, retrieval, segmentation). Written as Markdown, CSV and LaTeX. A metric is
+taken from the first head in the suite's `head_preference` that reports it (the ensemble for the
+student, the teacher's own head for a teacher). `reported.csv` (numbers from the papers, with
+sources) is shown beside reproduced numbers with deltas wherever the same (model, metric) exists.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.results import load_results
+from benchmarks.suites import SuiteError, load_suite
+
+REPORTED_CSV = Path(__file__).resolve().parents[1] / "leaderboards" / "reported.csv"
+TASK_ORDER = ("zeroshot", "knn", "retrieval", "segmentation")
+TASK_LABELS = {"zeroshot": "zero-shot", "knn": "kNN", "retrieval": "retrieval", "segmentation": "seg"}
+
+
+# ---------------------------------------------------------------- results -> long frame
+
+def pick_metric(metrics: dict[str, float], metric: str, head_preference: list[str]) -> tuple[str, float] | None:
+    """(head, value) of `metric`: the first preferred head reporting it, else the best-named other head.
+
+    Metrics are 'head/metric'; a bare 'metric' key counts as head ''."""
+    available = {k.rsplit("/", 1)[0] if "/" in k else "": v for k, v in metrics.items()
+                 if k == metric or k.endswith("/" + metric)}
+    for head in head_preference:
+        if head in available:
+            return head, available[head]
+    if available:
+        head = sorted(available)[0]
+        return head, available[head]
+    return None
+
+
+def long_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per (cell, metric key) of every ok result."""
+    rows = []
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        c = r["cell"]
+        for key, value in r["metrics"].items():
+            rows.append({"model": c["model"], "model_name": r["model"].get("name", c["model"]),
+                         "task": c["task"], "dataset": c["dataset"], "resolution": c["resolution"],
+                         "suite": r["config"].get("suite"), "metric_key": key, "value": float(value),
+                         "params": r["model"].get("params"), "active_params": r["model"].get("active_params"),
+                         "task_version": r["task"].get("version"), "created": r["created"]})
+    return pd.DataFrame(rows, columns=["model", "model_name", "task", "dataset", "resolution", "suite",
+                                       "metric_key", "value", "params", "active_params", "task_version",
+                                       "created"])
+
+
+def _res_label(res) -> str:
+    return "native" if res is None or (isinstance(res, float) and math.isnan(res)) else str(int(res))
+
+
+# ---------------------------------------------------------------- one suite -> wide table
+
+def suite_table(records: list[dict], suite: dict) -> tuple[pd.DataFrame, dict]:
+    """The paper-shaped table for one suite and, beside it, the head each value came from."""
+    lb = suite.get("leaderboard") or {}
+    prefs = lb.get("head_preference") or []
+    columns_by_task = lb.get("columns") or {}
+    names = {d["id"]: d.get("name", d["id"]) for d in suite["datasets"]}
+    # column order: task family, then dataset in suite order, then metric
+    col_specs = []
+    for task in list(TASK_ORDER) + sorted(set(columns_by_task) - set(TASK_ORDER)):
+        for ds in suite["datasets"]:
+            if task in ds["tasks"]:
+                for metric in columns_by_task.get(task, []):
+                    col_specs.append((task, ds["id"], metric))
+    rows: dict[tuple[str, str], dict] = {}
+    heads: dict[tuple[str, str], dict] = {}
+    for r in records:
+        if r["status"] != "ok" or r["config"].get("suite") != suite["name"]:
+            continue
+        c = r["cell"]
+        row_key = (c["model"], _res_label(c["resolution"]))
+        row = rows.setdefault(row_key, {"model": c["model"], "resolution": row_key[1],
+                                        "active_params": r["model"].get("active_params")})
+        for task, ds_id, metric in col_specs:
+            if task == c["task"] and ds_id == c["dataset"]:
+                picked = pick_metric(r["metrics"], metric, prefs)
+                if picked is not None:
+                    col = f"{TASK_LABELS.get(task, task)} {names[ds_id]} {metric}"
+                    row[col] = picked[1]
+                    heads.setdefault(row_key, {})[col] = picked[0]
+    table = pd.DataFrame(list(rows.values()))
+    ordered = [f"{TASK_LABELS.get(t, t)} {names[d]} {m}" for t, d, m in col_specs]
+    if table.empty:
+        return pd.DataFrame(columns=["model", "resolution"] + ordered), {}
+    present = [c for c in ordered if c in table.columns]
+    # family macro averages: mean over the family's datasets this row has; the count says how complete
+    for fam in lb.get("families", []):
+        cols = [f"{TASK_LABELS.get(fam['task'], fam['task'])} {names[d]} {fam['metric']}"
+                for d in fam["datasets"] if d in names]
+        have = [c for c in cols if c in table.columns]
+        table[fam["name"]] = table[have].mean(axis=1, skipna=True) if have else float("nan")
+        table[f"{fam['name']} n"] = table[have].notna().sum(axis=1).astype(int) if have else 0
+    fam_cols = [f["name"] for f in lb.get("families", [])]
+    count_cols = [f"{f} n" for f in fam_cols]
+    table = table[["model", "resolution"] + present + fam_cols + count_cols + ["active_params"]]
+    table = table.sort_values(["resolution", "model"]).reset_index(drop=True)
+    return table, heads
+
+
+# ---------------------------------------------------------------- reported vs reproduced
+
+def load_reported(path: str | os.PathLike = REPORTED_CSV) -> pd.DataFrame:
+    df = pd.read_csv(path, dtype={"spec": str, "model": str, "metric": str, "source": str})
+    missing = {"model", "metric", "value", "source"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    if df["source"].isna().any():
+        raise ValueError(f"{path}: every reported number needs a source; rows without one: "
+                         f"{df[df['source'].isna()].index.tolist()}")
+    return df
+
+
+def reproduced_metrics(table: pd.DataFrame, suite: dict) -> pd.DataFrame:
+    """Suite table -> (model, resolution, metric, value) with metric names as in reported.csv:
+    family names ("image-text avg") and "<dataset>/<metric>" per dataset column. Family averages
+    are only compared when the row has every dataset of the family."""
+    lb = suite.get("leaderboard") or {}
+    names = {d["id"]: d.get("name", d["id"]) for d in suite["datasets"]}
+    rows = []
+    col_to_metric = {}
+    for task, metrics in (lb.get("columns") or {}).items():
+        for ds in suite["datasets"]:
+            if task in ds["tasks"]:
+                for m in metrics:
+                    col_to_metric[f"{TASK_LABELS.get(task, task)} {names[ds['id']]} {m}"] = f"{ds['id']}/{m}"
+    sizes = {f["name"]: len([d for d in f["datasets"] if d in names]) for f in lb.get("families", [])}
+    for _, r in table.iterrows():
+        for col, metric in col_to_metric.items():
+            if col in table.columns and pd.notna(r[col]):
+                rows.append({"model": r["model"], "resolution": r["resolution"], "metric": metric, "value": r[col]})
+        for fam, size in sizes.items():
+            if pd.notna(r[fam]) and int(r[f"{fam} n"]) == size:
+                rows.append({"model": r["model"], "resolution": r["resolution"], "metric": fam, "value": r[fam]})
+    return pd.DataFrame(rows, columns=["model", "resolution", "metric", "value"])
+
+
+def compare_with_reported(reproduced: pd.DataFrame, reported: pd.DataFrame,
+                          model_names: dict[str, str] | None = None) -> pd.DataFrame:
+    """Rows where a reproduced (model, metric) matches a reported one: model spec equal to the
+    reported `spec`, or the encoder's name equal to the reported `model`."""
+    model_names = model_names or {}
+    out = []
+    for _, rep in reported.iterrows():
+        for _, rr in reproduced.iterrows():
+            same_model = (isinstance(rep.get("spec"), str) and rep["spec"] == rr["model"]) or \
+                rep["model"] in (rr["model"], model_names.get(rr["model"]))
+            if same_model and rep["metric"] == rr["metric"]:
+                rep_res = rep.get("resolution")
+                if pd.notna(rep_res) and rr["resolution"] != _res_label(rep_res):
+                    continue  # a 512 px number is not compared with a 224 px run
+                out.append({"model": rr["model"], "resolution": rr["resolution"], "metric": rr["metric"],
+                            "reproduced": round(float(rr["value"]), 2), "reported": float(rep["value"]),
+                            "delta": round(float(rr["value"]) - float(rep["value"]), 2),
+                            "source": rep["source"]})
+    return pd.DataFrame(out, columns=["model", "resolution", "metric", "reproduced", "reported", "delta", "source"])
+
+
+# ---------------------------------------------------------------- writers
+
+def to_markdown(df: pd.DataFrame, digits: int = 2) -> str:
+    """A GitHub-flavoured Markdown table (no optional dependency)."""
+    def fmt(v) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.{digits}f}"
+        return str(v).replace("|", "\\|")
+    header = "| " + " | ".join(str(c) for c in df.columns) + " |"
+    sep = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in df.columns) + "|"
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, sep, *body]) + "\n"
+
+
+def to_latex(df: pd.DataFrame, caption: str, label: str) -> str:
+    return df.to_latex(index=False, float_format="%.2f", na_rep="--", caption=caption, label=label,
+                       escape=True)
+
+
+def plot_score_vs_params(tables: dict[str, pd.DataFrame], reported: pd.DataFrame, path: Path) -> Path | None:
+    """Family averages against active parameters: reproduced runs (filled) and reported (hollow)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = ["image-text avg", "kNN avg"]
+    fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4), squeeze=False)
+    for ax, fam in zip(axes[0], families):
+        for suite_name, table in tables.items():
+            if fam not in table.columns:
+                continue
+            sub = table.dropna(subset=[fam, "active_params"])
+            for _, r in sub.iterrows():
+                ax.scatter(float(r["active_params"]), r[fam], marker="o")
+                ax.annotate(f"{r['model']} ({suite_name})", (float(r["active_params"]), r[fam]), fontsize=6)
+        rep = reported[(reported["metric"] == fam) & reported.get("params_active_m", pd.Series(dtype=float)).notna()]
+        for _, r in rep.iterrows():
+            x = float(r["params_active_m"]) * 1e6
+            ax.scatter(x, r["value"], facecolors="none", edgecolors="k", marker="s")
+            ax.annotate(f"{r['model']} (reported)", (x, r["value"]), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("active parameters")
+        ax.set_ylabel(f"{fam} (%)")
+        ax.set_title(fam)
+        ax.grid(alpha=0.3)
+    fig.suptitle("score vs active parameters (filled: reproduced here, hollow: reported by the papers)",
+                 fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from distill.io import atomic_path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
+          reported_csv: str | os.PathLike | None = REPORTED_CSV) -> dict:
+    """Write every table and plot; returns {"files": [...], "suites": [...], "cells": n}."""
+    from distill.io import write_text_atomic
+
+    records = load_results(results_dir)
+    if not records:
+        raise ValueError(f"no result JSONs under {results_dir}; run `amoe bench sweep` first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+
+    def write(name: str, text: str) -> None:
+        write_text_atomic(out / name, text)
+        written.append(str(out / name))
+
+    long = long_frame(records)
+    write("results_long.csv", long.to_csv(index=False))
+    status = pd.DataFrame([{"model": r["cell"]["model"], "task": r["cell"]["task"], "dataset": r["cell"]["dataset"],
+                            "resolution": _res_label(r["cell"]["resolution"]), "status": r["status"],
+                            "reason": r.get("reason", "")} for r in records])
+    reported = load_reported(reported_csv) if reported_csv else pd.DataFrame(
+        columns=["model", "spec", "metric", "value", "source"])
+    names = {r["cell"]["model"]: r["model"].get("name") for r in records}
+
+    tables: dict[str, pd.DataFrame] = {}
+    comparisons = []
+    md_parts = ["# Leaderboard\n", f"Built from {len(records)} result files in `{results_dir}` "
+                "(`amoe leaderboard build`). Scores are percentages; family averages are macro averages "
+                "over the datasets a row has (column `<family> n` counts them).\n"]
+    suite_names = sorted({r["config"].get("suite") for r in records if r["config"].get("suite")})
+    for suite_name in suite_names:
+        try:
+            suite = load_suite(next(r["config"]["suite_file"] for r in records
+                                    if r["config"].get("suite") == suite_name and r["config"].get("suite_file")
+                                    and Path(r["config"]["suite_file"]).is_file()))
+        except (StopIteration, SuiteError):
+            suite = load_suite(suite_name)
+        table, heads = suite_table(records, suite)
+        if table.empty:
+            continue
+        tables[suite_name] = table
+        shown = table.drop(columns=["active_params"])
+        write(f"{suite_name}.csv", table.to_csv(index=False))
+        write(f"{suite_name}.md", f"# {suite_name}\n\n" + to_markdown(shown))
+        write(f"{suite_name}.tex", to_latex(shown, caption=f"{suite_name} suite (reproduced with amoe)",
+                                            label=f"tab:{suite_name}"))
+        head_rows = [{"model": m, "resolution": res, "column": col, "head": h}
+                     for (m, res), cols in heads.items() for col, h in cols.items()]
+        write(f"{suite_name}_heads.csv", pd.DataFrame(head_rows).to_csv(index=False))
+        md_parts += [f"\n## Suite `{suite_name}`\n\n", to_markdown(shown)]
+        comparisons.append(compare_with_reported(reproduced_metrics(table, suite), reported, names))
+
+    comparison = pd.concat(comparisons, ignore_index=True) if comparisons else pd.DataFrame()
+    write("comparison.csv", comparison.to_csv(index=False))
+    md_parts.append("\n## Reproduced vs reported\n\n")
+    md_parts.append(to_markdown(comparison) if not comparison.empty else
+                    "No reproduced (model, metric) matches a number in `reported.csv` yet.\n")
+    if len(reported):
+        shown_rep = reported[["model", "metric", "value", "resolution", "source"]].copy()
+        shown_rep["resolution"] = [("" if pd.isna(v) else str(int(v))) for v in shown_rep["resolution"]]
+        md_parts += ["\n## Reported by the papers\n\n", to_markdown(shown_rep)]
+    failed = status[status["status"] != "ok"]
+    if len(failed):
+        md_parts += ["\n## Cells not in the tables\n\n", to_markdown(failed)]
+    write("leaderboard.md", "".join(md_parts))
+    write("status.csv", status.to_csv(index=False))
+    plot = plot_score_vs_params(tables, reported, out / "score_vs_active_params.png")
+    written.append(str(plot))
+    return {"files": written, "suites": list(tables), "cells": len(records),
+            "compared": int(len(comparison))}

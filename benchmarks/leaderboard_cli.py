@@ -1,0 +1,26 @@
+"""`amoe leaderboard build --results DIR --out leaderboards/`: tables and plots from result JSONs only."""
+from __future__ import annotations
+
+import json
+
+
+def register(subparsers) -> None:
+    lb = subparsers.add_parser("leaderboard", help="build leaderboards (Markdown, CSV, LaTeX, PNG) from results")
+    sub = lb.add_subparsers(dest="leaderboard_command", metavar="SUBCOMMAND")
+    build = sub.add_parser("build", help="build every table from a results folder")
+    build.add_argument("--results", required=True, help="folder of result JSONs (searched recursively)")
+    build.add_argument("--out", default="leaderboards", help="output folder (default: leaderboards/)")
+    build.add_argument("--reported", default=None,
+                       help="CSV of numbers reported by the papers (default: the repository's "
+                            "leaderboards/reported.csv); 'none' to leave the comparison out")
+    build.set_defaults(func=cmd_build)
+    lb.set_defaults(func=lambda args: (lb.print_help(), 2)[1])
+
+
+def cmd_build(args) -> int:
+    from benchmarks.leaderboard import REPORTED_CSV, build
+
+    reported = None if (args.reported or "").lower() == "none" else (args.reported or REPORTED_CSV)
+    summary = build(args.results, args.out, reported_csv=reported)
+    print(json.dumps(summary, indent=2))
+    return 0

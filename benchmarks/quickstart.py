@@ -1,0 +1,241 @@
+"""`amoe quickstart`: the whole mini-world pipeline in one resumable command.
+
+The pipeline is an ordered list of named steps (`STEPS`). Each step knows how to tell that its
+outputs are complete (`done`) and how to make them (`run`); re-running the command skips complete
+steps, so a killed quickstart picks up where it stopped. Later work (distilling the student,
+ablations, grounding) adds a `Step` to the list in one place.
+
+Settings are data: `benchmarks/suites/sweeps/quickstart.json` (`default`, and `fast` overrides for
+the smoke run used by the tests).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from distill.io import write_json_atomic
+
+SETTINGS_FILE = Path(__file__).resolve().parent / "suites" / "sweeps" / "quickstart.json"
+
+
+@dataclass
+class Run:
+    """One quickstart run: its output folder and resolved settings."""
+
+    out: Path
+    settings: dict
+    log: Callable[[str], None] = print
+
+    @property
+    def world(self) -> Path:
+        return self.out / "world"
+
+    @property
+    def teachers(self) -> Path:
+        return self.out / "teachers"
+
+    @property
+    def random_student(self) -> Path:
+        return self.out / "students" / "random-init"
+
+    @property
+    def results(self) -> Path:
+        return self.out / "results"
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "cache"
+
+    @property
+    def leaderboard(self) -> Path:
+        return self.out / "leaderboard"
+
+    def models(self) -> list[str]:
+        """Every encoder the mini-world suite runs on: both teachers and the random-init student."""
+        return [f"siglip2:{self.teachers / 'siglip2'}", f"dinov3:{self.teachers / 'dinov3'}",
+                f"student:{self.random_student}"]
+
+    def sweep_config(self) -> dict:
+        s = self.settings["sweep"]
+        return {"suite": s["suite"], "vars": {"world": str(self.world)}, "models": self.models(),
+                "tasks": s["tasks"], "resolutions": s.get("resolutions") or [None], "limit": s.get("limit"),
+                "batch_size": s.get("batch_size", 32), "task_cfg": s.get("task_cfg") or {},
+                "out": str(self.results), "cache_dir": str(self.cache), "device": s.get("device")}
+
+
+@dataclass
+class Step:
+    name: str
+    description: str
+    done: Callable[[Run], bool]
+    run: Callable[[Run], object]
+    requires: tuple[str, ...] = field(default_factory=tuple)
+
+
+# ---------------------------------------------------------------- steps
+
+def _world_done(r: Run) -> bool:
+    return (r.world / "world.json").is_file()
+
+
+def _make_world(r: Run) -> None:
+    from benchmarks.world import make_world
+    w = r.settings["world"]
+    make_world(r.world, size=w.get("size", "small"), seed=int(w.get("seed", 0)))
+
+
+def _teachers_done(r: Run) -> bool:
+    from distill.teachers import teachers_complete
+    return teachers_complete(r.teachers)
+
+
+def _train_teachers(r: Run) -> None:
+    from distill.teachers import train_teachers
+    train_teachers(r.world, r.teachers, **(r.settings.get("teachers") or {}))
+
+
+def _student_done(r: Run) -> bool:
+    from distill.encoders.registry import student_export_complete
+    return student_export_complete(r.random_student)
+
+
+def _export_random_student(r: Run) -> None:
+    from distill.encoders.registry import export_random_student
+    s = r.settings["random_student"]
+    export_random_student(r.random_student, config=s.get("config", "tiny-moe"), seed=int(s.get("seed", 0)),
+                          teachers=r.teachers)
+
+
+def _bench_done(r: Run) -> bool:
+    from benchmarks.results import DONE_STATUSES, existing_status
+    from benchmarks.suites import load_suite
+    from benchmarks.sweep import plan_cells
+    cfg = r.sweep_config()
+    cells = plan_cells(cfg, load_suite(cfg["suite"]))
+    return all(existing_status(r.results, c) in DONE_STATUSES for c in cells)
+
+
+def _run_bench(r: Run) -> dict:
+    from benchmarks.sweep import harness_from_config, run_sweep
+    cfg = r.sweep_config()
+    write_json_atomic(r.out / "sweep.json", cfg)  # the exact sweep, re-runnable with `amoe bench sweep`
+    summary = run_sweep(cfg, harness_from_config(cfg))
+    if summary.failed:
+        lines = "\n  ".join(f"{f['cell']}: {f['reason']} ({f['path']})" for f in summary.failures)
+        raise RuntimeError(f"{summary.failed} benchmark cell(s) failed:\n  {lines}\n"
+                           "Fix the cause and re-run `amoe quickstart`: finished cells are kept.")
+    return summary.as_dict()
+
+
+def _leaderboard_done(r: Run) -> bool:
+    md = r.leaderboard / "leaderboard.md"
+    if not md.is_file() or not r.results.is_dir():
+        return False
+    newest = max((p.stat().st_mtime for p in r.results.glob("*.json")), default=0.0)
+    return md.stat().st_mtime >= newest
+
+
+def _build_leaderboard(r: Run) -> dict:
+    from benchmarks.leaderboard import build
+    return build(r.results, r.leaderboard)
+
+
+STEPS: list[Step] = [
+    Step("world", "make the mini-world (ImageFolder, Karpathy JSON, ADE20K, refer, webdataset)",
+         _world_done, _make_world),
+    Step("teachers", "train the two mini-world teachers (SigLIP2-style and DINOv3-style)",
+         _teachers_done, _train_teachers, requires=("world",)),
+    Step("random-student", "export a random-init student (the untrained baseline)",
+         _student_done, _export_random_student, requires=("teachers",)),
+    Step("bench", "run the mini-world suite on every encoder (zero-shot, kNN, retrieval, segmentation)",
+         _bench_done, _run_bench, requires=("world", "teachers", "random-student")),
+    Step("leaderboard", "build the leaderboard tables and plot from the result JSONs",
+         _leaderboard_done, _build_leaderboard, requires=("bench",)),
+]
+
+
+# ---------------------------------------------------------------- runner
+
+def load_settings(fast: bool = False, path: str | Path = SETTINGS_FILE) -> dict:
+    data = json.loads(Path(path).read_text())
+    settings = copy.deepcopy(data["default"])
+    if fast:
+        for k, v in data.get("fast", {}).items():
+            settings[k] = {**settings.get(k, {}), **v} if isinstance(v, dict) else v
+    return settings
+
+
+def run_steps(run: Run, steps: list[Step] | None = None, only: list[str] | None = None) -> list[dict]:
+    """Run `steps` in order, skipping complete ones; records each step's outcome in out/quickstart.json."""
+    steps = STEPS if steps is None else steps
+    names = [s.name for s in steps]
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise SystemExit(f"unknown step(s) {', '.join(unknown)}; steps: {', '.join(names)}")
+    run.out.mkdir(parents=True, exist_ok=True)
+    state_path = run.out / "quickstart.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"steps": {}}
+    report = []
+    t_all = time.perf_counter()
+    for i, step in enumerate(steps, start=1):
+        if only and step.name not in only:
+            continue
+        tag = f"[{i}/{len(steps)}] {step.name}"
+        if step.done(run):
+            run.log(f"{tag}: complete, skipped")
+            report.append({"step": step.name, "status": "skipped"})
+            continue
+        run.log(f"{tag}: {step.description} ...")
+        t0 = time.perf_counter()
+        try:
+            info = step.run(run)
+        except BaseException as e:
+            state["steps"][step.name] = {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                                         "seconds": round(time.perf_counter() - t0, 2)}
+            write_json_atomic(state_path, state)
+            raise
+        seconds = time.perf_counter() - t0
+        if not step.done(run):
+            raise RuntimeError(f"step '{step.name}' finished but its outputs are not complete; "
+                               "this is a bug in the step")
+        state["steps"][step.name] = {"status": "done", "seconds": round(seconds, 2),
+                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                     **({"info": info} if isinstance(info, dict) else {})}
+        write_json_atomic(state_path, state)
+        run.log(f"{tag}: done in {seconds:.1f}s")
+        report.append({"step": step.name, "status": "done", "seconds": round(seconds, 2)})
+    run.log(f"quickstart: all steps complete in {time.perf_counter() - t_all:.1f}s; "
+            f"leaderboard: {run.leaderboard / 'leaderboard.md'}")
+    return report
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("quickstart", help="the mini-world pipeline: world, teachers, benchmarks, "
+                                                 "leaderboard (resumable)")
+    p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
+    p.add_argument("--fast", action="store_true", help="a small smoke version (tiny world, short training)")
+    p.add_argument("--only", action="append", metavar="STEP",
+                   help=f"run only this step (repeatable): {', '.join(s.name for s in STEPS)}")
+    p.add_argument("--list", action="store_true", help="list the steps and whether each is complete")
+    p.add_argument("--settings", default=str(SETTINGS_FILE), help="settings JSON (default: the built-in one)")
+    p.set_defaults(func=cmd_quickstart)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    run = Run(Path(args.out), load_settings(args.fast, args.settings))
+    if args.list:
+        for i, step in enumerate(STEPS, start=1):
+            try:
+                state = "complete" if step.done(run) else "to do"
+            except Exception as e:  # a step whose module is missing cannot say
+                state = f"unknown ({type(e).__name__}: {e})"
+            print(f"{i}. {step.name:15s} {state:10s} {step.description}")
+        return 0
+    run_steps(run, only=args.only)
+    return 0

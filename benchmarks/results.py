@@ -1,0 +1,212 @@
+"""Result files: one JSON per (model, task, dataset, resolution) cell.
+
+A result records what was measured and everything needed to trust or reproduce it: schema version,
+status ("ok" | "skipped" | "failed"), metrics (percentages), the full config (suite entry, task cfg,
+limit...), model and dataset fingerprints, code version, timings and environment. Files are written
+atomically, so a file that exists is complete. Leaderboards are built from these files only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill.io import fingerprint, write_json_atomic
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "skipped", "failed")
+DONE_STATUSES = ("ok", "skipped")  # a re-run retries failed cells, never finished or skipped ones
+REQUIRED_FIELDS = ("schema_version", "status", "cell", "metrics", "config", "model", "dataset", "task",
+                   "code", "timings", "environment", "created")
+
+
+class ResultSchemaError(ValueError):
+    """A result JSON does not follow the schema this code reads."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str            # encoder spec as given on the command line / in the sweep
+    task: str
+    dataset: str          # dataset id within the suite
+    resolution: int | None = None
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "task": self.task, "dataset": self.dataset, "resolution": self.resolution}
+
+    def filename(self) -> str:
+        """Readable and unique: slugs for humans, a hash of the exact cell for uniqueness."""
+        res = "native" if self.resolution is None else str(self.resolution)
+        parts = [_slug(self.model, 48), _slug(self.task, 24), _slug(self.dataset, 32), res,
+                 fingerprint(self.as_dict())[:10]]
+        return "__".join(parts) + ".json"
+
+    def __str__(self) -> str:
+        res = "native" if self.resolution is None else self.resolution
+        return f"{self.model} | {self.task} | {self.dataset} | {res}"
+
+
+def _slug(text: str, limit: int) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:limit] or "x"
+
+
+def result_path(out_dir: str | os.PathLike, cell: Cell) -> Path:
+    return Path(out_dir) / cell.filename()
+
+
+# ---------------------------------------------------------------- provenance
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def code_version() -> dict:
+    """Package version plus git commit (and whether the tree had local changes) when available."""
+    try:
+        from importlib.metadata import version
+        pkg = version("amoe")
+    except Exception:  # not installed (running from a plain checkout)
+        pkg = None
+    commit, dirty = None, None
+    try:
+        commit = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        if commit:
+            status = subprocess.run(["git", "-C", str(_REPO), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout
+            dirty = bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"package": "amoe", "version": pkg, "git_commit": commit, "git_dirty": dirty}
+
+
+_CODE_VERSION: dict | None = None
+
+
+def cached_code_version() -> dict:
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        _CODE_VERSION = code_version()
+    return _CODE_VERSION
+
+
+def environment(device: torch.device | str | None = None) -> dict:
+    device = torch.device(device or "cpu")
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+           "device": str(device), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available()}
+    if device.type == "cuda" and torch.cuda.is_available():
+        env["device_name"] = torch.cuda.get_device_name(device)
+    try:
+        import torch.distributed as dist
+        env["world_size"] = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    except Exception:
+        env["world_size"] = 1
+    return env
+
+
+# ---------------------------------------------------------------- records
+
+def make_record(cell: Cell, status: str, *, metrics: dict[str, float] | None = None, config: dict,
+                model: dict, dataset: dict, task: dict, timings: dict, device=None,
+                reason: str | None = None, error: str | None = None) -> dict:
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "status": status,
+        "cell": cell.as_dict(),
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+        "config": config,
+        "model": model,
+        "dataset": dataset,
+        "task": task,
+        "code": cached_code_version(),
+        "timings": {k: round(float(v), 4) for k, v in timings.items()},
+        "environment": environment(device),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if reason is not None:
+        record["reason"] = reason
+    if error is not None:
+        record["error"] = error
+    validate(record)
+    return record
+
+
+def validate(record: dict, source: str = "result") -> dict:
+    missing = [f for f in REQUIRED_FIELDS if f not in record]
+    if missing:
+        raise ResultSchemaError(f"{source}: missing field(s) {', '.join(missing)}")
+    if record["schema_version"] != SCHEMA_VERSION:
+        raise ResultSchemaError(f"{source}: schema_version {record['schema_version']} is not "
+                                f"{SCHEMA_VERSION}; re-run the cell with this version of amoe")
+    if record["status"] not in STATUSES:
+        raise ResultSchemaError(f"{source}: status {record['status']!r} not in {STATUSES}")
+    if record["status"] == "skipped" and not record.get("reason"):
+        raise ResultSchemaError(f"{source}: a skipped cell must say why (field 'reason')")
+    bad = {k: v for k, v in record["metrics"].items() if not isinstance(v, (int, float))}
+    if bad:
+        raise ResultSchemaError(f"{source}: non-numeric metrics {bad}")
+    for f in ("model", "task", "dataset", "resolution"):
+        if f not in record["cell"]:
+            raise ResultSchemaError(f"{source}: cell lacks '{f}'")
+    return record
+
+
+def write_result(out_dir: str | os.PathLike, record: dict) -> Path:
+    validate(record)
+    path = result_path(out_dir, Cell(**record["cell"]))
+    write_json_atomic(path, record)
+    return path
+
+
+def read_result(path: str | os.PathLike) -> dict:
+    try:
+        record = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ResultSchemaError(f"{path}: not valid JSON ({e})") from e
+    return validate(record, str(path))
+
+
+def existing_status(out_dir: str | os.PathLike, cell: Cell) -> str | None:
+    """Status of a cell's result file, or None when there is none (or it is unreadable)."""
+    path = result_path(out_dir, cell)
+    if not path.exists():
+        return None
+    try:
+        return read_result(path)["status"]
+    except (ResultSchemaError, OSError):
+        return None
+
+
+def load_results(results_dir: str | os.PathLike, statuses: tuple[str, ...] = STATUSES) -> list[dict]:
+    """Every valid result JSON under `results_dir` (recursively); invalid files raise with their path."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results folder {root} does not exist; run `amoe bench sweep` first")
+    out = []
+    for path in sorted(root.rglob("*.json")):
+        if path.name.startswith("."):
+            continue
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or "schema_version" not in record:
+            continue  # other JSON files (sweep configs, manifests) may live beside the results
+        validate(record, str(path))
+        if record["status"] in statuses:
+            record["_path"] = str(path)
+            out.append(record)
+    return out
+
+
+def jsonable(obj: Any) -> Any:
+    """Round-trip through JSON so a config stored in a result holds only plain types."""
+    return json.loads(json.dumps(obj, default=str))

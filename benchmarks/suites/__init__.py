@@ -1,0 +1,84 @@
+"""Benchmark suites as data: one JSON file per suite (datasets, roles, tasks, leaderboard layout).
+
+`load_suite(name_or_path)` reads `benchmarks/suites/<name>.json` or any JSON path; `${VAR}` in a
+dataset root is filled from the sweep's vars, then the environment, when the dataset is used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+SUITES_DIR = Path(__file__).resolve().parent
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class SuiteError(ValueError):
+    """A suite file is missing, malformed, or names a dataset / variable that is not there."""
+
+
+def list_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.json"))
+
+
+def suite_path(name_or_path: str | os.PathLike) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".json" and p.is_file():
+        return p
+    builtin = SUITES_DIR / f"{name_or_path}.json"
+    if builtin.is_file():
+        return builtin
+    raise SuiteError(f"unknown suite '{name_or_path}': not a JSON file and not one of the built-in suites "
+                     f"({', '.join(list_suites())})")
+
+
+def load_suite(name_or_path: str | os.PathLike) -> dict:
+    path = suite_path(name_or_path)
+    try:
+        suite = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SuiteError(f"suite {path} is not valid JSON: {e}") from e
+    for field in ("name", "datasets"):
+        if field not in suite:
+            raise SuiteError(f"suite {path} lacks '{field}'")
+    seen = set()
+    for i, ds in enumerate(suite["datasets"]):
+        missing = [f for f in ("id", "reader", "root", "roles", "tasks") if f not in ds]
+        if missing:
+            raise SuiteError(f"suite {path}: dataset #{i} ({ds.get('id', '?')}) lacks {', '.join(missing)}")
+        if ds["id"] in seen:
+            raise SuiteError(f"suite {path}: dataset id '{ds['id']}' appears twice")
+        seen.add(ds["id"])
+    suite["_path"] = str(path)
+    return suite
+
+
+def expand_vars(text: str, variables: dict[str, str] | None = None, where: str = "") -> str:
+    """Fill `${NAME}` from `variables`, then the environment; a missing one names how to set it."""
+    variables = variables or {}
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name in variables and variables[name] is not None:
+            return str(variables[name])
+        if name in os.environ:
+            return os.environ[name]
+        raise SuiteError(f"{where or text}: variable ${{{name}}} is not set; pass --var {name}=PATH, add "
+                         f"\"vars\": {{\"{name}\": PATH}} to the sweep config, or export {name}=PATH")
+
+    return _VAR.sub(sub, text)
+
+
+def dataset_entry(suite: dict, dataset_id: str, variables: dict[str, str] | None = None) -> dict:
+    """The suite's entry for `dataset_id` with its root (and string reader kwargs) expanded."""
+    for ds in suite["datasets"]:
+        if ds["id"] == dataset_id:
+            where = f"suite '{suite['name']}', dataset '{dataset_id}'"
+            out = dict(ds)
+            out["root"] = expand_vars(ds["root"], variables, where)
+            out["reader_kwargs"] = {k: expand_vars(v, variables, where) if isinstance(v, str) else v
+                                    for k, v in (ds.get("reader_kwargs") or {}).items()}
+            return out
+    known = ", ".join(d["id"] for d in suite["datasets"])
+    raise SuiteError(f"suite '{suite['name']}' has no dataset '{dataset_id}'; its datasets: {known}")

@@ -1,0 +1,314 @@
+"""Run benchmark cells and sweeps (models x tasks x datasets x resolutions).
+
+A sweep config is JSON:
+
+    {"suite": "miniworld",                 # built-in suite name or a suite JSON path
+     "vars": {"world": "runs/quickstart/world"},
+     "models": ["siglip2:runs/quickstart/teachers/siglip2", "dinov3:..."],
+     "tasks": ["zeroshot", "knn", "retrieval", "segmentation"],
+     "datasets": null,                     # null = every suite dataset that lists the task
+     "resolutions": [null],                # null = the suite's resolution (itself null = model default)
+     "limit": null, "batch_size": 32, "num_workers": 0, "device": "cpu",
+     "task_cfg": {"knn": {"k": 20}},       # overrides of each task's defaults
+     "out": "results", "cache_dir": null}
+
+Every cell writes one result JSON (benchmarks.results). Cells already finished ("ok" or "skipped")
+are not run again, so a killed sweep re-run finishes only the missing cells; a failing cell is
+recorded as "failed" with its traceback and the sweep goes on (failed cells are retried next run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from distill.encoders.base import Encoder, MissingHeadError
+from distill.io import fingerprint
+
+from benchmarks.cache import FeatureCache
+from benchmarks.context import HarnessContext, default_device, dist_info
+from benchmarks.results import (DONE_STATUSES, Cell, existing_status, jsonable, make_record, result_path,
+                                write_result)
+from benchmarks.suites import SuiteError, dataset_entry, load_suite
+
+SWEEP_FIELDS = ("suite", "vars", "models", "tasks", "datasets", "resolutions", "limit", "batch_size",
+                "num_workers", "device", "task_cfg", "out", "cache_dir")
+
+
+class SweepConfigError(ValueError):
+    """A sweep config is malformed; the message names the field and the fix."""
+
+
+# ---------------------------------------------------------------- pluggable pieces (tests swap them)
+
+def default_encoder_loader(spec: str, device: str = "cpu") -> Encoder:
+    from distill.encoders.registry import load_encoder  # the encoder registry (distill.encoders)
+    encoder = load_encoder(spec)
+    return encoder.to(device)
+
+
+def default_task_lookup(name: str):
+    from benchmarks.tasks.base import get_task  # importing the package registers every task
+    return get_task(name)
+
+
+@dataclass
+class Harness:
+    """What a cell needs beyond its coordinates; defaults are the real registries."""
+
+    out_dir: Path
+    cache: FeatureCache
+    limit: int | None = None
+    batch_size: int = 32
+    num_workers: int = 0
+    device: str = "cpu"
+    task_cfg: dict = field(default_factory=dict)
+    variables: dict = field(default_factory=dict)
+    show_progress: bool = True
+    encoder_loader: Callable[..., Encoder] | None = None   # None = the encoder registry
+    task_lookup: Callable | None = None                   # None = the task registry
+    dataset_loader: Callable | None = None                # None = distill.data.load_dataset
+
+    def load_encoder(self, spec: str) -> Encoder:
+        return (self.encoder_loader or default_encoder_loader)(spec, device=self.device)
+
+    def get_task(self, name: str):
+        return (self.task_lookup or default_task_lookup)(name)
+
+
+# ---------------------------------------------------------------- configs
+
+def load_sweep_config(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SweepConfigError(f"sweep config {path} not found")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SweepConfigError(f"sweep config {path} is not valid JSON: {e}") from e
+    return validate_sweep_config(cfg, str(path))
+
+
+def validate_sweep_config(cfg: dict, where: str = "sweep config") -> dict:
+    unknown = sorted(set(cfg) - set(SWEEP_FIELDS))
+    if unknown:
+        raise SweepConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(SWEEP_FIELDS)}")
+    for f in ("suite", "models", "tasks"):
+        if not cfg.get(f):
+            raise SweepConfigError(f"{where}: '{f}' is required (see docs/benchmarks.md, 'Sweep configs')")
+    for f in ("models", "tasks"):
+        if not isinstance(cfg[f], list) or not all(isinstance(x, str) for x in cfg[f]):
+            raise SweepConfigError(f"{where}: '{f}' must be a list of strings")
+    if cfg.get("resolutions") is not None and not isinstance(cfg["resolutions"], list):
+        raise SweepConfigError(f"{where}: 'resolutions' must be a list such as [224, 512] or [null]")
+    return cfg
+
+
+def plan_cells(cfg: dict, suite: dict) -> list[Cell]:
+    """Every (model, task, dataset, resolution) cell of a sweep, grouped by model then dataset.
+
+    Grouping keeps one encoder loaded at a time and lets a dataset's cached features serve every task.
+    """
+    wanted = cfg.get("datasets")
+    ids = [d["id"] for d in suite["datasets"]]
+    if wanted:
+        unknown = [d for d in wanted if d not in ids]
+        if unknown:
+            raise SuiteError(f"suite '{suite['name']}' has no dataset(s) {', '.join(unknown)}; "
+                             f"its datasets: {', '.join(ids)}")
+    resolutions = cfg.get("resolutions") or [suite.get("resolution")]
+    cells = []
+    for model in cfg["models"]:
+        for ds in suite["datasets"]:
+            if wanted and ds["id"] not in wanted:
+                continue
+            for res in resolutions:
+                for task in cfg["tasks"]:
+                    if task in ds["tasks"]:
+                        cells.append(Cell(model, task, ds["id"], None if res is None else int(res)))
+    if not cells:
+        raise SweepConfigError(f"the sweep selects no cells: no dataset of suite '{suite['name']}' lists "
+                               f"the tasks {cfg['tasks']}")
+    return cells
+
+
+# ---------------------------------------------------------------- one cell
+
+def count_params(encoder: Encoder) -> dict:
+    """Total and active parameter counts, where the encoder can say (used by the leaderboard plot)."""
+    total = getattr(encoder, "num_params", None)
+    active = getattr(encoder, "active_params", None)
+    if total is None:
+        modules = [encoder] if isinstance(encoder, torch.nn.Module) else \
+            [v for v in vars(encoder).values() if isinstance(v, torch.nn.Module)]
+        seen, n = set(), 0
+        for m in modules:
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    n += p.numel()
+        total = n or None
+    total = total() if callable(total) else total
+    active = active() if callable(active) else active
+    return {"params": total, "active_params": active if active is not None else total}
+
+
+def model_info(spec: str, encoder: Encoder) -> dict:
+    return {"spec": spec, "name": encoder.name, "fingerprint": encoder.fingerprint(),
+            "heads": list(encoder.heads), "text_heads": list(encoder.text_heads),
+            "patch_size": encoder.patch_size, "dtype": str(encoder.dtype),
+            "preprocess": jsonable(encoder.preprocess_config()), **count_params(encoder)}
+
+
+def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s: float = 0.0) -> dict:
+    """Run one cell and write its result (rank 0). Never raises for a task failure: it is recorded."""
+    t_start = time.perf_counter()
+    rank, world = dist_info()
+    task = None
+    ds_cfg: dict = {"id": cell.dataset}
+    ctx = None
+    config: dict = {"suite": suite["name"], "suite_file": suite.get("_path"), "limit": h.limit,
+                    "batch_size": h.batch_size, "resolution": cell.resolution, "world_size": world}
+    task_info: dict = {"name": cell.task}
+    status, metrics, reason, error = "ok", {}, None, None
+    dataset_info: dict = {"id": cell.dataset}
+    try:
+        ds_cfg = dataset_entry(suite, cell.dataset, h.variables)
+        config["dataset_cfg"] = ds_cfg
+        dataset_info.update({"reader": ds_cfg["reader"], "root": ds_cfg["root"], "roles": ds_cfg["roles"]})
+        task = h.get_task(cell.task)
+        task_cfg = {**jsonable(task.defaults), **(h.task_cfg.get(cell.task) or {})}
+        config["task_cfg"] = task_cfg
+        task_info.update({"version": task.version, "roles": list(task.roles), "needs_patches": task.needs_patches})
+        ctx = HarnessContext(encoder, ds_cfg, resolution=cell.resolution, limit=h.limit, cache=h.cache,
+                             batch_size=h.batch_size, num_workers=h.num_workers, show_progress=h.show_progress,
+                             load_dataset=h.dataset_loader)
+        # Every rank extracts (its shard of) the features a task needs up front, so the task itself
+        # runs on rank 0 alone without collective calls inside it.
+        for role in task.roles:
+            ctx.features(role, patches=task.needs_patches)
+        dataset_info.update({"fingerprint": ctx.dataset_fingerprint(task.roles),
+                             "sizes": {r: len(ctx.dataset(r)) for r in task.roles}})
+        if rank == 0:
+            metrics = task.run(ctx, task_cfg)
+            bad = {k: v for k, v in metrics.items() if not isinstance(v, (int, float))}
+            if bad:
+                raise TypeError(f"task '{cell.task}' returned non-numeric metrics {bad}")
+    except MissingHeadError as e:
+        status, reason = "skipped", str(e).strip("'\"")
+    except Exception as e:  # isolate the cell: record it, let the sweep go on
+        status, reason = "failed", f"{type(e).__name__}: {e}"
+        error = traceback.format_exc()
+    total = time.perf_counter() - t_start
+    feature_s = ctx.feature_seconds if ctx is not None else 0.0
+    timings = {"total_s": total, "features_s": feature_s, "task_s": max(total - feature_s, 0.0),
+               "model_load_s": model_load_s}
+    record = make_record(cell, status, metrics=metrics, config=jsonable(config),
+                         model=model_info(cell.model, encoder), dataset=jsonable(dataset_info), task=task_info,
+                         timings=timings, device=h.device, reason=reason, error=error)
+    if rank == 0:
+        write_result(h.out_dir, record)
+    return record
+
+
+def _failed_load_record(cell: Cell, suite: dict, h: Harness, exc: BaseException) -> dict:
+    return make_record(cell, "failed", config={"suite": suite["name"], "limit": h.limit},
+                       model={"spec": cell.model}, dataset={"id": cell.dataset}, task={"name": cell.task},
+                       timings={"total_s": 0.0}, device=h.device,
+                       reason=f"loading the encoder failed: {type(exc).__name__}: {exc}",
+                       error=traceback.format_exc())
+
+
+# ---------------------------------------------------------------- sweeps
+
+@dataclass
+class SweepSummary:
+    total: int = 0
+    already_done: int = 0
+    ok: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    failures: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def run_cells(cells: list[Cell], suite: dict, h: Harness, force: bool = False,
+              stop_after: int | None = None) -> SweepSummary:
+    """Run `cells`, skipping finished ones (unless `force`); one encoder loaded at a time."""
+    t0 = time.perf_counter()
+    rank, world = dist_info()
+    summary = SweepSummary(total=len(cells))
+    done = [not force and existing_status(h.out_dir, c) in DONE_STATUSES for c in cells]
+    if world > 1:
+        # rank 0 decides: every rank must walk the same cells or the feature gathers would deadlock
+        box = [done]
+        torch.distributed.broadcast_object_list(box, src=0)
+        done = box[0]
+    todo = [c for c, d in zip(cells, done) if not d]
+    summary.already_done = sum(done)
+    bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not h.show_progress or rank != 0,
+               dynamic_ncols=True)
+    encoder, encoder_spec, load_s, load_error = None, None, 0.0, None
+    for n, cell in enumerate(todo):
+        if stop_after is not None and n >= stop_after:
+            break
+        bar.set_postfix_str(str(cell), refresh=False)
+        if cell.model != encoder_spec:
+            encoder, encoder_spec, load_error = None, cell.model, None
+            t_load = time.perf_counter()
+            try:
+                encoder = h.load_encoder(cell.model)
+            except Exception as e:  # one model that cannot load must not stop the other models
+                load_error = e
+            load_s = time.perf_counter() - t_load
+        if encoder is None:
+            record = _failed_load_record(cell, suite, h, load_error)
+            if rank == 0:
+                write_result(h.out_dir, record)
+        else:
+            record = run_cell(cell, encoder, suite, h, model_load_s=load_s)
+        setattr(summary, record["status"], getattr(summary, record["status"]) + 1)
+        if record["status"] == "failed":
+            summary.failures.append({"cell": str(cell), "reason": record.get("reason"),
+                                     "path": str(result_path(h.out_dir, cell))})
+            tqdm.write(f"FAILED {cell}: {record.get('reason')}")
+        elif record["status"] == "skipped":
+            tqdm.write(f"skipped {cell}: {record.get('reason')}")
+        bar.update(1)
+    bar.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def harness_from_config(cfg: dict, out: str | os.PathLike | None = None, limit: int | None = None,
+                        cache_dir: str | os.PathLike | None = None, variables: dict | None = None,
+                        **overrides) -> Harness:
+    out_dir = Path(out or cfg.get("out") or "results")
+    cache_root = cache_dir or cfg.get("cache_dir")
+    return Harness(out_dir=out_dir, cache=FeatureCache(cache_root),
+                   limit=limit if limit is not None else cfg.get("limit"),
+                   batch_size=int(cfg.get("batch_size") or 32), num_workers=int(cfg.get("num_workers") or 0),
+                   device=cfg.get("device") or default_device(),
+                   task_cfg=cfg.get("task_cfg") or {},
+                   variables={**(cfg.get("vars") or {}), **(variables or {})}, **overrides)
+
+
+def run_sweep(cfg: dict, h: Harness, force: bool = False) -> SweepSummary:
+    validate_sweep_config(cfg)
+    suite = load_suite(cfg["suite"])
+    cells = plan_cells(cfg, suite)
+    return run_cells(cells, suite, h, force=force)
+
+
+def sweep_fingerprint(cfg: dict) -> str:
+    return fingerprint({k: cfg.get(k) for k in SWEEP_FIELDS if k not in ("out", "cache_dir")})

@@ -1,0 +1,60 @@
+"""Quickstart step runner: ordered named steps, skip-if-complete, resume after a failure, settings."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.quickstart import STEPS, Run, Step, load_settings, run_steps
+
+
+def _steps(calls, fail_on=None):
+    def make(name):
+        def done(r):
+            return (r.out / f"{name}.ok").exists()
+
+        def run(r):
+            calls.append(name)
+            if name == fail_on:
+                raise RuntimeError(f"{name} broke")
+            (r.out / f"{name}.ok").write_text("x")
+            return {"made": name}
+        return Step(name, f"make {name}", done, run)
+    return [make(n) for n in ("a", "b", "c")]
+
+
+def test_steps_run_in_order_skip_when_complete_and_resume(tmp_path):
+    calls = []
+    run = Run(tmp_path, {}, log=lambda m: None)
+    with pytest.raises(RuntimeError, match="b broke"):
+        run_steps(run, _steps(calls, fail_on="b"))
+    state = json.loads((tmp_path / "quickstart.json").read_text())
+    assert state["steps"]["a"]["status"] == "done" and state["steps"]["b"]["status"] == "failed"
+    assert calls == ["a", "b"]
+    report = run_steps(run, _steps(calls))          # resume: a is complete, b and c run
+    assert calls == ["a", "b", "b", "c"]
+    assert [r["status"] for r in report] == ["skipped", "done", "done"]
+    report = run_steps(run, _steps(calls))          # everything complete: nothing runs
+    assert calls == ["a", "b", "b", "c"] and all(r["status"] == "skipped" for r in report)
+
+
+def test_step_that_leaves_incomplete_outputs_is_an_error(tmp_path):
+    bad = Step("bad", "never completes", lambda r: False, lambda r: None)
+    with pytest.raises(RuntimeError, match="outputs are not complete"):
+        run_steps(Run(tmp_path, {}, log=lambda m: None), [bad])
+
+
+def test_only_unknown_step_is_rejected(tmp_path):
+    with pytest.raises(SystemExit, match="unknown step"):
+        run_steps(Run(tmp_path, {}, log=lambda m: None), _steps([]), only=["zzz"])
+
+
+def test_pipeline_shape_and_settings(tmp_path):
+    assert [s.name for s in STEPS] == ["world", "teachers", "random-student", "bench", "leaderboard"]
+    fast, full = load_settings(fast=True), load_settings()
+    assert fast["sweep"]["limit"] and full["sweep"]["limit"] is None
+    assert fast["sweep"]["tasks"] == full["sweep"]["tasks"]   # fast overrides only what it names
+    run = Run(tmp_path / "qs", full)
+    cfg = run.sweep_config()
+    assert cfg["vars"]["world"] == str(tmp_path / "qs" / "world")
+    assert [m.split(":")[0] for m in cfg["models"]] == ["siglip2", "dinov3", "student"]
