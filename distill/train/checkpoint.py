@@ -1,0 +1,150 @@
+"""Atomic, pickle-free training checkpoints.
+
+Layout of ``OUT/checkpoints/step_XXXXXXXX/`` (written into a temporary sibling folder, then renamed):
+
+    model.safetensors        full (unsharded) model state dict
+    optimizer.safetensors    every optimizer state tensor, key "state/<param fqn>/<name>"
+    optimizer.json           param groups (hyper-parameters + parameter fqns) and scalar state
+    rng_rank<r>.safetensors  torch CPU (+ CUDA) generator states of rank r
+    rng_rank<r>.json         python `random` state of rank r
+    trainer.json             step, scheduler, sampler position, counters, config fingerprint
+    phis/                    PHI-S statistics (one file per teacher/kind)
+
+``OUT/checkpoints/latest.json`` names the newest complete checkpoint; it is replaced only after the
+folder is complete, so a crash at any moment leaves the previous checkpoint usable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill.io import load_tensors, save_tensors_atomic, write_json_atomic
+
+
+# ----------------------------------------------------------------------------- optimizer flattening
+def flatten_optimizer_state(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A (fqn-keyed) optimizer state dict -> (tensors, JSON). Non-tensor state values go to JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pkey, pstate in osd["state"].items():
+        for name, v in pstate.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state/{pkey}/{name}"] = v
+            else:
+                scalars.setdefault(str(pkey), {})[name] = v
+    meta = {"param_groups": osd["param_groups"], "scalar_state": scalars,
+            "key_types": {str(k): type(k).__name__ for k in osd["state"]}}
+    return tensors, meta
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[Any, dict[str, Any]] = {}
+    key_types = meta.get("key_types", {})
+
+    def key_of(text: str):
+        return int(text) if key_types.get(text) == "int" else text
+
+    for k, v in tensors.items():
+        # parameter fqns contain dots, never slashes; the state name is the last path part
+        pkey, name = k[len("state/"):].rsplit("/", 1)
+        state.setdefault(key_of(pkey), {})[name] = v
+    for pkey, d in meta.get("scalar_state", {}).items():
+        state.setdefault(key_of(pkey), {}).update(d)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ----------------------------------------------------------------------------- RNG
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    version, internal, gauss = random.getstate()
+    return tensors, {"python": [version, list(internal), gauss]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = sorted(k for k in tensors if k.startswith("torch_cuda_"))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# ----------------------------------------------------------------------------- save / load
+def checkpoint_root(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    pointer = checkpoint_root(out_dir) / "latest.json"
+    if not pointer.exists():
+        return None
+    path = checkpoint_root(out_dir) / json.loads(pointer.read_text())["name"]
+    if not (path / "trainer.json").exists():
+        raise FileNotFoundError(f"{pointer} names {path.name} but that checkpoint is incomplete; "
+                                "delete latest.json to start over or restore the folder")
+    return path
+
+
+def staging_dir(out_dir: str | os.PathLike, step: int) -> Path:
+    """A fresh temporary folder every rank writes into (shared filesystem assumed)."""
+    tmp = checkpoint_root(out_dir) / f".step_{step:08d}.partial"
+    return tmp
+
+
+def write_rank_files(folder: Path, rank: int) -> None:
+    tensors, meta = rng_state()
+    save_tensors_atomic(folder / f"rng_rank{rank}.safetensors", tensors)
+    write_json_atomic(folder / f"rng_rank{rank}.json", meta)
+
+
+def write_main_files(folder: Path, model_sd: dict[str, torch.Tensor], optim_sd: dict,
+                     trainer: dict) -> None:
+    save_tensors_atomic(folder / "model.safetensors", model_sd)
+    o_tensors, o_meta = flatten_optimizer_state(optim_sd)
+    save_tensors_atomic(folder / "optimizer.safetensors", o_tensors)
+    write_json_atomic(folder / "optimizer.json", o_meta)
+    write_json_atomic(folder / "trainer.json", trainer)   # written last inside the folder
+
+
+def publish(out_dir: str | os.PathLike, step: int, keep: int) -> Path:
+    """Rename the staged folder into place, point latest.json at it, prune old checkpoints."""
+    root = checkpoint_root(out_dir)
+    tmp = staging_dir(out_dir, step)
+    final = root / f"step_{step:08d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_json_atomic(root / "latest.json", {"name": final.name, "step": step})
+    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def prepare_staging(out_dir: str | os.PathLike, step: int) -> Path:
+    tmp = staging_dir(out_dir, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def read_checkpoint(folder: Path, rank: int) -> dict:
+    trainer = json.loads((folder / "trainer.json").read_text())
+    model = load_tensors(folder / "model.safetensors")
+    optim = unflatten_optimizer_state(load_tensors(folder / "optimizer.safetensors"),
+                                      json.loads((folder / "optimizer.json").read_text()))
+    rng_file = folder / f"rng_rank{rank}.safetensors"
+    rng = None
+    if rng_file.exists():
+        rng = (load_tensors(rng_file), json.loads((folder / f"rng_rank{rank}.json").read_text()))
+    return {"trainer": trainer, "model": model, "optimizer": optim, "rng": rng}

@@ -1,0 +1,71 @@
+"""`amoe distill CONFIG [--out DIR] [--set key=value ...]` and `amoe distill perf --json`.
+
+Run under torchrun for several processes:
+    torchrun --nproc_per_node 8 -m amoe.cli distill stage1 --out runs/stage1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "distill", help="distil teachers into a student from a recipe (or: distill perf)",
+        description="Train a student from a recipe JSON (path or name in distill/recipes). "
+                    "'amoe distill perf' measures packed vs padded training throughput instead.")
+    p.add_argument("config", help="recipe path or name (stage1, stage2, miniworld, ...), or 'perf'")
+    p.add_argument("--out", default=None, help="output directory (default runs/<recipe name>)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override recipe values: dotted keys, JSON values (optim.lr=1e-4 "
+                        "teachers.0.relational=rkd world=DIR teachers=DIR)")
+    p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run in --out")
+    perf = p.add_argument_group("perf options (amoe distill perf)")
+    perf.add_argument("--json", action="store_true", help="perf: print the result as JSON")
+    perf.add_argument("--student", default="moe-cpu-small", help="perf: student config name")
+    perf.add_argument("--max-tokens", type=int, default=1024, help="perf: C_max per sequence")
+    perf.add_argument("--seqs", type=int, default=2, help="perf: sequences per step (token budget)")
+    perf.add_argument("--steps", type=int, default=4, help="perf: timed steps per mode")
+    perf.add_argument("--device", default="cpu", help="perf: cpu or cuda")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.config == "perf":
+        from distill.train.perf import run_perf
+
+        res = run_perf(args.student, max_tokens=args.max_tokens, seqs=args.seqs, steps=args.steps,
+                       device=args.device)
+        if args.json:
+            print(json.dumps(res, indent=2))
+        else:
+            for mode in ("packed", "padded"):
+                r = res[mode]
+                print(f"{mode:7s} {r['tokens_per_s']:10.0f} tokens/s  fill {r['fill_ratio']:.3f}")
+            print(f"speed-up {res['speedup_tokens_per_s']:.2f}x")
+        return 0
+
+    from pathlib import Path
+
+    from distill.train import run_distillation
+    from distill.train.checkpoint import latest_checkpoint
+    from distill.train.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"amoe distill: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path("runs") / cfg.name)
+    if args.no_resume and (out / "checkpoints" / "latest.json").exists():
+        print(f"amoe distill: {out} already holds a run ({latest_checkpoint(out)}); "
+              "drop --no-resume to continue it or choose another --out", file=sys.stderr)
+        return 2
+    try:
+        export = run_distillation(cfg.to_json(), out)
+    except ConfigError as e:
+        print(f"amoe distill: {e}", file=sys.stderr)
+        return 2
+    print(f"exported student: {export}")
+    return 0

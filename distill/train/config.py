@@ -1,0 +1,347 @@
+"""The distillation recipe schema: dataclasses parsed strictly from JSON.
+
+Every hyper-parameter lives in a recipe file (distill/recipes/*.json). Parsing is strict: an unknown
+key anywhere raises ConfigError naming the key, its section and the keys that section accepts.
+Overrides use dotted paths (``optim.lr=1e-4``, ``teachers.0.relational=rkd``) with JSON values.
+String fields may reference ``{world}``, ``{teachers}`` and ``{out}``, filled from the top-level keys
+``world``/``teachers_dir`` and the output directory.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill.losses import RELATIONAL_KINDS
+
+
+class ConfigError(ValueError):
+    """A recipe is malformed: unknown key, wrong type or invalid value (the message names it)."""
+
+
+@dataclass
+class TeacherConfig:
+    name: str                               # teacher key: also the student head it trains ("siglip2", "dinov3")
+    spec: str                               # what distill.encoders.registry.load_encoder receives
+    head: str | None = None                 # teacher head to read; None = same as name
+    weight: float = 1.0                     # teachers are summed with these weights (equal by default)
+    summary_weight: float = 1.0
+    patch_weight: float = 1.0
+    register_weight: float = 0.0            # DINOv3 only: > 0 matches the student's register outputs
+    relational: str = "arkd"                # none | rkd | arkd
+    relational_weight: float = 1.0
+    smooth_l1_beta: float = 1.0
+    resolution: int | None = None           # teacher input side budget; None = the student's resolution
+    dtype: str = "auto"                     # auto = bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class StudentConfig:
+    config: Any = "siglino-0.3B"            # Student.from_config argument: registry name or dict
+    init_from: str | None = None            # exported student directory to start from
+
+
+@dataclass
+class PhisConfig:
+    enabled: bool = True
+    fit_images: int = 256                   # images streamed through each teacher to fit PHI-S
+    exclude_registers: list[int] = field(default_factory=lambda: [1])   # DINOv3 register kept raw
+
+
+@dataclass
+class DataSource:
+    path: str                               # directory of webdataset shards (*.tar)
+    weight: float = 1.0                     # sampling weight among sources (by replication)
+    resolutions: list[int] = field(default_factory=lambda: [256])   # side budgets: max pixels = side^2
+    resolution_weights: list[float] | None = None
+    min_resolution: int = 128               # side budget floor: smaller images are upscaled to it
+    limit: int | None = None                # use only the first N images (quick runs)
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSource] = field(default_factory=list)
+    patch_size: int = 16
+
+
+@dataclass
+class BatchingConfig:
+    mode: str = "packed"                    # packed (token-balanced) | padded (baseline)
+    max_tokens: int = 1024                  # C_max: tokens per packed sequence
+    max_images_per_seq: int = 16
+    seqs_per_rank: int = 1
+    images_per_rank: int = 8                # padded mode only
+    lookahead: int = 64
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "cosine"                # cosine | constant
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0                  # <= 0 disables
+
+
+@dataclass
+class LossConfig:
+    channel_reduction: str = "sum"          # sum = paper's ||.||^2; mean = divided by width
+
+
+@dataclass
+class MoEBalanceConfig:
+    enabled: bool = True
+    update_rate: float = 1e-3               # aux-loss-free bias step (DeepSeek-V3 style)
+
+
+@dataclass
+class EngineConfig:
+    parallel: str = "ddp"                   # ddp | fsdp (FSDP2 fully_shard) | none
+    device: str = "auto"                    # auto | cpu | cuda
+    precision: str = "auto"                 # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    activation_checkpointing: bool = False
+    compile: bool = False
+    backend: str = "auto"                   # process-group backend: auto (nccl on GPU, gloo on CPU)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    keep: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 1
+    progress: bool = True
+    tensorboard: bool = True                # used only if tensorboard is installed
+
+
+@dataclass
+class RobustnessConfig:
+    max_nonfinite_in_a_row: int = 5
+
+
+@dataclass
+class TargetCacheConfig:
+    enabled: bool = False                   # cache teacher targets on disk (small experiments)
+    dir: str | None = None                  # default: OUT/target_cache
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    steps: int
+    teachers: list[TeacherConfig]
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+    world: str | None = None                # mini-world directory ({world} in paths)
+    teachers_dir: str | None = None         # trained teacher directory ({teachers} in paths)
+    phis: PhisConfig = field(default_factory=PhisConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    moe_balance: MoEBalanceConfig = field(default_factory=MoEBalanceConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    target_cache: TargetCacheConfig = field(default_factory=TargetCacheConfig)
+    description: str = ""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def resolve_paths(self, out: str | os.PathLike | None = None) -> "TrainConfig":
+        """A copy with {world}, {teachers} and {out} substituted in every string field."""
+        values = {"world": self.world, "teachers": self.teachers_dir, "out": None if out is None else str(out)}
+
+        def sub(x, where):
+            if isinstance(x, str):
+                for k, v in values.items():
+                    if "{" + k + "}" in x:
+                        if v is None:
+                            key = "teachers_dir" if k == "teachers" else k
+                            raise ConfigError(f"{where} uses {{{k}}} but '{key}' is not set; pass "
+                                              f"--set {key}=DIR")
+                        x = x.replace("{" + k + "}", v)
+                return x
+            if isinstance(x, list):
+                return [sub(v, f"{where}.{i}") for i, v in enumerate(x)]
+            if isinstance(x, dict):
+                return {k: sub(v, f"{where}.{k}") for k, v in x.items()}
+            return x
+
+        raw = self.to_json()
+        raw = {k: (v if k in ("world", "teachers_dir") else sub(v, k)) for k, v in raw.items()}
+        return parse_config(raw)
+
+
+# ----------------------------------------------------------------------------- strict parsing
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _parse_dataclass(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_type(v, args[0], f"{where}.{i}") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _parse_dataclass(cls, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected an object, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        section = where or "top level"
+        raise ConfigError(f"unknown config key(s) {', '.join(repr(k) for k in unknown)} in {section}; "
+                          f"allowed keys: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name in raw:
+            kwargs[name] = _check_type(raw[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required config key '{key}'")
+    return cls(**kwargs)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.steps >= 1, "steps must be >= 1")
+    need(len(cfg.teachers) >= 1, "at least one teacher is required")
+    names = [t.name for t in cfg.teachers]
+    need(len(set(names)) == len(names), f"teacher names must be unique, got {names}")
+    for i, t in enumerate(cfg.teachers):
+        need(t.relational in RELATIONAL_KINDS,
+             f"teachers.{i}.relational must be one of {RELATIONAL_KINDS}, got {t.relational!r}")
+        need(t.dtype in ("auto", "bf16", "fp32"), f"teachers.{i}.dtype must be auto|bf16|fp32")
+    need(cfg.batching.mode in ("packed", "padded"), "batching.mode must be 'packed' or 'padded'")
+    need(1 <= cfg.batching.max_images_per_seq <= 16, "batching.max_images_per_seq must be in 1..16")
+    need(cfg.optim.schedule in ("cosine", "constant"), "optim.schedule must be 'cosine' or 'constant'")
+    need(cfg.loss.channel_reduction in ("sum", "mean"), "loss.channel_reduction must be 'sum' or 'mean'")
+    need(cfg.engine.parallel in ("ddp", "fsdp", "none"), "engine.parallel must be ddp|fsdp|none")
+    need(cfg.engine.precision in ("auto", "bf16", "fp32"), "engine.precision must be auto|bf16|fp32")
+    need(cfg.engine.device in ("auto", "cpu", "cuda"), "engine.device must be auto|cpu|cuda")
+    need(cfg.robustness.max_nonfinite_in_a_row >= 1, "robustness.max_nonfinite_in_a_row must be >= 1")
+    need(len(cfg.data.sources) >= 1, "data.sources needs at least one shard directory")
+    p = cfg.data.patch_size
+    for i, s in enumerate(cfg.data.sources):
+        need(len(s.resolutions) >= 1, f"data.sources.{i}.resolutions is empty")
+        if s.resolution_weights is not None:
+            need(len(s.resolution_weights) == len(s.resolutions),
+                 f"data.sources.{i}.resolution_weights must have one weight per resolution")
+        if cfg.batching.mode == "packed":
+            worst = (max(s.resolutions) // p) ** 2
+            need(worst <= cfg.batching.max_tokens,
+                 f"data.sources.{i}: a {max(s.resolutions)} px image has up to {worst} tokens but "
+                 f"batching.max_tokens is {cfg.batching.max_tokens}; raise max_tokens")
+
+
+def parse_config(raw: dict) -> TrainConfig:
+    cfg = _parse_dataclass(TrainConfig, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. optim.lr=1e-4)")
+    key, value = text.split("=", 1)
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value          # bare strings (paths) need no quotes
+    return key.strip().split("."), parsed
+
+
+# top-level shorthands accepted by --set (the brief's `--set world=DIR teachers=DIR`)
+_ALIASES = {"teachers": "teachers_dir"}
+
+
+def apply_overrides(raw: dict, overrides: list[str] | dict | None) -> dict:
+    raw = copy.deepcopy(raw)
+    if not overrides:
+        return raw
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides]
+    for key, value in items:
+        path = key.split(".") if isinstance(key, str) else list(key)
+        if len(path) == 1 and path[0] in _ALIASES and not isinstance(value, list):
+            path = [_ALIASES[path[0]]]
+        node = raw
+        for j, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        last = path[-1]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def load_config(source: str | os.PathLike | dict, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """Recipe path or dict + overrides -> validated TrainConfig (paths not yet resolved)."""
+    if isinstance(source, dict):
+        raw = source
+    else:
+        path = Path(source)
+        if not path.exists():
+            recipes = Path(__file__).resolve().parents[1] / "recipes"
+            alt = recipes / (path.name if path.suffix else path.name + ".json")
+            if not alt.exists():
+                raise ConfigError(f"recipe {source} not found (also looked in {recipes})")
+            path = alt
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON: {e}") from e
+    return parse_config(apply_overrides(raw, overrides))

@@ -1,0 +1,532 @@
+"""The distillation engine: one training loop for 1 process or many (torchrun; DDP or FSDP2).
+
+Per step, on every rank:
+  1. the token-balanced sampler plans this rank's sequences (same plan computed on every rank);
+  2. images are decoded (corrupt ones dropped and counted), resized to their planned native size;
+  3. frozen teachers produce targets (PHI-S standardised, patch grids aligned to the student's);
+  4. the student runs packed (images of a sequence attend only to themselves), per-teacher losses are
+     computed with global normalisation (distill.losses), backward, clip, AdamW step, LR schedule;
+  5. the aux-loss-free MoE bias update uses the expert loads all-reduced over ranks;
+  6. metrics (JSONL, TensorBoard) and, every `checkpoint.every_steps`, an atomic checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distill import losses as L
+from distill.io import fingerprint, write_json_atomic
+from distill.train import checkpoint as ckpt
+from distill.train.batching import StepPlan, TokenBalancedSampler
+from distill.train.config import TrainConfig
+from distill.train.distributed import DistInfo, all_reduce_sum, barrier, setup, teardown
+from distill.train.metrics import MetricsWriter
+from distill.train.pool import PlannedImage, TrainingPool, read_image
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (e.g. too many non-finite losses in a row)."""
+
+
+# ----------------------------------------------------------------------------- student wrapper
+class PackedStudent(nn.Module):
+    """Routes the packed forward through `forward` so DDP / FSDP2 hooks see it, and returns plain
+    tensors per head: summary (N, C), patches (list of (L_i, C)), registers (N, R, C)."""
+
+    def __init__(self, student: nn.Module, heads: list[str]):
+        super().__init__()
+        self.student = student
+        self.heads = heads
+
+    def forward(self, images: list[torch.Tensor], sequences: list[list[int]], max_tokens: int,
+                max_images: int) -> dict[str, Any]:
+        from distill.student import PackingPlan
+
+        counts = [self.student.n_prefix + (im.shape[1] // self.patch) * (im.shape[2] // self.patch)
+                  for im in images]
+        plan = PackingPlan(sequences=sequences, token_counts=counts, max_tokens=max_tokens, max_images=max_images)
+        outs = self.student.forward_packed(images, max_tokens=max_tokens, max_images_per_seq=max_images, plan=plan)
+        res: dict[str, Any] = {"summary": {}, "patches": {}, "registers": {}}
+        for h in self.heads:
+            res["summary"][h] = torch.cat([o.summary_features[h] for o in outs])
+            res["patches"][h] = [o.patch_features[h][0] for o in outs]
+            if h in outs[0].register_features:
+                res["registers"][h] = torch.cat([o.register_features[h] for o in outs])
+        return res
+
+    @property
+    def patch(self) -> int:
+        return self.student.config.spatial_patch_size
+
+
+# ----------------------------------------------------------------------------- image loading
+def student_tensor(image, size: tuple[int, int]) -> torch.Tensor:
+    """PIL image -> (3, H, W) float32 in [-1, 1] at the planned size (bicubic; SigLino normalisation)."""
+    from PIL import Image
+
+    h, w = size
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.BICUBIC)
+    t = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(h, w, 3)
+    return ((t.permute(2, 0, 1).float() / 255.0) - 0.5) / 0.5
+
+
+@dataclass
+class LoadedImage:
+    index: int
+    item: PlannedImage
+    image: Any
+
+
+# ----------------------------------------------------------------------------- the trainer
+class Distiller:
+    """Owns model, teachers, optimiser, sampler and outputs of one run in `out_dir`.
+
+    `student` / `teachers` may be injected (tests, notebooks); otherwise they are built from the
+    config through `distill.student.Student` and `distill.encoders.registry.load_encoder`.
+    """
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike, *, student: nn.Module | None = None,
+                 teachers: dict | None = None, info: DistInfo | None = None, resume: bool = True):
+        self.out = Path(out_dir)
+        self.cfg = cfg.resolve_paths(self.out)
+        self.info = info or setup(self.cfg.engine.device, self.cfg.engine.backend)
+        self.device = self.info.device
+        torch.manual_seed(self.cfg.seed + 1000 * self.info.rank)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.info.is_main:
+            write_json_atomic(self.out / "config.json", self.cfg.to_json())
+        self.counters = {"corrupt_images": 0, "skipped_nonfinite": 0}
+        self.nonfinite_in_a_row = 0
+        self.step = 0
+
+        self._build_data()
+        self._build_teachers(teachers)
+        self._build_student(student)
+        self._check_widths()
+        self._fit_phis()
+        self._build_optimizer()
+        self.metrics = MetricsWriter(self.out, enabled=self.info.is_main,
+                                     tensorboard=self.cfg.logging.tensorboard)
+        if resume:
+            self._maybe_resume()
+
+    # ------------------------------------------------------------------ construction
+    def _build_data(self) -> None:
+        c = self.cfg
+        self.pool = TrainingPool(c.data.sources, c.data.patch_size, c.seed, index_dir=self.out / "index")
+        self.counters["corrupt_images"] += self.pool.corrupt_at_index
+        self._prefix = None  # set once the student is known (CLS + registers per image)
+
+    def _make_sampler(self) -> None:
+        c = self.cfg.batching
+        counts = [it.tokens + self._prefix for it in self.pool.items]
+        self.sampler = TokenBalancedSampler(
+            counts, world_size=self.info.world_size, seed=self.cfg.seed, mode=c.mode,
+            max_tokens=c.max_tokens, max_images_per_seq=c.max_images_per_seq,
+            seqs_per_rank=c.seqs_per_rank, images_per_rank=c.images_per_rank, lookahead=c.lookahead)
+
+    def _build_teachers(self, injected: dict | None) -> None:
+        from distill.train.targets import TeacherRunner, load_teacher
+
+        cache = None
+        if self.cfg.target_cache.enabled:
+            cache = self.cfg.target_cache.dir or str(self.out / "target_cache")
+        self.teachers: dict[str, TeacherRunner] = {}
+        for t in self.cfg.teachers:
+            if injected is not None:
+                if t.name not in injected:
+                    raise KeyError(f"teacher '{t.name}' of the recipe was not provided")
+                self.teachers[t.name] = TeacherRunner(t.name, injected[t.name], t.head or t.name, t.resolution, cache)
+            else:
+                self.teachers[t.name] = load_teacher(t, self.device, cache)
+        self.weights = {t.name: L.TeacherLossWeights(
+            weight=t.weight, summary=t.summary_weight, patch=t.patch_weight, register=t.register_weight,
+            relational=t.relational, relational_weight=t.relational_weight, smooth_l1_beta=t.smooth_l1_beta)
+            for t in self.cfg.teachers}
+
+    def _teacher_widths(self) -> dict[str, int]:
+        """Probe each teacher once on a small image of the pool to learn its output width."""
+        item = self.pool.items[0]
+        img = read_image(item.entry)
+        self._probe = {n: r.raw([img], [item.entry.key + "#probe"], [item.resolution])[0]
+                       for n, r in self.teachers.items()}
+        return {n: int(o.summary.shape[-1]) for n, o in self._probe.items()}
+
+    def _build_student(self, injected: nn.Module | None) -> None:
+        self.teacher_widths = self._teacher_widths()
+        if injected is None:
+            from distill.student import Student
+
+            spec = self.cfg.student.config
+            if isinstance(spec, dict) and "teachers_dim" not in spec:
+                # recipe leaves the adapter widths to the teachers it is distilled from
+                names = spec.get("teachers", ["siglip2", "dinov3"])
+                spec = dict(spec, teachers=list(names), teachers_dim=[self.teacher_widths[n] for n in names])
+            # identical initial weights on every rank (FSDP2 does not broadcast them like DDP does):
+            # module constructors draw from the global RNG, so seed it with the run seed, not the rank's
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed)
+                student = Student.from_config(spec)
+                g = torch.Generator().manual_seed(self.cfg.seed)
+                student.init_weights(g) if _accepts_generator(student.init_weights) else student.init_weights()
+            if self.cfg.student.init_from:
+                self._load_init(student, self.cfg.student.init_from)
+        else:
+            student = injected
+        self.student = student.to(self.device)
+        # kept in release checkpoints for key compatibility but never used in forward: freeze it so
+        # the optimiser holds no state for it (and resuming finds state for every trained parameter)
+        unused = getattr(self.student, "layer_norm_dinov3", None)
+        if unused is not None:
+            unused.requires_grad_(False)
+        self._prefix = int(self.student.n_prefix)
+        self._make_sampler()
+        model = PackedStudent(self.student, [t.name for t in self.cfg.teachers])
+        e = self.cfg.engine
+        if e.activation_checkpointing:
+            _apply_activation_checkpointing(self.student)
+        if e.compile:
+            self.student.forward_packed = torch.compile(self.student.forward_packed, dynamic=True)
+        if self.info.distributed and e.parallel == "ddp":
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        elif self.info.distributed and e.parallel == "fsdp":
+            model = _fully_shard(model)
+        self.model = model
+
+    def _load_init(self, student: nn.Module, path: str) -> None:
+        from distill.io import load_tensors
+
+        p = Path(path)
+        f = p / "model.safetensors" if p.is_dir() else p
+        if not f.exists():
+            raise FileNotFoundError(f"student.init_from={path}: no model.safetensors found")
+        student.load_state_dict(load_tensors(f))
+
+    def _check_widths(self) -> None:
+        """A teacher whose width differs from the student's adapter fails here, before step 1."""
+        cfg_dims = dict(zip(self.student.config.teachers, self.student.config.teachers_dim))
+        for name, width in self.teacher_widths.items():
+            if name not in cfg_dims:
+                raise ValueError(f"teacher '{name}' has no student head; the student has heads for "
+                                 f"{sorted(cfg_dims)}")
+            if cfg_dims[name] != width:
+                raise ValueError(
+                    f"teacher '{name}' outputs width {width} but the student's {name} adapter produces "
+                    f"{cfg_dims[name]}; set student.config teachers_dim to match (or omit teachers_dim "
+                    "in a dict config to take the teachers' widths)")
+            if self.weights[name].register > 0:
+                regs = self._probe[name].registers
+                n_student = int(self.student.config.n_storage_tokens)
+                if regs is None:
+                    raise ValueError(f"teacher '{name}' has register_weight > 0 but returns no registers; "
+                                     f"set teachers.<{name}>.register_weight=0")
+                if tuple(regs.shape) != (n_student, width):
+                    raise ValueError(f"teacher '{name}' registers are {tuple(regs.shape)} but the student "
+                                     f"predicts ({n_student}, {width}); match n_storage_tokens or set "
+                                     "register_weight=0")
+
+    def _fit_phis(self) -> None:
+        from distill.train.phis_fit import fit_or_load_phis
+
+        self.phis_state = None
+        if not self.cfg.phis.enabled:
+            return
+        fit_or_load_phis(self)
+
+    def _build_optimizer(self) -> None:
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "token" in n or "probe" in n else decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    def _lr_factor(self, step: int) -> float:
+        o = self.cfg.optim
+        if step < o.warmup_steps:
+            return (step + 1) / max(1, o.warmup_steps)
+        if o.schedule == "constant":
+            return 1.0
+        t = (step - o.warmup_steps) / max(1, self.cfg.steps - o.warmup_steps)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _config_fingerprint(self) -> str:
+        d = self.cfg.to_json()
+        for k in ("steps", "checkpoint", "logging", "description"):
+            d.pop(k, None)
+        return fingerprint(d)
+
+    def save_checkpoint(self) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(self.model, options=opts)
+        optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        if self.info.is_main:
+            folder = ckpt.prepare_staging(self.out, self.step)
+        barrier()
+        folder = ckpt.staging_dir(self.out, self.step)
+        ckpt.write_rank_files(folder, self.info.rank)
+        barrier()
+        if self.info.is_main:
+            trainer = {"step": self.step, "scheduler": self.scheduler.state_dict(),
+                       "sampler": self.sampler.state_dict(), "counters": self.counters,
+                       "nonfinite_in_a_row": self.nonfinite_in_a_row, "world_size": self.info.world_size,
+                       "config_fingerprint": self._config_fingerprint()}
+            if self.phis_state is not None:
+                from distill.train.phis_fit import save_phis
+                save_phis(self, folder / "phis")
+            ckpt.write_main_files(folder, model_sd, optim_sd, trainer)
+            ckpt.publish(self.out, self.step, self.cfg.checkpoint.keep)
+        barrier()
+
+    def _maybe_resume(self) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        folder = ckpt.latest_checkpoint(self.out)
+        if folder is None:
+            return
+        data = ckpt.read_checkpoint(folder, self.info.rank)
+        tr = data["trainer"]
+        if tr["config_fingerprint"] != self._config_fingerprint():
+            raise ValueError(f"{self.out} holds a checkpoint of a different recipe (only steps/logging/"
+                             "checkpoint settings may change on resume); use a new --out directory")
+        if tr["world_size"] != self.info.world_size:
+            raise ValueError(f"checkpoint was written with {tr['world_size']} ranks, this run has "
+                             f"{self.info.world_size}; the sampler plan depends on the world size")
+        opts = StateDictOptions(full_state_dict=True, strict=True)
+        set_model_state_dict(self.model, data["model"], options=opts)
+        set_optimizer_state_dict(self.model, self.optimizer, data["optimizer"], options=opts)
+        self.scheduler.load_state_dict(tr["scheduler"])
+        self.sampler.load_state_dict(tr["sampler"])
+        self.counters = dict(tr["counters"])
+        self.nonfinite_in_a_row = int(tr["nonfinite_in_a_row"])
+        self.step = int(tr["step"])
+        if data["rng"] is not None:
+            ckpt.set_rng_state(*data["rng"])
+        if self.phis_state is not None and (folder / "phis").exists():
+            from distill.train.phis_fit import load_phis
+            load_phis(self, folder / "phis")
+        self.metrics.truncate_after(self.step)
+        if self.info.is_main:
+            print(f"[amoe distill] resumed from {folder} at step {self.step}", flush=True)
+
+    # ------------------------------------------------------------------ one step
+    def _load_images(self, plan: StepPlan) -> tuple[list[LoadedImage], list[list[int]]]:
+        """Decode this rank's images; corrupt ones are dropped (and counted), sequences re-indexed."""
+        loaded: list[LoadedImage] = []
+        sequences: list[list[int]] = []
+        for seq in plan.ranks[self.info.rank]:
+            s = []
+            for idx in seq:
+                item = self.pool.items[idx]
+                try:
+                    img = read_image(item.entry)
+                except Exception:  # undecodable despite a valid header: skip and count
+                    self.counters["corrupt_images"] += 1
+                    continue
+                s.append(len(loaded))
+                loaded.append(LoadedImage(idx, item, img))
+            if s:
+                sequences.append(s)
+        return loaded, sequences
+
+    def _autocast(self):
+        p = self.cfg.engine.precision
+        if self.device.type == "cuda" and p in ("auto", "bf16"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if p == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        plan = self.sampler.next_step()
+        loaded, sequences = self._load_images(plan)
+        local_n = len(loaded)
+        batch = L.GlobalBatch.from_local(local_n, self.device)
+        if batch.global_images == 0:
+            raise TrainingAborted("a whole step had no decodable image; check the pool shards")
+        pil = [li.image for li in loaded]
+        keys = [li.item.entry.key for li in loaded]
+        res = [li.item.resolution for li in loaded]
+        grids = [(li.item.size[0] // self.cfg.data.patch_size, li.item.size[1] // self.cfg.data.patch_size)
+                 for li in loaded]
+        targets = {}
+        for name, runner in self.teachers.items():
+            raws = runner.raw(pil, keys, res) if local_n else []
+            targets[name] = runner.targets(raws, grids, self.device, self.cfg.phis.exclude_registers) \
+                if local_n else None
+        images = [student_tensor(li.image, li.item.size).to(self.device) for li in loaded]
+        t_data = time.perf_counter()
+
+        self.model.train()
+        with self._autocast():
+            out = self.model(images, sequences, self.cfg.batching.max_tokens,
+                             self.cfg.batching.max_images_per_seq) if local_n else None
+        total = torch.zeros((), device=self.device)
+        terms: dict[str, torch.Tensor] = {}
+        for t in self.cfg.teachers:
+            w = self.weights[t.name]
+            pred = L.StudentPredictions(summary=out["summary"][t.name].float(),
+                                        patches=[p.float() for p in out["patches"][t.name]],
+                                        registers=out["registers"].get(t.name)
+                                        if w.register > 0 else None)
+            tgt = targets[t.name]
+            gathered = None
+            if w.relational != "none" and self.info.distributed:
+                gathered = (L.gather_variable_rows(pred.summary), L.gather_variable_rows(tgt.summary))
+            if w.register > 0 and pred.registers is not None:
+                pred.registers = pred.registers.float()
+            loss_t, terms_t = L.teacher_loss(pred, tgt, w, batch, self.cfg.loss.channel_reduction, gathered)
+            total = total + loss_t
+            for k, v in terms_t.items():
+                terms[f"loss/{t.name}/{k}"] = v
+        # global values of every term (sum of local contributions) and of the total objective
+        reduced = all_reduce_sum({k: v.item() for k, v in terms.items()}, self.device)
+        objective = 0.0
+        for t in self.cfg.teachers:
+            w = self.weights[t.name]
+            per = sum(getattr(w, k) * reduced.get(f"loss/{t.name}/{k}", 0.0)
+                      for k in ("summary", "patch", "register"))
+            rel = reduced.get(f"loss/{t.name}/{w.relational}", 0.0) * w.relational_weight
+            reduced[f"loss/{t.name}/total"] = w.weight * (per + rel)
+            objective += reduced[f"loss/{t.name}/total"]
+        reduced["loss/total"] = objective
+
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        finite = math.isfinite(objective)
+        grad_norm = float("nan")
+        if finite:
+            if self.cfg.optim.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.counters["skipped_nonfinite"] += 1
+            self.nonfinite_in_a_row += 1
+        load = self._balance_experts(update=finite)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        tokens = plan.real_tokens()
+        rec = {"step": self.step, **reduced, "lr": self.optimizer.param_groups[0]["lr"],
+               "grad_norm": grad_norm, "fill_ratio": plan.fill_ratio(), "images": batch.global_images,
+               "tokens": tokens, "tokens_per_s": tokens / dt, "step_s": dt, "data_s": t_data - t0,
+               "skipped": not finite, **{f"count/{k}": v for k, v in self.counters.items()}, **load}
+        return rec
+
+    def _balance_experts(self, update: bool) -> dict[str, Any]:
+        from distill.student import update_expert_bias
+
+        layers = self.student.moe_layers() if hasattr(self.student, "moe_layers") else []
+        if not layers:
+            return {}
+        loads = torch.stack([m.tokens_per_expert.detach().float() for m in layers])   # (layers, E)
+        if self.info.distributed:
+            dist.all_reduce(loads)
+        if update and self.cfg.moe_balance.enabled:
+            update_expert_bias(layers, list(loads), rate=self.cfg.moe_balance.update_rate)
+        mean = loads.mean(1).clamp_min(1e-9)
+        imbalance = (loads.max(1).values / mean)
+        return {"moe/max_over_mean": imbalance.mean().item(),
+                "moe/load": [[int(v) for v in row] for row in loads.tolist()]}
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Path:
+        from tqdm import tqdm
+
+        c = self.cfg
+        bar = tqdm(total=c.steps, initial=self.step, disable=not (c.logging.progress and self.info.is_main),
+                   desc=f"distill {c.name}", dynamic_ncols=True)
+        try:
+            while self.step < c.steps:
+                rec = self.train_step()
+                if rec["skipped"]:
+                    self.metrics.event({"step": self.step, "event": "nonfinite_loss_skipped",
+                                        "loss/total": rec["loss/total"], "in_a_row": self.nonfinite_in_a_row})
+                    if self.nonfinite_in_a_row >= c.robustness.max_nonfinite_in_a_row:
+                        raise TrainingAborted(
+                            f"{self.nonfinite_in_a_row} non-finite losses in a row (last at step {self.step}); "
+                            "lower optim.lr, check the teachers' outputs and PHI-S statistics, or raise "
+                            "robustness.max_nonfinite_in_a_row")
+                if self.step % c.logging.every_steps == 0 or self.step == c.steps:
+                    self.metrics.write(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss/total']:.4g}", fill=f"{rec['fill_ratio']:.2f}",
+                                tok_s=f"{rec['tokens_per_s']:.0f}")
+                if self.step % c.checkpoint.every_steps == 0 or self.step == c.steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            self.metrics.close()
+        export_dir = self.out / "export"
+        state = self.full_student_state()          # collective under FSDP: every rank takes part
+        if self.info.is_main:
+            from distill.train.export import export_student
+            export_student(self, export_dir, state)
+        barrier()
+        return export_dir
+
+    def full_student_state(self) -> dict[str, torch.Tensor]:
+        """The unsharded student state dict on CPU, official key names (no wrapper prefixes)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        prefix = "student."
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+    def close(self) -> None:
+        teardown(self.info)
+
+
+def _accepts_generator(fn: Callable) -> bool:
+    import inspect
+
+    try:
+        return "generator" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _apply_activation_checkpointing(student: nn.Module) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
+
+    blocks = set(student.layers.values()) if hasattr(student, "layers") else set()
+    apply_activation_checkpointing(student, checkpoint_wrapper_fn=checkpoint_wrapper,
+                                   check_fn=lambda m: m in blocks)
+
+
+def _fully_shard(model: nn.Module) -> nn.Module:
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as e:  # torch < 2.6
+        raise RuntimeError("engine.parallel=fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6); "
+                           "use engine.parallel=ddp") from e
+    student = model.student
+    if hasattr(student, "layers"):
+        for block in student.layers.values():
+            fully_shard(block)
+    fully_shard(model)
+    return model

@@ -1,0 +1,131 @@
+"""Teacher targets: frozen teachers, PHI-S standardisation, grid alignment, optional disk cache.
+
+For every image the trainer needs, per teacher: the summary vector, the patch map resampled to the
+student's grid, and (DINOv3) the register tokens -- all in the teacher's PHI-S-standardised space.
+
+Raw teacher outputs (before PHI-S) can be cached on disk per (teacher fingerprint, image key,
+resolution) so that small experiments encode every image once; PHI-S is applied after the cache,
+so refitting it does not invalidate cached features.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distill.io import load_tensors, save_tensors_atomic
+from distill.losses import TeacherTargets, align_patch_grid
+
+
+@dataclass
+class RawTeacherOutput:
+    """One image's raw teacher output."""
+
+    summary: torch.Tensor               # (C,)
+    patches: torch.Tensor               # (h*w, C)
+    grid: tuple[int, int]
+    registers: torch.Tensor | None      # (R, D) or None
+
+
+class TeacherRunner:
+    """A frozen teacher encoder plus everything to turn images into standardised targets."""
+
+    def __init__(self, name: str, encoder, head: str, resolution: int | None, cache_dir: str | None):
+        self.name, self.encoder, self.head = name, encoder, head
+        self.resolution = resolution
+        self.cache_dir = None if cache_dir is None else Path(cache_dir) / name
+        self.standardizers: dict[str, object] = {}    # "summary" / "patches" / "registers" -> PhiS
+        encoder.require_head(head)
+        self._fingerprint = str(encoder.fingerprint())
+
+    # ------------------------------------------------------------------ raw outputs
+    def _cache_file(self, key: str, resolution: int) -> Path:
+        h = hashlib.sha1(f"{self._fingerprint}|{key}|{resolution}".encode()).hexdigest()
+        return self.cache_dir / h[:2] / f"{h}.safetensors"
+
+    @torch.no_grad()
+    def raw(self, images, keys: list[str], resolutions: list[int]) -> list[RawTeacherOutput]:
+        """PIL images -> raw outputs (cached when a cache dir is set)."""
+        out: list[RawTeacherOutput | None] = [None] * len(images)
+        todo = []
+        for i, (k, r) in enumerate(zip(keys, resolutions)):
+            res = self.resolution or r
+            f = self._cache_file(k, res) if self.cache_dir is not None else None
+            if f is not None and f.exists():
+                t = load_tensors(f)
+                regs = t.get("registers")
+                out[i] = RawTeacherOutput(t["summary"], t["patches"], tuple(t["grid"].tolist()), regs)
+            else:
+                todo.append((i, res, f))
+        if todo:
+            enc = self.encoder
+            batch = [enc.preprocess(images[i], resolution=res).to(enc.device, enc.dtype) for i, res, _ in todo]
+            feats = enc.encode(batch)
+            for j, (i, res, f) in enumerate(todo):
+                regs = None if feats.registers is None else feats.registers[j].float().cpu()
+                o = RawTeacherOutput(feats.summary[self.head][j].float().cpu(),
+                                     feats.patches[self.head][j].float().cpu(),
+                                     tuple(int(v) for v in feats.grids[j]), regs)
+                out[i] = o
+                if f is not None:
+                    t = {"summary": o.summary, "patches": o.patches, "grid": torch.tensor(o.grid)}
+                    if regs is not None:
+                        t["registers"] = regs
+                    save_tensors_atomic(f, t)
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ standardised targets
+    def _std(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        s = self.standardizers.get(kind)
+        return x if s is None else s.transform(x)
+
+    def targets(self, raws: list[RawTeacherOutput], student_grids: list[tuple[int, int]],
+                device, exclude_registers: list[int] = ()) -> TeacherTargets:
+        summary = self._std("summary", torch.stack([r.summary for r in raws]))
+        patches = [align_patch_grid(self._std("patches", r.patches), r.grid, g)
+                   for r, g in zip(raws, student_grids)]
+        registers = None
+        if all(r.registers is not None for r in raws) and raws:
+            regs = torch.stack([r.registers for r in raws])           # (N, R, D)
+            if "registers" in self.standardizers:
+                n, R, d = regs.shape
+                keep = [j for j in range(R) if j not in set(exclude_registers)]
+                std = regs.clone()
+                if keep:
+                    std[:, keep] = self._std("registers", regs[:, keep].reshape(-1, d)).reshape(n, len(keep), d)
+                regs = std
+            registers = regs.to(device)
+        return TeacherTargets(summary=summary.to(device), patches=[p.to(device) for p in patches],
+                              registers=registers)
+
+
+def encoder_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "bf16" or (choice == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_teacher(cfg, device: torch.device, cache_dir: str | os.PathLike | None) -> TeacherRunner:
+    """Load a frozen teacher through the encoder registry (bf16 on GPU by default)."""
+    from distill.encoders.registry import load_encoder
+
+    enc = load_encoder(cfg.spec)
+    enc = enc.to(device, encoder_dtype(cfg.dtype, device))
+    for m in _modules_of(enc):
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+    return TeacherRunner(cfg.name, enc, cfg.head or cfg.name, cfg.resolution,
+                         None if cache_dir is None else str(cache_dir))
+
+
+def _modules_of(enc):
+    """nn.Modules an encoder holds (to freeze them); encoders keep their model in attributes."""
+    from torch import nn
+
+    if isinstance(enc, nn.Module):
+        return [enc]
+    return [v for v in vars(enc).values() if isinstance(v, nn.Module)]

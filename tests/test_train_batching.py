@@ -1,0 +1,159 @@
+"""Token-balanced batching, recipe parsing and the pool index."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from distill.train.batching import TokenBalancedSampler
+from distill.train.config import ConfigError, load_config
+from distill.train.pool import TrainingPool, build_index, read_image, smart_resize
+
+RECIPES = Path(__file__).resolve().parents[1] / "distill" / "recipes"
+
+
+def _counts():
+    # native-resolution mix: 256 px (256 tokens), 384 px (576), 128x256 (128), 512 px (1024)
+    return [256, 576, 128, 1024, 256, 64, 576, 128, 256, 900, 64, 400] * 5
+
+
+def test_packed_plan_respects_capacity_and_image_limit():
+    s = TokenBalancedSampler(_counts(), world_size=2, seed=0, max_tokens=1024, max_images_per_seq=3,
+                             seqs_per_rank=2, lookahead=16)
+    for _ in range(10):
+        plan = s.next_step()
+        assert len(plan.ranks) == 2
+        for r in range(2):
+            assert len(plan.ranks[r]) == 2            # same number of sequences = same token budget
+            assert plan.reserved_tokens(r) == 2 * 1024
+            for seq, toks in zip(plan.ranks[r], plan.tokens[r]):
+                assert 1 <= len(seq) <= 3 and sum(toks) <= 1024
+        assert plan.fill_ratio() > 0.5
+
+
+def test_every_image_is_used_once_per_epoch():
+    counts = _counts()
+    s = TokenBalancedSampler(counts, world_size=2, seed=3, max_tokens=1024, seqs_per_rank=1, lookahead=8)
+    seen = []
+    while s.state.epoch == 0:
+        plan = s.next_step()
+        seen += [i for r in range(2) for i in plan.images(r)]
+    pending = s.state.pending
+    first_epoch = [i for i in seen if i not in pending]
+    # nothing duplicated before the permutation wraps
+    assert len(seen) <= len(counts) + len(pending) + 64
+    assert len(set(first_epoch)) >= len(counts) - 16
+
+
+def test_sampler_state_round_trip_reproduces_plans():
+    a = TokenBalancedSampler(_counts(), world_size=2, seed=1, max_tokens=1024, seqs_per_rank=2)
+    for _ in range(5):
+        a.next_step()
+    state = json.loads(json.dumps(a.state_dict()))
+    expected = [a.next_step().ranks for _ in range(8)]   # crosses an epoch boundary too
+    b = TokenBalancedSampler(_counts(), world_size=2, seed=1, max_tokens=1024, seqs_per_rank=2)
+    b.load_state_dict(state)
+    assert [b.next_step().ranks for _ in range(8)] == expected
+
+
+def test_padded_baseline_has_lower_fill_on_mixed_resolutions():
+    counts = _counts()
+    packed = TokenBalancedSampler(counts, world_size=1, seed=0, max_tokens=1024, seqs_per_rank=4)
+    padded = TokenBalancedSampler(counts, world_size=1, seed=0, mode="padded", images_per_rank=4)
+    fp = sum(packed.next_step().fill_ratio() for _ in range(10)) / 10
+    plans = [padded.next_step() for _ in range(10)]
+    assert all(len(p.ranks[0]) == 4 and all(len(q) == 1 for q in p.ranks[0]) for p in plans)
+    fd = sum(p.fill_ratio() for p in plans) / 10
+    assert fp > fd
+
+
+def test_oversized_image_is_a_clear_error():
+    with pytest.raises(ValueError, match="raise batching.max_tokens"):
+        TokenBalancedSampler([100, 2000], world_size=1, seed=0, max_tokens=1024)
+
+
+def test_smart_resize_matches_processor_table():
+    # (H, W) examples from the SigLino fact sheet, default min 128^2 / max 256^2
+    assert smart_resize(64, 96) == (112, 160)
+    assert smart_resize(300, 500) == (192, 320)
+    assert smart_resize(480, 640) == (208, 288)
+    assert smart_resize(1000, 1000) == (256, 256)
+    assert smart_resize(200, 136, min_pixels=16 * 16, max_pixels=1024 ** 2) == (192, 128)
+
+
+# ----------------------------------------------------------------------------- config
+def test_all_recipes_parse():
+    names = sorted(p.name for p in RECIPES.glob("*.json"))
+    assert {"stage1.json", "stage2.json", "miniworld.json", "miniworld-none.json",
+            "miniworld-rkd.json", "miniworld-arkd.json"} <= set(names)
+    for n in names:
+        load_config(RECIPES / n)
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ConfigError, match=r"'lrr'.*optim"):
+        load_config(RECIPES / "miniworld.json", {"optim.lrr": 0.1})
+    with pytest.raises(ConfigError, match=r"'bogus'.*top level"):
+        load_config(RECIPES / "miniworld.json", {"bogus": 1})
+    with pytest.raises(ConfigError, match=r"'rel'.*teachers.0"):
+        load_config(RECIPES / "miniworld.json", ["teachers.0.rel=rkd"])
+
+
+def test_overrides_types_and_paths(tmp_path):
+    cfg = load_config(RECIPES / "miniworld.json", ["optim.lr=0.5", "teachers.1.relational=rkd",
+                                                   f"world={tmp_path}", "teachers=/x/t"])
+    assert cfg.optim.lr == 0.5 and cfg.teachers[1].relational == "rkd"
+    resolved = cfg.resolve_paths(tmp_path / "out")
+    assert resolved.data.sources[0].path.startswith(str(tmp_path))
+    assert resolved.teachers[0].spec.startswith("/x/t")
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(RECIPES / "miniworld.json", ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="relational must be one of"):
+        load_config(RECIPES / "miniworld.json", ["teachers.0.relational=contrastive"])
+    with pytest.raises(ConfigError, match="is not set; pass --set"):
+        load_config(RECIPES / "miniworld.json").resolve_paths()
+
+
+# ----------------------------------------------------------------------------- pool index
+def _write_shard(path: Path, sizes, corrupt_at=()):
+    with tarfile.open(path, "w") as tar:
+        for i, (w, h) in enumerate(sizes):
+            buf = io.BytesIO()
+            if i in corrupt_at:
+                buf.write(b"\xff\xd8\xff garbage, not a jpeg")
+            else:
+                Image.new("RGB", (w, h), (i * 20 % 255, 80, 160)).save(buf, format="JPEG")
+            data = buf.getvalue()
+            info = tarfile.TarInfo(f"{i:06d}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            cap = f"image {i}".encode()
+            info = tarfile.TarInfo(f"{i:06d}.txt")
+            info.size = len(cap)
+            tar.addfile(info, io.BytesIO(cap))
+
+
+def test_pool_index_skips_and_counts_corrupt(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_shard(shards / "pool-000000.tar", [(64, 48), (100, 200), (30, 30)], corrupt_at=(1,))
+    _write_shard(shards / "pool-000001.tar", [(300, 150)])
+    entries, corrupt = build_index(shards, tmp_path / "idx.json")
+    assert corrupt == 1 and len(entries) == 3
+    assert (entries[0].width, entries[0].height) == (64, 48)
+    assert read_image(entries[2]).size == (300, 150)
+    again, c2 = build_index(shards, tmp_path / "idx.json")   # from the cache file
+    assert again == entries and c2 == 1
+
+    from distill.train.config import DataSource
+    pool = TrainingPool([DataSource(path=str(shards), resolutions=[64, 128], min_resolution=32)],
+                        patch_size=16, seed=0)
+    assert len(pool) == 3 and pool.corrupt_at_index == 1
+    for it in pool.items:
+        h, w = it.size
+        assert h % 16 == 0 and w % 16 == 0 and h * w <= it.resolution ** 2
+        assert it.tokens == (h // 16) * (w // 16)

@@ -1,0 +1,208 @@
+"""The distillation engine on CPU: 2-process gloo DDP == 1 process, SIGKILL + resume == uninterrupted,
+non-finite losses, width checks, export, target cache. Real tiny Student, stand-in conv teachers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_standins import ConvTeacher, make_teachers, tiny_recipe, write_pool  # noqa: E402
+
+from distill.io import load_tensors  # noqa: E402
+from distill.train import run_distillation  # noqa: E402
+from distill.train.metrics import read_metrics  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    write_pool(root, n_images=48, corrupt=(5,))
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, recipe: dict, out: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    run_distillation(recipe, out, teachers=make_teachers())
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process(world, tmp_path, parallel):
+    steps = 3
+    # same global batch: 2 ranks x 2 sequences == 1 rank x 4 sequences (sequences are dealt round-robin)
+    two = tiny_recipe(world, steps=steps, batching__seqs_per_rank=2, engine__parallel=parallel)
+    one = tiny_recipe(world, steps=steps, batching__seqs_per_rank=4)
+    run_distillation(one, tmp_path / "one", teachers=make_teachers())
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), two, str(tmp_path / "two")), nprocs=2,
+                       join=True, start_method="spawn")
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in m2] == list(range(1, steps + 1))
+    for a, b in zip(m1, m2):
+        assert a["images"] == b["images"] and a["tokens"] == b["tokens"]
+        for k in ("loss/total", "loss/siglip2/summary", "loss/siglip2/patch", "loss/siglip2/arkd",
+                  "loss/dinov3/register", "loss/dinov3/arkd"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+        assert a["moe/load"] == b["moe/load"]
+        # the gradient itself (norm before clipping) matches: catches any per-rank scaling error,
+        # which Adam's scale invariance would hide in the weights
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    w1 = load_tensors(tmp_path / "one" / "export" / "model.safetensors")
+    w2 = load_tensors(tmp_path / "two" / "export" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        # Adam turns round-off-sized gradients (e.g. the MAP key bias, whose true gradient is 0 by
+        # softmax shift invariance) into lr-sized steps, so weights agree to a fraction of lr = 3e-3
+        assert torch.allclose(w1[k], w2[k], atol=2e-4), k
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+import json
+from train_standins import make_teachers
+from distill.train import run_distillation
+run_distillation(json.load(open({recipe!r})), {out!r}, teachers=make_teachers())
+"""
+
+
+def _driver(tmp_path: Path, recipe: dict, out: Path) -> list[str]:
+    rp = tmp_path / f"recipe-{out.name}.json"
+    rp.write_text(json.dumps(recipe))
+    script = tmp_path / f"driver-{out.name}.py"
+    script.write_text(DRIVER.format(tests=str(Path(__file__).parent), recipe=str(rp), out=str(out)))
+    return [sys.executable, str(script)]
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(world, tmp_path):
+    steps = 10
+    recipe = tiny_recipe(world, steps=steps, checkpoint__every_steps=3)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(_driver(tmp_path, recipe, tmp_path / "full"), check=True, env=env, timeout=300)
+    full = read_metrics(tmp_path / "full")
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_driver(tmp_path, recipe, out), env=env)
+    latest = out / "checkpoints" / "latest.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["step"] >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert killed_at < steps
+    subprocess.run(_driver(tmp_path, recipe, out), check=True, env=env, timeout=300)
+    resumed = read_metrics(out)
+    assert [r["step"] for r in resumed] == list(range(1, steps + 1))
+    for a, b in zip(full, resumed):
+        assert b["loss/total"] == pytest.approx(a["loss/total"], rel=1e-6, abs=1e-7), a["step"]
+        assert b["lr"] == pytest.approx(a["lr"])
+    wa = load_tensors(tmp_path / "full" / "export" / "model.safetensors")
+    wb = load_tensors(out / "export" / "model.safetensors")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    # optimizer state is stored as tensors + JSON, never pickled
+    ck = sorted((out / "checkpoints").glob("step_*"))[-1]
+    assert {p.name for p in ck.iterdir()} >= {"model.safetensors", "optimizer.safetensors", "optimizer.json",
+                                              "trainer.json", "rng_rank0.safetensors"}
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.pkl"))
+
+
+class NaNTeacher(ConvTeacher):
+    def encode(self, images):
+        f = super().encode(images)
+        f.summary[self.name] = f.summary[self.name] * float("nan")
+        return f
+
+
+def test_nonfinite_losses_skip_then_abort(world, tmp_path):
+    teachers = make_teachers()
+    teachers["siglip2"] = NaNTeacher("siglip2", 32, 0, seed=1)
+    recipe = tiny_recipe(world, steps=10, robustness__max_nonfinite_in_a_row=3)
+    from distill.train.engine import TrainingAborted
+    with pytest.raises(TrainingAborted, match="3 non-finite losses in a row"):
+        run_distillation(recipe, tmp_path / "nan", teachers=teachers)
+    events = [json.loads(x) for x in (tmp_path / "nan" / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["nonfinite_loss_skipped"] * 3
+
+
+def test_teacher_width_mismatch_fails_before_step_one(world, tmp_path):
+    recipe = tiny_recipe(world, steps=2)
+    recipe["student"]["config"]["teachers_dim"] = [32, 16]    # dinov3 teacher is 24 wide
+    with pytest.raises(ValueError, match=r"teacher 'dinov3' outputs width 24 .* adapter produces 16"):
+        run_distillation(recipe, tmp_path / "w", teachers=make_teachers())
+    assert not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+def test_export_loads_into_student_and_target_cache_reused(world, tmp_path):
+    from distill.student import Student
+
+    recipe = tiny_recipe(world, steps=2, target_cache__enabled=True, phis__enabled=False)
+    exp = run_distillation(recipe, tmp_path / "a", teachers=make_teachers())
+    meta = json.loads((exp / "config.json").read_text())
+    assert meta["format"] == "amoe-student"
+    student = Student.from_config(meta["student_config"])
+    student.load_state_dict(load_tensors(exp / "model.safetensors"))     # strict: official key layout
+    cached = list((tmp_path / "a" / "target_cache").rglob("*.safetensors"))
+    assert cached
+    # a second run reading the same cache computes the same losses
+    recipe["target_cache"]["dir"] = str(tmp_path / "a" / "target_cache")
+    run_distillation(recipe, tmp_path / "b", teachers=make_teachers())
+    la = [r["loss/total"] for r in read_metrics(tmp_path / "a")]
+    lb = [r["loss/total"] for r in read_metrics(tmp_path / "b")]
+    assert la == pytest.approx(lb, rel=1e-6)
+    counts = read_metrics(tmp_path / "a")[-1]
+    assert counts["count/corrupt_images"] >= 1       # the broken jpeg of the pool is skipped and counted
+
+
+def test_padded_baseline_runs_and_reports_lower_fill(world, tmp_path):
+    recipe = tiny_recipe(world, steps=2, batching__mode="padded", batching__images_per_rank=4)
+    run_distillation(recipe, tmp_path / "p", teachers=make_teachers())
+    packed = tiny_recipe(world, steps=2)
+    run_distillation(packed, tmp_path / "k", teachers=make_teachers())
+    fp = sum(r["fill_ratio"] for r in read_metrics(tmp_path / "p"))
+    fk = sum(r["fill_ratio"] for r in read_metrics(tmp_path / "k"))
+    assert fk > fp
+
+
+def test_activation_checkpointing_gives_same_losses(world, tmp_path):
+    base = tiny_recipe(world, steps=2)
+    ac = tiny_recipe(world, steps=2, engine__activation_checkpointing=True)
+    run_distillation(base, tmp_path / "base", teachers=make_teachers())
+    run_distillation(ac, tmp_path / "ac", teachers=make_teachers())
+    la = [r["loss/total"] for r in read_metrics(tmp_path / "base")]
+    lb = [r["loss/total"] for r in read_metrics(tmp_path / "ac")]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_relational_kinds_are_logged_per_teacher(world, tmp_path):
+    recipe = tiny_recipe(world, steps=1)
+    recipe["teachers"][0]["relational"] = "rkd"
+    recipe["teachers"][1]["relational"] = "none"
+    run_distillation(recipe, tmp_path / "r", teachers=make_teachers())
+    rec = read_metrics(tmp_path / "r")[0]
+    assert "loss/siglip2/rkd" in rec and rec["loss/siglip2/rkd"] > 0
+    assert not any(k.startswith("loss/dinov3/") and k.endswith(("rkd", "arkd")) for k in rec)
+    for k in ("tokens_per_s", "fill_ratio", "moe/max_over_mean", "moe/load", "lr"):
+        assert k in rec
