@@ -85,3 +85,20 @@ def test_tokenizer_prompt_target_and_box_parsing(tmp_path):
     again = GroundingTokenizer.load(tmp_path / "tok", bins=50)
     assert again.loc_start == tok.loc_start and again.encode_prompt("a big blue ring") == tok.encode_prompt(
         "a big blue ring")
+
+
+def test_fusion_mask_rules():
+    from grounding_vlm.sequence import PackedLayout
+
+    layout = PackedLayout.build(image_lengths=[3, 2], text_lengths=[2, 1], total=10)
+    m = layout.dense_mask()
+    img0, txt0, img1, txt1, pad = [0, 1, 2], [3, 4], [5, 6], [7], [8, 9]
+    # image tokens: bidirectional within their own image, never text, never the other sample
+    assert m[0][img0].all() and not m[0][txt0].any() and not m[0][img1 + txt1].any()
+    # text: all of its image, causal over its own text
+    assert m[3][img0].all() and m[3][3] and not m[3][4]
+    assert m[4][img0].all() and m[4][txt0].all()
+    assert m[7][img1].all() and m[7][7] and not m[7][img0 + txt0].any()
+    # padding attends nothing and is attended by nothing
+    assert not m[pad].any() and not m[:, pad].any()
+    assert layout.text_pos.tolist() == [0, 0, 0, 1, 2, 0, 0, 1, 0, 0]
