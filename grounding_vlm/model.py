@@ -1,0 +1,304 @@
+"""The early-fusion grounding VLM: one decoder over image patch tokens and text tokens.
+
+Mixture-of-Transformers style: every layer holds two sets of parameters, one per modality.
+- vision experts = the SigLino student's own `TransformerBlock` (attention projections, QK-norm,
+  sinks, norms, FFN or token-choice MoE), so a student checkpoint maps onto them 1:1;
+- text experts = the same shapes (attention projections, sinks, RMSNorms) with a dense SwiGLU FFN.
+Attention is shared: queries/keys/values of both modalities go through ONE softmax over the union
+of keys, restricted by `PackedLayout` (images bidirectional within their sample, text causal and
+seeing its sample's image, nothing crossing samples). Image tokens keep the student's 2-D golden
+RoPE; text tokens get RoPE angle 0 (identity) and learned 1-D positions instead.
+
+Because image tokens never attend to text, the image-token states of any forward equal the
+student's forward on those images when the vision experts hold the student's weights.
+
+Inside a forward the packed sequence is held modality-sorted: all image tokens (in sample order)
+then all text tokens; the attention mask is permuted the same way. Attention is permutation
+equivariant, so this is exact and saves scattering tokens between the two parameter sets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.student.attention import rms_norm
+from distill.student.config import StudentConfig, get_config
+from distill.student.model import TransformerBlock
+from distill.student.moe import FeedForward
+from distill.student.processor import chw_to_patches
+from distill.student.rope import apply_golden_rope, golden_freqs, grid_coordinates, rotation_angles
+
+from .sequence import PackedLayout
+
+
+@dataclass
+class VLMConfig:
+    vision: StudentConfig           # the student architecture the vision experts follow
+    vocab_size: int                 # text vocabulary incl. specials and location tokens
+    text_ffn_dim: int = 0           # 0 = 4 * dim
+    max_text_len: int = 64          # learned text positions
+
+    def __post_init__(self):
+        if not isinstance(self.vision, StudentConfig):
+            self.vision = get_config(self.vision)
+        if self.vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
+        if self.text_ffn_dim <= 0:
+            self.text_ffn_dim = 4 * self.vision.dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vision": self.vision.to_dict(), "vocab_size": self.vocab_size,
+                "text_ffn_dim": self.text_ffn_dim, "max_text_len": self.max_text_len}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "VLMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown VLMConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(d))
+
+
+class VisionEmbed(nn.Module):
+    """Patch projection, CLS + registers and the golden RoPE table: the student's input side."""
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        D = cfg.dim
+        self.cfg = cfg
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.storage_tokens = (nn.Parameter(torch.zeros(1, cfg.n_storage_tokens, D))
+                               if cfg.n_storage_tokens > 0 else None)
+        self.register_buffer("freqs_cis_golden", golden_freqs(cfg.n_heads, cfg.head_dim, cfg.rope_min_freqs,
+                                                              cfg.rope_max_freqs))
+        self.img_projector = nn.Linear(cfg.patch_dim, D, bias=False)
+
+    def prefix(self) -> torch.Tensor:
+        parts = [self.cls_token] + ([self.storage_tokens] if self.storage_tokens is not None else [])
+        return torch.cat(parts, dim=1)[0]
+
+
+class TextBlock(nn.Module):
+    """The text experts of one layer: same attention shapes as the vision side, a dense SwiGLU FFN."""
+
+    def __init__(self, cfg: StudentConfig, ffn_dim: int):
+        super().__init__()
+        from distill.student.attention import Attention
+
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.use_qk_norm,
+                                   qk_norm_eps=None)
+        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, ffn_dim, "silu")
+
+
+class MoTBlock(nn.Module):
+    def __init__(self, layer_id: int, cfg: VLMConfig):
+        super().__init__()
+        self.vision = TransformerBlock(layer_id, cfg.vision)
+        self.text = TextBlock(cfg.vision, cfg.text_ffn_dim)
+
+    def _qkv(self, att, x):
+        n = x.shape[0]
+        q = att.wq(x).view(n, att.n_heads, att.head_dim)
+        k = att.wk(x).view(n, att.n_kv_heads, att.head_dim)
+        v = att.wv(x).view(n, att.n_kv_heads, att.head_dim)
+        return q, k, v
+
+    def forward(self, xi: torch.Tensor, xt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """xi (Ni, D) image tokens, xt (Nt, D) text tokens; cos/sin (Ni+Nt, H, hd/4) modality-sorted;
+        mask (Ni+Nt, Ni+Nt+2) bool incl. the two sink columns."""
+        V, T = self.vision, self.text
+        va, ta = V.attention, T.attention
+        qi, ki, vi = self._qkv(va, V._norm(V.attention_norm, xi))
+        qt, kt, vt = self._qkv(ta, T.attention_norm(xt))
+        q, k, v = torch.cat([qi, qt]), torch.cat([ki, kt]), torch.cat([vi, vt])
+        if va.use_qk_norm:
+            q, k = rms_norm(q, None, None), rms_norm(k, None, None)
+        group = va.n_heads // va.n_kv_heads
+        if group > 1:   # interleaved GQA before RoPE, as the student does
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        q = apply_golden_rope(q[None], cos, sin)[0]
+        k = apply_golden_rope(k[None], cos, sin)[0]
+        out = shared_sink_attention(q, k, v, va.sinks, ta.sinks, xi.shape[0], mask)
+        n_i = xi.shape[0]
+        hi = xi + va.wo(out[:n_i])
+        ht = xt + ta.wo(out[n_i:])
+        zi = V._norm(V.ffn_norm, hi)
+        fi = V.moe(zi[None])[0] if V.kind == "moe" else V.feed_forward(zi)
+        ft = T.feed_forward(T.ffn_norm(ht))
+        return hi + fi, ht + ft
+
+
+def shared_sink_attention(q, k, v, sinks_v, sinks_t, n_image: int, mask: torch.Tensor) -> torch.Tensor:
+    """One softmax over the union of keys, with a per-modality attention sink.
+
+    q, k, v: (S, H, hd), image queries first. Each query gets one zero-valued extra key whose logit
+    is its modality's sinks[h] (the student's sink). As in the student's SDPA path, that logit is
+    produced by appending one-hot components to q: image queries carry [1, 0], text queries [0, 1];
+    the image sink key carries sinks_v * sqrt(hd) in the first, the text sink key sinks_t * sqrt(hd)
+    in the second, and the mask shows each query only its own modality's sink key."""
+    S, H, hd = q.shape
+    is_img = torch.zeros(S, 2, dtype=q.dtype, device=q.device)
+    is_img[:n_image, 0] = 1
+    is_img[n_image:, 1] = 1
+    q2 = torch.cat([q, is_img[:, None, :].expand(S, H, 2)], dim=-1).transpose(0, 1)       # (H, S, hd+2)
+    k2 = torch.cat([k, k.new_zeros(S, H, 2)], dim=-1).transpose(0, 1)
+    root = math.sqrt(hd)
+    sink_v = torch.cat([q.new_zeros(H, hd), (sinks_v.to(q.dtype) * root)[:, None], q.new_zeros(H, 1)], -1)
+    sink_t = torch.cat([q.new_zeros(H, hd + 1), (sinks_t.to(q.dtype) * root)[:, None]], -1)
+    k2 = torch.cat([k2, sink_v[:, None], sink_t[:, None]], dim=1)                          # (H, S+2, hd+2)
+    v2 = F.pad(v.transpose(0, 1), (0, 2, 0, 2))
+    out = F.scaled_dot_product_attention(q2[None], k2[None], v2[None], attn_mask=mask[None, None],
+                                         scale=1.0 / root)[0]
+    return out[..., :hd].transpose(0, 1).reshape(S, H * hd)
+
+
+@dataclass
+class VLMOutput:
+    logits: list[torch.Tensor]            # per sample (T_i, vocab): next-token logits at its text tokens
+    patch_features: list[torch.Tensor]    # per image (Hp*Wp, D): final vision-norm patch states
+    image_states: list[torch.Tensor]      # per image (P + Hp*Wp, D): CLS, registers, patches (normed)
+    grids: list[tuple[int, int]]
+
+
+class GroundingVLM(nn.Module):
+    def __init__(self, config: VLMConfig | Mapping):
+        super().__init__()
+        cfg = config if isinstance(config, VLMConfig) else VLMConfig.from_dict(config)
+        self.config = cfg
+        vc = cfg.vision
+        self.vision_embed = VisionEmbed(vc)
+        self.layers = nn.ModuleDict({str(i): MoTBlock(i, cfg) for i in range(vc.n_layers)})
+        self.vision_norm = nn.RMSNorm(vc.dim, eps=vc.norm_eps)
+        self.text_embed = nn.Embedding(cfg.vocab_size, vc.dim)
+        self.text_pos = nn.Embedding(cfg.max_text_len, vc.dim)
+        self.text_norm = nn.RMSNorm(vc.dim, eps=vc.norm_eps)
+        self.lm_head = nn.Linear(vc.dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Vision side: the student's initialisation (via a throwaway Student of the same config,
+        so the scheme stays defined in one place); text side: small normal weights, zero output
+        projections so every block starts as the identity on the text stream."""
+        from distill.student import Student
+
+        from .init import student_to_vlm_keys
+
+        ref = Student(self.config.vision)
+        mapping = student_to_vlm_keys(self.config.vision)
+        own = dict(self.named_parameters())
+        own.update(dict(self.named_buffers()))
+        for s_key, v_key in mapping.items():
+            own[v_key].copy_(ref.state_dict()[s_key])
+        std = 0.02
+        nn.init.normal_(self.text_embed.weight, std=std, generator=generator)
+        nn.init.normal_(self.text_pos.weight, std=std, generator=generator)
+        nn.init.normal_(self.lm_head.weight, std=std, generator=generator)
+        nn.init.ones_(self.text_norm.weight)
+        for i, block in self.layers.items():
+            t = block.text
+            layer_std = std / math.sqrt(2 * (int(i) + 1))
+            for w in (t.attention.wq.weight, t.attention.wk.weight, t.attention.wv.weight, t.attention.sinks):
+                nn.init.trunc_normal_(w, std=layer_std, generator=generator)
+            nn.init.zeros_(t.attention.wo.weight)
+            nn.init.ones_(t.attention_norm.weight)
+            nn.init.ones_(t.ffn_norm.weight)
+            nn.init.trunc_normal_(t.feed_forward.w1.weight, std=std, generator=generator)
+            nn.init.trunc_normal_(t.feed_forward.w3.weight, std=layer_std, generator=generator)
+            nn.init.zeros_(t.feed_forward.w2.weight)
+
+    # ------------------------------------------------------------------ parameter groups
+    def vision_parameters(self) -> list[nn.Parameter]:
+        out = list(self.vision_embed.parameters()) + list(self.vision_norm.parameters())
+        for block in self.layers.values():
+            out += list(block.vision.parameters())
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: Sequence[torch.Tensor], text_ids: Sequence[Sequence[int]] | None = None) -> VLMOutput:
+        """images: normalised (3, H, W) tensors (sides multiples of the patch size; ImageProcessor.to_tensor);
+        text_ids: one token-id list per image (may be empty). All samples are packed into one sequence."""
+        vc = self.config.vision
+        if not images:
+            raise ValueError("GroundingVLM.forward needs at least one image")
+        text_ids = [[] for _ in images] if text_ids is None else [list(t) for t in text_ids]
+        if len(text_ids) != len(images):
+            raise ValueError(f"one text per image: got {len(images)} images and {len(text_ids)} texts")
+        too_long = [len(t) for t in text_ids if len(t) > self.config.max_text_len]
+        if too_long:
+            raise ValueError(f"text of {max(too_long)} tokens exceeds max_text_len={self.config.max_text_len}; "
+                             "shorten the expression or raise max_text_len in the VLM config")
+        emb = self.vision_embed
+        device = emb.img_projector.weight.device
+        P, p = vc.n_prefix_tokens, vc.spatial_patch_size
+        patch_lists, grids = [], []
+        for i, img in enumerate(images):
+            if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != vc.channel_size:
+                raise ValueError(f"image {i}: expected a ({vc.channel_size}, H, W) tensor "
+                                 "(use ImageProcessor.to_tensor)")
+            if img.shape[1] % p or img.shape[2] % p or min(img.shape[1:]) < p:
+                raise ValueError(f"image {i}: {tuple(img.shape[1:])} is not a positive multiple of the patch "
+                                 f"size {p}; resize with ImageProcessor.to_tensor first")
+            vecs, grid = chw_to_patches(img.to(device), p)
+            patch_lists.append(vecs)
+            grids.append(grid)
+        img_lens = [P + v.shape[0] for v in patch_lists]
+        txt_lens = [len(t) for t in text_ids]
+        dtype = emb.img_projector.weight.dtype
+        projected = emb.img_projector(torch.cat(patch_lists).to(dtype)).split([n - P for n in img_lens])
+        prefix = emb.prefix().to(dtype)
+        xi = torch.cat([torch.cat([prefix, pr]) for pr in projected])
+        flat_ids = torch.tensor([t for ids in text_ids for t in ids], dtype=torch.long, device=device)
+        pos = torch.tensor([j for n in txt_lens for j in range(n)], dtype=torch.long, device=device)
+        if flat_ids.numel() and (int(flat_ids.min()) < 0 or int(flat_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got "
+                             f"[{int(flat_ids.min())}, {int(flat_ids.max())}] (tokenizer/model vocab mismatch?)")
+        xt = self.text_embed(flat_ids) + self.text_pos(pos)
+
+        # positions: image tokens' 2-D coordinates (prefix tokens at 0), text tokens 0 (identity RoPE)
+        n_i, n_t = xi.shape[0], xt.shape[0]
+        y = torch.zeros(n_i + n_t)
+        xc = torch.zeros(n_i + n_t)
+        cursor = 0
+        for n, g in zip(img_lens, grids):
+            gy, gx = grid_coordinates(*g)
+            y[cursor + P: cursor + n], xc[cursor + P: cursor + n] = gy, gx
+            cursor += n
+        theta = rotation_angles(y.to(device), xc.to(device), emb.freqs_cis_golden)[None]   # (1, S, H, F)
+        cos, sin = theta.cos(), theta.sin()
+        mask = _sorted_mask(img_lens, txt_lens, device)
+
+        for block in self.layers.values():
+            xi, xt = block(xi, xt, cos, sin, mask)
+        zi = self.vision_norm(xi)
+        logits = self.lm_head(self.text_norm(xt)) if n_t else xt.new_zeros(0, self.config.vocab_size)
+        states = list(zi.split(img_lens))
+        return VLMOutput(logits=list(logits.split(txt_lens)), patch_features=[s[P:] for s in states],
+                         image_states=states, grids=grids)
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[torch.Tensor]) -> VLMOutput:
+        """The vision-only path (no text): patch features comparable with the student's."""
+        return self.forward(images, None)
+
+
+def _sorted_mask(img_lens: list[int], txt_lens: list[int], device) -> torch.Tensor:
+    """The PackedLayout rule permuted into modality-sorted order, plus the two sink columns."""
+    layout = PackedLayout.build(img_lens, txt_lens)
+    order = torch.cat([torch.nonzero(~layout.is_text).flatten(), torch.nonzero(layout.is_text).flatten()])
+    allowed = layout.allowed(order[:, None], order[None, :])
+    n_i = sum(img_lens)
+    S = allowed.shape[0]
+    sinks = torch.zeros(S, 2, dtype=torch.bool)
+    sinks[:n_i, 0] = True
+    sinks[n_i:, 1] = True
+    return torch.cat([allowed, sinks], dim=1).to(device)
