@@ -1,0 +1,72 @@
+"""Mini-world teachers: a SigLIP2-architecture image-text model and a DINOv3-architecture SSL model.
+
+    from distill.teachers import train_teachers, teachers_complete
+    train_teachers("WORLD", "TEACHERS")            # ~10 min on 2 CPU cores; fast=True: < 1 min
+    teachers_complete("TEACHERS")                   # True once both dirs carry their marker
+
+Output, loadable exactly like hub models (offline):
+    TEACHERS/siglip2/  Siglip2Model + Siglip2Processor (image processor + trained tokenizer)
+    TEACHERS/dinov3/   DINOv3ViTModel + DINOv3ViTImageProcessor (ImageNet mean/std)
+    TEACHERS/<name>/train_log.json, TEACHERS/<name>/COMPLETE.json (written last)
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from distill.io import write_json_atomic
+
+from .common import (LOG, MARKER, TEACHERS, TeacherError, fresh_partial, finish_dir, is_complete, load_recipe,
+                     machine, teacher_fingerprint)
+from .data import WorldData, check_world
+
+__all__ = ["train_teachers", "teachers_complete", "load_recipe", "TeacherError", "TEACHERS", "MARKER"]
+
+
+def teachers_complete(out: str | os.PathLike) -> bool:
+    """True only when every teacher dir under `out` carries its completion marker."""
+    return all(is_complete(Path(out) / name) for name in TEACHERS)
+
+
+def train_teachers(world: str | os.PathLike, out: str | os.PathLike, fast: bool = False, seed: int = 0,
+                   progress: bool = True, only: list[str] | None = None, **overrides) -> dict:
+    """Train the teachers on the mini-world at `world` into `out`; returns {name: train log}.
+
+    A teacher whose dir is complete for the same recipe, world and seed is skipped (a killed run
+    resumes per teacher); one trained under other settings is retrained. `overrides` are recipe
+    overrides, e.g. `siglip2={"steps": 100}` or `threads=2` (see recipes.json)."""
+    world_id = check_world(world)
+    recipe = load_recipe(fast=fast, **overrides)
+    names = list(only or TEACHERS)
+    bad = [n for n in names if n not in TEACHERS]
+    if bad:
+        raise TeacherError(f"unknown teacher(s) {bad}; known: {', '.join(TEACHERS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if recipe.get("threads"):
+        torch.set_num_threads(int(recipe["threads"]))
+    data = WorldData(Path(world), progress=progress)
+    report = {}
+    for name in names:
+        fp = teacher_fingerprint(name, recipe, world_id, seed)
+        final = out / name
+        if is_complete(final, fp):
+            report[name] = {"status": "skipped (complete)"}
+            continue
+        partial = fresh_partial(out, name)
+        t0 = time.perf_counter()
+        if name == "siglip2":
+            from . import siglip2 as trainer
+        else:
+            from . import dinov3 as trainer
+        info = trainer.train(data, recipe[name], partial, seed=seed, progress=progress)
+        info.update({"teacher": name, "fast": fast, "seed": seed, "recipe": recipe[name], "world": str(world),
+                     "world_id": world_id, "machine": machine(), "wall_seconds": round(time.perf_counter() - t0, 2),
+                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        write_json_atomic(partial / LOG, info)
+        finish_dir(partial, final, {"teacher": name, "fingerprint": fp, "finished": info["finished"]})
+        report[name] = info
+    return report

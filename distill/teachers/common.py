@@ -1,0 +1,96 @@
+"""Shared plumbing of the teacher trainers: recipes, completion markers, schedules, machine info."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+from distill.io import fingerprint, write_json_atomic
+
+RECIPES_FILE = Path(__file__).resolve().parent / "recipes.json"
+TEACHERS = ("siglip2", "dinov3")
+MARKER = "COMPLETE.json"  # written last; a teacher dir without it is incomplete
+LOG = "train_log.json"
+
+
+class TeacherError(ValueError):
+    """Bad input to teacher training (world layout, recipe); the message names the fix."""
+
+
+def load_recipe(fast: bool = False, path: str | os.PathLike = RECIPES_FILE, **overrides) -> dict:
+    """`default`, then `fast` (if asked), then keyword overrides; each merged per teacher key.
+
+    Overrides look like `siglip2={"steps": 10}` or `threads=1`; an unknown key is an error so a typo
+    never trains silently with the defaults."""
+    data = json.loads(Path(path).read_text())
+    recipe = copy.deepcopy(data["default"])
+    layers = [data.get("fast", {})] if fast else []
+    layers.append(overrides)
+    for layer in layers:
+        for k, v in layer.items():
+            if k not in recipe:
+                raise TeacherError(f"unknown teacher recipe key '{k}'; known: {', '.join(sorted(recipe))}")
+            if isinstance(recipe[k], dict):
+                if not isinstance(v, dict):
+                    raise TeacherError(f"recipe key '{k}' takes a dict of settings, got {v!r}")
+                unknown = sorted(set(v) - set(recipe[k]))
+                if unknown:
+                    raise TeacherError(f"unknown '{k}' setting(s) {unknown}; known: {', '.join(sorted(recipe[k]))}")
+                recipe[k] = {**recipe[k], **copy.deepcopy(v)}
+            else:
+                recipe[k] = v
+    return recipe
+
+
+def teacher_fingerprint(name: str, recipe: dict, world_id: dict, seed: int) -> str:
+    return fingerprint({"teacher": name, "recipe": recipe[name], "world": world_id, "seed": seed})
+
+
+def is_complete(d: str | os.PathLike, fp: str | None = None) -> bool:
+    """A teacher dir is complete when its marker exists (and, if `fp` is given, matches the recipe)."""
+    marker = Path(d) / MARKER
+    if not marker.is_file():
+        return False
+    if fp is None:
+        return True
+    try:
+        return json.loads(marker.read_text()).get("fingerprint") == fp
+    except ValueError:
+        return False
+
+
+def finish_dir(partial: Path, final: Path, marker: dict) -> None:
+    """Write the marker last inside `partial`, then move it into place (replacing a stale `final`)."""
+    write_json_atomic(partial / MARKER, marker)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+
+
+def fresh_partial(out: Path, name: str) -> Path:
+    """An empty work dir beside the final one; leftovers of a killed run are discarded."""
+    partial = out / f".{name}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warm-up, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(), "torch": torch.__version__}

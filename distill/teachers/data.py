@@ -1,0 +1,89 @@
+"""Training data of the teachers, read through the project's dataset readers.
+
+Only training splits are used: the pool (images + captions) and the classification *train* split
+(class-name prompts). The classification val split and the retrieval test split are the benchmark's
+test sets and are never read here.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from distill.data import load_dataset
+
+from .common import TeacherError
+
+
+def check_world(world: str | os.PathLike) -> dict:
+    """The world's `world.json` (identity for fingerprints); a clear error if it is not a mini-world."""
+    root = Path(world)
+    if not root.is_dir():
+        raise TeacherError(f"world folder '{root}' does not exist; make one with "
+                           f"`amoe world make --out {root} --size small`")
+    meta = root / "world.json"
+    if not meta.is_file():
+        raise TeacherError(f"'{root}' is not a finished mini-world (no world.json); make one with "
+                           f"`amoe world make --out {root} --size small` (a killed run resumes)")
+    missing = [p for p in ("pool", "classification/train") if not (root / p).is_dir()]
+    if missing:
+        raise TeacherError(f"mini-world '{root}' lacks {', '.join(missing)}; regenerate it with "
+                           f"`amoe world make --out {root} --size small --force`")
+    info = json.loads(meta.read_text())
+    return {k: info.get(k) for k in ("seed", "size", "version", "config")}
+
+
+@dataclass
+class Pair:
+    image: Image.Image
+    captions: list[str]   # one is drawn per step
+    group: int            # samples of one group are positives of each other (same class)
+
+
+@dataclass
+class WorldData:
+    """Lazily decoded training data of one world, shared by both teachers in one run."""
+
+    root: Path
+    progress: bool = True
+    _pool: list = field(default_factory=list, repr=False)
+
+    @cached_property
+    def pool(self) -> list:
+        ds = load_dataset("webdataset", self.root / "pool", "train")
+        samples = [s for s in tqdm(ds, desc="read pool", disable=not self.progress, leave=False)]
+        if not samples:
+            raise TeacherError(f"the pool of '{self.root}' yielded no readable samples ({ds.report()})")
+        return samples
+
+    @cached_property
+    def classification(self):
+        return load_dataset("imagefolder", self.root / "classification", "train")
+
+    def pairs(self, use_pool: bool = True, use_classification_train: bool = True) -> list[Pair]:
+        """Image-caption pairs: pool captions, and class prompts for the classification train split."""
+        pairs: list[Pair] = []
+        if use_classification_train:
+            ds = self.classification
+            templates = ds.templates or ["a photo of a {}."]
+            for i in tqdm(range(len(ds)), desc="read classification train", disable=not self.progress,
+                          leave=False):
+                image, label = ds[i]
+                pairs.append(Pair(image, [t.format(ds.classes[label]) for t in templates], label))
+        offset = len(pairs) + 10_000  # pool samples are each their own group
+        if use_pool:
+            for j, s in enumerate(self.pool):
+                if s.caption:
+                    pairs.append(Pair(s.image, [s.caption], offset + j))
+        if not pairs:
+            raise TeacherError("no image-caption pairs: enable `use_pool` or `use_classification_train` "
+                               "in the siglip2 recipe, or check the world's pool captions")
+        return pairs
+
+    def caption_corpus(self, pairs: list[Pair]) -> list[str]:
+        return [c for p in pairs for c in p.captions]

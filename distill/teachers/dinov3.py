@@ -1,0 +1,217 @@
+"""The mini-world DINOv3 teacher: HF `DINOv3ViTModel` (RoPE, 4 registers) trained self-supervised.
+
+Objective (DINO + iBOT with a masked-pixel term), all label-free on the pool images:
+- DINO: the student's CLS on every crop (2 global + local crops) predicts the momentum teacher's
+  centred, sharpened prototype distribution of the *other* global crops;
+- iBOT: on the student's global crops a random subset of patches is replaced by the mask token; each
+  masked patch predicts the teacher's prototype distribution of the same, unmasked, patch;
+- pixels: each masked patch also regresses its own per-patch-normalised pixels through a linear head
+  (MAE's target). On a CPU budget of minutes this dense term is what makes the patch features carry
+  shape layout quickly; the self-distillation terms make them invariant to crops and colour jitter.
+The saved weights are the momentum teacher's backbone (DINO's practice: it is the better model).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from tqdm.auto import tqdm
+from transformers import DINOv3ViTConfig, DINOv3ViTImageProcessor, DINOv3ViTModel
+
+from .common import warmup_cosine
+from .data import WorldData
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_model(r: dict) -> DINOv3ViTModel:
+    config = DINOv3ViTConfig(patch_size=r["patch_size"], hidden_size=r["hidden_size"],
+                             intermediate_size=r["intermediate_size"], num_hidden_layers=r["num_hidden_layers"],
+                             num_attention_heads=r["num_attention_heads"],
+                             num_register_tokens=r["num_register_tokens"], image_size=r["image_size"])
+    return DINOv3ViTModel(config)
+
+
+def image_processor(r: dict) -> DINOv3ViTImageProcessor:
+    return DINOv3ViTImageProcessor(size={"height": r["image_size"], "width": r["image_size"]},
+                                   image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+
+
+class ProjectionHead(nn.Module):
+    """DINO head: MLP -> L2-normalised bottleneck -> weight-normalised prototypes."""
+
+    def __init__(self, dim: int, hidden: int, bottleneck: int, prototypes: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.prototypes = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, prototypes, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prototypes(F.normalize(self.mlp(x), dim=-1))
+
+
+class SSLModel(nn.Module):
+    def __init__(self, r: dict):
+        super().__init__()
+        self.backbone = build_model(r)
+        h = r["hidden_size"]
+        self.dino_head = ProjectionHead(h, r["head_hidden"], r["head_bottleneck"], r["prototypes"])
+        self.ibot_head = ProjectionHead(h, r["head_hidden"], r["head_bottleneck"], r["prototypes"])
+        self.pixel_head = nn.Linear(h, 3 * r["patch_size"] ** 2)
+        self.skip = 1 + r["num_register_tokens"]  # [CLS, registers, patches]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        hidden = self.backbone(pixel_values=x, bool_masked_pos=mask).last_hidden_state
+        return hidden[:, 0], hidden[:, self.skip:]
+
+
+def load_images(data: WorldData, side: int, progress: bool) -> list[torch.Tensor]:
+    """Pool images as uint8 CHW tensors, shorter side resized to `side` (crops are taken from these)."""
+    out = []
+    for s in tqdm(data.pool, desc="dinov3 load pool", disable=not progress, leave=False):
+        w, h = s.image.size
+        k = side / min(w, h)
+        im = s.image.resize((max(side, round(w * k)), max(side, round(h * k))))
+        out.append(TF.pil_to_tensor(im))
+    return out
+
+
+def random_crop(img: torch.Tensor, size: int, scale: tuple[float, float], r: dict, rng: random.Random):
+    """RandomResizedCrop + flip + brightness jitter + optional grayscale, as float in [0, 1]."""
+    _, H, W = img.shape
+    for _ in range(10):
+        area = H * W * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < w <= W and 0 < h <= H:
+            break
+    else:
+        w, h = min(W, H), min(W, H)
+    top, left = rng.randint(0, H - h), rng.randint(0, W - w)
+    crop = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True).float() / 255.0
+    if rng.random() < 0.5:
+        crop = crop.flip(-1)
+    if r["brightness_jitter"]:
+        crop = crop * (1 + rng.uniform(-r["brightness_jitter"], r["brightness_jitter"]))
+    if r["hue_jitter"]:
+        crop = TF.adjust_hue(crop.clamp(0, 1), rng.uniform(-r["hue_jitter"], r["hue_jitter"]))
+    if rng.random() < r["grayscale_prob"]:
+        crop = TF.rgb_to_grayscale(crop, num_output_channels=3)
+    return crop.clamp(0, 1)
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def patch_targets(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, N, 3*p*p) pixels, each patch normalised to zero mean / unit variance (MAE)."""
+    t = F.unfold(x, kernel_size=p, stride=p).transpose(1, 2)
+    return (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
+
+
+def random_masks(n: int, tokens: int, r: dict, rng: random.Random) -> torch.Tensor:
+    mask = torch.zeros(n, tokens, dtype=torch.bool)
+    for i in range(n):
+        if rng.random() < r["mask_prob"]:
+            k = max(1, round(tokens * rng.uniform(*r["mask_ratio"])))
+            mask[i, rng.sample(range(tokens), k)] = True
+    return mask
+
+
+def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = True) -> dict:
+    t0 = time.perf_counter()
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    images = load_images(data, r["load_side"], progress)
+    t_data = time.perf_counter() - t0
+
+    student = SSLModel(r)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    dim = r["prototypes"]
+    center_cls = torch.zeros(dim)
+    center_patch = torch.zeros(dim)
+    opt = torch.optim.AdamW(student.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, r["steps"], r["warmup_steps"]))
+    p, g_tokens = r["patch_size"], (r["global_size"] // r["patch_size"]) ** 2
+    bs = min(r["batch_size"], len(images))
+    ts, tt = r["student_temp"], r["teacher_temp"]
+    log = {"loss": [], "dino": [], "ibot": [], "pixel": []}
+    order: list[int] = []
+    bar = tqdm(range(r["steps"]), desc="dinov3 train", disable=not progress)
+    for step in bar:
+        if len(order) < bs:
+            order += rng.sample(range(len(images)), len(images))
+        idx, order = order[:bs], order[bs:]
+        globals_ = torch.stack([random_crop(images[i], r["global_size"], r["global_scale"], r, rng)
+                                for _ in range(2) for i in idx])                       # (2B, 3, g, g)
+        locals_ = [random_crop(images[i], r["local_size"], r["local_scale"], r, rng)
+                   for _ in range(r["local_crops"]) for i in idx]
+        g_in = normalise(globals_)
+        mask = random_masks(2 * bs, g_tokens, r, rng)
+
+        with torch.no_grad():
+            t_cls, t_patch = teacher(g_in)
+            t_cls_logits = teacher.dino_head(t_cls)
+            t_cls_p = F.softmax((t_cls_logits - center_cls) / tt, dim=-1)
+            t_patch_logits = teacher.ibot_head(t_patch[mask]) if mask.any() else None
+
+        s_cls, s_patch = student(g_in, mask)
+        s_views = [student.dino_head(s_cls)]
+        if locals_:
+            l_cls, _ = student(normalise(torch.stack(locals_)))
+            s_views.append(student.dino_head(l_cls))
+        s_all = torch.cat(s_views)                                                   # (2B + LB, K)
+        # DINO: every student view against each teacher global view except its own
+        t_views = t_cls_p.view(2, bs, -1)
+        s_logp = F.log_softmax(s_all / ts, dim=-1)
+        n_views = s_all.shape[0] // bs
+        dino, terms = 0.0, 0
+        for tv in range(2):
+            for sv in range(n_views):
+                if sv == tv:
+                    continue
+                dino = dino + -(t_views[tv] * s_logp[sv * bs:(sv + 1) * bs]).sum(-1).mean()
+                terms += 1
+        dino = dino / terms
+        if t_patch_logits is not None:
+            t_patch_p = F.softmax((t_patch_logits - center_patch) / tt, dim=-1)
+            ibot = -(t_patch_p * F.log_softmax(student.ibot_head(s_patch[mask]) / ts, dim=-1)).sum(-1).mean()
+            target = patch_targets(globals_, p)[mask]
+            pixel = F.mse_loss(student.pixel_head(s_patch[mask]), target)
+        else:
+            ibot = pixel = torch.zeros(())
+        loss = r["dino_weight"] * dino + r["ibot_weight"] * ibot + r["pixel_weight"] * pixel
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 3.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            m = r["ema"][1] - (r["ema"][1] - r["ema"][0]) * (math.cos(math.pi * step / r["steps"]) + 1) / 2
+            for ps, pt in zip(student.parameters(), teacher.parameters()):
+                pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+            cm = r["center_momentum"]
+            center_cls.mul_(cm).add_(t_cls_logits.mean(0), alpha=1 - cm)
+            if t_patch_logits is not None:
+                center_patch.mul_(cm).add_(t_patch_logits.mean(0), alpha=1 - cm)
+        for k, v in (("loss", loss), ("dino", dino), ("ibot", ibot), ("pixel", pixel)):
+            log[k].append(round(float(v), 5))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", pix=f"{float(pixel):.3f}")
+    backbone = teacher.backbone.eval()
+    backbone.save_pretrained(out_dir)
+    image_processor(r).save_pretrained(out_dir)
+    return {"steps": r["steps"], "batch_size": bs, "images": len(images), "losses": log["loss"],
+            "dino_losses": log["dino"], "ibot_losses": log["ibot"], "pixel_losses": log["pixel"],
+            "data_seconds": round(t_data, 2), "seconds": round(time.perf_counter() - t0, 2)}

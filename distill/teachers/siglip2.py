@@ -1,0 +1,109 @@
+"""The mini-world SigLIP2 teacher: HF `Siglip2Model` (NaFlex inputs) trained with the sigmoid loss.
+
+Images go through the real `Siglip2ImageProcessor` (aspect-preserving resize to at most
+`max_num_patches` patches, pre-patchified `pixel_values` (B, L, 3*p*p), `pixel_attention_mask`,
+`spatial_shapes`), so the saved processor reproduces training-time inputs exactly.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import (Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Siglip2Processor,
+                          Siglip2TextConfig, Siglip2VisionConfig)
+
+from .common import warmup_cosine
+from .data import WorldData
+from .tokenizer import encode, train_tokenizer
+
+
+def build_model(r: dict, tokenizer) -> Siglip2Model:
+    vision = Siglip2VisionConfig(patch_size=r["patch_size"], num_patches=r["max_num_patches"], **r["vision"])
+    text = Siglip2TextConfig(vocab_size=len(tokenizer), max_position_embeddings=r["text_max_length"],
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=tokenizer.eos_token_id, projection_size=r["projection_size"], **r["text"])
+    config = Siglip2Config(text_config=text.to_dict(), vision_config=vision.to_dict())
+    model = Siglip2Model(config)
+    with torch.no_grad():  # SigLIP's initialisation of the temperature and bias (t' = log 10, b = -10)
+        model.logit_scale.fill_(math.log(r["init_logit_scale"]))
+        model.logit_bias.fill_(r["init_logit_bias"])
+    return model
+
+
+def image_processor(r: dict) -> Siglip2ImageProcessor:
+    return Siglip2ImageProcessor(patch_size=r["patch_size"], max_num_patches=r["max_num_patches"])
+
+
+def preprocess_images(proc: Siglip2ImageProcessor, images: list, chunk: int = 128, progress: bool = True) -> dict:
+    """Every training image through the processor once; stored in fp16 to halve memory."""
+    parts: dict[str, list] = {"pixel_values": [], "pixel_attention_mask": [], "spatial_shapes": []}
+    for i in tqdm(range(0, len(images), chunk), desc="siglip2 preprocess", disable=not progress, leave=False):
+        out = proc(images=images[i:i + chunk], return_tensors="pt")
+        parts["pixel_values"].append(out["pixel_values"].to(torch.float16))
+        parts["pixel_attention_mask"].append(out["pixel_attention_mask"])
+        parts["spatial_shapes"].append(out["spatial_shapes"])
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def sigmoid_loss(model: Siglip2Model, img: torch.Tensor, txt: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss; pairs of one group (same class prompt) count as positives,
+    so duplicate classes in a batch are not pushed apart."""
+    img = F.normalize(img, dim=-1)
+    txt = F.normalize(txt, dim=-1)
+    logits = txt @ img.t() * model.logit_scale.exp() + model.logit_bias
+    labels = 2.0 * (groups[:, None] == groups[None, :]).float() - 1.0
+    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+
+
+def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = True) -> dict:
+    t0 = time.perf_counter()
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    pairs = data.pairs(r["use_pool"], r["use_classification_train"])
+    corpus = sorted(set(data.caption_corpus(pairs)))
+    tokenizer = train_tokenizer(corpus, r["vocab_size"], r["text_max_length"])
+    token_row = {c: i for i, c in enumerate(corpus)}
+    tokens = encode(tokenizer, corpus, r["text_max_length"])
+    proc = image_processor(r)
+    inputs = preprocess_images(proc, [p.image for p in pairs], progress=progress)
+    groups = torch.tensor([p.group for p in pairs])
+    t_data = time.perf_counter() - t0
+
+    model = build_model(r, tokenizer)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, r["steps"], r["warmup_steps"]))
+    order: list[int] = []
+    losses = []
+    bs = min(r["batch_size"], len(pairs))
+    bar = tqdm(range(r["steps"]), desc="siglip2 train", disable=not progress)
+    for step in bar:
+        if len(order) < bs:  # epochs without replacement
+            order += rng.sample(range(len(pairs)), len(pairs))
+        idx, order = order[:bs], order[bs:]
+        ids = torch.stack([tokens[token_row[rng.choice(pairs[i].captions)]] for i in idx])
+        out_img = model.get_image_features(pixel_values=inputs["pixel_values"][idx].float(),
+                                           pixel_attention_mask=inputs["pixel_attention_mask"][idx],
+                                           spatial_shapes=inputs["spatial_shapes"][idx])
+        out_txt = model.get_text_features(input_ids=ids)
+        loss = sigmoid_loss(model, out_img.pooler_output, out_txt.pooler_output, groups[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(round(loss.item(), 5))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    model.save_pretrained(out_dir)
+    Siglip2Processor(image_processor=proc, tokenizer=tokenizer).save_pretrained(out_dir)
+    return {"steps": r["steps"], "batch_size": bs, "pairs": len(pairs), "captions": len(corpus),
+            "vocab_size": len(tokenizer), "losses": losses, "data_seconds": round(t_data, 2),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "logit_scale": round(model.logit_scale.exp().item(), 4), "logit_bias": round(model.logit_bias.item(), 4)}
