@@ -1,0 +1,65 @@
+"""`amoe ground train|eval|ablation`."""
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ground", help="grounding VLM: train, evaluate ([email protected]), mini-world ablation")
+    g = p.add_subparsers(dest="ground_command", metavar="ACTION")
+
+    t = g.add_parser("train", help="train a grounding VLM (runs under torchrun too)")
+    t.add_argument("config", help="config JSON path or built-in name (grounding_vlm/configs)")
+    t.add_argument("--out", required=True, help="run folder (resumes from its latest checkpoint)")
+    t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=100 --set data.root=WORLD/refer")
+    t.set_defaults(func=_train)
+
+    e = g.add_parser("eval", help="[email protected] of a trained run on a split (writes a result JSON)")
+    e.add_argument("--run", required=True, help="run folder written by `amoe ground train`")
+    e.add_argument("--split", default="val", help="split name (val/testA/testB; umd: val/test), or 'all' "
+                   "for the config's eval_splits")
+    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N expressions")
+    e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--results", default=None, help="results folder (default RUN/results)")
+    e.add_argument("--model-name", default=None, help="leaderboard row name (default grounding-vlm:<run name>)")
+    e.set_defaults(func=_eval)
+
+    a = g.add_parser("ablation", help="mini-world ablation: scratch / student / student + Gram")
+    a.add_argument("--world", required=True)
+    a.add_argument("--student", required=True, help="student export folder (model.safetensors + config.json)")
+    a.add_argument("--out", required=True)
+    a.add_argument("--fast", action="store_true", help="smoke setting: a few steps, capped eval")
+    a.add_argument("--steps", type=int, default=None, help="override the training steps of all three runs")
+    a.set_defaults(func=_ablation)
+
+
+def _train(args) -> int:
+    from .train import train
+
+    summary = train(args.config, args.out, args.sets)
+    print(json.dumps({k: summary[k] for k in ("run", "steps", "last", "wall_s")}))
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluate import evaluate
+
+    if args.split == "all":
+        cfg = json.loads((__import__("pathlib").Path(args.run) / "config.json").read_text())
+        splits = cfg["data"]["eval_splits"]
+    else:
+        splits = [args.split]
+    for split in splits:
+        rec = evaluate(args.run, split, limit=args.limit, batch_size=args.batch_size, results_dir=args.results,
+                       model_name=args.model_name)
+        print(json.dumps({"split": split, "metrics": rec["metrics"], "result": rec["_path"]}))
+    return 0
+
+
+def _ablation(args) -> int:
+    from .ablation import run_ablation
+
+    summary = run_ablation(args.world, args.student, args.out, fast=args.fast, steps=args.steps)
+    print(json.dumps(summary["runs"]))
+    return 0

@@ -1,0 +1,136 @@
+"""RefCOCO / RefCOCO+ / RefCOCOg for grounding, through the refer reader.
+
+The task format (one sample = one referring expression):
+
+    [image tokens] <bos> expression <sep> <loc_x1> <loc_y1> <loc_x2> <loc_y2> <eos>
+
+Each of a ref's sentences is one example (training and evaluation alike, the standard protocol).
+Boxes are quantised against the original image's width/height, so they are independent of the
+resize; images are resized by the student's processor rules (native aspect, area within
+[min_pixels, max_pixels], sides multiples of the patch size). Refs whose image file is missing are
+skipped, counted and reported rather than failing the run.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from distill.data.refer import load_refer
+from distill.student import ImageProcessor
+
+from .boxes import quantise_box
+from .tokenizer import GroundingTokenizer, train_tokenizer
+
+
+@dataclass(frozen=True)
+class GroundingExample:
+    image_path: str
+    expression: str
+    box_xyxy: tuple[float, float, float, float]
+    width: int
+    height: int
+    ref_id: int
+    image_id: int
+
+
+@dataclass
+class SplitData:
+    examples: list[GroundingExample]
+    refs: int
+    missing_images: int          # refs skipped because their image file is missing
+    missing_files: list[str]     # a few of the missing paths, for the report
+
+    def report(self) -> dict[str, Any]:
+        return {"refs": self.refs, "expressions": len(self.examples), "missing_images": self.missing_images,
+                "missing_examples": self.missing_files[:5]}
+
+
+def load_split(data_cfg: Mapping[str, Any], split: str) -> SplitData:
+    root = data_cfg.get("root")
+    if not root:
+        raise ValueError("data.root is not set: point it at the refer folder (e.g. --set data.root=WORLD/refer, "
+                         "the folder holding refcoco/refs(unc).p)")
+    ds = load_refer(root, split=split, dataset=data_cfg.get("dataset", "refcoco"),
+                    split_by=data_cfg.get("split_by"), image_root=data_cfg.get("image_root"), check_files=False)
+    examples, missing = [], []
+    for i in range(len(ds)):
+        s = ds[i]
+        if not Path(s.image_path).is_file():
+            missing.append(str(s.image_path))
+            continue
+        for sent in s.sentences:
+            examples.append(GroundingExample(str(s.image_path), sent, tuple(s.bbox), s.width, s.height,
+                                             s.ref_id, s.image_id))
+    return SplitData(examples, len(ds), len(missing), missing)
+
+
+def build_tokenizer(tok_cfg: Mapping[str, Any], train_examples: list[GroundingExample],
+                    save_dir: Path | None) -> GroundingTokenizer:
+    """A real tokenizer by path, or a BPE trained offline on the training expressions."""
+    bins = int(tok_cfg.get("bins", 1000))
+    if tok_cfg.get("path"):
+        return GroundingTokenizer.load(tok_cfg["path"], bins)
+    if save_dir is not None and (save_dir / "tokenizer.json").exists():   # resume: reuse, never retrain
+        return GroundingTokenizer.load(save_dir, bins)
+    texts = [e.expression for e in train_examples]
+    if not texts:
+        raise ValueError("cannot train a tokenizer: the training split has no expressions")
+    tok = GroundingTokenizer(train_tokenizer(texts, vocab_size=int(tok_cfg.get("vocab_size", 2000))), bins)
+    if save_dir is not None:
+        tok.save(save_dir)
+    return tok
+
+
+class ImageCache:
+    """Processed image tensors by path (bounded LRU): an image carries several expressions."""
+
+    def __init__(self, processor: ImageProcessor, capacity: int = 512):
+        self.processor, self.capacity = processor, capacity
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def get(self, path: str) -> torch.Tensor:
+        if path in self._items:
+            self._items.move_to_end(path)
+            return self._items[path]
+        from PIL import Image
+
+        with Image.open(path) as im:
+            t = self.processor.to_tensor(im.convert("RGB"))
+        self._items[path] = t
+        if len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return t
+
+
+def processor_from(data_cfg: Mapping[str, Any], patch_size: int) -> ImageProcessor:
+    return ImageProcessor(patch_size=patch_size, min_pixels=int(data_cfg.get("min_pixels", 128 * 128)),
+                          max_pixels=int(data_cfg.get("max_pixels", 256 * 256)))
+
+
+def encode_batch(examples: list[GroundingExample], tok: GroundingTokenizer, cache: ImageCache,
+                 with_target: bool = True):
+    """-> (images, token id lists, prompt lengths). With the target, ids = prompt + 4 locs + eos."""
+    images, ids, prompt_lens = [], [], []
+    for e in examples:
+        images.append(cache.get(e.image_path))
+        prompt = tok.encode_prompt(e.expression)
+        prompt_lens.append(len(prompt))
+        if with_target:
+            prompt = prompt + tok.encode_target(quantise_box(e.box_xyxy, e.width, e.height, tok.bins))
+        ids.append(prompt)
+    return images, ids, prompt_lens
+
+
+def target_loss(logits: list[torch.Tensor], ids: list[list[int]], prompt_lens: list[int]) -> tuple[torch.Tensor, int]:
+    """Next-token cross-entropy on the target tokens only (4 locations + eos), summed; and their count."""
+    rows, labels = [], []
+    for lg, t, n in zip(logits, ids, prompt_lens):
+        # logits[j] predicts ids[j + 1]; targets are ids[n:], predicted from positions n-1 .. len-2
+        rows.append(lg[n - 1: len(t) - 1])
+        labels.append(torch.tensor(t[n:], dtype=torch.long, device=lg.device))
+    rows, labels = torch.cat(rows), torch.cat(labels)
+    return torch.nn.functional.cross_entropy(rows.float(), labels, reduction="sum"), int(labels.numel())

@@ -1,0 +1,131 @@
+"""`amoe ground eval --run DIR --split val`: [email protected] with greedy decoding constrained to location tokens.
+
+For each expression the model reads [image] <bos> expression <sep> and generates exactly four
+tokens greedily, each restricted to the location-token block (so the output always has four
+location tokens); with `ordered_boxes` the third/fourth token is further restricted to bins >= the
+first/second, so x2 >= x1 and y2 >= y1. The bins are mapped back to the ORIGINAL image's pixels and
+scored with IoU >= 0.5 (xyxy). A prediction that still does not parse counts as a miss and is
+reported (`unparsable`). Results go to one JSON per (run, dataset split) in the benchmarks schema
+(task "grounding", metric "acc@0.5"), so `amoe leaderboard build` shows them.
+
+Referring segmentation is not implemented as a second head: this evaluation is boxes only.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from distill.io import fingerprint, write_text_atomic
+
+from .boxes import GroundingScore, dequantise_box
+from .data import ImageCache, encode_batch, load_split, processor_from
+from .tokenizer import GroundingTokenizer
+
+TASK = {"name": "grounding", "version": 1,
+        "protocol": "greedy decoding of 4 location tokens (constrained), boxes rescaled to the original image, "
+                    "[email protected] = share of expressions with IoU >= 0.5 (xyxy); unparsable = miss"}
+
+
+@torch.no_grad()
+def greedy_box_tokens(model, tok: GroundingTokenizer, images: Sequence[torch.Tensor],
+                      prompts: Sequence[Sequence[int]], ordered: bool = True) -> list[list[int]]:
+    """Four generated token ids per sample, each a location token (constrained greedy decoding)."""
+    ids = [list(p) for p in prompts]
+    lo, bins = tok.loc_start, tok.bins
+    generated: list[list[int]] = [[] for _ in ids]
+    for k in range(4):
+        out = model(images, ids)
+        last = torch.stack([lg[-1] for lg in out.logits]).float()            # (B, vocab)
+        loc = last[:, lo: lo + bins].clone()
+        if ordered and k >= 2:   # x2 >= x1, y2 >= y1
+            floor = torch.tensor([g[k - 2] - lo for g in generated], device=loc.device)
+            loc[torch.arange(bins, device=loc.device)[None, :] < floor[:, None]] = float("-inf")
+        choice = loc.argmax(dim=-1) + lo
+        for i, c in enumerate(choice.tolist()):
+            generated[i].append(c)
+            ids[i].append(c)
+    return generated
+
+
+def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch_size: int | None = None,
+             results_dir: str | Path | None = None, model_name: str | None = None, suite: str | None = None,
+             device: str = "cpu", progress: bool = True) -> dict:
+    """Evaluate a trained run on one split; writes RUN/eval/<split>.jsonl (predictions) and a result JSON
+    under `results_dir` (default RUN/results). Returns the result record."""
+    from benchmarks.results import Cell, jsonable, make_record, write_result
+
+    from .train import load_run
+
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    model, tok, cfg, latest = load_run(run_dir, device)
+    ecfg = cfg.get("eval", {})
+    data = load_split(cfg["data"], split)
+    examples = data.examples[: limit] if limit else data.examples
+    if not examples:
+        raise ValueError(f"split {split!r} has no expressions to evaluate "
+                         f"({data.missing_images} refs skipped for missing images)")
+    bs = int(batch_size or ecfg.get("batch_size", 16))
+    cache = ImageCache(processor_from(cfg["data"], model.config.vision.spatial_patch_size))
+    score = GroundingScore()
+    lines = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(examples), desc=f"ground eval {split}", unit="expr")
+    t_model = time.time()
+    for start in range(0, len(examples), bs):
+        chunk = examples[start: start + bs]
+        images, prompts, _ = encode_batch(chunk, tok, cache, with_target=False)
+        gen = greedy_box_tokens(model, tok, images, prompts, ordered=bool(ecfg.get("ordered_boxes", True)))
+        for e, g in zip(chunk, gen):
+            bins = tok.decode_box(g)
+            box = None if bins is None else dequantise_box(bins, e.width, e.height, tok.bins)
+            iou = score.add(box, list(e.box_xyxy))
+            lines.append(json.dumps({"ref_id": e.ref_id, "image_id": e.image_id, "expression": e.expression,
+                                     "truth": list(e.box_xyxy), "pred": box, "iou": round(iou, 4)}))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    model_s = time.time() - t_model
+    write_text_atomic(run_dir / "eval" / f"{split}.jsonl", "".join(line + "\n" for line in lines))
+
+    m = score.metrics()
+    m["missing_images"] = float(data.missing_images)
+    name = model_name or f"grounding-vlm:{cfg.get('name', run_dir.name)}"
+    ds_prefix = cfg["data"].get("result_dataset") or cfg["data"].get("dataset", "refcoco")
+    suite = suite if suite is not None else ecfg.get("suite")
+    cell = Cell(model=name, task="grounding", dataset=f"{ds_prefix}-{split}", resolution=None)
+    n_params = sum(p.numel() for p in model.parameters())
+    record = make_record(
+        cell, "ok", metrics=m,
+        config=jsonable({"suite": suite, "run": str(run_dir), "checkpoint": latest.name, "split": split,
+                         "limit": limit, "batch_size": bs, "train_config": cfg}),
+        model={"name": name, "params": n_params, "active_params": _active_params(model),
+               "init": cfg["init"].get("kind"), "fingerprint": fingerprint(json.loads(
+                   (latest / "trainer.json").read_text()) | {"run": str(run_dir)})},
+        dataset={"root": cfg["data"].get("root"), "dataset": cfg["data"].get("dataset"), "split": split,
+                 "split_by": cfg["data"].get("split_by"), **data.report(), "evaluated": len(examples)},
+        task=TASK, timings={"total_s": time.time() - t0, "model_s": model_s,
+                            "ms_per_expression": 1000 * model_s / len(examples)}, device=device)
+    path = write_result(Path(results_dir) if results_dir else run_dir / "results", record)
+    record["_path"] = str(path)
+    return record
+
+
+def _active_params(model) -> int:
+    """Parameters one image token or text token touches: all but the unchosen routed experts."""
+    total = sum(p.numel() for p in model.parameters())
+    idle = 0
+    for block in model.layers.values():
+        if block.vision.kind == "moe":
+            moe = block.vision.moe
+            E, K = moe.args.num_experts, moe.args.top_k
+            per = sum(getattr(moe.experts, w)[0].numel() for w in ("w1", "w2", "w3"))
+            idle += (E - K) * per
+    return total - idle

@@ -1,0 +1,322 @@
+"""`amoe ground train CONFIG`: train the grounding VLM (single process or torchrun, gloo on CPU).
+
+Run folder OUT/:
+    config.json          the resolved training config (after --set overrides)
+    vlm_config.json      the VLM architecture (VLMConfig.to_dict)
+    tokenizer/           the tokenizer (trained offline on the train split, or copied from a path)
+    data_report.json     refs / expressions / refs skipped for missing images, per split used
+    metrics.jsonl        one line per logged step (distill.train.metrics)
+    checkpoints/         atomic safetensors checkpoints with resume (distill.train.checkpoint)
+
+Data order is a pure function of (seed, step), so a resumed run sees exactly the batches the
+uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from distill.io import fingerprint, write_json_atomic
+from distill.student import update_expert_bias
+from distill.train import checkpoint as ckpt
+from distill.train.distributed import all_reduce_sum, barrier, setup, teardown
+from distill.train.metrics import MetricsWriter
+
+from .data import ImageCache, build_tokenizer, encode_batch, load_split, processor_from, target_loss
+from .gram import gram_anchoring_loss, gram_weight
+from .init import anchor_student, load_student_source, load_vision_experts
+from .model import GroundingVLM, VLMConfig
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULTS: dict[str, Any] = {
+    "name": "grounding",
+    "data": {"root": None, "dataset": "refcoco", "split_by": None, "image_root": None, "train_split": "train",
+             "eval_splits": ["val", "testA", "testB"], "min_pixels": 128 * 128, "max_pixels": 256 * 256,
+             "result_dataset": None},
+    "tokenizer": {"path": None, "vocab_size": 2000, "bins": 1000},
+    "model": {"vision": "from_init", "text_ffn_dim": 0, "max_text_len": 64},
+    "init": {"kind": "scratch", "path": None, "config": None},
+    "gram": {"weight": 0.0, "start_step": 0, "warmup_steps": 0},
+    "optim": {"lr": 1e-3, "vision_lr": 1e-4, "weight_decay": 0.01, "betas": [0.9, 0.95], "warmup_steps": 20,
+              "min_lr_ratio": 0.1, "grad_clip": 1.0, "expert_bias_rate": 1e-3},
+    "train": {"steps": 1000, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 200, "keep": 2,
+              "device": "auto", "progress": True},
+    "eval": {"batch_size": 16, "limit": None, "ordered_boxes": True, "suite": None},
+}
+
+
+# ----------------------------------------------------------------------------- config
+def _merge(base: dict, over: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def apply_overrides(cfg: dict, sets: list[str]) -> dict:
+    """`key.sub=value` overrides; the value is parsed as JSON when it can be (numbers, null, lists)."""
+    cfg = copy.deepcopy(cfg)
+    for item in sets or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value (e.g. train.steps=100)")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise KeyError(f"--set {key}: '{p}' is not a section of the config (sections: {sorted(cfg)})")
+            node = node[p]
+        if parts[-1] not in node:
+            raise KeyError(f"--set {key}: unknown key '{parts[-1]}'; known here: {sorted(node)}")
+        node[parts[-1]] = value
+    return cfg
+
+
+def load_config(spec: str | Path | Mapping, sets: list[str] | None = None) -> dict:
+    """A config file, a built-in config name (grounding_vlm/configs/<name>.json) or a dict, over DEFAULTS."""
+    if isinstance(spec, Mapping):
+        raw = dict(spec)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            path = CONFIGS_DIR / f"{spec}.json"
+        if not path.is_file():
+            known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+            raise FileNotFoundError(f"grounding config {spec!r} not found (a JSON path or one of {known})")
+        raw = json.loads(path.read_text())
+    unknown = sorted(set(raw) - set(DEFAULTS) - {"_comment"})
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; known: {sorted(DEFAULTS)}")
+    return apply_overrides(_merge(DEFAULTS, {k: v for k, v in raw.items() if k != "_comment"}), sets or [])
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine decay to min_ratio."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# ----------------------------------------------------------------------------- model set-up
+def build_model(cfg: dict, vocab_size: int):
+    """-> (vlm, init report, student (config, state) or None)."""
+    init = cfg["init"]
+    source = None
+    if init["kind"] != "scratch":
+        source = load_student_source(init)
+    vision = cfg["model"]["vision"]
+    if vision == "from_init":
+        if source is None:
+            raise ValueError("model.vision='from_init' needs a student init; for init.kind='scratch' give the "
+                             "vision architecture (a student config name such as 'moe-cpu-small', or a dict)")
+        vision = source[0]
+    vcfg = VLMConfig(vision=vision, vocab_size=vocab_size, text_ffn_dim=int(cfg["model"]["text_ffn_dim"]),
+                     max_text_len=int(cfg["model"]["max_text_len"]))
+    model = GroundingVLM(vcfg)
+    report = {"kind": init["kind"], "path": init.get("path")}
+    if source is not None:
+        report.update(load_vision_experts(model, source[1]))
+        report["copied"] = len(report["copied"])
+    return model, report, source
+
+
+def _expert_loads(model) -> list[torch.Tensor]:
+    layers = [b.vision.moe for b in model.layers.values() if b.vision.kind == "moe"]
+    return layers, [m.tokens_per_expert.clone() for m in layers]
+
+
+# ----------------------------------------------------------------------------- training
+def train(config: str | Path | Mapping, out: str | Path, sets: list[str] | None = None) -> dict:
+    cfg = load_config(config, sets)
+    out = Path(out)
+    info = setup(cfg["train"]["device"])
+    try:
+        return _train(cfg, out, info)
+    finally:
+        teardown(info)
+
+
+def _train(cfg: dict, out: Path, info) -> dict:
+    t_start = time.time()
+    tc, oc = cfg["train"], cfg["optim"]
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(tc["seed"])
+    train_data = load_split(cfg["data"], cfg["data"]["train_split"])
+    if not train_data.examples:
+        raise ValueError(f"no training expressions in split {cfg['data']['train_split']!r} under "
+                         f"{cfg['data']['root']} ({train_data.missing_images} refs had missing images)")
+    tok_dir = out / "tokenizer"
+    if info.is_main:
+        tok = build_tokenizer(cfg["tokenizer"], train_data.examples, tok_dir)
+    barrier()
+    if not info.is_main:
+        tok = build_tokenizer(cfg["tokenizer"], train_data.examples, tok_dir)
+
+    torch.manual_seed(seed)
+    model, init_report, source = build_model(cfg, tok.vocab_size)
+    model.to(info.device)
+    anchor = None
+    if float(cfg["gram"].get("weight", 0.0)) > 0:
+        if source is None:
+            raise ValueError("gram.weight > 0 needs a student to anchor to; set init.kind to 'student' or "
+                             "'official', or gram.weight=0 for a scratch run")
+        anchor = anchor_student(*source).to(info.device)
+    if info.is_main:
+        write_json_atomic(out / "config.json", cfg)
+        write_json_atomic(out / "vlm_config.json", model.config.to_dict())
+        write_json_atomic(out / "data_report.json", {"train": train_data.report(), "init": init_report})
+        if train_data.missing_images:
+            print(f"[amoe ground] {train_data.missing_images} of {train_data.refs} train refs skipped: image "
+                  f"file missing (e.g. {train_data.missing_files[0]})", flush=True)
+
+    vision_ids = {id(p) for p in model.vision_parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) in vision_ids], "lr": oc["vision_lr"],
+               "base_lr": oc["vision_lr"]},
+              {"params": [p for p in model.parameters() if id(p) not in vision_ids], "lr": oc["lr"],
+               "base_lr": oc["lr"]}]
+    optim = torch.optim.AdamW(groups, betas=tuple(oc["betas"]), weight_decay=oc["weight_decay"])
+    ddp = model
+    if info.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+
+    step = 0
+    metrics = MetricsWriter(out, enabled=info.is_main, tensorboard=False)
+    latest = ckpt.latest_checkpoint(out)
+    cfg_fp = fingerprint({k: v for k, v in cfg.items() if k != "train"} | {"seed": seed})
+    if latest is not None:
+        state = ckpt.read_checkpoint(latest, info.rank)
+        if state["trainer"].get("config_fingerprint") != cfg_fp:
+            raise ValueError(f"{out} holds a checkpoint of a different config; use a new --out or delete "
+                             f"{ckpt.checkpoint_root(out)} to start over")
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optimizer"])
+        if state["rng"] is not None:
+            ckpt.set_rng_state(*state["rng"])
+        step = int(state["trainer"]["step"])
+        metrics.truncate_after(step)
+        if info.is_main:
+            print(f"[amoe ground] resumed from {latest.name} (step {step})", flush=True)
+
+    total = int(tc["steps"])
+    bs = int(tc["batch_size"])
+    global_bs = bs * info.world_size
+    n = len(train_data.examples)
+    per_epoch = max(1, n // global_bs)
+    cache = ImageCache(processor_from(cfg["data"], model.config.vision.spatial_patch_size))
+    order_cache: dict[int, np.ndarray] = {}
+
+    def batch_for(s: int):
+        epoch, k = divmod(s, per_epoch)
+        if epoch not in order_cache:
+            order_cache.clear()
+            order_cache[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        idx = order_cache[epoch][(k * global_bs + info.rank * bs + np.arange(bs)) % n]
+        return [train_data.examples[int(i)] for i in idx]
+
+    bar = None
+    if info.is_main and tc.get("progress", True):
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=step, desc=f"ground {cfg['name']}", unit="step")
+    model.train()
+    last = {}
+    t_log, tokens_log = time.time(), 0
+    while step < total:
+        examples = batch_for(step)
+        images, ids, prompt_lens = encode_batch(examples, tok, cache)
+        factor = lr_factor(step, total, int(oc["warmup_steps"]), float(oc["min_lr_ratio"]))
+        for g in optim.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        out_ = ddp(images, ids)
+        ce_sum, n_tgt = target_loss(out_.logits, ids, prompt_lens)
+        ce = ce_sum / n_tgt
+        w = gram_weight(step, cfg["gram"]) if anchor is not None else 0.0
+        gram = torch.zeros((), device=info.device)
+        if anchor is not None:
+            with torch.no_grad():
+                ref = [o.patch_features["siglino"][0] for o in anchor.forward_packed(images)]
+            gram = gram_anchoring_loss(out_.patch_features, ref)
+        loss = ce + w * gram
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(oc["grad_clip"]))
+        optim.step()
+        layers, loads = _expert_loads(model)
+        if layers and float(oc["expert_bias_rate"]) > 0:
+            if info.distributed:
+                stacked = torch.stack(loads)
+                dist.all_reduce(stacked)
+                loads = list(stacked)
+            update_expert_bias(layers, loads, rate=float(oc["expert_bias_rate"]))
+        step += 1
+        tokens_log += sum(img.shape[1] * img.shape[2] // model.config.vision.spatial_patch_size ** 2
+                          for img in images) + sum(len(t) for t in ids)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % int(tc["log_every"]) == 0 or step == total:
+            red = all_reduce_sum({"ce": ce.item(), "gram": float(gram), "tokens": tokens_log}, info.device)
+            dt = time.time() - t_log
+            last = {"step": step, "loss": red["ce"] / info.world_size + w * red["gram"] / info.world_size,
+                    "ce": red["ce"] / info.world_size, "gram": red["gram"] / info.world_size, "gram_weight": w,
+                    "lr": oc["lr"] * factor, "grad_norm": float(gnorm), "tokens_per_s": red["tokens"] / max(dt, 1e-9)}
+            metrics.write(last)
+            t_log, tokens_log = time.time(), 0
+        if step % int(tc["checkpoint_every"]) == 0 or step == total:
+            _save(out, step, model, optim, cfg_fp, info, int(tc["keep"]))
+    if bar is not None:
+        bar.close()
+    metrics.close()
+    summary = {"run": str(out), "steps": step, "last": last, "wall_s": round(time.time() - t_start, 2),
+               "train": train_data.report(), "init": init_report}
+    if info.is_main:
+        write_json_atomic(out / "train_summary.json", summary)
+    return summary
+
+
+def _save(out: Path, step: int, model, optim, cfg_fp: str, info, keep: int) -> None:
+    if info.is_main:
+        ckpt.prepare_staging(out, step)
+    barrier()
+    folder = ckpt.staging_dir(out, step)
+    ckpt.write_rank_files(folder, info.rank)
+    barrier()
+    if info.is_main:
+        ckpt.write_main_files(folder, model.state_dict(), optim.state_dict(),
+                              {"step": step, "config_fingerprint": cfg_fp, "world_size": info.world_size})
+        ckpt.publish(out, step, keep)
+    barrier()
+
+
+# ----------------------------------------------------------------------------- loading a trained run
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """(model, tokenizer, config) of a run folder, weights from its latest checkpoint."""
+    from distill.io import load_tensors
+
+    from .tokenizer import GroundingTokenizer
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a grounding run (no config.json); train one with "
+                                "`amoe ground train CONFIG --out DIR`")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        raise FileNotFoundError(f"{run_dir} has no finished checkpoint yet (checkpoints/latest.json)")
+    tok = GroundingTokenizer.load(run_dir / "tokenizer", int(cfg["tokenizer"]["bins"]))
+    model = GroundingVLM(VLMConfig.from_dict(json.loads((run_dir / "vlm_config.json").read_text())))
+    model.load_state_dict(load_tensors(latest / "model.safetensors"))
+    model.to(device).eval()
+    return model, tok, cfg, latest
