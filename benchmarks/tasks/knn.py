@@ -1,0 +1,113 @@
+"""Weighted k-nearest-neighbour classification on frozen summary features (DINOv2/v3, RADIO, AMoE).
+
+Per head: L2-normalise train and test summary vectors; for each test image take the k train images
+with the highest cosine similarity; each votes for its label with weight exp(sim / T) (T = 0.07);
+the class with the largest summed weight wins. top-5 ranks the classes by the same summed weights.
+
+Two implementations of the neighbour search:
+- `knn_topk_reference`: the whole (test x train) similarity matrix in float64 on the CPU, one topk.
+- `knn_topk`: streaming, on `device` (the GPU when the encoder is on one): test images in chunks of
+  `test_chunk`, the train bank in chunks of `bank_chunk`, a running top-k merged chunk by chunk, so
+  memory stays at test_chunk x (bank_chunk + k) similarities whatever the bank size.
+Both give the same neighbours (tests check them against each other and against scikit-learn).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import TaskConfigError, normalize, percent, register_task, select_heads, unknown_keys
+from .metrics import check_targets, topk_accuracy
+
+
+def knn_topk(test: torch.Tensor, bank: torch.Tensor, k: int, device: torch.device | str = "cpu",
+             test_chunk: int = 1024, bank_chunk: int = 65536, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarities, indices) of the k most similar bank rows for every test row, sorted descending.
+
+    Inputs must already be normalised. Returned on the CPU, float32 / int64."""
+    device = torch.device(device)
+    k = min(k, len(bank))
+    # the bank moves to the device once, chunk by chunk; on the CPU these are views, not copies
+    bank_parts = [(start, bank[start:start + bank_chunk].to(device, torch.float32))
+                  for start in range(0, len(bank), bank_chunk)]
+    sims_out, idx_out = [], []
+    starts = range(0, len(test), test_chunk)
+    for start in (progress(starts, total=len(starts)) if progress else starts):
+        q = test[start:start + test_chunk].to(device, torch.float32)
+        best_v = torch.empty(len(q), 0, device=device)
+        best_i = torch.empty(len(q), 0, dtype=torch.long, device=device)
+        for offset, part in bank_parts:
+            s = q @ part.T
+            top = s.topk(min(k, s.shape[1]), dim=1)
+            v = torch.cat([best_v, top.values], dim=1)
+            i = torch.cat([best_i, top.indices + offset], dim=1)
+            merged = v.topk(min(k, v.shape[1]), dim=1)
+            best_v, best_i = merged.values, i.gather(1, merged.indices)
+        sims_out.append(best_v.cpu())
+        idx_out.append(best_i.cpu())
+    return torch.cat(sims_out), torch.cat(idx_out)
+
+
+def knn_topk_reference(test: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain version: full float64 similarity matrix on the CPU (the reference for `knn_topk`)."""
+    s = test.double().cpu() @ bank.double().cpu().T
+    top = s.topk(min(k, len(bank)), dim=1)
+    return top.values.float(), top.indices
+
+
+def knn_vote(sims: torch.Tensor, idx: torch.Tensor, train_labels: torch.Tensor, num_classes: int, k: int,
+             temperature: float) -> torch.Tensor:
+    """(N, C) class scores: sum over the k nearest of exp(sim / T) for each neighbour's label."""
+    w = (sims[:, :k].double() / temperature).exp()
+    scores = torch.zeros(len(sims), num_classes, dtype=torch.float64)
+    return scores.scatter_add_(1, train_labels[idx[:, :k]], w)
+
+
+class KNNTask:
+    name = "knn"
+    version = "1"
+    roles = ("train", "test")
+    needs_patches = False
+    defaults = {
+        "k": [20],              # an int or a list; the first is reported as top1/top5, every k as top1@k<k>
+        "temperature": 0.07,
+        "heads": None,          # null: every summary head of the encoder
+        "test_chunk": 1024,
+        "bank_chunk": 65536,
+    }
+
+    def run(self, ctx, cfg: dict) -> dict[str, float]:
+        unknown_keys(cfg, self.defaults, self.name)
+        cfg = {**self.defaults, **cfg}
+        ks = [cfg["k"]] if isinstance(cfg["k"], int) else list(cfg["k"])
+        if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+            raise TaskConfigError(f"knn: 'k' must be a positive int or a list of them, got {cfg['k']!r}")
+        temperature = float(cfg["temperature"])
+        if temperature <= 0:
+            raise TaskConfigError("knn: 'temperature' must be > 0")
+        train_ds, test_ds = ctx.dataset("train"), ctx.dataset("test")
+        ytr = torch.as_tensor(list(train_ds.targets), dtype=torch.long)
+        yte = torch.as_tensor(list(test_ds.targets), dtype=torch.long)
+        classes = getattr(train_ds, "classes", None)
+        num_classes = len(classes) if classes else int(max(ytr.max(), yte.max())) + 1
+        check_targets(ytr, num_classes, "knn (train)")
+        check_targets(yte, num_classes, "knn (test)")
+        train, test = ctx.features("train"), ctx.features("test")
+        heads = select_heads([h for h in ctx.encoder.heads if h in train.summary] or list(train.summary),
+                             cfg["heads"], self.name, ctx.encoder.name)
+        out: dict[str, float] = {}
+        for head in heads:
+            sims, idx = knn_topk(normalize(test.summary[head]), normalize(train.summary[head]), max(ks),
+                                 device=ctx.device, test_chunk=int(cfg["test_chunk"]),
+                                 bank_chunk=int(cfg["bank_chunk"]),
+                                 progress=lambda it, total: ctx.progress(it, f"knn {head}", total=total))
+            for j, k in enumerate(ks):
+                scores = knn_vote(sims, idx, ytr, num_classes, k, temperature)
+                top1 = percent(topk_accuracy(scores, yte, 1))
+                top5 = percent(topk_accuracy(scores, yte, 5))
+                out[f"{head}/top1@k{k}"], out[f"{head}/top5@k{k}"] = top1, top5
+                if j == 0:
+                    out[f"{head}/top1"], out[f"{head}/top5"] = top1, top5
+        return out
+
+
+register_task(KNNTask())

@@ -1,0 +1,86 @@
+"""Image-text retrieval (COCO 5k / Flickr30k Karpathy test) with every caption of every image.
+
+Per text head: L2-normalised image summary features and caption embeddings; similarity = cosine.
+image -> text: a query image is a hit at k if any of its own captions is among the k most similar
+captions. text -> image: a caption is a hit at k if its image is among the k most similar images.
+Metrics (percent): i2t_r1/5/10 and t2i_r1/5/10 per head ('head/t2i_r1'...). With fewer candidates
+than k, k is capped at the number of candidates.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import TaskConfigError, normalize, percent, register_task, select_heads, unknown_keys
+
+
+def recall_at_k(sim: torch.Tensor, positives: torch.Tensor, ks: list[int], chunk: int = 4096,
+                device: torch.device | str = "cpu") -> dict[int, float]:
+    """sim: (Q, N) query x candidate scores; positives: (Q, N) bool. Share of queries with a positive
+    among their top-k candidates, for every k (k capped at N)."""
+    kmax = min(max(ks), sim.shape[1])
+    hits = {k: 0 for k in ks}
+    for start in range(0, len(sim), chunk):
+        s = sim[start:start + chunk].to(device)
+        top = s.topk(kmax, dim=1).indices
+        pos = positives[start:start + chunk].to(device).gather(1, top)     # (q, kmax): is rank r a positive?
+        first_hit = torch.where(pos.any(1), pos.float().argmax(1), torch.full_like(pos[:, 0], kmax, dtype=torch.long))
+        for k in ks:
+            hits[k] += int((first_hit < min(k, kmax)).sum())
+    return {k: hits[k] / len(sim) for k in ks}
+
+
+def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, ks=(1, 5, 10),
+                      device: torch.device | str = "cpu") -> dict[str, float]:
+    """img (N, D), txt (M, D) normalised; owner[j] = index of the image caption j describes."""
+    ks = list(ks)
+    sim = img.to(device) @ txt.to(device).T                                  # (N, M)
+    pos = owner.to(device).view(1, -1) == torch.arange(len(img), device=device).view(-1, 1)
+    i2t = recall_at_k(sim, pos, ks, device=device)
+    t2i = recall_at_k(sim.T.contiguous(), pos.T.contiguous(), ks, device=device)
+    out = {f"i2t_r{k}": percent(i2t[k]) for k in ks}
+    out.update({f"t2i_r{k}": percent(t2i[k]) for k in ks})
+    return out
+
+
+class RetrievalTask:
+    name = "retrieval"
+    version = "1"
+    roles = ("test",)
+    needs_patches = False
+    defaults = {"ks": [1, 5, 10], "heads": None}
+
+    def run(self, ctx, cfg: dict) -> dict[str, float]:
+        unknown_keys(cfg, self.defaults, self.name)
+        cfg = {**self.defaults, **cfg}
+        ks = list(cfg["ks"])
+        if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+            raise TaskConfigError(f"retrieval: 'ks' must be a list of positive ints, got {cfg['ks']!r}")
+        ds = ctx.dataset("test")
+        captions = getattr(ds, "captions", None)
+        if captions is None:
+            raise TaskConfigError(f"retrieval: dataset '{ctx.dataset_cfg.get('id')}' has no captions; use a "
+                                  "retrieval reader (karpathy, coco_karpathy, flickr30k_karpathy)")
+        empty = [i for i, c in enumerate(captions) if not c]
+        if empty:
+            raise ValueError(f"retrieval: {len(empty)} image(s) have no caption (first index {empty[0]}); "
+                             "every image needs at least one to be an image->text query")
+        texts = [t for caps in captions for t in caps]
+        owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+        feats = ctx.features("test")
+        if len(feats) != len(captions):
+            raise ValueError(f"retrieval: {len(feats)} image features but {len(captions)} caption lists")
+        heads = select_heads([h for h in ctx.encoder.text_heads if h in feats.summary], cfg["heads"],
+                             self.name, ctx.encoder.name, "text tower")
+        out: dict[str, float] = {}
+        for head in heads:
+            txt = normalize(ctx.text_features(texts, head))
+            img = normalize(feats.summary[head])
+            if img.shape[1] != txt.shape[1]:
+                raise ValueError(f"retrieval: head '{head}' gives {img.shape[1]}-d image features but "
+                                 f"{txt.shape[1]}-d text embeddings")
+            for k, v in retrieval_metrics(img, txt, owner, ks, device=ctx.device).items():
+                out[f"{head}/{k}"] = v
+        return out
+
+
+register_task(RetrievalTask())
