@@ -61,6 +61,7 @@ class DataSource:
     resolution_weights: list[float] | None = None
     min_resolution: int = 128               # side budget floor: smaller images are upscaled to it
     limit: int | None = None                # use only the first N images (quick runs)
+    manifest: str | None = None             # curated parquet manifest (amoe curate sample): only its samples
 
 
 @dataclass

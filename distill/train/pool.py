@@ -140,6 +140,10 @@ class TrainingPool:
             cache = None if index_dir is None else Path(index_dir) / f"pool_index_{i}.json"
             entries, corrupt = build_index(src.path, cache)
             self.corrupt_at_index += corrupt
+            if src.manifest:
+                from distill.curation.manifest import restrict_to_manifest
+
+                entries = restrict_to_manifest(entries, src.manifest, src.path)
             if src.limit is not None:
                 entries = entries[:src.limit]
             if not entries:

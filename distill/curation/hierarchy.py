@@ -1,0 +1,254 @@
+"""Multi-level k-means with resampling (Vo et al. 2024, "Automatic data curation for self-supervised
+learning"): level 1 clusters the embeddings, level l clusters the centroids of level l-1.
+
+Resampling refinement, per level: after k-means, take in every cluster the `sample_size` points closest
+to its centroid, re-run k-means on the union of those points starting from the current centroids, and
+reassign every point; repeat `resampling_steps` times. Dense regions then stop hoarding centroids, so
+the centroids spread more evenly over the concepts of the data.
+
+Output directory::
+
+    OUT/clusters.json                      config, embeddings source, point count, per-level summary
+    OUT/points.safetensors                 rows: int64 embedding row of every level-1 point
+    OUT/level_<l>/clusters.safetensors     centroids (k, d) f32, assignments (n_in,) i64, distances (n_in,) f32
+    OUT/level_<l>/done.json                level settings + fingerprint; written last (the resume point)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.io import fingerprint, load_tensors, save_tensors_atomic, write_json_atomic
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class LevelConfig:
+    k: int                         # clusters at this level
+    niter: int = 20                # Lloyd iterations of the main k-means
+    resampling_steps: int = 0      # Vo et al. refinement rounds
+    sample_size: int = 10          # points closest to each centroid kept per resampling round
+    resample_niter: int = 5        # k-means iterations on the resampled points
+
+
+@dataclass
+class ClusterConfig:
+    levels: list[LevelConfig]
+    name: str = "custom"
+    engine: str = "faiss"          # faiss (one node) | torch (torch.distributed across ranks)
+    normalize: bool = True         # L2-normalise embeddings before level 1 (cosine geometry)
+    seed: int = 0
+    description: str = ""
+
+
+def _strict(cls, raw: dict, where: str):
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    return raw
+
+
+def parse_cluster_config(raw: dict) -> ClusterConfig:
+    _strict(ClusterConfig, raw, "clustering config")
+    if not raw.get("levels"):
+        raise ValueError("clustering config needs a non-empty 'levels' list, e.g. [{\"k\": 100}, {\"k\": 10}]")
+    levels = [LevelConfig(**_strict(LevelConfig, lv, f"levels[{i}]")) for i, lv in enumerate(raw["levels"])]
+    cfg = ClusterConfig(**{**raw, "levels": levels})
+    from distill.curation.kmeans import ENGINES
+    if cfg.engine not in ENGINES:
+        raise ValueError(f"clustering config: engine must be one of {ENGINES}, got {cfg.engine!r}")
+    for i, lv in enumerate(levels, 1):
+        if lv.k < 1 or lv.niter < 1 or lv.resampling_steps < 0 or lv.sample_size < 1 or lv.resample_niter < 1:
+            raise ValueError(f"level {i}: need k >= 1, niter >= 1, resampling_steps >= 0, sample_size >= 1, "
+                             f"resample_niter >= 1 (got {dataclasses.asdict(lv)})")
+        if i > 1 and lv.k > levels[i - 2].k:
+            raise ValueError(f"level {i} has k={lv.k} > level {i - 1}'s k={levels[i - 2].k}: "
+                             f"each level clusters the previous level's centroids, so k must shrink")
+    return cfg
+
+
+def load_cluster_config(source: str | os.PathLike | dict) -> ClusterConfig:
+    """A dict, a JSON path, or a bundled config name ('paper', 'miniworld')."""
+    if isinstance(source, dict):
+        return parse_cluster_config(source)
+    path = Path(source)
+    if not path.exists():
+        alt = CONFIG_DIR / f"{path.stem}.json"
+        if not alt.exists():
+            bundled = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+            raise FileNotFoundError(f"clustering config {source} not found; bundled configs: {bundled}")
+        path = alt
+    return parse_cluster_config(json.loads(path.read_text()))
+
+
+# ----------------------------------------------------------------------------- resampling k-means
+def _top_m(labels: np.ndarray, dists: np.ndarray, k: int, m: int) -> np.ndarray:
+    """Positions of the (at most) m smallest distances within each cluster."""
+    order = np.lexsort((dists, labels))
+    lab = labels[order]
+    starts = np.searchsorted(lab, np.arange(k))
+    rank_in_cluster = np.arange(len(lab)) - starts[lab]
+    return order[rank_in_cluster < m]
+
+
+def resample_threshold(engine, labels: np.ndarray, dists: np.ndarray, k: int, m: int) -> np.ndarray:
+    """Per cluster, the distance of its m-th closest point over all ranks (each rank sends only its own
+    m best candidates per cluster, which always contain the global m best)."""
+    keep = _top_m(labels, dists, k, m)
+    cand_l = engine.gather_rows(labels[keep].astype(np.int64))
+    cand_d = engine.gather_rows(dists[keep].astype(np.float32))
+    best = _top_m(cand_l, cand_d, k, m)
+    thr = np.full(k, -np.inf, dtype=np.float32)
+    np.maximum.at(thr, cand_l[best], cand_d[best])
+    return thr
+
+
+def kmeans_resampled(engine, x: np.ndarray, level: LevelConfig, seed: int, where: str):
+    """k-means + resampling rounds. `x` is this rank's slice. Returns (centroids, labels, distances)."""
+    c = engine.fit(x, level.k, level.niter, seed, where=where)
+    labels, dists = engine.assign(x, c)
+    for r in range(level.resampling_steps):
+        thr = resample_threshold(engine, labels, dists, level.k, level.sample_size)
+        chosen = dists <= thr[labels]
+        c = engine.fit(x[chosen], level.k, level.resample_niter, seed + 1 + r, init=c, where=where)
+        labels, dists = engine.assign(x, c)
+    return c, labels, dists
+
+
+# ----------------------------------------------------------------------------- the hierarchy
+def _rank_slice(n: int) -> slice:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        r, w = dist.get_rank(), dist.get_world_size()
+    else:
+        r, w = 0, 1
+    per = -(-n // w)
+    return slice(min(n, r * per), min(n, (r + 1) * per))
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+@dataclass
+class Level:
+    centroids: np.ndarray          # (k, d)
+    assignments: np.ndarray        # (n_in,) cluster of each input row (points at level 1, centroids above)
+    distances: np.ndarray          # (n_in,) squared distance to that centroid
+
+
+@dataclass
+class Hierarchy:
+    levels: list[Level]
+    rows: np.ndarray               # embedding row of each level-1 point
+    meta: dict = field(default_factory=dict)
+
+
+def run_hierarchy(x_local: np.ndarray, n_points: int, cfg: ClusterConfig, out_dir: str | os.PathLike,
+                  engine, source: dict | None = None, progress: bool = True) -> list[Level]:
+    """Cluster level by level; `x_local` is this rank's contiguous slice of the (normalised) points.
+
+    Each finished level is saved (rank 0) before the next starts; a level whose done file matches the
+    config and the input is loaded instead of recomputed."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    levels: list[Level] = []
+    inputs = x_local
+    for i, lv in enumerate(tqdm(cfg.levels, desc="levels", disable=not progress), 1):
+        where = f"level {i}"
+        n_in = n_points if i == 1 else cfg.levels[i - 2].k
+        fp = fingerprint({"source": source, "normalize": cfg.normalize, "seed": cfg.seed, "n": n_points,
+                          "levels": [dataclasses.asdict(v) for v in cfg.levels[:i]], "engine": cfg.engine})
+        ldir = out / f"level_{i}"
+        done = ldir / "done.json"
+        if done.exists():
+            rec = json.loads(done.read_text())
+            if rec.get("fingerprint") != fp:
+                raise ValueError(f"{ldir} was clustered with other settings or input; use a new --out "
+                                 f"(or delete {out}) to recluster")
+            t = load_tensors(ldir / "clusters.safetensors")
+            level = Level(t["centroids"].numpy(), t["assignments"].numpy(), t["distances"].numpy())
+        else:
+            c, labels, dists = kmeans_resampled(engine, inputs, lv, cfg.seed + 1000 * i, where)
+            labels = engine.gather_rows(labels.astype(np.int64))
+            dists = engine.gather_rows(dists.astype(np.float32))
+            level = Level(np.asarray(c, np.float32), labels, dists)
+            if _is_main():
+                save_tensors_atomic(ldir / "clusters.safetensors", {
+                    "centroids": torch.from_numpy(level.centroids), "assignments": torch.from_numpy(labels),
+                    "distances": torch.from_numpy(dists)})
+                sizes = np.bincount(labels, minlength=lv.k)
+                write_json_atomic(done, {"level": i, "fingerprint": fp, "config": dataclasses.asdict(lv),
+                                         "n_in": int(n_in), "empty_clusters": int((sizes == 0).sum()),
+                                         "largest": int(sizes.max()), "smallest": int(sizes.min()),
+                                         "inertia": float(dists.astype(np.float64).sum())})
+            _barrier()
+        levels.append(level)
+        # the next level clusters these centroids, split across ranks the same way
+        inputs = level.centroids[_rank_slice(len(level.centroids))]
+    return levels
+
+
+def cluster_embeddings(embeddings: str | os.PathLike, cfg: ClusterConfig | str | dict, out_dir: str | os.PathLike,
+                       engine_name: str | None = None, progress: bool = True) -> Hierarchy:
+    """`amoe curate cluster`: the valid rows of an embeddings directory -> a saved hierarchy."""
+    from distill.curation.embed import EmbeddingSet
+    from distill.curation.kmeans import make_engine
+
+    cfg = cfg if isinstance(cfg, ClusterConfig) else load_cluster_config(cfg)
+    if engine_name:
+        cfg = dataclasses.replace(cfg, engine=engine_name)
+    emb = EmbeddingSet(embeddings)
+    rows = emb.valid_rows
+    if len(rows) == 0:
+        raise ValueError(f"{embeddings} has no valid embeddings to cluster")
+    engine = make_engine(cfg.engine)
+    x = emb.rows(rows[_rank_slice(len(rows))])
+    if cfg.normalize:
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    source = {"embeddings": str(Path(embeddings).resolve()), "encoder": emb.meta.get("encoder"),
+              "rows": int(len(rows)), "dim": emb.dim}
+    levels = run_hierarchy(x, len(rows), cfg, out_dir, engine, source, progress)
+    meta = {"config": dataclasses.asdict(cfg), "source": source, "points": int(len(rows)),
+            "levels": [{"k": int(len(l.centroids)), "n_in": int(len(l.assignments))} for l in levels]}
+    if _is_main():
+        save_tensors_atomic(Path(out_dir) / "points.safetensors", {"rows": torch.from_numpy(rows.astype(np.int64))})
+        write_json_atomic(Path(out_dir) / "clusters.json", meta)
+    _barrier()
+    return Hierarchy(levels, rows, meta)
+
+
+def load_hierarchy(out_dir: str | os.PathLike) -> Hierarchy:
+    out = Path(out_dir)
+    meta_file = out / "clusters.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{out} holds no finished clustering (no clusters.json); "
+                                f"run `amoe curate cluster --out {out}` (again, to resume) first")
+    meta = json.loads(meta_file.read_text())
+    levels = []
+    for i in range(1, len(meta["levels"]) + 1):
+        t = load_tensors(out / f"level_{i}" / "clusters.safetensors")
+        levels.append(Level(t["centroids"].numpy(), t["assignments"].numpy(), t["distances"].numpy()))
+    rows = load_tensors(out / "points.safetensors")["rows"].numpy()
+    return Hierarchy(levels, rows, meta)

@@ -1,0 +1,76 @@
+"""`amoe curate perf`: wall time and peak memory of the clustering stage against the number of points.
+
+Each size runs in its own child process so its peak resident memory (``ru_maxrss``) is its own. The
+points are a seeded long-tailed Gaussian mixture (so k-means has real structure to find); the timed part
+is `run_hierarchy` only (all levels, resampling included), not data generation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+DEFAULT_SIZES = (50_000, 200_000, 1_000_000)
+DEFAULT_LEVELS = [{"k": 1000, "niter": 10, "resampling_steps": 2, "sample_size": 10, "resample_niter": 5},
+                  {"k": 100, "niter": 20, "resampling_steps": 2, "sample_size": 3, "resample_niter": 5},
+                  {"k": 10, "niter": 20}]
+
+
+def synthetic_points(n: int, dim: int, seed: int = 0, modes: int = 2000) -> np.ndarray:
+    """Unit-norm points around `modes` centres whose weights follow a Zipf law (a long-tailed pool)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((modes, dim)).astype(np.float32)
+    w = 1.0 / np.arange(1, modes + 1) ** 1.1
+    which = rng.choice(modes, size=n, p=w / w.sum())
+    x = centres[which] + 0.35 * rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def _rss_mb() -> float:
+    # Linux reports ru_maxrss in KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_one(n: int, dim: int, engine: str, levels: list[dict], seed: int = 0) -> dict:
+    """Cluster `n` synthetic points in this process; returns timings and memory."""
+    from distill.curation.hierarchy import parse_cluster_config, run_hierarchy
+    from distill.curation.kmeans import make_engine
+
+    x = synthetic_points(n, dim, seed)
+    cfg = parse_cluster_config({"name": "perf", "engine": engine, "normalize": False, "seed": seed,
+                                "levels": levels})
+    eng = make_engine(engine)
+    before = _rss_mb()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        out = run_hierarchy(x, n, cfg, tmp, eng, source={"synthetic": n}, progress=False)
+        wall = time.perf_counter() - t0
+    return {"points": n, "dim": dim, "engine": engine, "levels": [lv["k"] for lv in levels],
+            "wall_s": round(wall, 2), "peak_rss_mb": round(_rss_mb(), 1), "rss_before_cluster_mb": round(before, 1),
+            "data_mb": round(x.nbytes / 2**20, 1),
+            "level1_largest_cluster": int(np.bincount(out[0].assignments).max())}
+
+
+def run_perf(sizes=DEFAULT_SIZES, dim: int = 128, engine: str = "faiss", levels: list[dict] | None = None,
+             threads: int | None = None) -> dict:
+    levels = levels or DEFAULT_LEVELS
+    threads = threads or os.cpu_count() or 1
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    runs = []
+    for n in sizes:
+        code = (f"import json; from distill.curation.perf import measure_one; "
+                f"print(json.dumps(measure_one({int(n)}, {int(dim)}, {engine!r}, {levels!r})))")
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"perf run with {n} points failed:\n{proc.stderr[-2000:]}")
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {"runs": runs, "threads": threads,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
