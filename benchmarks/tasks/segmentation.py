@@ -113,6 +113,7 @@ def build_head(in_channels: int, num_classes: int, dropout: float = 0.0) -> nn.M
     bn_head_class()
     head = MODELS.build(dict(
         type="BNHead", in_channels=in_channels, channels=in_channels, num_classes=num_classes,
+        out_channels=num_classes,  # softmax over every class, binary included (no sigmoid threshold)
         dropout_ratio=dropout, norm_cfg=dict(type="BN", requires_grad=True), align_corners=False,
         ignore_index=IGNORE_INDEX,
         loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0, avg_non_ignore=True)))
