@@ -139,17 +139,20 @@ def _expert_loads(model) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- training
-def train(config: str | Path | Mapping, out: str | Path, sets: list[str] | None = None) -> dict:
+def train(config: str | Path | Mapping, out: str | Path, sets: list[str] | None = None,
+          stop_after: int | None = None) -> dict:
+    """Train (or resume) into `out`. `stop_after` ends the run early at that step with a checkpoint,
+    as an interruption would, without changing the schedule (which follows train.steps)."""
     cfg = load_config(config, sets)
     out = Path(out)
     info = setup(cfg["train"]["device"])
     try:
-        return _train(cfg, out, info)
+        return _train(cfg, out, info, stop_after)
     finally:
         teardown(info)
 
 
-def _train(cfg: dict, out: Path, info) -> dict:
+def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
     t_start = time.time()
     tc, oc = cfg["train"], cfg["optim"]
     out.mkdir(parents=True, exist_ok=True)
@@ -233,7 +236,8 @@ def _train(cfg: dict, out: Path, info) -> dict:
     model.train()
     last = {}
     t_log, tokens_log = time.time(), 0
-    while step < total:
+    end = total if stop_after is None else min(total, int(stop_after))
+    while step < end:
         examples = batch_for(step)
         images, ids, prompt_lens = encode_batch(examples, tok, cache)
         factor = lr_factor(step, total, int(oc["warmup_steps"]), float(oc["min_lr_ratio"]))
@@ -267,14 +271,14 @@ def _train(cfg: dict, out: Path, info) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % int(tc["log_every"]) == 0 or step == total:
-            red = all_reduce_sum({"ce": ce.item(), "gram": float(gram), "tokens": tokens_log}, info.device)
+            red = all_reduce_sum({"ce": ce.detach().item(), "gram": gram.detach().item(), "tokens": tokens_log}, info.device)
             dt = time.time() - t_log
             last = {"step": step, "loss": red["ce"] / info.world_size + w * red["gram"] / info.world_size,
                     "ce": red["ce"] / info.world_size, "gram": red["gram"] / info.world_size, "gram_weight": w,
                     "lr": oc["lr"] * factor, "grad_norm": float(gnorm), "tokens_per_s": red["tokens"] / max(dt, 1e-9)}
             metrics.write(last)
             t_log, tokens_log = time.time(), 0
-        if step % int(tc["checkpoint_every"]) == 0 or step == total:
+        if step % int(tc["checkpoint_every"]) == 0 or step == end:
             _save(out, step, model, optim, cfg_fp, info, int(tc["keep"]))
     if bar is not None:
         bar.close()

@@ -1,0 +1,200 @@
+"""The early-fusion grounding VLM: init from a student, attention rules, decoding, train/eval/resume."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.io import load_tensors
+from distill.student import Student
+from grounding_vlm.evaluate import greedy_box_tokens
+from grounding_vlm.init import load_student_source, load_vision_experts, save_student_export
+from grounding_vlm.model import GroundingVLM, VLMConfig
+from grounding_vlm.tokenizer import GroundingTokenizer, train_tokenizer
+from grounding_vlm.train import apply_overrides, load_config, train
+
+TINY_STUDENT = dict(dim=32, n_layers=2, n_heads=2, head_dim=16, n_kv_heads=1, moe_dim=32,
+                    moe_args=dict(num_experts=4, top_k=2), teachers_dim=[32, 32])
+TINY_REFER_WORLD = {
+    "classification": {"shapes": 2, "colours": 2, "image_size": 32, "train_max_per_class": 2,
+                       "train_min_per_class": 1, "zipf_alpha": 1.0, "val_per_class": 1, "distractor_prob": 0.0},
+    "retrieval": {"images": 2, "image_size": 32, "max_objects": 1},
+    "segmentation": {"train": 2, "val": 1, "image_size": 32, "min_objects": 1, "max_objects": 1},
+    "refer": {"images": 12, "min_side": 96, "max_side": 128, "min_objects": 3, "max_objects": 4,
+              "split_fractions": {"train": 0.5, "val": 0.25, "testA": 0.125, "testB": 0.125}},
+    "pool": {"images": 2, "per_shard": 2, "min_side": 64, "max_side": 64, "zipf_alpha": 1.1, "max_objects": 1},
+}
+
+
+def random_student(seed: int = 0, cfg=TINY_STUDENT) -> Student:
+    torch.manual_seed(seed)
+    st = Student(cfg, attention_backend="sdpa", expert_backend="loop")
+    with torch.no_grad():   # move away from the init (zeroed wo/w2) so every weight matters
+        for p in st.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return st
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory) -> Path:
+    return save_student_export(random_student(), tmp_path_factory.mktemp("student") / "export")
+
+
+@pytest.fixture(scope="module")
+def refer_world(tmp_path_factory) -> Path:
+    from benchmarks.world import make_world
+
+    out = tmp_path_factory.mktemp("gworld") / "w"
+    make_world(out, size=TINY_REFER_WORLD, seed=0, workers=1, progress=False)
+    return out
+
+
+def test_vision_path_reproduces_student_patch_features(student_dir, tmp_path):
+    st = random_student()
+    imgs = [torch.randn(3, 32, 48), torch.randn(3, 64, 32), torch.randn(3, 16, 16)]
+    ref = [o.patch_features["siglino"][0] for o in st.forward_packed(imgs)]
+    for spec in ({"kind": "student", "path": str(student_dir)},):
+        cfg, sd = load_student_source(spec)
+        vlm = GroundingVLM(VLMConfig(vision=cfg, vocab_size=50))
+        load_vision_experts(vlm, sd)
+        got = vlm.encode_images(imgs).patch_features
+        for r, g in zip(ref, got):
+            assert (r - g).abs().max().item() <= 1e-5
+    # the official .pt route (plain state_dict, loaded with weights_only=True) maps the same way
+    torch.save({"model." + k: v for k, v in st.state_dict().items()}, tmp_path / "release.pt")
+    cfg, sd = load_student_source({"kind": "official", "path": str(tmp_path / "release.pt"), "config": TINY_STUDENT})
+    vlm = GroundingVLM(VLMConfig(vision=cfg, vocab_size=50))
+    load_vision_experts(vlm, sd)
+    assert (vlm.encode_images(imgs[:1]).patch_features[0] - ref[0]).abs().max().item() <= 1e-5
+    # with text in the sequence, image tokens still equal the student (they never see text)
+    mixed = vlm(imgs[:2], [[1, 2, 3], [4, 5, 6, 7]]).patch_features
+    assert (mixed[1] - ref[1]).abs().max().item() <= 1e-5
+
+
+def test_mismatched_student_names_the_keys(student_dir):
+    other = dict(TINY_STUDENT, dim=48)
+    vlm = GroundingVLM(VLMConfig(vision=other, vocab_size=20))
+    _, sd = load_student_source({"kind": "student", "path": str(student_dir)})
+    with pytest.raises(ValueError, match=r"img_projector.weight: checkpoint \(32, 768\) vs VLM \(48, 768\)"):
+        load_vision_experts(vlm, sd)
+    del sd["norm.weight"]
+    vlm = GroundingVLM(VLMConfig(vision=TINY_STUDENT, vocab_size=20))
+    with pytest.raises(ValueError, match="missing keys: \\['norm.weight'\\]"):
+        load_vision_experts(vlm, sd)
+
+
+def test_text_is_causal_and_samples_do_not_leak():
+    torch.manual_seed(1)
+    vlm = GroundingVLM(VLMConfig(vision=TINY_STUDENT, vocab_size=40))
+    with torch.no_grad():
+        for p in vlm.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    imgs = [torch.randn(3, 32, 32), torch.randn(3, 32, 16)]
+    a = vlm(imgs, [[1, 2, 3, 4], [5, 6, 7]])
+    b = vlm(imgs, [[1, 2, 3, 9], [5, 6, 8]])                    # change the last tokens only
+    assert torch.allclose(a.logits[0][:3], b.logits[0][:3], atol=1e-6)
+    assert torch.allclose(a.logits[1][:2], b.logits[1][:2], atol=1e-6)
+    assert not torch.allclose(a.logits[0][3], b.logits[0][3])
+    c = vlm([imgs[0], torch.randn(3, 32, 16)], [[1, 2, 3, 4], [5, 6, 7]])   # other sample's image changes
+    assert torch.allclose(a.logits[0], c.logits[0], atol=1e-5)
+    d = vlm([torch.randn(3, 32, 32), imgs[1]], [[1, 2, 3, 4], [5, 6, 7]])   # own image changes
+    assert not torch.allclose(a.logits[0], d.logits[0], atol=1e-4)
+
+
+def test_constrained_decoding_always_gives_four_ordered_location_tokens():
+    tok = GroundingTokenizer(train_tokenizer(["red circle left", "blue star", "big green square"] * 10,
+                                             vocab_size=80), bins=16)
+    torch.manual_seed(2)
+    vlm = GroundingVLM(VLMConfig(vision=TINY_STUDENT, vocab_size=tok.vocab_size))
+    with torch.no_grad():   # bias the head towards non-location tokens: the constraint must still hold
+        vlm.lm_head.weight.normal_(0, 1.0)
+        vlm.lm_head.weight[tok.loc_start:] -= 5
+    imgs = [torch.randn(3, 32, 32) for _ in range(5)]
+    prompts = [tok.encode_prompt(t) for t in ["red circle", "blue", "big green square left", "star", "x"]]
+    gen = greedy_box_tokens(vlm, tok, imgs, prompts, ordered=True)
+    for g in gen:
+        assert len(g) == 4 and all(i in tok.loc_ids() for i in g)
+        box = tok.decode_box(g)
+        assert box is not None and box[2] >= box[0] and box[3] >= box[1]
+
+
+def test_bad_inputs_are_named():
+    vlm = GroundingVLM(VLMConfig(vision=TINY_STUDENT, vocab_size=20, max_text_len=4))
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        vlm([torch.randn(3, 30, 32)], [[1]])
+    with pytest.raises(ValueError, match="max_text_len=4"):
+        vlm([torch.randn(3, 32, 32)], [[1, 2, 3, 4, 5]])
+    with pytest.raises(ValueError, match="vocab mismatch"):
+        vlm([torch.randn(3, 32, 32)], [[25]])
+    with pytest.raises(ValueError, match="one text per image"):
+        vlm([torch.randn(3, 32, 32)], [[1], [2]])
+    cfg = load_config("miniworld-scratch")
+    with pytest.raises(KeyError, match="unknown key 'stepz'"):
+        apply_overrides(cfg, ["train.stepz=3"])
+    with pytest.raises(ValueError, match="data.root is not set"):
+        train(cfg, "/nonexistent/never-written")
+    with pytest.raises(FileNotFoundError, match="not a student export"):
+        load_student_source({"kind": "student", "path": "/nonexistent"})
+
+
+def _tiny_sets(world: Path, student: Path | None, steps: int) -> list[str]:
+    sets = [f"data.root={world / 'refer'}", "data.min_pixels=1024", "data.max_pixels=2304",
+            "tokenizer.vocab_size=120", "tokenizer.bins=16", f"train.steps={steps}", "train.batch_size=3",
+            "train.log_every=1", "train.checkpoint_every=2", "train.progress=false", "optim.warmup_steps=1"]
+    if student is not None:
+        sets.append(f"init.path={student}")
+    return sets
+
+
+def test_train_eval_end_to_end_and_leaderboard(refer_world, student_dir, tmp_path):
+    from benchmarks.leaderboard import suite_table
+    from benchmarks.results import load_results
+    from benchmarks.suites import load_suite
+    from grounding_vlm.evaluate import evaluate
+
+    run = tmp_path / "run"
+    summary = train("miniworld-student-gram", run, _tiny_sets(refer_world, student_dir, 3))
+    assert summary["steps"] == 3 and summary["init"]["copied"] > 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3] and all(x["gram_weight"] > 0 for x in lines)
+    rec = evaluate(run, "val", limit=5, results_dir=tmp_path / "results", progress=False)
+    m = rec["metrics"]
+    assert m["n"] == 5 and 0 <= m["acc@0.5"] <= 100 and m["unparsable"] == 0
+    preds = (run / "eval" / "val.jsonl").read_text().splitlines()
+    assert len(preds) == 5 and all(len(json.loads(p)["pred"]) == 4 for p in preds)
+    table, _ = suite_table(load_results(tmp_path / "results"), load_suite("miniworld"))
+    assert "grounding mini-world RefCOCO val acc@0.5" in table.columns
+    assert table.loc[0, "model"] == "grounding-vlm:miniworld-student-gram"
+
+
+def test_missing_images_are_counted(refer_world, tmp_path):
+    from grounding_vlm.data import load_split
+
+    world = tmp_path / "w"
+    shutil.copytree(refer_world / "refer", world / "refer")
+    full = load_split({"root": str(world / "refer"), "dataset": "refcoco"}, "train")
+    victim = Path(full.examples[0].image_path)
+    victim.unlink()
+    after = load_split({"root": str(world / "refer"), "dataset": "refcoco"}, "train")
+    refs_on_image = len({e.ref_id for e in full.examples if e.image_path == str(victim)})
+    assert after.missing_images == refs_on_image > 0
+    assert after.refs == full.refs and len(after.examples) < len(full.examples)
+
+
+def test_resume_equals_uninterrupted(refer_world, student_dir, tmp_path):
+    sets = _tiny_sets(refer_world, student_dir, 4)
+    train("miniworld-student", tmp_path / "a", sets)
+    train("miniworld-student", tmp_path / "b", sets, stop_after=2)
+    assert json.loads((tmp_path / "b" / "checkpoints" / "latest.json").read_text())["step"] == 2
+    train("miniworld-student", tmp_path / "b", sets)
+    a = load_tensors(tmp_path / "a" / "checkpoints" / "step_00000004" / "model.safetensors")
+    b = load_tensors(tmp_path / "b" / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    lb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]  # noqa: E731
+    assert strip(la) == strip(lb)
