@@ -1,0 +1,134 @@
+"""The four tasks end to end through the real HarnessContext: a generated mini-world read by the real
+readers, the sweep machinery with the real task registry, and an encoder whose answers are known."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.cache import FeatureCache
+from benchmarks.context import HarnessContext
+from benchmarks.leaderboard import pick_metric
+from benchmarks.results import read_result, result_path
+from benchmarks.suites import dataset_entry, load_suite
+from benchmarks.sweep import Harness, run_sweep
+from benchmarks.tasks import TaskConfigError, get_task
+from benchmarks.world import make_world
+from distill.encoders.base import MissingHeadError
+from distill.features import Features
+
+from test_harness_fakes import COLOURS, FakeEncoder, fake_dataset_loader, fake_encoder_loader
+
+WORLD = {
+    "classification": {"shapes": 4, "colours": 2, "image_size": 64, "train_max_per_class": 10,
+                       "train_min_per_class": 3, "zipf_alpha": 1.0, "val_per_class": 3, "distractor_prob": 0.3},
+    "retrieval": {"images": 10, "image_size": 64, "max_objects": 2},
+    "segmentation": {"train": 10, "val": 4, "image_size": 64, "min_objects": 2, "max_objects": 3},
+    "refer": {"images": 8, "min_side": 96, "max_side": 128, "min_objects": 3, "max_objects": 4,
+              "split_fractions": {"train": 0.5, "val": 0.25, "testA": 0.125, "testB": 0.125}},
+    "pool": {"images": 8, "per_shard": 8, "min_side": 96, "max_side": 128, "zipf_alpha": 1.1, "max_objects": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("task-world") / "w"
+    make_world(out, size=WORLD, seed=0, workers=1, progress=False)
+    return out
+
+
+class ColourEncoder(FakeEncoder):
+    """Image summary = mean RGB (centred); text = the RGB of the colour the prompt names.
+
+    On the fake colours dataset zero-shot and kNN must therefore be perfect, for each head and the
+    ensemble; head "b" is a scaled copy so two text heads exist."""
+
+    def __init__(self):
+        super().__init__(name="colour")
+        self.text_heads = ("a", "b")
+
+    def encode(self, images):
+        batch = torch.stack(list(images))
+        rgb = batch.mean(dim=(2, 3)) - 0.5
+        return Features(summary={"a": rgb, "b": 2 * rgb})
+
+    def encode_text(self, texts, head):
+        self.require_head(head, text=True)
+        names = ["red", "green", "blue", "yellow"]
+        rows = []
+        for t in texts:
+            colour = next(c for n, c in zip(names, COLOURS) if n in t)
+            rows.append(torch.tensor(colour, dtype=torch.float32) / 255.0 - 0.5)
+        return torch.stack(rows)
+
+
+def _ctx(tmp_path, encoder, ds_cfg=None, loader=fake_dataset_loader):
+    ds_cfg = ds_cfg or {"id": "colours", "reader": "fakecls", "root": str(tmp_path / "data"),
+                        "roles": {"train": "train", "test": "val"}}
+    return HarnessContext(encoder, ds_cfg, cache=FeatureCache(tmp_path / "cache"), batch_size=8,
+                          show_progress=False, load_dataset=loader)
+
+
+def test_zeroshot_and_knn_are_perfect_where_the_answer_is_known(tmp_path):
+    ctx = _ctx(tmp_path, ColourEncoder())
+    zs = get_task("zeroshot").run(ctx, {})
+    for head in ("a", "b", "ensemble"):
+        assert zs[f"{head}/top1"] == 100.0 and zs[f"{head}/mean_per_class_recall"] == 100.0
+        assert math.isnan(zs[f"{head}/top5"])                      # 4 classes: no top-5
+    knn = get_task("knn").run(ctx, {"k": [3, 5]})
+    assert knn["a/top1"] == knn["a/top1@k3"] == knn["b/top1@k5"] == 100.0
+    with pytest.raises(MissingHeadError, match="no text tower 'z'"):
+        get_task("zeroshot").run(ctx, {"heads": ["z"]})
+    with pytest.raises(TaskConfigError, match="unknown config key"):
+        get_task("knn").run(ctx, {"kk": 3})
+
+
+def test_zeroshot_rejects_classnames_that_do_not_match(tmp_path):
+    ctx = _ctx(tmp_path, ColourEncoder())
+    with pytest.raises(ValueError, match="2 class names given but the dataset has 4"):
+        get_task("zeroshot").run(ctx, {"classnames": ["red", "green"]})
+
+
+def test_every_task_on_the_mini_world_through_the_real_readers(world, tmp_path):
+    suite = load_suite("miniworld")
+    results = {}
+    for ds_id, task in (("mw-cls", "zeroshot"), ("mw-cls", "knn"), ("mw-ret", "retrieval"),
+                        ("mw-seg", "segmentation")):
+        ctx = _ctx(tmp_path, FakeEncoder(), dataset_entry(suite, ds_id, {"world": str(world)}), loader=None)
+        results[task] = get_task(task).run(ctx, {})
+    assert set(results["zeroshot"]) == {"a/top1", "a/top5", "a/mean_per_class_recall"}
+    assert {"a/top1", "b/top1", "a/top5", "b/top5", "a/top1@k20"} <= set(results["knn"])
+    assert set(results["retrieval"]) == {f"a/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    assert set(results["segmentation"]) == {f"{h}/{m}" for h in ("a", "b") for m in ("miou", "aacc", "macc")}
+    for metrics in results.values():
+        assert all(math.isnan(v) or 0.0 <= v <= 100.0 for v in metrics.values())
+    # a probe trained on the same cached features with the same seed gives the same numbers
+    ctx = _ctx(tmp_path, FakeEncoder(), dataset_entry(suite, "mw-seg", {"world": str(world)}), loader=None)
+    assert get_task("segmentation").run(ctx, {}) == results["segmentation"]
+
+
+def test_sweep_with_the_real_task_registry_feeds_the_leaderboard(world, tmp_path):
+    h = Harness(out_dir=tmp_path / "results", cache=FeatureCache(tmp_path / "cache"), batch_size=8,
+                variables={"world": str(world)}, show_progress=False, encoder_loader=fake_encoder_loader,
+                task_cfg={"knn": {"k": 5}, "segmentation": {"epochs": 2}})
+    cfg = {"suite": "miniworld", "models": ["fake:1"],
+           "tasks": ["zeroshot", "knn", "retrieval", "segmentation"], "vars": {"world": str(world)}}
+    summary = run_sweep(cfg, h)
+    assert summary.failed == 0, summary
+    suite = load_suite("miniworld")
+    columns = suite["leaderboard"]["columns"]
+    prefs = suite["leaderboard"]["head_preference"]
+    files = sorted((tmp_path / "results").glob("*.json"))
+    assert len(files) == 4
+    for f in files:
+        rec = json.loads(f.read_text())
+        assert rec["status"] == "ok", rec.get("error")
+        task = rec["cell"]["task"]
+        assert rec["task"]["version"] == get_task(task).version
+        for metric in columns[task]:
+            assert pick_metric(rec["metrics"], metric, prefs) is not None, (task, metric, rec["metrics"])
+    knn = next(json.loads(f.read_text()) for f in files if "__knn__" in f.name)
+    assert knn["config"]["task_cfg"]["k"] == 5 and "a/top1@k5" in knn["metrics"]
