@@ -36,6 +36,7 @@ class LevelConfig:
     resampling_steps: int = 0      # Vo et al. refinement rounds
     sample_size: int = 10          # points closest to each centroid kept per resampling round
     resample_niter: int = 5        # k-means iterations on the resampled points
+    init: str = "random"           # random | kmeans++ (seeded from a subsample of 32 points per centroid)
 
 
 @dataclass
@@ -64,10 +65,12 @@ def parse_cluster_config(raw: dict) -> ClusterConfig:
         raise ValueError("clustering config needs a non-empty 'levels' list, e.g. [{\"k\": 100}, {\"k\": 10}]")
     levels = [LevelConfig(**_strict(LevelConfig, lv, f"levels[{i}]")) for i, lv in enumerate(raw["levels"])]
     cfg = ClusterConfig(**{**raw, "levels": levels})
-    from distill.curation.kmeans import ENGINES
+    from distill.curation.kmeans import ENGINES, INIT_METHODS
     if cfg.engine not in ENGINES:
         raise ValueError(f"clustering config: engine must be one of {ENGINES}, got {cfg.engine!r}")
     for i, lv in enumerate(levels, 1):
+        if lv.init not in INIT_METHODS:
+            raise ValueError(f"level {i}: init must be one of {INIT_METHODS}, got {lv.init!r}")
         if lv.k < 1 or lv.niter < 1 or lv.resampling_steps < 0 or lv.sample_size < 1 or lv.resample_niter < 1:
             raise ValueError(f"level {i}: need k >= 1, niter >= 1, resampling_steps >= 0, sample_size >= 1, "
                              f"resample_niter >= 1 (got {dataclasses.asdict(lv)})")
@@ -115,7 +118,7 @@ def resample_threshold(engine, labels: np.ndarray, dists: np.ndarray, k: int, m:
 
 def kmeans_resampled(engine, x: np.ndarray, level: LevelConfig, seed: int, where: str):
     """k-means + resampling rounds. `x` is this rank's slice. Returns (centroids, labels, distances)."""
-    c = engine.fit(x, level.k, level.niter, seed, where=where)
+    c = engine.fit(x, level.k, level.niter, seed, where=where, init_method=level.init)
     labels, dists = engine.assign(x, c)
     for r in range(level.resampling_steps):
         thr = resample_threshold(engine, labels, dists, level.k, level.sample_size)

@@ -58,6 +58,29 @@ def _split_empty(centroids: torch.Tensor, counts: torch.Tensor, eps: float = 1.0
     return centroids
 
 
+def kmeanspp(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) on `x`: each new centre drawn with probability
+    proportional to the squared distance to the nearest centre chosen so far."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(x, dtype=np.float32)
+    centres = np.empty((k, x.shape[1]), dtype=np.float32)
+    centres[0] = x[rng.integers(len(x))]
+    d2 = ((x - centres[0]) ** 2).sum(1).astype(np.float64)
+    for j in range(1, k):
+        total = d2.sum()
+        # all remaining points coincide with centres: any point will do
+        i = int(rng.choice(len(x), p=d2 / total)) if total > 0 else int(rng.integers(len(x)))
+        centres[j] = x[i]
+        d2 = np.minimum(d2, ((x - centres[j]) ** 2).sum(1))
+    return centres
+
+
+def init_sample_ids(n: int, k: int, seed: int, per_centroid: int = 32) -> np.ndarray:
+    """Global row ids (sorted) of the subsample k-means++ seeds from: the same draw on every rank."""
+    m = min(n, max(k, per_centroid * k))
+    return np.sort(np.random.default_rng(seed).permutation(n)[:m])
+
+
 def assign_torch(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of every row of `x` (squared L2), computed in blocks to bound memory."""
     n, k = x.shape[0], centroids.shape[0]
@@ -84,9 +107,13 @@ class TorchEngine:
         self.device = torch.device(device)
 
     # --------------------------------------------------------------- collectives (no-ops alone)
+    def _comm(self) -> torch.device:
+        # NCCL only moves GPU tensors; gloo moves CPU tensors
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if _distributed():
-            dev = t.to(self.device) if dist.get_backend() == "nccl" else t
+            dev = t.to(self._comm())
             dist.all_reduce(dev)
             t.copy_(dev.cpu())
         return t
@@ -94,7 +121,7 @@ class TorchEngine:
     def _sizes(self, n_local: int) -> list[int]:
         if not _distributed():
             return [n_local]
-        t = torch.tensor([n_local], dtype=torch.int64)
+        t = torch.tensor([n_local], dtype=torch.int64, device=self._comm())
         out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
         dist.all_gather(out, t)
         return [int(v) for v in out]
@@ -105,31 +132,38 @@ class TorchEngine:
             return x
         sizes = self._sizes(len(x))
         t = torch.from_numpy(np.ascontiguousarray(x))
-        pad = torch.zeros((max(sizes),) + tuple(t.shape[1:]), dtype=t.dtype)
-        pad[:len(t)] = t
+        pad = torch.zeros((max(sizes),) + tuple(t.shape[1:]), dtype=t.dtype, device=self._comm())
+        pad[:len(t)] = t.to(pad.device)
         out = [torch.zeros_like(pad) for _ in sizes]
         dist.all_gather(out, pad)
-        return torch.cat([o[:s] for o, s in zip(out, sizes)]).numpy()
+        return torch.cat([o[:s].cpu() for o, s in zip(out, sizes)]).numpy()
 
     def global_size(self, n_local: int) -> int:
         return sum(self._sizes(n_local))
 
+    def rows_by_id(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Rows with these global ids (same on every rank): each rank fills the rows it owns."""
+        sizes = self._sizes(len(x))
+        start = sum(sizes[:dist.get_rank()]) if _distributed() else 0
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        mine = (ids >= start) & (ids < start + len(x))
+        out = torch.zeros(len(ids), x.shape[1], dtype=torch.float64)
+        out[mine] = torch.from_numpy(np.asarray(x, dtype=np.float32)[(ids[mine] - start).numpy()]).double()
+        return self._all_reduce(out).float().numpy()
+
     # --------------------------------------------------------------- k-means
     def fit(self, x: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | None = None,
-            where: str = "k-means") -> np.ndarray:
+            where: str = "k-means", init_method: str = "random") -> np.ndarray:
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-        sizes = self._sizes(len(x))
-        n = sum(sizes)
+        n = self.global_size(len(x))
         _check_k(n, k, where)
         d = xt.shape[1]
+        if init is None and init_method == "kmeans++":
+            init = kmeanspp(self.rows_by_id(x, init_sample_ids(n, k, seed)), k, seed)
         if init is None:
-            # the same seeded draw of k global row ids on every rank; each rank fills the rows it owns
-            pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
-            start = sum(sizes[:dist.get_rank()]) if _distributed() else 0
-            mine = (pick >= start) & (pick < start + len(x))
-            c = torch.zeros(k, d, dtype=torch.float64)
-            c[mine] = xt[(pick[mine] - start).to(xt.device)].double().cpu()
-            c = self._all_reduce(c).float()
+            # the same seeded draw of k global row ids on every rank
+            pick = np.random.default_rng(seed).permutation(n)[:k]
+            c = torch.from_numpy(self.rows_by_id(x, pick))
         else:
             c = torch.from_numpy(np.asarray(init, dtype=np.float32)).clone()
         for _ in range(niter):
@@ -171,9 +205,11 @@ class FaissEngine:
         return n_local
 
     def fit(self, x: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | None = None,
-            where: str = "k-means") -> np.ndarray:
+            where: str = "k-means", init_method: str = "random") -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         _check_k(len(x), k, where)
+        if init is None and init_method == "kmeans++":
+            init = kmeanspp(x[init_sample_ids(len(x), k, seed)], k, seed)
         if init is not None and niter == 0:
             return np.asarray(init, dtype=np.float32)
         km = self.faiss.Kmeans(x.shape[1], k, niter=max(niter, 1), seed=seed, gpu=self.gpu, verbose=False,
@@ -191,6 +227,7 @@ class FaissEngine:
 
 
 ENGINES = ("faiss", "torch")
+INIT_METHODS = ("random", "kmeans++")
 
 
 def make_engine(name: str, device: str | None = None):
