@@ -1,0 +1,158 @@
+"""DINOv3 ViT through Hugging Face transformers: `dinov3:ID_OR_DIR`.
+
+Any image size works (RoPE positions): `resolution` R keeps the aspect ratio, scales the area to
+about R^2 and rounds each side to a multiple of the patch size. Mean/std and resampling come from
+the model's image-processor config when the directory has one, else ImageNet mean/std (what every
+DINOv3 checkpoint uses) and the patch size / image size from the model config.
+
+Outputs: summary "dinov3" = CLS (post-norm), registers = the 4 register tokens, patches per image.
+Optional text head (opt-in, remote code): `?dinotxt=1` loads the dino.txt model through torch.hub
+(`dinov3_vitl16_dinotxt_tet1280d20h24l`) and adds the head "dinotxt": image = dino.txt's joint
+embedding, text = its text tower. The hub function is injectable (`hub_load=`) for offline use.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from distill.encoders.common import (IMAGENET_MEAN, IMAGENET_STD, ModuleEncoder, as_bool, as_image_list,
+                                     aspect_size, group_by_size, hub_error, is_local, no_grad_encode,
+                                     require_remote_code, resize_normalize)
+from distill.encoders.registry import register_loader
+from distill.features import Features
+
+DINOTXT_REPO = "facebookresearch/dinov3"
+DINOTXT_ENTRY = "dinov3_vitl16_dinotxt_tet1280d20h24l"
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+class DINOv3Encoder(ModuleEncoder):
+    kind = "dinov3"
+
+    def __init__(self, model, source: str, mean, std, resample: int, default_side: int, head: str = "dinov3",
+                 dinotxt=None, dinotxt_tokenizer=None):
+        self.model = model.eval()
+        self.source = source
+        self.name = f"dinov3:{source}"
+        self.patch_size = int(model.config.patch_size)
+        self.n_registers = int(getattr(model.config, "num_register_tokens", 0))
+        self.width = int(model.config.hidden_size)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self.resample = int(resample)
+        self.default_side = int(default_side)
+        self.head = head
+        self.dinotxt = dinotxt.eval() if dinotxt is not None else None
+        self.dinotxt_tokenizer = dinotxt_tokenizer
+        self.heads = (head, "dinotxt") if dinotxt is not None else (head,)
+        self.text_heads = ("dinotxt",) if dinotxt is not None else ()
+
+    def preprocess(self, image, resolution=None) -> torch.Tensor:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"preprocess expects a PIL image, got {type(image).__name__}")
+        W, H = image.size
+        size = aspect_size(H, W, int(resolution or self.default_side), self.patch_size)
+        return resize_normalize(image, size, self.mean, self.std, self.resample)
+
+    def preprocess_config(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "resample": self.resample, "patch_size": self.patch_size,
+                "default_side": self.default_side, "size_rule": "aspect-kept area R^2, sides rounded to patch"}
+
+    @no_grad_encode
+    def encode(self, images) -> Features:
+        images = [im.to(self.device, self.dtype) for im in as_image_list(images)]
+        n = len(images)
+        summary, cls, regs, patches, grids, joint = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
+        R = self.n_registers
+        for (H, W), idx in group_by_size(images).items():
+            if H % self.patch_size or W % self.patch_size:
+                raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}; "
+                                 "use preprocess()")
+            batch = torch.stack([images[i] for i in idx])
+            hs = self.model(pixel_values=batch).last_hidden_state   # [CLS, registers, patches]
+            j_emb = self.dinotxt.encode_image(batch) if self.dinotxt is not None else None
+            for j, i in enumerate(idx):
+                cls[i] = hs[j, 0]
+                regs[i] = hs[j, 1: 1 + R]
+                patches[i] = hs[j, 1 + R:]
+                grids[i] = (H // self.patch_size, W // self.patch_size)
+                if j_emb is not None:
+                    joint[i] = j_emb[j]
+        cls_t = torch.stack(cls)
+        summary = {self.head: cls_t}
+        if self.dinotxt is not None:
+            summary["dinotxt"] = torch.stack(joint)
+        return Features(summary=summary, patches={self.head: patches}, grids=grids, cls=cls_t,
+                        registers=torch.stack(regs) if R else None)
+
+    @no_grad_encode
+    def encode_text(self, texts: list[str], head: str) -> torch.Tensor:
+        self.require_head(head, text=True)
+        tokens = self.dinotxt_tokenizer.tokenize(list(texts))
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.to(self.device)
+        return self.dinotxt.encode_text(tokens)
+
+    def describe(self) -> dict:
+        return {"source": self.source, "width": self.width, "patch_size": self.patch_size,
+                "registers": self.n_registers, "dinotxt": self.dinotxt is not None}
+
+
+def _load_dinotxt(hub_load: Callable | None, trust_remote_code, repo: str, entry: str, **hub_kwargs):
+    require_remote_code("dinov3", f"the dino.txt text head ({repo}:{entry}) through torch.hub", trust_remote_code)
+    if hub_load is None:
+        hub_load = torch.hub.load
+    try:
+        out = hub_load(repo, entry, **hub_kwargs)
+    except (OSError, RuntimeError) as e:
+        raise OSError(f"dinov3: torch.hub could not load {repo}:{entry} ({e}). Offline, clone the repo and pass "
+                      "dinotxt_repo=LOCAL_CLONE with source='local' and local weights= / backbone_weights= files.") from e
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(f"dino.txt hub entry must return (model, tokenizer); got {type(out).__name__}")
+    return out
+
+
+@register_loader("dinov3", "DINOv3 ViT (DINOv3ViTModel) via transformers; summary = CLS, 4 registers, patches; "
+                 "optional dino.txt text head via torch.hub (?dinotxt=1, remote code, opt-in)",
+                 requires=("transformers",), example="dinov3:facebook/dinov3-vitl16-pretrain-lvd1689m",
+                 options={"dinotxt": "add the dino.txt head (needs trust_remote_code)",
+                          "dinotxt_weights / dinotxt_backbone_weights": "files or URLs for the hub entry",
+                          "hub_load": "(Python) replacement for torch.hub.load"})
+def load_dinov3(arg: str, head: str = "dinov3", dinotxt=False, trust_remote_code=None, hub_load=None,
+                dinotxt_repo: str = DINOTXT_REPO, dinotxt_entry: str = DINOTXT_ENTRY, dinotxt_weights=None,
+                dinotxt_backbone_weights=None, dinotxt_source: str | None = None, revision: str | None = None,
+                **unused) -> DINOv3Encoder:
+    if unused:
+        raise TypeError(f"dinov3 loader got unknown option(s) {sorted(unused)}")
+    from transformers import AutoConfig, AutoImageProcessor, DINOv3ViTModel
+
+    source = str(Path(arg).expanduser()) if is_local(arg) else arg
+    kw = {"revision": revision} if revision else {}
+    try:
+        config = AutoConfig.from_pretrained(source, **kw)
+        if config.model_type != "dinov3_vit":
+            raise ValueError(f"{source} is a '{config.model_type}' model, not DINOv3 ViT (dinov3_vit); use the "
+                             "matching kind or a bare path for auto-detection")
+        model = DINOv3ViTModel.from_pretrained(source, dtype=torch.float32, **kw)
+        has_proc = not Path(source).is_dir() or any((Path(source) / f).is_file() for f in PROCESSOR_FILES)
+        proc = AutoImageProcessor.from_pretrained(source, **kw) if has_proc else None
+    except OSError as e:
+        if not is_local(source):
+            raise hub_error("dinov3", source, e) from e
+        raise
+    if proc is not None:
+        mean, std = proc.image_mean, proc.image_std
+        resample = int(getattr(proc, "resample", Image.BILINEAR))
+        size = getattr(proc, "size", None) or {}
+        size = size if isinstance(size, dict) else dict(size)
+        side = int(size.get("height") or size.get("shortest_edge") or config.image_size)
+    else:  # fall back to what every DINOv3 checkpoint was trained with
+        mean, std, resample, side = IMAGENET_MEAN, IMAGENET_STD, int(Image.BILINEAR), int(config.image_size)
+    txt = tok = None
+    if as_bool(dinotxt):
+        hub_kwargs = {k: v for k, v in (("weights", dinotxt_weights), ("backbone_weights", dinotxt_backbone_weights),
+                                         ("source", dinotxt_source)) if v is not None}
+        txt, tok = _load_dinotxt(hub_load, trust_remote_code, dinotxt_repo, dinotxt_entry, **hub_kwargs)
+    return DINOv3Encoder(model, source, mean, std, resample, side, head=head, dinotxt=txt, dinotxt_tokenizer=tok)
