@@ -37,7 +37,11 @@ def register(sub) -> None:
 def _train(args) -> int:
     from .train import train
 
+    import os
+
     summary = train(args.config, args.out, args.sets)
+    if os.environ.get("RANK", "0") != "0":   # under torchrun, one summary line (rank 0's)
+        return 0
     print(json.dumps({k: summary[k] for k in ("run", "steps", "last", "wall_s")}))
     return 0
 
