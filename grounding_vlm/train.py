@@ -133,7 +133,7 @@ def build_model(cfg: dict, vocab_size: int):
     return model, report, source
 
 
-def _expert_loads(model) -> list[torch.Tensor]:
+def _expert_loads(model) -> tuple[list, list[torch.Tensor]]:
     layers = [b.vision.moe for b in model.layers.values() if b.vision.kind == "moe"]
     return layers, [m.tokens_per_expert.clone() for m in layers]
 

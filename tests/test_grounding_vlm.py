@@ -165,7 +165,12 @@ def test_train_eval_end_to_end_and_leaderboard(refer_world, student_dir, tmp_pat
     assert m["n"] == 5 and 0 <= m["acc@0.5"] <= 100 and m["unparsable"] == 0
     preds = (run / "eval" / "val.jsonl").read_text().splitlines()
     assert len(preds) == 5 and all(len(json.loads(p)["pred"]) == 4 for p in preds)
+    from amoe.cli import main as amoe_main
+
+    assert amoe_main(["ground", "eval", "--run", str(run), "--split", "testA", "--limit", "2",
+                      "--results", str(tmp_path / "results")]) == 0
     table, _ = suite_table(load_results(tmp_path / "results"), load_suite("miniworld"))
+    assert "grounding mini-world RefCOCO testA acc@0.5" in table.columns
     assert "grounding mini-world RefCOCO val acc@0.5" in table.columns
     assert table.loc[0, "model"] == "grounding-vlm:miniworld-student-gram"
 
