@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     s.add_argument("--clusters", required=True, help="directory written by `amoe curate cluster`")
     s.add_argument("--target", type=int, required=True, help="number of samples to keep")
     s.add_argument("--out", required=True, help="manifest path (.parquet)")
-    s.add_argument("--strategy", default="closest", choices=("closest", "random"), help="leaf selection")
+    s.add_argument("--strategy", default="random", choices=("random", "closest"),
+                   help="leaf selection: random (default; keeps atypical images) or closest to the centroid")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_sample)
 

@@ -58,7 +58,7 @@ def _children(parent_of: np.ndarray, n_parents: int) -> list[np.ndarray]:
 
 
 def hierarchical_sample(assignments: list[np.ndarray], distances: np.ndarray, target: int,
-                        strategy: str = "closest", seed: int = 0) -> np.ndarray:
+                        strategy: str = "random", seed: int = 0) -> np.ndarray:
     """Indices of the chosen level-1 points, sorted.
 
     assignments[0]: level-1 cluster of every point; assignments[l]: level-(l+1) cluster of every level-l
@@ -106,7 +106,7 @@ def cluster_paths(assignments: list[np.ndarray], points: np.ndarray) -> np.ndarr
 
 
 def sample_manifest(clusters: str | os.PathLike, target: int, out: str | os.PathLike,
-                    strategy: str = "closest", seed: int = 0):
+                    strategy: str = "random", seed: int = 0):
     """`amoe curate sample`: a saved hierarchy -> a parquet manifest of `target` samples.
 
     Columns: key, shard, row (embedding row), level_1..level_L (cluster path), distance (to the level-1
