@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import socket
 import sys
 from pathlib import Path
@@ -268,3 +269,41 @@ def test_trainer_fits_standardises_and_resume_restores_phis_exactly(tmp_path):
             got = load_tensors(src)
             for k, v in fitted[f].items():
                 assert torch.equal(got[k], v), (src, k)
+
+
+def _ddp_trainer_worker(rank: int, port: int, recipe: dict, out: str) -> None:
+    from train_standins import make_teachers
+
+    from distill.train import run_distillation
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    run_distillation(recipe, out, teachers=make_teachers())
+
+
+@pytest.mark.distributed
+def test_two_rank_trainer_standardises_like_one_rank(tmp_path):
+    """Rank 0 fits PHI-S, rank 1 waits and loads the files: both standardise with the same statistics,
+    so the losses and gradient norms of 2 ranks equal those of 1 rank on the same global batch."""
+    from train_standins import make_teachers, tiny_recipe, write_pool
+
+    from distill.io import load_tensors
+    from distill.train import run_distillation
+    from distill.train.metrics import read_metrics
+
+    world = tmp_path / "world"
+    write_pool(world, n_images=48, corrupt=(5,))
+    one = tiny_recipe(world, steps=2, phis__enabled=True, batching__seqs_per_rank=4)
+    two = tiny_recipe(world, steps=2, phis__enabled=True, batching__seqs_per_rank=2)
+    run_distillation(one, tmp_path / "one", teachers=make_teachers())
+    mp.start_processes(_ddp_trainer_worker, args=(_free_port(), two, str(tmp_path / "two")), nprocs=2,
+                       join=True, start_method="spawn")
+    for f in (tmp_path / "one" / "phis").iterdir():
+        a, b = load_tensors(f), load_tensors(tmp_path / "two" / "phis" / f.name)
+        assert all(torch.equal(a[k], b[k]) for k in a), f.name
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(m1) == len(m2) == 2
+    for a, b in zip(m1, m2):
+        for k in ("loss/total", "loss/siglip2/patch", "loss/dinov3/register", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
