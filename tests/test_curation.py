@@ -249,3 +249,25 @@ def test_cli_cluster_sample_evaluate(tmp_path, embedded, capsys):
     assert res["curated"]["images"] == 12 and res["concepts_in_pool"] == len(COLOURS)
     # 6 colours, 6 level-1 clusters, 12 balanced picks: every colour is covered
     assert res["curated"]["covered"] == len(COLOURS)
+
+
+def test_oracle_concepts_balance_a_long_tail(tmp_path):
+    """With concept-perfect embeddings, the hierarchy + water-filling must flatten a long tail: 6 concepts
+    with 80/40/20/10/5/3 images, 18 picks -> 3 of each (random picks would be ~9 of the head concept)."""
+    from amoe.cli import main
+
+    sizes = [80, 40, 20, 10, 5, 3]
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(6), sizes))
+    samples = [(f"{i:05d}", COLOURS[c], {"concepts": [int(c)]}) for i, c in enumerate(labels)]
+    for s in range(2):
+        write_shard(tmp_path / "pool" / f"pool-{s:06d}.tar", samples[s::2])
+    cfg = {"levels": [{"k": 12, "niter": 10, "resampling_steps": 2, "sample_size": 2, "init": "kmeans++"},
+                      {"k": 6, "niter": 10, "init": "kmeans++"}]}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert main(["curate", "embed", "--oracle-concepts", "--pool", str(tmp_path / "pool"),
+                 "--out", str(tmp_path / "emb")]) == 0
+    assert main(["curate", "cluster", "--embeddings", str(tmp_path / "emb"), "--config", str(tmp_path / "cfg.json"),
+                 "--out", str(tmp_path / "cl")]) == 0
+    df = sample_manifest(tmp_path / "cl", 18, tmp_path / "m.parquet")
+    got = np.bincount([labels[int(k)] for k in df["key"]], minlength=6)
+    assert got.tolist() == [3, 3, 3, 3, 3, 3]

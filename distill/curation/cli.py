@@ -17,7 +17,11 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="curate_command", metavar="STEP")
 
     e = sub.add_parser("embed", help="embed pool images with a registry encoder into memory-mapped arrays")
-    e.add_argument("--encoder", required=True, help="encoder spec for distill.encoders.registry.load_encoder")
+    who = e.add_mutually_exclusive_group(required=True)
+    who.add_argument("--encoder", help="encoder spec for distill.encoders.registry.load_encoder")
+    who.add_argument("--oracle-concepts", action="store_true",
+                     help="mini-world diagnostic: ground-truth concept multi-hots instead of an encoder "
+                          "(the best case any encoder can give the curation)")
     e.add_argument("--pool", required=True, help="webdataset shards (dir, dir/shards, brace pattern) or an "
                                                   "image-list .txt (one path per line)")
     e.add_argument("--out", required=True, help="embeddings directory (resumable)")
@@ -60,6 +64,12 @@ def register(subparsers) -> None:
 
 
 def _embed(args) -> int:
+    if args.oracle_concepts:
+        from distill.curation.evaluate import write_concept_embeddings
+
+        out = write_concept_embeddings(args.pool, args.out)
+        print(f"wrote ground-truth concept embeddings of {args.pool} into {out}")
+        return 0
     from distill.curation.embed import embed_pool
     from distill.encoders.registry import load_encoder
     from distill.train.distributed import setup, teardown

@@ -98,3 +98,34 @@ def evaluate_manifest(manifest: str | os.PathLike, pool: str | os.PathLike, seed
             "tail_concepts": int(tail.sum()), "pool_images": len(concepts),
             "curated": curated, "random": _mean_std(randoms), "random_seeds": seeds,
             "whole_pool": concept_stats(list(concepts.values()), n_concepts, tail)}
+
+
+def write_concept_embeddings(pool: str | os.PathLike, out_dir: str | os.PathLike, noise: float = 0.05,
+                             seed: int = 0) -> Path:
+    """An embeddings directory whose vectors are the samples' ground-truth concept multi-hots (+ Gaussian
+    noise, so ties do not decide the clustering): the upper bound any encoder can give the curation, which
+    separates the clustering/sampling algorithm from the encoder's quality. Same layout as `embed_pool`."""
+    from distill.curation.embed import finalize, pool_units, unit_keys
+    from distill.io import atomic_path, write_json_atomic
+
+    out = Path(out_dir)
+    concepts = pool_concepts(pool)
+    n_concepts = 1 + max(max(cs) for cs in concepts.values() if cs)
+    write_json_atomic(out / "settings.json", {"encoder": f"oracle-concepts-{n_concepts}", "head": "concepts",
+                                              "resolution": None, "preprocess": {"noise": noise, "seed": seed}})
+    rng = np.random.default_rng(seed)
+    units = pool_units(pool)
+    for unit in units:
+        keys = unit_keys(unit)
+        x = noise * rng.standard_normal((len(keys), n_concepts)).astype(np.float32)
+        valid = [(unit.shard, k) in concepts for k in keys]
+        for i, k in enumerate(keys):
+            x[i, concepts.get((unit.shard, k), [])] += 1.0
+        with atomic_path(out / "units" / f"{unit.name}.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, x)
+        write_json_atomic(out / "units" / f"{unit.name}.done.json", {
+            "unit": unit.name, "shard": unit.shard, "path": unit.path, "rows": len(keys), "dim": n_concepts,
+            "keys": keys, "valid": valid, "corrupt": int(len(keys) - sum(valid))})
+    finalize(out, units)
+    return out
