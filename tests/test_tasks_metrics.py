@@ -39,6 +39,17 @@ def test_registry_lists_the_four_tasks_and_names_unknown_ones():
         register_task(Dup())
 
 
+def test_an_encoder_without_a_usable_head_is_a_missing_head_error():
+    # the harness turns MissingHeadError into a "skipped" cell, so the subclass must stay one
+    from benchmarks.tasks.base import select_heads
+    from distill.encoders.base import MissingHeadError
+    with pytest.raises(MissingHeadError, match="^encoder 'enc' has no text tower that zeroshot can use"):
+        select_heads([], None, "zeroshot", "enc", "text tower")
+    with pytest.raises(MissingHeadError, match="no head 'z'; available: a, b"):
+        select_heads(["a", "b"], ["a", "z"], "knn", "enc")
+    assert select_heads(["a", "b"], None, "knn", "enc") == ["a", "b"]
+
+
 # ---------------------------------------------------------------- classification metrics
 
 def test_topk_and_balanced_recall_match_sklearn():

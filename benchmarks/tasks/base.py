@@ -32,6 +32,18 @@ class UnknownTaskError(KeyError):
         return str(self.args[0])
 
 
+class NoUsableHeadError(MissingHeadError):
+    """The encoder has no head of the kind a task needs (e.g. no text tower for zero-shot); the harness
+    records the cell as skipped, like any MissingHeadError."""
+
+    def __init__(self, encoder: str, task: str, what: str, available: tuple[str, ...]):
+        KeyError.__init__(self, f"encoder '{encoder}' has no {what} that {task} can use "
+                                f"(its {what}s: {', '.join(available) or 'none'})")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class TaskConfigError(ValueError):
     """A task config value is wrong; the message names the key and the fix."""
 
@@ -82,7 +94,7 @@ def select_heads(available: Iterable[str], wanted: list[str] | None, task: str, 
     available = list(available)
     if wanted is None:
         if not available:
-            raise MissingHeadError(encoder, f"<any {what} for {task}>", tuple(available), what)
+            raise NoUsableHeadError(encoder, task, what, tuple(available))
         return available
     missing = [h for h in wanted if h not in available]
     if missing:
