@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +278,10 @@ class SegmentationTask:
             raise TaskConfigError(f"segmentation: dataset '{ctx.dataset_cfg.get('id')}' has no class list; use a "
                                   "segmentation reader (ade20k, cityscapes)")
         k = len(classes)
+        if proto["preset"] == "miniworld" and len(train_ds) > 5000:
+            warnings.warn(f"segmentation: the 'miniworld' preset (a short schedule for the generated mini-world) "
+                          f"is training on {len(train_ds)} images; for paper numbers set \"preset\": \"amoe\" "
+                          "(or radio / dinov3) in task_cfg.segmentation", stacklevel=2)
         train, test = ctx.features("train", patches=True), ctx.features("test", patches=True)
         heads = select_heads([h for h in ctx.encoder.heads if h in train.patches] or list(train.patches),
                              cfg["heads"], self.name, ctx.encoder.name, "patch head")
