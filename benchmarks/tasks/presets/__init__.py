@@ -1,0 +1,1 @@
+"""Package data: benchmark task protocols as JSON (segmentation.json: linear-probe presets)."""
