@@ -188,11 +188,12 @@ class ModuleEncoder(Encoder):
         return self._weights_id
 
     def describe(self) -> dict:
-        """What `amoe encoders show` prints."""
+        """Architecture facts that change the features (part of the fingerprint; never a path)."""
         return {}
 
     def fingerprint(self) -> str:
-        return json_fingerprint({"kind": self.kind, "name": self.name, "weights": self.weights_id(),
+        # not the name/path: the same weights read from another directory give the same features
+        return json_fingerprint({"kind": self.kind, "weights": self.weights_id(),
                                  "preprocess": self.preprocess_config(), "dtype": str(self.dtype),
                                  "extra": self.describe()})
 

@@ -96,7 +96,7 @@ class DINOv3Encoder(ModuleEncoder):
         return self.dinotxt.encode_text(tokens)
 
     def describe(self) -> dict:
-        return {"source": self.source, "width": self.width, "patch_size": self.patch_size,
+        return {"width": self.width, "patch_size": self.patch_size,
                 "registers": self.n_registers, "dinotxt": self.dinotxt is not None}
 
 

@@ -161,7 +161,7 @@ class HFSiglipEncoder(ModuleEncoder):
         return sum(p.numel() for p in self.model.vision_model.parameters())
 
     def describe(self) -> dict:
-        return {"source": self.source, "model_type": self.model.config.model_type, "width": self.width,
+        return {"model_type": self.model.config.model_type, "width": self.width,
                 "patch_size": self.patch_size}
 
 

@@ -30,7 +30,7 @@ from distill.encoders.common import (ModuleEncoder, as_bool, as_image_list, hub_
 from distill.encoders.registry import register_loader
 from distill.features import Features
 from distill.io import load_tensors, save_tensors_atomic, write_json_atomic
-from distill.student import ImageProcessor, Student, StudentConfig, get_config, load_official_checkpoint
+from distill.student import ImageProcessor, Student, get_config, load_official_checkpoint
 from distill.student.config import CONFIGS_FILE, known_configs
 from distill.student.processor import chw_to_patches
 
@@ -385,9 +385,9 @@ def load_siglino(arg: str, config=None, trust_remote_code=None, hf_load: Callabl
         if name is None:
             raise ValueError(f"cannot infer the SigLino config from the file name '{p.name}'; pass it, e.g. "
                              f"'siglino:{arg}?config=siglino-0.3B' (known: {', '.join(known_configs())})")
-        model = Student(name if isinstance(name, (str, dict, StudentConfig)) else get_config(name),
-                        attention_backend=attention_backend, expert_backend=expert_backend)
-        model.load_state_dict(load_official_checkpoint(p))  # strict; weights_only=True
+        state = load_official_checkpoint(p)  # weights_only=True; read first so a bad file fails before the build
+        model = Student(name, attention_backend=attention_backend, expert_backend=expert_backend)
+        model.load_state_dict(state)  # strict
         return SiglinoEncoder(model, f"siglino:{p}", kind="siglino", max_tokens=max_tokens,
                               identity={"config_name": name if isinstance(name, str) else None})
     if "/" in arg and not arg.startswith((".", "/", "~")):
