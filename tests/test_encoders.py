@@ -55,6 +55,8 @@ def test_detect_kind(dirs, tmp_path):
 
 
 def test_hub_id_offline_names_the_fix():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_encoder("siglip2:/no/such/model")        # a missing path is a path error, not a hub error
     with pytest.raises(HubUnreachableError, match="siglip2:DIR"):
         load_encoder("siglip2:google/siglip2-so400m-patch16-naflex")
     with pytest.raises(HubUnreachableError, match="dinov3:DIR"):

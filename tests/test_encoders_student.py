@@ -75,6 +75,15 @@ def test_random_export_sized_to_teachers_borrows_text(tmp_path, teachers):
     texts = ["a photo of the cat", "red circle"]
     torch.testing.assert_close(enc.encode_text(texts, "siglip2"), teacher.encode_text(texts, "siglip2"))
     assert enc.logit_scale("siglip2") == pytest.approx(teacher.logit_scale("siglip2"))
+    # a teacher that is gone leaves the image side working and says why there is no text
+    spec = json.loads((out / "config.json").read_text())
+    spec["teachers"]["siglip2"]["spec"] = "siglip2:/gone/teachers/siglip2"
+    (out / "config.json").write_text(json.dumps(spec))
+    moved = load_encoder(f"student:{out}")
+    with pytest.warns(UserWarning, match="could not be loaded"):
+        assert moved.text_heads == ()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        moved.encode_text(["a cat"], "siglip2")
 
 
 def test_phis_inverse_maps_back_to_teacher_space(tmp_path):

@@ -35,6 +35,21 @@ def is_local(arg: str) -> bool:
     return Path(arg).expanduser().exists()
 
 
+def looks_like_path(arg: str) -> bool:
+    """Hub ids are 'name' or 'namespace/name'; anything else path-like is a local path."""
+    return arg.startswith(("/", ".", "~")) or arg.count("/") > 1 or "\\" in arg
+
+
+def check_source(kind: str, arg: str) -> str:
+    """A local path that does not exist is an error about the path, not about the hub."""
+    if is_local(arg):
+        return str(Path(arg).expanduser())
+    if looks_like_path(arg):
+        raise FileNotFoundError(f"{kind}: '{arg}' does not exist (a local model directory was expected; "
+                                "hub ids look like 'namespace/name')")
+    return arg
+
+
 def hub_error(kind: str, model_id: str, err: BaseException) -> HubUnreachableError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     why = "HF_HUB_OFFLINE=1 is set" if offline else "the hub is unreachable or the id is wrong"

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from distill.encoders.common import (IMAGENET_MEAN, IMAGENET_STD, ModuleEncoder, as_bool, as_image_list,
+from distill.encoders.common import (check_source, IMAGENET_MEAN, IMAGENET_STD, ModuleEncoder, as_bool, as_image_list,
                                      aspect_size, group_by_size, hub_error, is_local, no_grad_encode,
                                      require_remote_code, resize_normalize)
 from distill.encoders.registry import register_loader
@@ -128,7 +128,7 @@ def load_dinov3(arg: str, head: str = "dinov3", dinotxt=False, trust_remote_code
         raise TypeError(f"dinov3 loader got unknown option(s) {sorted(unused)}")
     from transformers import AutoConfig, AutoImageProcessor, DINOv3ViTModel
 
-    source = str(Path(arg).expanduser()) if is_local(arg) else arg
+    source = check_source("dinov3", arg)
     kw = {"revision": revision} if revision else {}
     try:
         config = AutoConfig.from_pretrained(source, **kw)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from distill.encoders.common import (ModuleEncoder, as_image_list, canonicalize_text, group_by_size, hub_error,
+from distill.encoders.common import (check_source, ModuleEncoder, as_image_list, canonicalize_text, group_by_size, hub_error,
                                      is_local, no_grad_encode, pad_stack, resize_normalize)
 from distill.encoders.registry import register_loader
 from distill.features import Features
@@ -175,7 +175,7 @@ def load_siglip2(arg: str, head: str | None = None, revision: str | None = None,
         raise TypeError(f"siglip2 loader got unknown option(s) {sorted(unused)}; known: head, revision")
     from transformers import AutoConfig, AutoImageProcessor, SiglipModel, Siglip2Model
 
-    source = str(Path(arg).expanduser()) if is_local(arg) else arg
+    source = check_source("siglip2", arg)
     kw = {"revision": revision} if revision else {}
     try:
         config = AutoConfig.from_pretrained(source, **kw)

@@ -20,6 +20,7 @@ The "siglino" head (the backbone) has no teacher and is never transformed.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -82,6 +83,7 @@ class SiglinoEncoder(ModuleEncoder):
         self.patch_size = model.config.spatial_patch_size
         self._teacher_loader = teacher_loader
         self._teachers: dict[str, Any] = {}
+        self._teacher_errors: dict[str, Exception] = {}
         self._identity = dict(identity or {})
 
     # ------------------------------------------------------------------ images
@@ -136,7 +138,14 @@ class SiglinoEncoder(ModuleEncoder):
         out = []
         for head, t in self.teacher_specs.items():
             if head in self.heads and t.get("spec"):
-                teacher = self._teacher(head)
+                try:
+                    teacher = self._teacher(head)
+                except Exception as e:  # e.g. a teacher directory that moved: no text here, say why once
+                    if head not in self._teacher_errors:
+                        self._teacher_errors[head] = e
+                        warnings.warn(f"{self.name}: the {head} teacher ({t['spec']}) could not be loaded, so "
+                                      f"'{head}' has no text tower: {e}")
+                    continue
                 if t.get("head", head) in teacher.text_heads:
                     out.append(head)
         return tuple(out)
@@ -190,7 +199,7 @@ class RemoteSiglinoEncoder(SiglinoEncoder):
         self.model = model.eval()
         self.name = name
         self.kind = "siglino"
-        self.phis, self.teacher_specs, self._teachers = {}, {}, {}
+        self.phis, self.teacher_specs, self._teachers, self._teacher_errors = {}, {}, {}, {}
         self._teacher_loader = None
         self._identity = {}
         self.patch_size = patch_size
