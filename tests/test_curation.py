@@ -271,3 +271,13 @@ def test_oracle_concepts_balance_a_long_tail(tmp_path):
     df = sample_manifest(tmp_path / "cl", 18, tmp_path / "m.parquet")
     got = np.bincount([labels[int(k)] for k in df["key"]], minlength=6)
     assert got.tolist() == [3, 3, 3, 3, 3, 3]
+
+
+def test_perf_measure_one_reports_time_and_memory():
+    from distill.curation.perf import measure_one, synthetic_points
+
+    x = synthetic_points(1000, 16, seed=1, modes=50)
+    assert x.shape == (1000, 16) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    r = measure_one(3000, 16, "faiss", [{"k": 40, "niter": 5, "resampling_steps": 1}, {"k": 5, "niter": 5}])
+    assert r["points"] == 3000 and r["levels"] == [40, 5]
+    assert r["wall_s"] > 0 and r["peak_rss_mb"] > r["data_mb"] > 0

@@ -29,14 +29,36 @@ def synthetic_points(n: int, dim: int, seed: int = 0, modes: int = 2000) -> np.n
     centres = rng.standard_normal((modes, dim)).astype(np.float32)
     w = 1.0 / np.arange(1, modes + 1) ** 1.1
     which = rng.choice(modes, size=n, p=w / w.sum())
-    x = centres[which] + 0.35 * rng.standard_normal((n, dim)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = np.empty((n, dim), dtype=np.float32)
+    for s in range(0, n, 65536):   # in chunks, so temporaries stay small next to the data
+        part = centres[which[s:s + 65536]] + 0.35 * rng.standard_normal((len(which[s:s + 65536]), dim)).astype(np.float32)
+        x[s:s + 65536] = part / np.linalg.norm(part, axis=1, keepdims=True)
     return x
 
 
-def _rss_mb() -> float:
-    # Linux reports ru_maxrss in KiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024   # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so the peak covers only what follows (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def measure_one(n: int, dim: int, engine: str, levels: list[dict], seed: int = 0) -> dict:
@@ -48,13 +70,18 @@ def measure_one(n: int, dim: int, engine: str, levels: list[dict], seed: int = 0
     cfg = parse_cluster_config({"name": "perf", "engine": engine, "normalize": False, "seed": seed,
                                 "levels": levels})
     eng = make_engine(engine)
-    before = _rss_mb()
+    before = _status_mb("VmRSS")
+    exact = _reset_peak()
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         out = run_hierarchy(x, n, cfg, tmp, eng, source={"synthetic": n}, progress=False)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+    # VmHWM after a reset = the clustering's own peak; otherwise the process peak (ru_maxrss, KiB)
+    peak = _status_mb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"points": n, "dim": dim, "engine": engine, "levels": [lv["k"] for lv in levels],
-            "wall_s": round(wall, 2), "peak_rss_mb": round(_rss_mb(), 1), "rss_before_cluster_mb": round(before, 1),
+            "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "peak_rss_mb": round(peak, 1), "peak_is_clustering_only": exact,
+            "rss_before_cluster_mb": None if before is None else round(before, 1),
             "data_mb": round(x.nbytes / 2**20, 1),
             "level1_largest_cluster": int(np.bincount(out[0].assignments).max())}
 
