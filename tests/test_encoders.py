@@ -225,6 +225,9 @@ def test_radio_requires_opt_in_and_follows_the_contract(monkeypatch):
 def test_radio_hf_route_injected():
     enc = load_encoder("radio-hf:nvidia/RADIO-H", trust_remote_code=True,
                        hf_load=lambda mid, adaptors: TinyRADIO(adaptors))
+    both = load_encoder("radio-hf:nvidia/RADIO-H", trust_remote_code=True, adaptor_names=["clip"],
+                        hf_load=lambda mid, adaptors: TinyRADIO(adaptors))
+    assert both.heads == ("radio", "clip") and both.text_heads == ("clip",)
     f = enc.encode([enc.preprocess(image(40, 40))])
     assert enc.heads == ("radio",) and f.summary["radio"].shape == (1, 24)
     with pytest.raises(RemoteCodeNotAllowedError):

@@ -146,8 +146,10 @@ def load_dinov3(arg: str, head: str = "dinov3", dinotxt=False, trust_remote_code
         mean, std = proc.image_mean, proc.image_std
         resample = int(getattr(proc, "resample", Image.BILINEAR))
         size = getattr(proc, "size", None) or {}
-        size = size if isinstance(size, dict) else dict(size)
-        side = int(size.get("height") or size.get("shortest_edge") or config.image_size)
+
+        def _get(key):  # a plain dict or transformers' SizeDict
+            return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        side = int(_get("height") or _get("shortest_edge") or config.image_size)
     else:  # fall back to what every DINOv3 checkpoint was trained with
         mean, std, resample, side = IMAGENET_MEAN, IMAGENET_STD, int(Image.BILINEAR), int(config.image_size)
     txt = tok = None

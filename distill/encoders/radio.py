@@ -104,9 +104,10 @@ class RADIOEncoder(ModuleEncoder):
                  options={"adaptors": "comma list of adaptor names", "trust_remote_code": "required",
                           "hub_load": "(Python) replacement for torch.hub.load", "repo": "hub repo or local clone"})
 def load_radio(arg: str, adaptors=None, trust_remote_code=None, hub_load: Callable | None = None,
-               repo: str = RADIO_REPO, source: str | None = None, **unused) -> RADIOEncoder:
+               repo: str = RADIO_REPO, source: str | None = None, adaptor_names=None, **unused) -> RADIOEncoder:
     if unused:
         raise TypeError(f"radio loader got unknown option(s) {sorted(unused)}")
+    adaptors = adaptors if adaptors is not None else adaptor_names   # RADIO's own keyword works too
     if arg not in VERSIONS and not is_local(arg):
         import difflib
         close = difflib.get_close_matches(arg, VERSIONS, n=2)
@@ -130,9 +131,10 @@ def load_radio(arg: str, adaptors=None, trust_remote_code=None, hub_load: Callab
                  requires=("transformers",), example="radio-hf:nvidia/RADIO-H?trust_remote_code=1",
                  options={"adaptors": "comma list of adaptor names", "hf_load": "(Python) replacement loader"})
 def load_radio_hf(arg: str, adaptors=None, trust_remote_code=None, hf_load: Callable | None = None,
-                  **unused) -> RADIOEncoder:
+                  adaptor_names=None, **unused) -> RADIOEncoder:
     if unused:
         raise TypeError(f"radio-hf loader got unknown option(s) {sorted(unused)}")
+    adaptors = adaptors if adaptors is not None else adaptor_names
     require_remote_code("radio-hf", f"'{arg}' (Hugging Face remote code)", trust_remote_code)
     names = as_list(adaptors)
     if hf_load is None:
