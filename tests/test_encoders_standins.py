@@ -27,18 +27,19 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
-def _text_cfg(vocab: int, width: int) -> dict:
+def _text_cfg(vocab: int, width: int, length: int = 64) -> dict:
     return dict(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=2)
+                num_attention_heads=2, max_position_embeddings=length, pad_token_id=0, bos_token_id=2,
+                eos_token_id=2)
 
 
 def make_siglip2_dir(path: Path, width: int = 32, processor: bool = True, tokenizer: bool = True,
-                     max_num_patches: int = 64, seed: int = 0) -> Path:
+                     max_num_patches: int = 64, seed: int = 0, text_length: int = 64) -> Path:
     from transformers import Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Siglip2Processor
 
     torch.manual_seed(seed)
     tok = make_tokenizer()
-    cfg = Siglip2Config(text_config=_text_cfg(tok.vocab_size, width),
+    cfg = Siglip2Config(text_config=_text_cfg(tok.vocab_size, width, text_length),
                         vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
                                            num_attention_heads=2, num_patches=64, patch_size=16))
     Siglip2Model(cfg).eval().save_pretrained(path)

@@ -6,8 +6,9 @@ the model's own image processor. Fixed-size models (`SiglipModel`) are resized t
 position embeddings interpolated when R differs from the trained size.
 
 Summary = `pooler_output` (the MAP head); patches = the last hidden state (post-layernorm) per image.
-Text: SigLIP's rule -- lower-case, strip punctuation, pad to 64 tokens on the right, and no
-attention mask (the text tower pools the last position, as it was trained).
+Text: SigLIP's rule -- lower-case, strip punctuation, pad on the right to the text tower's position
+count (64 for the released models), and no attention mask: the tower pools the last position, so
+the padded length must be the one it was trained with.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from distill.encoders.registry import register_loader
 from distill.features import Features
 from distill.student.processor import chw_to_patches
 
-TEXT_LENGTH = 64
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model")
 # a tokenizer saved from a bare `tokenizers` object: load it as exactly that, not as the class the
@@ -81,6 +81,7 @@ class HFSiglipEncoder(ModuleEncoder):
         self.std = tuple(float(v) for v in ip.image_std)
         self.resample = int(getattr(ip, "resample", Image.BICUBIC))
         self.default_patches = int(getattr(ip, "max_num_patches", 256) or 256)
+        self.text_length = int(model.config.text_config.max_position_embeddings)
         self._tokenizer = None
 
     # ------------------------------------------------------------------ images
@@ -103,7 +104,7 @@ class HFSiglipEncoder(ModuleEncoder):
     def preprocess_config(self) -> dict:
         return {"naflex": self.naflex, "patch_size": self.patch_size, "mean": self.mean, "std": self.std,
                 "resample": self.resample, "default_max_num_patches": self.default_patches,
-                "image_size": None if self.naflex else self.image_size}
+                "image_size": None if self.naflex else self.image_size, "text_length": self.text_length}
 
     @no_grad_encode
     def encode(self, images) -> Features:
@@ -148,7 +149,7 @@ class HFSiglipEncoder(ModuleEncoder):
         out = []
         for s in range(0, len(texts), 256):
             chunk = [canonicalize_text(t) for t in texts[s: s + 256]]
-            ids = tok(chunk, padding="max_length", max_length=TEXT_LENGTH, truncation=True, padding_side="right",
+            ids = tok(chunk, padding="max_length", max_length=self.text_length, truncation=True, padding_side="right",
                       return_tensors="pt")["input_ids"].to(self.device)
             out.append(self.model.text_model(input_ids=ids).pooler_output)
         return torch.cat(out)
