@@ -27,6 +27,7 @@ from transformers import DINOv3ViTConfig, DINOv3ViTImageProcessor, DINOv3ViTMode
 
 from .common import warmup_cosine
 from .data import WorldData
+from .probe import check_roundtrip, probe_outputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -206,12 +207,15 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
             if t_patch_logits is not None:
                 center_patch.mul_(cm).add_(t_patch_logits.mean(0), alpha=1 - cm)
         for k, v in (("loss", loss), ("dino", dino), ("ibot", ibot), ("pixel", pixel)):
-            log[k].append(round(float(v), 5))
+            log[k].append(round(float(v.detach()) if torch.is_tensor(v) else float(v), 5))
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", pix=f"{float(pixel):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", pix=f"{float(pixel.detach()):.3f}")
     backbone = teacher.backbone.eval()
+    probe = probe_outputs("dinov3", backbone, image_processor(r))
     backbone.save_pretrained(out_dir)
     image_processor(r).save_pretrained(out_dir)
-    return {"steps": r["steps"], "batch_size": bs, "images": len(images), "losses": log["loss"],
+    check_roundtrip(probe, probe_outputs("dinov3", DINOv3ViTModel.from_pretrained(out_dir),
+                                         DINOv3ViTImageProcessor.from_pretrained(out_dir)), str(out_dir))
+    return {"probe": probe, "steps": r["steps"], "batch_size": bs, "images": len(images), "losses": log["loss"],
             "dino_losses": log["dino"], "ibot_losses": log["ibot"], "pixel_losses": log["pixel"],
             "data_seconds": round(t_data, 2), "seconds": round(time.perf_counter() - t0, 2)}

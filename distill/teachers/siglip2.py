@@ -19,6 +19,7 @@ from transformers import (Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Si
 
 from .common import warmup_cosine
 from .data import WorldData
+from .probe import check_roundtrip, probe_outputs
 from .tokenizer import encode, train_tokenizer
 
 
@@ -39,11 +40,23 @@ def image_processor(r: dict) -> Siglip2ImageProcessor:
     return Siglip2ImageProcessor(patch_size=r["patch_size"], max_num_patches=r["max_num_patches"])
 
 
+def shrink(image, max_side: int):
+    """Cheap PIL downscale of large pool images before the processor: its own resize of a 768 px image
+    costs ~6x more, and the processor's final resize to the patch budget is unchanged."""
+    if max(image.size) <= max_side:
+        return image
+    image = image.copy()
+    image.thumbnail((max_side, max_side))
+    return image
+
+
 def preprocess_images(proc: Siglip2ImageProcessor, images: list, chunk: int = 128, progress: bool = True) -> dict:
     """Every training image through the processor once; stored in fp16 to halve memory."""
     parts: dict[str, list] = {"pixel_values": [], "pixel_attention_mask": [], "spatial_shapes": []}
+    # twice the side of a square at the patch budget keeps the processor's resize a true downscale
+    max_side = 2 * proc.patch_size * math.ceil(math.sqrt(proc.max_num_patches))
     for i in tqdm(range(0, len(images), chunk), desc="siglip2 preprocess", disable=not progress, leave=False):
-        out = proc(images=images[i:i + chunk], return_tensors="pt")
+        out = proc(images=[shrink(im, max_side) for im in images[i:i + chunk]], return_tensors="pt")
         parts["pixel_values"].append(out["pixel_values"].to(torch.float16))
         parts["pixel_attention_mask"].append(out["pixel_attention_mask"])
         parts["spatial_shapes"].append(out["spatial_shapes"])
@@ -101,9 +114,13 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
+    processor = Siglip2Processor(image_processor=proc, tokenizer=tokenizer)
+    probe = probe_outputs("siglip2", model, processor)
     model.save_pretrained(out_dir)
-    Siglip2Processor(image_processor=proc, tokenizer=tokenizer).save_pretrained(out_dir)
-    return {"steps": r["steps"], "batch_size": bs, "pairs": len(pairs), "captions": len(corpus),
+    processor.save_pretrained(out_dir)
+    check_roundtrip(probe, probe_outputs("siglip2", Siglip2Model.from_pretrained(out_dir),
+                                         Siglip2Processor.from_pretrained(out_dir)), str(out_dir))
+    return {"probe": probe, "steps": r["steps"], "batch_size": bs, "pairs": len(pairs), "captions": len(corpus),
             "vocab_size": len(tokenizer), "losses": losses, "data_seconds": round(t_data, 2),
             "seconds": round(time.perf_counter() - t0, 2),
             "logit_scale": round(model.logit_scale.exp().item(), 4), "logit_bias": round(model.logit_bias.item(), 4)}

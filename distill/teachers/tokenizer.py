@@ -1,45 +1,47 @@
-"""A word-piece tokenizer for the mini-world SigLIP2 teacher, trained offline with `tokenizers`.
+"""The mini-world SigLIP2 teacher's tokenizer: a Gemma-style BPE trained offline with `tokenizers`.
 
-The real SigLIP2 uses Gemma's 256k vocabulary, which needs a hub download; the mini-world has a few
-hundred words, so we train a small WordPiece vocabulary on the training captions. SigLIP2's text
-canonicalisation (lower-case, strip punctuation, collapse whitespace) is built into the tokenizer's
-normaliser, so every caller gets it without remembering to apply it; captions end with an EOS token
-and are padded to `max_length` (the pooled text output is the last position, as in SigLIP).
+The real SigLIP2 uses Gemma's 256k vocabulary (a hub download). The mini-world has a few hundred
+words, so we train a small BPE vocabulary on the training captions with the *same pipeline* as
+transformers' `Siglip2Tokenizer` (lower-case, spaces as "▁", byte fallback, Gemma's special tokens),
+and build the final tokenizer as a `Siglip2Tokenizer` (a `PreTrainedTokenizerFast`). The saved dir
+therefore loads back through `Siglip2Processor` / `AutoTokenizer` exactly like a hub SigLIP2.
+
+Text convention (as for the real SigLIP2): canonicalise (lower-case, strip punctuation, collapse
+whitespace), pad to `max_length` (64, the model's position count) on the right, and give the model no
+attention mask: the pooled text output is the last position.
 """
 from __future__ import annotations
 
+import json
 import string
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers.models.siglip2.tokenization_siglip2 import Siglip2Tokenizer
 
-PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # Gemma's ids 0..4
+BYTES = [f"<0x{i:02X}>" for i in range(256)]               # byte fallback for unseen characters
 
 
 def canonicalize(text: str) -> str:
-    """SigLIP's rule in plain Python (the tokenizer's normaliser does the same)."""
+    """SigLIP's canonicalisation: lower-case, strip punctuation, collapse whitespace."""
     text = text.lower().translate(str.maketrans("", "", string.punctuation))
     return " ".join(text.split())
 
 
-def train_tokenizer(corpus: list[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordPiece(unk_token=UNK))
-    tok.normalizer = normalizers.Sequence([
-        normalizers.NFKC(), normalizers.Lowercase(),
-        normalizers.Replace(Regex("[" + "".join("\\" + c for c in string.punctuation) + "]"), ""),
-        normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS, UNK], min_frequency=1,
-                                        show_progress=False)
-    tok.train_from_iterator(corpus, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, tok.token_to_id(EOS))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK,
-                                   model_max_length=max_length, padding_side="right")
-    return fast
+def train_tokenizer(corpus: list[str], vocab_size: int, max_length: int) -> Siglip2Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    # the same normaliser / pre-tokeniser Siglip2Tokenizer installs, so training and loading agree
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size + len(SPECIALS) + len(BYTES),
+                                  special_tokens=SPECIALS + BYTES, show_progress=False)
+    tok.train_from_iterator([canonicalize(c) for c in corpus], trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return Siglip2Tokenizer(vocab=model["vocab"], merges=merges, padding_side="right", model_max_length=max_length)
 
 
 def encode(tokenizer, texts: list[str], max_length: int):
-    """SigLIP convention: pad to max_length, no attention mask given to the model."""
-    return tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
-                     return_tensors="pt")["input_ids"]
+    """Canonicalised, padded to max_length; the model takes no attention mask (SigLIP convention)."""
+    return tokenizer([canonicalize(t) for t in texts], padding="max_length", truncation=True,
+                     max_length=max_length, return_tensors="pt")["input_ids"]

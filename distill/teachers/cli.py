@@ -1,0 +1,77 @@
+"""`amoe teachers train|eval`: the mini-world teachers."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .common import TeacherError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("teachers", help="train / evaluate the mini-world SigLIP2 and DINOv3 teachers")
+    sub = p.add_subparsers(dest="teachers_command", metavar="SUBCOMMAND")
+    t = sub.add_parser("train", help="train both teachers on a mini-world (resumable per teacher)")
+    t.add_argument("--world", required=True, help="mini-world folder (made by `amoe world make`)")
+    t.add_argument("--out", default="runs/teachers", help="output folder (default runs/teachers)")
+    t.add_argument("--fast", action="store_true", help="the < 1 min smoke recipe (tests, quickstart --fast)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--only", action="append", choices=["siglip2", "dinov3"], help="train only this teacher")
+    t.add_argument("--set", action="append", default=[], metavar="TEACHER.KEY=JSON",
+                   help="recipe override, e.g. --set siglip2.steps=200 --set threads=2")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="zero-shot / kNN / retrieval / segmentation-probe check of trained teachers")
+    e.add_argument("--world", required=True)
+    e.add_argument("--teachers", required=True, help="folder holding siglip2/ and dinov3/")
+    e.add_argument("--limit", type=int, default=None, help="at most this many images per split")
+    e.add_argument("--probe-steps", type=int, default=300)
+    e.add_argument("--out", default=None, help="also write the metrics JSON here")
+    e.set_defaults(func=cmd_eval)
+    p.set_defaults(func=lambda a: p.print_help() or 2)
+
+
+def parse_sets(items: list[str]) -> dict:
+    overrides: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TeacherError(f"--set takes KEY=JSON (e.g. siglip2.steps=200), got '{item}'")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value  # bare strings need no quotes
+        head, _, rest = key.partition(".")
+        if rest:
+            overrides.setdefault(head, {})[rest] = parsed
+        else:
+            overrides[head] = parsed
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import train_teachers
+    try:
+        report = train_teachers(args.world, args.out, fast=args.fast, seed=args.seed, only=args.only,
+                                **parse_sets(args.set))
+    except TeacherError as e:
+        print(f"amoe teachers train: error: {e}", file=sys.stderr)
+        return 2
+    for name, info in report.items():
+        status = info.get("status") or f"trained in {info['seconds']:.1f}s, final loss {info['losses'][-1]:.4f}"
+        print(f"{name}: {status} -> {args.out}/{name}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from distill.io import write_json_atomic
+
+    from .evaluate import evaluate_teachers
+    try:
+        metrics = evaluate_teachers(args.world, args.teachers, limit=args.limit, probe_steps=args.probe_steps)
+    except TeacherError as e:
+        print(f"amoe teachers eval: error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        write_json_atomic(args.out, metrics)
+    print(json.dumps(metrics, indent=2))
+    return 0

@@ -1,0 +1,147 @@
+"""The mini-world teachers: fast training, HF dirs that load back offline, markers, resume, errors."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.teachers import MARKER, TeacherError, load_recipe, teachers_complete, train_teachers
+from distill.teachers.common import RECIPES_FILE
+from distill.teachers.probe import PROBE_TEXT, probe_image, probe_outputs
+from distill.teachers.tokenizer import canonicalize, encode
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "benchmarks" / "suites" / "sweeps" / "quickstart.json"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from benchmarks.world import make_world
+    size = json.loads(QUICKSTART.read_text())["fast"]["world"]["size"]
+    out = tmp_path_factory.mktemp("teachers") / "world"
+    make_world(out, size=size, seed=0, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teachers") / "out"
+    report = train_teachers(world, out, fast=True, progress=False)
+    return out, report
+
+
+def test_fast_training_writes_complete_hf_dirs(trained):
+    out, report = trained
+    assert teachers_complete(out)
+    for name in ("siglip2", "dinov3"):
+        d = out / name
+        assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
+        assert not list(d.glob("*.bin")) and not list(d.glob("*.pt"))  # never pickle
+        log = json.loads((d / "train_log.json").read_text())
+        assert log["steps"] == len(log["losses"]) == load_recipe(fast=True)[name]["steps"]
+        assert all(torch.isfinite(torch.tensor(log["losses"])))
+        assert log["seconds"] > 0 and log["machine"]["cpu_count"]
+        assert report[name]["losses"] == log["losses"]
+    assert not list(out.glob(".*.partial"))  # work dirs are moved into place
+    # the sigmoid loss goes down on the mini-world even in the short fast run
+    sig = report["siglip2"]["losses"]
+    assert sum(sig[-5:]) / 5 < sum(sig[:5]) / 5
+
+
+def test_siglip2_loads_back_offline_with_same_outputs(trained):
+    from transformers import AutoTokenizer, Siglip2Model, Siglip2Processor
+    out, report = trained
+    d = out / "siglip2"
+    model = Siglip2Model.from_pretrained(d).eval()
+    proc = Siglip2Processor.from_pretrained(d)
+    got = probe_outputs("siglip2", model, proc)
+    for key, ref in report["siglip2"]["probe"].items():  # recorded from the in-memory model before saving
+        assert torch.allclose(torch.tensor(got[key]), torch.tensor(ref), atol=1e-4), key
+    # NaFlex inputs through the saved image processor
+    inp = proc.image_processor(images=[probe_image()], return_tensors="pt")
+    assert inp["pixel_values"].shape[-1] == 3 * model.config.vision_config.patch_size ** 2
+    assert inp["pixel_values"].shape[1] == proc.image_processor.max_num_patches
+    assert {"pixel_attention_mask", "spatial_shapes"} <= set(inp)
+    # the tokenizer loads through AutoTokenizer too, canonicalises, pads on the right to the model's length
+    tok = AutoTokenizer.from_pretrained(d)
+    n = model.config.text_config.max_position_embeddings
+    ids = encode(tok, [PROBE_TEXT, canonicalize(PROBE_TEXT).upper() + "!!"], n)
+    assert ids.shape == (2, n) and torch.equal(ids[0], ids[1])
+    assert ids[0, -1].item() == tok.pad_token_id
+    assert tok.unk_token_id not in ids[0].tolist()
+
+
+def test_dinov3_loads_back_offline_with_same_outputs(trained):
+    from transformers import AutoImageProcessor, DINOv3ViTModel
+    out, report = trained
+    d = out / "dinov3"
+    model = DINOv3ViTModel.from_pretrained(d).eval()
+    proc = AutoImageProcessor.from_pretrained(d)
+    assert model.config.num_register_tokens == 4
+    assert list(proc.image_mean) == pytest.approx([0.485, 0.456, 0.406])
+    got = probe_outputs("dinov3", model, proc)
+    for key, ref in report["dinov3"]["probe"].items():
+        assert torch.allclose(torch.tensor(got[key]), torch.tensor(ref), atol=1e-4), key
+    # RoPE: any multiple of the patch size works; last_hidden = [CLS, 4 registers, patches]
+    x = torch.randn(1, 3, 48, 80)
+    h = model(pixel_values=x).last_hidden_state
+    assert h.shape[1] == 1 + 4 + (48 // 16) * (80 // 16)
+
+
+def test_completion_marker_and_resume(trained, world, tmp_path):
+    out, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert teachers_complete(copy)
+    (copy / "dinov3" / MARKER).unlink()  # e.g. killed before the marker was written
+    assert not teachers_complete(copy)
+    assert not teachers_complete(tmp_path / "nothing-here")
+    # a re-run skips the complete teacher and retrains only the incomplete one
+    report = train_teachers(world, copy, fast=True, progress=False)
+    assert report["siglip2"] == {"status": "skipped (complete)"}
+    assert report["dinov3"]["steps"] > 0 and teachers_complete(copy)
+    # a different recipe is not "complete": that teacher is retrained
+    report = train_teachers(world, copy, fast=True, progress=False, only=["dinov3"],
+                            dinov3={"steps": 2, "warmup_steps": 1})
+    assert len(report["dinov3"]["losses"]) == 2
+
+
+def test_bad_world_and_bad_recipe_give_clear_errors(tmp_path, world):
+    with pytest.raises(TeacherError, match="amoe world make"):
+        train_teachers(tmp_path / "missing", tmp_path / "out", fast=True)
+    (tmp_path / "not-a-world").mkdir()
+    with pytest.raises(TeacherError, match="world.json"):
+        train_teachers(tmp_path / "not-a-world", tmp_path / "out", fast=True)
+    with pytest.raises(TeacherError, match="unknown 'siglip2' setting"):
+        train_teachers(world, tmp_path / "out", fast=True, siglip2={"stepz": 3})
+    with pytest.raises(TeacherError, match="unknown teacher recipe key"):
+        load_recipe(fast=True, siglip3={})
+    assert not (tmp_path / "out" / "siglip2").exists()
+
+
+def test_recipes_are_data_and_fast_only_overrides_known_keys():
+    data = json.loads(RECIPES_FILE.read_text())
+    for name, over in data["fast"].items():
+        assert set(over) <= set(data["default"][name]), name
+    fast, default = load_recipe(fast=True), load_recipe()
+    assert fast["siglip2"]["steps"] < default["siglip2"]["steps"]
+    assert default["dinov3"]["num_register_tokens"] == 4
+
+
+def test_cli_train_and_eval(world, trained, tmp_path, capsys):
+    from amoe.cli import main
+    assert main(["teachers", "train", "--world", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "amoe world make" in capsys.readouterr().err
+    out, _ = trained
+    assert main(["teachers", "train", "--world", str(world), "--out", str(out), "--fast"]) == 0
+    assert "skipped (complete)" in capsys.readouterr().out
+    metrics_file = tmp_path / "metrics.json"
+    assert main(["teachers", "eval", "--world", str(world), "--teachers", str(out), "--limit", "24",
+                 "--probe-steps", "5", "--out", str(metrics_file)]) == 0
+    metrics = json.loads(metrics_file.read_text())
+    assert {"zeroshot_top1", "knn_top1", "retrieval_t2i_r1", "seg_miou"} <= set(metrics["siglip2"])
+    assert {"knn_top1", "seg_miou", "seg_pixel_acc"} <= set(metrics["dinov3"])
+    for m in (metrics["siglip2"], metrics["dinov3"]):
+        assert all(0.0 <= v <= 1.0 for v in m.values())
