@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from distill.encoders.base import MissingHeadError
 from distill.encoders.common import RemoteCodeNotAllowedError
 from distill.encoders.registry import detect_kind, export_random_student, load_encoder, student_export_complete
 from distill.encoders.student import release_config_for, save_student
@@ -75,6 +76,9 @@ def test_random_export_sized_to_teachers_borrows_text(tmp_path, teachers):
     texts = ["a photo of the cat", "red circle"]
     torch.testing.assert_close(enc.encode_text(texts, "siglip2"), teacher.encode_text(texts, "siglip2"))
     assert enc.logit_scale("siglip2") == pytest.approx(teacher.logit_scale("siglip2"))
+    for head in ("dinov3", "siglino"):
+        with pytest.raises(MissingHeadError):
+            enc.encode_text(texts, head)
     # a teacher that is gone leaves the image side working and says why there is no text
     spec = json.loads((out / "config.json").read_text())
     spec["teachers"]["siglip2"]["spec"] = "siglip2:/gone/teachers/siglip2"

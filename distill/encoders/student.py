@@ -152,14 +152,13 @@ class SiglinoEncoder(ModuleEncoder):
 
     def encode_text(self, texts: list[str], head: str) -> torch.Tensor:
         if head not in self.teacher_specs:
-            raise_missing = self.require_head  # names the available text heads
-            raise_missing(head, text=True)
+            self.require_head(head, text=True)  # raises MissingHeadError naming the text heads there are
         teacher = self._teacher(head)
         t_head = self.teacher_specs[head].get("head", head)
         teacher.require_head(t_head, text=True)
         if teacher.device != self.device:
             teacher.to(self.device)
-        return teacher.encode_text(texts, t_head).to(self.device)
+        return teacher.encode_text(texts, t_head).to(self.device, self.dtype)
 
     def logit_scale(self, head: str) -> float:
         if head in self.teacher_specs:
