@@ -153,6 +153,20 @@ def test_dinov3_cls_registers_patches(dirs):
         enc.encode_text(["a cat"], "dinov3")
 
 
+def test_bad_inputs_name_the_problem(dirs):
+    enc = load_encoder(str(dirs["dinov3"]))
+    with pytest.raises(TypeError, match="PIL image"):
+        enc.preprocess(torch.zeros(3, 32, 32))
+    with pytest.raises(ValueError, match="CHW tensor"):
+        enc.encode([torch.zeros(32, 32)])
+    with pytest.raises(ValueError, match="no images"):
+        enc.encode([])
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        enc.encode([torch.zeros(3, 30, 32)])
+    with pytest.raises(TypeError, match="unknown option"):
+        load_encoder(f"dinov3:{dirs['dinov3']}?resolutoin=3")
+
+
 def test_dinov3_without_processor_uses_imagenet_stats(dirs):
     enc = load_encoder(str(dirs["dinov3_noproc"]))
     assert enc.mean == pytest.approx((0.485, 0.456, 0.406)) and enc.default_side == 64

@@ -213,3 +213,13 @@ def test_openclip_tiny_timm_tower(tmp_path):
     assert enc.encode_text(["A cat!", "a dog"], "siglip2").shape == (2, 32)
     with pytest.raises(ValueError, match="no model"):
         load_encoder("openclip:ViT-NOPE-16")
+
+
+def test_cli_show_student(tmp_path, capsys):
+    from amoe.cli import main
+
+    out = export_random_student(tmp_path / "s", config="tiny-moe", seed=0)
+    assert main(["encoders", "show", str(out), "--resolution", "64"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "student" and info["summary_dims"] == {"siglino": 64, "siglip2": 64, "dinov3": 48}
+    assert info["registers"] == [4, 64] and 0 < info["active_params"] < info["num_params"]
