@@ -178,6 +178,7 @@ class ModuleEncoder(Encoder):
         return [v for v in vars(self).values() if isinstance(v, nn.Module)]
 
     def to(self, device, dtype=None):
+        self.weights_id()  # digest the weights as loaded, so a later cast does not change the fingerprint's weights part
         super().to(device, dtype)
         for m in self.modules():
             m.to(device=self.device, dtype=self.dtype)
