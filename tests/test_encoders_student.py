@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 
 import pytest
 import torch
@@ -66,8 +67,10 @@ def test_random_export_sized_to_teachers_borrows_text(tmp_path, teachers):
     out = export_random_student(tmp_path / "s", config="tiny-moe", seed=3, teachers=teachers)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["student_config"]["teachers_dim"] == [32, 48]
-    assert cfg["teachers"]["siglip2"] == {"spec": f"siglip2:{teachers / 'siglip2'}", "head": "siglip2"}
+    rel = os.path.relpath(teachers / "siglip2", out)   # relative to the export: the run folder can move
+    assert cfg["teachers"]["siglip2"] == {"spec": f"siglip2:{rel}", "head": "siglip2"}
     enc = load_encoder(f"student:{out}")
+    assert enc.teacher_specs["siglip2"]["spec"] == f"siglip2:{os.path.normpath(out / rel)}"
     f = enc.encode([enc.preprocess(image(40, 60), resolution=64)])
     assert f.summary["siglip2"].shape == (1, 32) and f.summary["dinov3"].shape == (1, 48)
     # zero-shot the AMoE way: student image features vs the SigLIP2 teacher's text tower
@@ -88,6 +91,18 @@ def test_random_export_sized_to_teachers_borrows_text(tmp_path, teachers):
         assert moved.text_heads == ()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         moved.encode_text(["a cat"], "siglip2")
+
+
+def test_run_folder_with_teachers_and_student_can_move(tmp_path, teachers):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(teachers, run / "teachers")
+    export_random_student(run / "students" / "random-init", config="tiny-moe", teachers=run / "teachers")
+    shutil.move(str(run), str(tmp_path / "moved"))
+    enc = load_encoder(f"student:{tmp_path / 'moved' / 'students' / 'random-init'}")
+    assert enc.text_heads == ("siglip2",)
+    assert enc.encode_text(["a red circle"], "siglip2").shape == (1, 32)
 
 
 def test_phis_inverse_maps_back_to_teacher_space(tmp_path):

@@ -20,6 +20,7 @@ The "siglino" head (the backbone) has no teacher and is never transformed.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -308,7 +309,9 @@ def export_random_student(path, config="tiny-moe", seed: int = 0, teachers=None)
         cfg.teachers = ("siglip2", "dinov3")
         cfg.teachers_dim = (widths["siglip2"], widths["dinov3"])
         cfg = get_config(cfg.to_dict())  # re-validate (MAP head needs siglip2 width % 16 == 0)
-        teacher_meta = {k: {"spec": f"{k}:{tdir / k}", "head": k} for k in ("siglip2", "dinov3")}
+        # stored relative to the export dir, so the run folder holding both can be moved
+        rel = Path(os.path.relpath(tdir, Path(path).expanduser().resolve()))
+        teacher_meta = {k: {"spec": f"{k}:{rel / k}", "head": k} for k in ("siglip2", "dinov3")}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Student(cfg)
@@ -323,8 +326,10 @@ def _resolve_spec(spec: str, base: Path) -> str:
     kind, sep, arg = body.partition(":")
     if not sep:
         kind, arg = "", body
-    if arg and not Path(arg).is_absolute() and not Path(arg).exists() and (base / arg).exists():
-        arg = str(base / arg)
+    # relative paths are relative to the export directory (what export_random_student writes), so a
+    # whole run folder can move; the trainer's CWD-relative specs still work where they exist
+    if arg and not Path(arg).is_absolute() and (base / arg).exists():
+        arg = os.path.normpath(base / arg)
         return (f"{kind}:{arg}" if kind else arg) + (q + query)
     return spec
 
