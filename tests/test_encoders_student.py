@@ -226,6 +226,7 @@ def test_openclip_tiny_timm_tower(tmp_path):
     # back at the trained size the pristine position table is used again
     torch.testing.assert_close(enc.trunk.pos_embed, enc._pristine[0])
     assert enc.encode_text(["A cat!", "a dog"], "siglip2").shape == (2, 32)
+    assert enc.num_params == sum(p.numel() for p in enc.model.parameters())
     with pytest.raises(ValueError, match="no model"):
         load_encoder("openclip:ViT-NOPE-16")
 

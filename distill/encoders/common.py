@@ -191,7 +191,8 @@ class ModuleEncoder(Encoder):
 
     @property
     def num_params(self) -> int:
-        return sum(count_params(m) for m in self.modules())
+        # a module may also be held as a submodule of another (open_clip's trunk): count each once
+        return sum({id(p): p.numel() for m in self.modules() for p in m.parameters()}.values())
 
     @property
     def active_params(self) -> int:
