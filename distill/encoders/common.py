@@ -102,10 +102,6 @@ def weights_digest(module_or_sd: nn.Module | dict, sample: int = 4096) -> str:
     return h.hexdigest()[:16]
 
 
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def aspect_size(height: int, width: int, side: int, multiple: int) -> tuple[int, int]:
     """(H', W') with area about side^2, the image's aspect ratio, sides rounded to `multiple` (>= one)."""
     scale = math.sqrt(side * side / float(height * width))

@@ -185,10 +185,6 @@ class SiglinoEncoder(ModuleEncoder):
         return {"config": c.to_dict(), "teachers": self.teacher_specs, "phis_inverse": sorted(self.phis),
                 **self._identity}
 
-    def dims(self) -> dict[str, int]:
-        c = self.model.config
-        return {"siglino": c.dim, "siglip2": c.teacher_dim("siglip2"), "dinov3": c.teacher_dim("dinov3")}
-
 
 class RemoteSiglinoEncoder(SiglinoEncoder):
     """A `tiiuae/siglino-*` Hugging Face model run through its own (remote) code. Its forward is taken
@@ -228,9 +224,6 @@ class RemoteSiglinoEncoder(SiglinoEncoder):
 
     def describe(self) -> dict:
         return {"remote": True}
-
-    def dims(self) -> dict[str, int]:
-        return {}
 
 
 # ====================================================================== the export format
