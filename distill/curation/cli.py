@@ -91,7 +91,7 @@ def _cluster(args) -> int:
     from distill.curation.hierarchy import cluster_embeddings
     from distill.train.distributed import setup, teardown
 
-    info = setup("cpu" if args.engine != "torch" else "auto")
+    info = setup("auto")
     try:
         h = cluster_embeddings(args.embeddings, args.config, args.out, engine_name=args.engine,
                                progress=info.is_main)

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-# bound the (points x centroids) distance block: this many float32 entries per chunk (~256 MB)
-DISTANCE_BLOCK = 1 << 26
+# bound the (points x centroids) distance block: this many float32 entries per chunk (~64 MB)
+DISTANCE_BLOCK = 1 << 24
+SUM_BLOCK = 1 << 16        # rows converted to float64 at a time when summing centroids
 
 
 class ClusterCountError(ValueError):
@@ -169,7 +170,9 @@ class TorchEngine:
         for _ in range(niter):
             labels, _ = assign_torch(xt, c.to(self.device))
             sums = torch.zeros(k, d, dtype=torch.float64, device=self.device)
-            sums.index_add_(0, labels.to(self.device), xt.double())
+            dev_labels = labels.to(self.device)
+            for s in range(0, len(xt), SUM_BLOCK):   # float64 sums without a float64 copy of all points
+                sums.index_add_(0, dev_labels[s:s + SUM_BLOCK], xt[s:s + SUM_BLOCK].double())
             counts = torch.bincount(labels, minlength=k).to(torch.int64)
             sums, counts = self._all_reduce(sums.cpu()), self._all_reduce(counts)
             nonempty = counts > 0
