@@ -281,3 +281,23 @@ def test_perf_measure_one_reports_time_and_memory():
     r = measure_one(3000, 16, "faiss", [{"k": 40, "niter": 5, "resampling_steps": 1}, {"k": 5, "niter": 5}])
     assert r["points"] == 3000 and r["levels"] == [40, 5]
     assert r["wall_s"] > 0 and r["peak_rss_mb"] > r["data_mb"] > 0
+
+
+def test_fit_on_subsample_assigns_every_point(tmp_path, embedded):
+    from distill.curation.hierarchy import subsample_mask
+
+    # the coin of each row does not depend on how rows are split over ranks
+    whole = subsample_mask(0, 3_000_000, 0.3, 7)
+    parts = np.concatenate([subsample_mask(0, 1_234_567, 0.3, 7), subsample_mask(1_234_567, 3_000_000, 0.3, 7)])
+    np.testing.assert_array_equal(whole, parts)
+    assert abs(whole.mean() - 0.3) < 0.002
+    _, emb = embedded
+    cfg = dict(CFG, fit_points=30)
+    h = cluster_embeddings(emb, cfg, tmp_path / "cl", progress=False)
+    assert len(h.levels[0].assignments) == 60       # fitted on ~30, all 60 assigned
+    labels, _ = FaissEngine().assign(
+        EmbeddingSet(emb).rows(h.rows) / np.linalg.norm(EmbeddingSet(emb).rows(h.rows), axis=1, keepdims=True),
+        h.levels[0].centroids)
+    np.testing.assert_array_equal(labels, h.levels[0].assignments)
+    with pytest.raises(ValueError, match="fit_points"):
+        load_cluster_config(dict(CFG, fit_points=0))

@@ -46,6 +46,8 @@ class ClusterConfig:
     engine: str = "faiss"          # faiss (one node) | torch (torch.distributed across ranks)
     normalize: bool = True         # L2-normalise embeddings before level 1 (cosine geometry)
     seed: int = 0
+    fit_points: int | None = None  # fit level 1 on a seeded uniform subsample of this many points, then
+                                   # assign every point to its centroids (the paper: 1B fit, 2.3B assigned)
     description: str = ""
 
 
@@ -68,6 +70,8 @@ def parse_cluster_config(raw: dict) -> ClusterConfig:
     from distill.curation.kmeans import ENGINES, INIT_METHODS
     if cfg.engine not in ENGINES:
         raise ValueError(f"clustering config: engine must be one of {ENGINES}, got {cfg.engine!r}")
+    if cfg.fit_points is not None and cfg.fit_points < 1:
+        raise ValueError(f"clustering config: fit_points must be >= 1 or null, got {cfg.fit_points}")
     for i, lv in enumerate(levels, 1):
         if lv.init not in INIT_METHODS:
             raise ValueError(f"level {i}: init must be one of {INIT_METHODS}, got {lv.init!r}")
@@ -129,6 +133,23 @@ def kmeans_resampled(engine, x: np.ndarray, level: LevelConfig, seed: int, where
 
 
 # ----------------------------------------------------------------------------- the hierarchy
+SUBSAMPLE_CHUNK = 1 << 20
+
+
+def subsample_mask(start: int, stop: int, fraction: float, seed: int) -> np.ndarray:
+    """Bernoulli(fraction) choice of the global rows [start, stop), independent of how rows are split
+    over ranks: row r's coin comes from a generator keyed by (seed, r // 2^20), so no rank needs an array
+    over all points (2.3B at paper scale)."""
+    mask = np.zeros(stop - start, dtype=bool)
+    if stop <= start:
+        return mask
+    for c in range(start // SUBSAMPLE_CHUNK, (stop - 1) // SUBSAMPLE_CHUNK + 1):
+        u = np.random.default_rng([seed, c]).random(SUBSAMPLE_CHUNK)
+        lo, hi = max(start, c * SUBSAMPLE_CHUNK), min(stop, (c + 1) * SUBSAMPLE_CHUNK)
+        mask[lo - start:hi - start] = u[lo - c * SUBSAMPLE_CHUNK:hi - c * SUBSAMPLE_CHUNK] < fraction
+    return mask
+
+
 def _rank_slice(n: int) -> slice:
     import torch.distributed as dist
 
@@ -182,6 +203,7 @@ def run_hierarchy(x_local: np.ndarray, n_points: int, cfg: ClusterConfig, out_di
         where = f"level {i}"
         n_in = n_points if i == 1 else cfg.levels[i - 2].k
         fp = fingerprint({"source": source, "normalize": cfg.normalize, "seed": cfg.seed, "n": n_points,
+                          "fit_points": cfg.fit_points,
                           "levels": [dataclasses.asdict(v) for v in cfg.levels[:i]], "engine": cfg.engine})
         ldir = out / f"level_{i}"
         done = ldir / "done.json"
@@ -193,7 +215,14 @@ def run_hierarchy(x_local: np.ndarray, n_points: int, cfg: ClusterConfig, out_di
             t = load_tensors(ldir / "clusters.safetensors")
             level = Level(t["centroids"].numpy(), t["assignments"].numpy(), t["distances"].numpy())
         else:
-            c, labels, dists = kmeans_resampled(engine, inputs, lv, cfg.seed + 1000 * i, where)
+            if i == 1 and cfg.fit_points is not None and cfg.fit_points < n_points:
+                # fit on a seeded uniform subsample (about fit_points points), assign every point
+                mine = _rank_slice(n_points)
+                keep = subsample_mask(mine.start, mine.stop, cfg.fit_points / n_points, cfg.seed)
+                c, _, _ = kmeans_resampled(engine, inputs[keep], lv, cfg.seed + 1000 * i, where)
+                labels, dists = engine.assign(inputs, c)
+            else:
+                c, labels, dists = kmeans_resampled(engine, inputs, lv, cfg.seed + 1000 * i, where)
             labels = engine.gather_rows(labels.astype(np.int64))
             dists = engine.gather_rows(dists.astype(np.float32))
             level = Level(np.asarray(c, np.float32), labels, dists)
