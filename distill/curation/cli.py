@@ -6,7 +6,6 @@ Under torchrun `embed` splits the pool's shards over ranks and `cluster --engine
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
