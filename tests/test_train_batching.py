@@ -157,3 +157,18 @@ def test_pool_index_skips_and_counts_corrupt(tmp_path):
         h, w = it.size
         assert h % 16 == 0 and w % 16 == 0 and h * w <= it.resolution ** 2
         assert it.tokens == (h // 16) * (w // 16)
+
+
+def test_variant_recipes_apply_overrides_to_their_base(tmp_path):
+    from distill.train.config import ConfigError, load_config
+    base = load_config("miniworld").to_json()
+    for kind in ("none", "rkd", "arkd"):
+        variant = load_config(f"miniworld-{kind}").to_json()
+        assert [t["relational"] for t in variant["teachers"]] == [kind, kind]
+        assert variant["name"] == f"miniworld-{kind}"
+        same = {k for k in base if k not in ("name", "description", "teachers")}
+        assert {k: variant[k] for k in same} == {k: base[k] for k in same}
+    loop = tmp_path / "loop.json"
+    loop.write_text('{"base": "%s", "overrides": {}}' % loop)
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(loop)

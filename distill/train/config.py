@@ -331,18 +331,41 @@ def apply_overrides(raw: dict, overrides: list[str] | dict | None) -> dict:
 
 def load_config(source: str | os.PathLike | dict, overrides: list[str] | dict | None = None) -> TrainConfig:
     """Recipe path or dict + overrides -> validated TrainConfig (paths not yet resolved)."""
-    if isinstance(source, dict):
-        raw = source
-    else:
-        path = Path(source)
-        if not path.exists():
-            recipes = Path(__file__).resolve().parents[1] / "recipes"
-            alt = recipes / (path.name if path.suffix else path.name + ".json")
-            if not alt.exists():
-                raise ConfigError(f"recipe {source} not found (also looked in {recipes})")
-            path = alt
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON: {e}") from e
-    return parse_config(apply_overrides(raw, overrides))
+    raw = source if isinstance(source, dict) else read_recipe(source)
+    return parse_config(apply_overrides(resolve_base(raw), overrides))
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def read_recipe(source: str | os.PathLike) -> dict:
+    """A recipe file by path, or by name from distill/recipes/ (raw JSON, `base` not yet resolved)."""
+    path = Path(source)
+    if not path.exists():
+        alt = RECIPES / (path.name if path.suffix else path.name + ".json")
+        if not alt.exists():
+            raise ConfigError(f"recipe {source} not found (also looked in {RECIPES})")
+        path = alt
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from e
+
+
+def resolve_base(raw: dict, _seen: tuple[str, ...] = ()) -> dict:
+    """A recipe may be a variant of another: {"base": NAME, "overrides": {"a.b": v}, ...}.
+
+    The base is read (recursively), the dotted overrides applied, and the variant's own top-level
+    keys (name, description, ...) replace the base's. Ablations stay a few lines each.
+    """
+    if "base" not in raw:
+        if "overrides" in raw:
+            raise ConfigError("'overrides' in a recipe needs a 'base' recipe to apply them to")
+        return raw
+    base_name = raw["base"]
+    if base_name in _seen:
+        raise ConfigError(f"recipe base cycle: {' -> '.join(_seen + (base_name,))}")
+    base = resolve_base(read_recipe(base_name), _seen + (base_name,))
+    merged = apply_overrides(base, raw.get("overrides") or {})
+    merged.update({k: v for k, v in raw.items() if k not in ("base", "overrides")})
+    return merged
