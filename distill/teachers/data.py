@@ -65,8 +65,10 @@ class WorldData:
     def classification(self):
         return load_dataset("imagefolder", self.root / "classification", "train")
 
-    def pairs(self, use_pool: bool = True, use_classification_train: bool = True) -> list[Pair]:
-        """Image-caption pairs: pool captions, and class prompts for the classification train split."""
+    def pairs(self, use_pool: bool = True, use_classification_train: bool = True,
+              classification_repeat: int = 1) -> list[Pair]:
+        """Image-caption pairs: pool captions, and class prompts for the classification train split
+        (listed `classification_repeat` times, so an epoch sees the few labelled images more often)."""
         pairs: list[Pair] = []
         if use_classification_train:
             ds = self.classification
@@ -74,7 +76,7 @@ class WorldData:
             for i in tqdm(range(len(ds)), desc="read classification train", disable=not self.progress,
                           leave=False):
                 image, label = ds[i]
-                pairs.append(Pair(image, [t.format(ds.classes[label]) for t in templates], label))
+                pairs += [Pair(image, [t.format(ds.classes[label]) for t in templates], label)] * classification_repeat
         offset = len(pairs) + 10_000  # pool samples are each their own group
         if use_pool:
             for j, s in enumerate(self.pool):

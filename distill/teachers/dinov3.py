@@ -8,6 +8,12 @@ Objective (DINO + iBOT with a masked-pixel term), all label-free on the pool ima
 - pixels: each masked patch also regresses its own per-patch-normalised pixels through a linear head
   (MAE's target). On a CPU budget of minutes this dense term is what makes the patch features carry
   shape layout quickly; the self-distillation terms make them invariant to crops and colour jitter.
+- dense (box) term: every patch of the student's global crops classifies the shape and the colour of
+  the pool object whose box covers the patch centre (or background), from the pool's own metadata
+  (`objects[].bbox/shape/colour`). This weak dense supervision is what a CPU budget of minutes needs
+  for patch features that carry object layout; without it (`dense_weight` 0) the SSL terms alone
+  left both the kNN and the segmentation probe near chance after ~10 CPU-minutes (measured, see
+  docs/teachers.md).
 The saved weights are the momentum teacher's backbone (DINO's practice: it is the better model).
 """
 from __future__ import annotations
@@ -67,6 +73,8 @@ class SSLModel(nn.Module):
         self.dino_head = ProjectionHead(h, r["head_hidden"], r["head_bottleneck"], r["prototypes"])
         self.ibot_head = ProjectionHead(h, r["head_hidden"], r["head_bottleneck"], r["prototypes"])
         self.pixel_head = nn.Linear(h, 3 * r["patch_size"] ** 2)
+        self.shape_head = nn.Linear(h, r["dense_classes"][0] + 1)   # + background
+        self.colour_head = nn.Linear(h, r["dense_classes"][1] + 1)
         self.skip = 1 + r["num_register_tokens"]  # [CLS, registers, patches]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
@@ -74,14 +82,34 @@ class SSLModel(nn.Module):
         return hidden[:, 0], hidden[:, self.skip:]
 
 
-def load_images(data: WorldData, side: int, progress: bool) -> list[torch.Tensor]:
-    """Pool images as uint8 CHW tensors, shorter side resized to `side` (crops are taken from these)."""
+def dense_vocab(data: WorldData) -> tuple[list[str], list[str]]:
+    """Shape and colour names as they occur in the pool's metadata (sorted; no import of the generator)."""
+    objs = [o for s in data.pool for o in s.metadata.get("objects", [])]
+    return sorted({o["shape"] for o in objs}), sorted({o["colour"] for o in objs})
+
+
+def load_images(data: WorldData, side: int, progress: bool, vocab=None) -> list[torch.Tensor]:
+    """Pool images as uint8 CHW tensors, shorter side resized to `side`, with two extra channels:
+    the per-pixel shape id and colour id (1-based, 0 = background) painted from the object boxes,
+    larger boxes first so a smaller object on top keeps its pixels. Crops cut all five together."""
+    shapes, colours = vocab or ([], [])
     out = []
     for s in tqdm(data.pool, desc="dinov3 load pool", disable=not progress, leave=False):
         w, h = s.image.size
         k = side / min(w, h)
-        im = s.image.resize((max(side, round(w * k)), max(side, round(h * k))))
-        out.append(TF.pil_to_tensor(im))
+        W, H = max(side, round(w * k)), max(side, round(h * k))
+        img = TF.pil_to_tensor(s.image.resize((W, H)))
+        labels = torch.zeros(2, H, W, dtype=torch.uint8)
+        objs = sorted(s.metadata.get("objects", []), key=lambda o: -o["bbox"][2] * o["bbox"][3])
+        for o in objs:
+            if o.get("shape") not in shapes or o.get("colour") not in colours:
+                continue
+            x, y, bw, bh = o["bbox"]  # COCO xywh in original pixels
+            x0, y0 = int(x * W / w), int(y * H / h)
+            x1, y1 = max(x0 + 1, int((x + bw) * W / w)), max(y0 + 1, int((y + bh) * H / h))
+            labels[0, y0:y1, x0:x1] = shapes.index(o["shape"]) + 1
+            labels[1, y0:y1, x0:x1] = colours.index(o["colour"]) + 1
+        out.append(torch.cat([img, labels]))
     return out
 
 
@@ -97,16 +125,20 @@ def random_crop(img: torch.Tensor, size: int, scale: tuple[float, float], r: dic
     else:
         w, h = min(W, H), min(W, H)
     top, left = rng.randint(0, H - h), rng.randint(0, W - w)
-    crop = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True).float() / 255.0
+    p = r["patch_size"]
+    # label channels: nearest sample at each patch centre of the output crop
+    labels = TF.resized_crop(img[3:], top, left, h, w, [size // p, size // p],
+                             interpolation=TF.InterpolationMode.NEAREST).long()
+    crop = TF.resized_crop(img[:3], top, left, h, w, [size, size], antialias=True).float() / 255.0
     if rng.random() < 0.5:
-        crop = crop.flip(-1)
+        crop, labels = crop.flip(-1), labels.flip(-1)
     if r["brightness_jitter"]:
         crop = crop * (1 + rng.uniform(-r["brightness_jitter"], r["brightness_jitter"]))
     if r["hue_jitter"]:
         crop = TF.adjust_hue(crop.clamp(0, 1), rng.uniform(-r["hue_jitter"], r["hue_jitter"]))
     if rng.random() < r["grayscale_prob"]:
         crop = TF.rgb_to_grayscale(crop, num_output_channels=3)
-    return crop.clamp(0, 1)
+    return crop.clamp(0, 1), labels
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -134,10 +166,11 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     t0 = time.perf_counter()
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    images = load_images(data, r["load_side"], progress)
+    vocab = dense_vocab(data)
+    images = load_images(data, r["load_side"], progress, vocab)
     t_data = time.perf_counter() - t0
 
-    student = SSLModel(r)
+    student = SSLModel({**r, "dense_classes": (len(vocab[0]), len(vocab[1]))})
     teacher = copy.deepcopy(student).requires_grad_(False)
     dim = r["prototypes"]
     center_cls = torch.zeros(dim)
@@ -147,16 +180,17 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     p, g_tokens = r["patch_size"], (r["global_size"] // r["patch_size"]) ** 2
     bs = min(r["batch_size"], len(images))
     ts, tt = r["student_temp"], r["teacher_temp"]
-    log = {"loss": [], "dino": [], "ibot": [], "pixel": []}
+    log = {"loss": [], "dino": [], "ibot": [], "pixel": [], "dense": []}
     order: list[int] = []
     bar = tqdm(range(r["steps"]), desc="dinov3 train", disable=not progress)
     for step in bar:
         if len(order) < bs:
             order += rng.sample(range(len(images)), len(images))
         idx, order = order[:bs], order[bs:]
-        globals_ = torch.stack([random_crop(images[i], r["global_size"], r["global_scale"], r, rng)
-                                for _ in range(2) for i in idx])                       # (2B, 3, g, g)
-        locals_ = [random_crop(images[i], r["local_size"], r["local_scale"], r, rng)
+        g_crops = [random_crop(images[i], r["global_size"], r["global_scale"], r, rng) for _ in range(2) for i in idx]
+        globals_ = torch.stack([c for c, _ in g_crops])                               # (2B, 3, g, g)
+        g_labels = torch.stack([lab for _, lab in g_crops]).flatten(2)                # (2B, 2, tokens)
+        locals_ = [random_crop(images[i], r["local_size"], r["local_scale"], r, rng)[0]
                    for _ in range(r["local_crops"]) for i in idx]
         g_in = normalise(globals_)
         mask = random_masks(2 * bs, g_tokens, r, rng)
@@ -192,7 +226,13 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
             pixel = F.mse_loss(student.pixel_head(s_patch[mask]), target)
         else:
             ibot = pixel = torch.zeros(())
-        loss = r["dino_weight"] * dino + r["ibot_weight"] * ibot + r["pixel_weight"] * pixel
+        if r["dense_weight"]:
+            dense = (F.cross_entropy(student.shape_head(s_patch).flatten(0, 1), g_labels[:, 0].flatten())
+                     + F.cross_entropy(student.colour_head(s_patch).flatten(0, 1), g_labels[:, 1].flatten())) / 2
+        else:
+            dense = torch.zeros(())
+        loss = (r["dino_weight"] * dino + r["ibot_weight"] * ibot + r["pixel_weight"] * pixel
+                + r["dense_weight"] * dense)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 3.0)
@@ -206,7 +246,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
             center_cls.mul_(cm).add_(t_cls_logits.mean(0), alpha=1 - cm)
             if t_patch_logits is not None:
                 center_patch.mul_(cm).add_(t_patch_logits.mean(0), alpha=1 - cm)
-        for k, v in (("loss", loss), ("dino", dino), ("ibot", ibot), ("pixel", pixel)):
+        for k, v in (("loss", loss), ("dino", dino), ("ibot", ibot), ("pixel", pixel), ("dense", dense)):
             log[k].append(round(float(v.detach()) if torch.is_tensor(v) else float(v), 5))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", pix=f"{float(pixel.detach()):.3f}")
@@ -217,5 +257,6 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     check_roundtrip(probe, probe_outputs("dinov3", DINOv3ViTModel.from_pretrained(out_dir),
                                          DINOv3ViTImageProcessor.from_pretrained(out_dir)), str(out_dir))
     return {"probe": probe, "steps": r["steps"], "batch_size": bs, "images": len(images), "losses": log["loss"],
-            "dino_losses": log["dino"], "ibot_losses": log["ibot"], "pixel_losses": log["pixel"],
+            "dino_losses": log["dino"], "ibot_losses": log["ibot"], "pixel_losses": log["pixel"], "dense_losses": log["dense"],
+            "dense_vocab": {"shapes": vocab[0], "colours": vocab[1]},
             "data_seconds": round(t_data, 2), "seconds": round(time.perf_counter() - t0, 2)}

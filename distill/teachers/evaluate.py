@@ -114,7 +114,8 @@ def _load_cls(world: Path, split: str, limit: int | None):
 
 
 def evaluate_teachers(world: str | os.PathLike, teachers: str | os.PathLike, limit: int | None = None,
-                      probe_steps: int = 300, progress: bool = True) -> dict:
+                      probe_steps: int = 300, progress: bool = True,
+                      names: tuple[str, ...] = ("siglip2", "dinov3")) -> dict:
     """Metrics per teacher: zeroshot/retrieval (siglip2), knn and segmentation (both)."""
     world, teachers = Path(world), Path(teachers)
     t0 = time.perf_counter()
@@ -127,7 +128,7 @@ def evaluate_teachers(world: str | os.PathLike, teachers: str | os.PathLike, lim
     sy_tr = torch.stack([torch.as_tensor(y) for _, y in seg_train]).long()
     sy_va = torch.stack([torch.as_tensor(y) for _, y in seg_val]).long()
     results: dict = {}
-    for name in ("siglip2", "dinov3"):
+    for name in names:
         kind, model, proc = load_teacher(teachers / name)
         m: dict = {}
         tr_sum, _ = image_features(kind, model, proc, train_imgs, progress=progress)
