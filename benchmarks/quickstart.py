@@ -44,6 +44,23 @@ class Run:
         return self.out / "students" / "random-init"
 
     @property
+    def students(self) -> Path:
+        return self.out / "students"
+
+    def distilled(self, relational: str) -> Path:
+        """Export folder of the student distilled with relational term `relational`."""
+        return self.students / f"distilled-{relational}" / "export"
+
+    @property
+    def grounding(self) -> Path:
+        return self.out / "grounding"
+
+    def relational_variants(self) -> list[str]:
+        """The main recipe's relational term first, then the ablation's other terms."""
+        d = self.settings["distill"]
+        return [d["relational"]] + [k for k in d.get("ablation", []) if k != d["relational"]]
+
+    @property
     def results(self) -> Path:
         return self.out / "results"
 
@@ -56,9 +73,11 @@ class Run:
         return self.out / "leaderboard"
 
     def models(self) -> list[str]:
-        """Every encoder the mini-world suite runs on: both teachers and the random-init student."""
+        """Every encoder the mini-world suite runs on: both teachers, the random-init student and the
+        distilled students (the main one and the relational-ablation variants)."""
         return [f"siglip2:{self.teachers / 'siglip2'}", f"dinov3:{self.teachers / 'dinov3'}",
-                f"student:{self.random_student}"]
+                f"student:{self.random_student}"] + [f"student:{self.distilled(k)}"
+                                                     for k in self.relational_variants()]
 
     def sweep_config(self) -> dict:
         s = self.settings["sweep"]
@@ -111,6 +130,49 @@ def _export_random_student(r: Run) -> None:
                           teachers=r.teachers)
 
 
+def _distill_one(r: Run, relational: str) -> None:
+    from distill.train import run_distillation
+    from distill.train.config import load_config
+    d = r.settings["distill"]
+    overrides = {"world": str(r.world), "teachers_dir": str(r.teachers),
+                 "teachers.0.relational": relational, "teachers.1.relational": relational,
+                 "name": f"{d['recipe']}-{relational}", **(d.get("overrides") or {})}
+    cfg = load_config(d["recipe"], overrides)
+    run_distillation(cfg.to_json(), r.distilled(relational).parent)
+
+
+def _distill_done(r: Run) -> bool:
+    from distill.encoders.registry import student_export_complete
+    return student_export_complete(r.distilled(r.relational_variants()[0]))
+
+
+def _distill_main(r: Run) -> None:
+    _distill_one(r, r.relational_variants()[0])
+
+
+def _ablation_done(r: Run) -> bool:
+    from distill.encoders.registry import student_export_complete
+    return all(student_export_complete(r.distilled(k)) for k in r.relational_variants()[1:])
+
+
+def _distill_ablation(r: Run) -> None:
+    from distill.encoders.registry import student_export_complete
+    for k in r.relational_variants()[1:]:
+        if not student_export_complete(r.distilled(k)):
+            _distill_one(r, k)
+
+
+def _grounding_done(r: Run) -> bool:
+    return (r.grounding / "ablation.json").is_file()
+
+
+def _grounding_ablation(r: Run) -> dict:
+    from grounding_vlm.ablation import run_ablation
+    g = r.settings["grounding"]
+    return run_ablation(r.world, r.distilled(r.relational_variants()[0]), r.grounding, fast=bool(g.get("fast")),
+                        steps=g.get("steps"), results_dir=r.results)
+
+
 def _bench_done(r: Run) -> bool:
     from benchmarks.results import DONE_STATUSES, existing_status
     from benchmarks.suites import load_suite
@@ -152,10 +214,16 @@ STEPS: list[Step] = [
          _teachers_done, _train_teachers, requires=("world",)),
     Step("random-student", "export a random-init student (the untrained baseline)",
          _student_done, _export_random_student, requires=("teachers",)),
+    Step("distill", "distil the mini-world MoE student from both teachers (ARKD, PHI-S, packing)",
+         _distill_done, _distill_main, requires=("world", "teachers")),
+    Step("ablation-relational", "distil the relational-term ablation students (none, RKD)",
+         _ablation_done, _distill_ablation, requires=("world", "teachers")),
+    Step("grounding", "RefCOCO-style grounding VLM: scratch vs student init vs student + Gram anchoring",
+         _grounding_done, _grounding_ablation, requires=("world", "distill")),
     Step("bench", "run the mini-world suite on every encoder (zero-shot, kNN, retrieval, segmentation)",
-         _bench_done, _run_bench, requires=("world", "teachers", "random-student")),
+         _bench_done, _run_bench, requires=("world", "teachers", "random-student", "distill", "ablation-relational")),
     Step("leaderboard", "build the leaderboard tables and plot from the result JSONs",
-         _leaderboard_done, _build_leaderboard, requires=("bench",)),
+         _leaderboard_done, _build_leaderboard, requires=("bench", "grounding")),
 ]
 
 

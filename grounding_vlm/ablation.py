@@ -5,7 +5,7 @@
 All three runs share the student's architecture (the scratch run takes it from the student export
 too, so only the initialisation differs), the data, the tokenizer settings and the seed. Each is
 trained in this process, then evaluated on val / testA / testB; result JSONs (benchmarks schema,
-suite "miniworld") go to OUT/results, a summary to OUT/ablation.json and OUT/ablation.md.
+suite "miniworld") go to OUT/results (or `results_dir`, e.g. the quickstart's shared one), a summary to OUT/ablation.json and OUT/ablation.md.
 `fast=True` is the quickstart's smoke setting: few steps, a capped number of eval expressions.
 """
 from __future__ import annotations
@@ -25,14 +25,14 @@ FAST = {"steps": 12, "eval_limit": 24}
 
 
 def run_ablation(world: str | Path, student_dir: str | Path, out: str | Path, fast: bool = False,
-                 steps: int | None = None, progress: bool = True) -> dict:
+                 steps: int | None = None, progress: bool = True, results_dir: str | Path | None = None) -> dict:
     world, out = Path(world), Path(out)
     refer = world / "refer"
     if not (refer / "refcoco").is_dir():
         raise FileNotFoundError(f"{world} has no refer/refcoco: make the world first (`amoe world make --out {world}`)")
     student_cfg, _ = read_student_export(student_dir)
     vision = student_cfg.to_dict()
-    results_dir = out / "results"
+    results_dir = Path(results_dir) if results_dir is not None else out / "results"
     summary: dict = {"world": str(world), "student": str(student_dir), "fast": fast, "runs": {}, "wall_s": {}}
     for name in CONFIGS:
         cfg = load_config(name)

@@ -50,11 +50,29 @@ def test_only_unknown_step_is_rejected(tmp_path):
 
 
 def test_pipeline_shape_and_settings(tmp_path):
-    assert [s.name for s in STEPS] == ["world", "teachers", "random-student", "bench", "leaderboard"]
+    assert [s.name for s in STEPS] == ["world", "teachers", "random-student", "distill", "ablation-relational",
+                                       "grounding", "bench", "leaderboard"]
     fast, full = load_settings(fast=True), load_settings()
     assert fast["sweep"]["limit"] and full["sweep"]["limit"] is None
     assert fast["sweep"]["tasks"] == full["sweep"]["tasks"]   # fast overrides only what it names
     run = Run(tmp_path / "qs", full)
     cfg = run.sweep_config()
     assert cfg["vars"]["world"] == str(tmp_path / "qs" / "world")
-    assert [m.split(":")[0] for m in cfg["models"]] == ["siglip2", "dinov3", "student"]
+    assert [m.split(":")[0] for m in cfg["models"]] == ["siglip2", "dinov3"] + ["student"] * 4
+    assert cfg["models"][3].endswith("distilled-arkd/export")          # the main student comes first
+    assert run.relational_variants() == ["arkd", "none", "rkd"]
+
+
+@pytest.mark.slow
+def test_fast_quickstart_runs_every_step_end_to_end(tmp_path):
+    """The whole pipeline on the smoke settings: real world, teachers, distillation, grounding, sweep."""
+    run = Run(tmp_path / "qs", load_settings(fast=True), log=lambda m: None)
+    report = run_steps(run)
+    assert [r["status"] for r in report] == ["done"] * len(STEPS)
+    table = (run.leaderboard / "miniworld.csv").read_text()
+    for k in ("arkd", "none", "rkd"):
+        assert f"distilled-{k}/export" in table
+    for name in ("miniworld-scratch", "miniworld-student", "miniworld-student-gram"):
+        assert f"grounding-vlm:{name}" in table
+    # a second run finds every step complete and does nothing
+    assert all(r["status"] == "skipped" for r in run_steps(run))
