@@ -55,10 +55,16 @@ class Run:
     def grounding(self) -> Path:
         return self.out / "grounding"
 
+    @property
+    def ablations(self) -> bool:
+        """Whether the ablation steps (relational terms, grounding inits) are part of this run."""
+        return bool(self.settings.get("ablations"))
+
     def relational_variants(self) -> list[str]:
-        """The main recipe's relational term first, then the ablation's other terms."""
+        """The main recipe's relational term first, then (with ablations) the ablation's other terms."""
         d = self.settings["distill"]
-        return [d["relational"]] + [k for k in d.get("ablation", []) if k != d["relational"]]
+        extra = [k for k in d.get("ablation", []) if k != d["relational"]] if self.ablations else []
+        return [d["relational"]] + extra
 
     @property
     def results(self) -> Path:
@@ -94,6 +100,7 @@ class Step:
     done: Callable[[Run], bool]
     run: Callable[[Run], object]
     requires: tuple[str, ...] = field(default_factory=tuple)
+    ablation: bool = False      # runs only when the settings ask for ablations (`--ablations`)
 
 
 # ---------------------------------------------------------------- steps
@@ -217,13 +224,13 @@ STEPS: list[Step] = [
     Step("distill", "distil the mini-world MoE student from both teachers (ARKD, PHI-S, packing)",
          _distill_done, _distill_main, requires=("world", "teachers")),
     Step("ablation-relational", "distil the relational-term ablation students (none, RKD)",
-         _ablation_done, _distill_ablation, requires=("world", "teachers")),
+         _ablation_done, _distill_ablation, requires=("world", "teachers"), ablation=True),
     Step("grounding", "RefCOCO-style grounding VLM: scratch vs student init vs student + Gram anchoring",
-         _grounding_done, _grounding_ablation, requires=("world", "distill")),
+         _grounding_done, _grounding_ablation, requires=("world", "distill"), ablation=True),
     Step("bench", "run the mini-world suite on every encoder (zero-shot, kNN, retrieval, segmentation)",
          _bench_done, _run_bench, requires=("world", "teachers", "random-student", "distill", "ablation-relational")),
     Step("leaderboard", "build the leaderboard tables and plot from the result JSONs",
-         _leaderboard_done, _build_leaderboard, requires=("bench", "grounding")),
+         _leaderboard_done, _build_leaderboard, requires=("bench",)),
 ]
 
 
@@ -255,6 +262,9 @@ def run_steps(run: Run, steps: list[Step] | None = None, only: list[str] | None 
         if only and step.name not in only:
             continue
         tag = f"[{i}/{len(steps)}] {step.name}"
+        if step.ablation and not run.ablations:
+            report.append({"step": step.name, "status": "not selected"})
+            continue
         if step.done(run):
             run.log(f"{tag}: complete, skipped")
             report.append({"step": step.name, "status": "skipped"})
@@ -288,6 +298,9 @@ def register(subparsers) -> None:
                                                  "leaderboard (resumable)")
     p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
     p.add_argument("--fast", action="store_true", help="a small smoke version (tiny world, short training)")
+    p.add_argument("--ablations", action="store_true",
+                   help="also run the ablations: relational term (none / RKD beside ARKD) and grounding init "
+                        "(scratch / student / student + Gram); about 20 more minutes on 2 CPU cores")
     p.add_argument("--only", action="append", metavar="STEP",
                    help=f"run only this step (repeatable): {', '.join(s.name for s in STEPS)}")
     p.add_argument("--list", action="store_true", help="list the steps and whether each is complete")
@@ -296,14 +309,19 @@ def register(subparsers) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    run = Run(Path(args.out), load_settings(args.fast, args.settings))
+    settings = load_settings(args.fast, args.settings)
+    if args.ablations:
+        settings["ablations"] = True
+    run = Run(Path(args.out), settings)
     if args.list:
         for i, step in enumerate(STEPS, start=1):
             try:
                 state = "complete" if step.done(run) else "to do"
             except Exception as e:  # a step whose module is missing cannot say
                 state = f"unknown ({type(e).__name__}: {e})"
-            print(f"{i}. {step.name:15s} {state:10s} {step.description}")
+            if step.ablation and not run.ablations:
+                state = "off"
+            print(f"{i}. {step.name:20s} {state:10s} {step.description}")
         return 0
     run_steps(run, only=args.only)
     return 0

@@ -58,9 +58,20 @@ def test_pipeline_shape_and_settings(tmp_path):
     run = Run(tmp_path / "qs", full)
     cfg = run.sweep_config()
     assert cfg["vars"]["world"] == str(tmp_path / "qs" / "world")
-    assert [m.split(":")[0] for m in cfg["models"]] == ["siglip2", "dinov3"] + ["student"] * 4
-    assert cfg["models"][3].endswith("distilled-arkd/export")          # the main student comes first
-    assert run.relational_variants() == ["arkd", "none", "rkd"]
+    # without ablations: teachers, random-init student and the distilled (ARKD) student
+    assert [m.split(":")[0] for m in cfg["models"]] == ["siglip2", "dinov3", "student", "student"]
+    assert cfg["models"][3].endswith("distilled-arkd/export")
+    assert not full["ablations"] and fast["ablations"]
+    ablating = Run(tmp_path / "qs", {**full, "ablations": True})
+    assert ablating.relational_variants() == ["arkd", "none", "rkd"]   # the main student comes first
+    assert len(ablating.sweep_config()["models"]) == 6
+
+
+def test_ablation_steps_run_only_when_selected(tmp_path):
+    calls = []
+    steps = _steps(calls) + [Step("abl", "an ablation", lambda r: False, lambda r: calls.append("abl"), ablation=True)]
+    report = run_steps(Run(tmp_path, {}, log=lambda m: None), steps)
+    assert calls == ["a", "b", "c"] and report[-1]["status"] == "not selected"
 
 
 @pytest.mark.slow
