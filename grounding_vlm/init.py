@@ -61,28 +61,13 @@ def _student_keys(cfg: StudentConfig) -> list[str]:
 
 def read_student_export(path: str | Path) -> tuple[StudentConfig, dict[str, torch.Tensor]]:
     """(config, state dict) of a student export folder (model.safetensors + config.json)."""
-    path = Path(path)
-    cfg_file, weights = path / "config.json", path / "model.safetensors"
-    if not (cfg_file.is_file() and weights.is_file()):
-        raise FileNotFoundError(f"{path} is not a student export: need config.json (with 'student_config') and "
-                                "model.safetensors, as written by `amoe distill` export or save_student_export")
-    meta = json.loads(cfg_file.read_text())
-    if "student_config" not in meta:
-        raise ValueError(f"{cfg_file} has no 'student_config'; it is not a student export")
+    from distill.encoders.student import read_student_config  # the export format's one reader
+
+    meta = read_student_config(path)
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path} is not a complete student export: model.safetensors is missing")
     return get_config(meta["student_config"]), load_official_checkpoint(weights)
-
-
-def save_student_export(student: Student, out: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write a student in the export format (used for random students in the ablation and tests)."""
-    from distill.io import save_tensors_atomic, write_json_atomic
-    from distill.train.export import FORMAT
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_tensors_atomic(out / "model.safetensors", student.state_dict(), metadata={"format": FORMAT})
-    write_json_atomic(out / "config.json", {"format": FORMAT, "student_config": student.config.to_dict(),
-                                            **dict(extra or {})})
-    return out
 
 
 def load_student_source(spec: Mapping[str, Any]) -> tuple[StudentConfig, dict[str, torch.Tensor]]:

@@ -11,7 +11,8 @@ import torch
 from distill.io import load_tensors
 from distill.student import Student
 from grounding_vlm.evaluate import greedy_box_tokens
-from grounding_vlm.init import load_student_source, load_vision_experts, save_student_export
+from distill.encoders.student import save_student
+from grounding_vlm.init import load_student_source, load_vision_experts
 from grounding_vlm.model import GroundingVLM, VLMConfig
 from grounding_vlm.tokenizer import GroundingTokenizer, train_tokenizer
 from grounding_vlm.train import apply_overrides, load_config, train
@@ -40,7 +41,8 @@ def random_student(seed: int = 0, cfg=TINY_STUDENT) -> Student:
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory) -> Path:
-    return save_student_export(random_student(), tmp_path_factory.mktemp("student") / "export")
+    st = random_student()
+    return save_student(st.state_dict(), st.config, tmp_path_factory.mktemp("student") / "export")
 
 
 @pytest.fixture(scope="module")
