@@ -138,7 +138,7 @@ def test_bad_inputs_are_named():
         apply_overrides(cfg, ["train.stepz=3"])
     with pytest.raises(ValueError, match="data.root is not set"):
         train(cfg, "/nonexistent/never-written")
-    with pytest.raises(FileNotFoundError, match="not a student export"):
+    with pytest.raises(FileNotFoundError, match="not an amoe-student export"):
         load_student_source({"kind": "student", "path": "/nonexistent"})
 
 
