@@ -14,7 +14,7 @@ Objective (DINO + iBOT with a masked-pixel term), all label-free on the pool ima
   for patch features that carry object layout; without it (`dense_weight` 0) the SSL terms alone
   left both the kNN and the segmentation probe near chance after ~10 CPU-minutes (measured, see
   docs/teachers.md).
-The saved weights are the momentum teacher's backbone (DINO's practice: it is the better model).
+The saved backbone is the student's or the momentum teacher's, as the recipe's `save` says.
 """
 from __future__ import annotations
 
@@ -250,7 +250,9 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
             log[k].append(round(float(v.detach()) if torch.is_tensor(v) else float(v), 5))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", pix=f"{float(pixel.detach()):.3f}")
-    backbone = teacher.backbone.eval()
+    # which backbone ships: DINO keeps the momentum teacher, but over a few hundred steps the EMA
+    # lags far behind the student (measured: near-chance probes), so the recipe chooses
+    backbone = (student if r["save"] == "student" else teacher).backbone.eval()
     probe = probe_outputs("dinov3", backbone, image_processor(r))
     backbone.save_pretrained(out_dir)
     image_processor(r).save_pretrained(out_dir)

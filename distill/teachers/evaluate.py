@@ -41,13 +41,16 @@ def load_teacher(path: str | os.PathLike):
 
 
 @torch.no_grad()
-def image_features(kind: str, model, proc, images: list, batch: int = 64, progress: bool = False):
-    """Summary (N, C) and patch features (N, h, w, C); images must share a size for the patch grid."""
+def image_features(kind: str, model, proc, images: list, batch: int = 64, progress: bool = False,
+                   max_num_patches: int | None = None):
+    """Summary (N, C) and patch features (N, h, w, C); images must share a size for the patch grid.
+    `max_num_patches` overrides SigLIP2's saved patch budget (to compare both teachers on one grid)."""
     summaries, patches = [], []
     for i in tqdm(range(0, len(images), batch), desc=f"{kind} features", disable=not progress, leave=False):
         chunk = images[i:i + batch]
         if kind == "siglip2":
-            inp = proc.image_processor(images=chunk, return_tensors="pt")
+            kw = {"max_num_patches": max_num_patches} if max_num_patches else {}
+            inp = proc.image_processor(images=chunk, return_tensors="pt", **kw)
             out = model.vision_model(pixel_values=inp["pixel_values"], pixel_attention_mask=inp["pixel_attention_mask"],
                                      spatial_shapes=inp["spatial_shapes"])
             h, w = (int(v) for v in inp["spatial_shapes"][0])
@@ -128,6 +131,7 @@ def evaluate_teachers(world: str | os.PathLike, teachers: str | os.PathLike, lim
     sy_tr = torch.stack([torch.as_tensor(y) for _, y in seg_train]).long()
     sy_va = torch.stack([torch.as_tensor(y) for _, y in seg_val]).long()
     results: dict = {}
+    seg_grid = _dinov3_grid(teachers / "dinov3")
     for name in names:
         kind, model, proc = load_teacher(teachers / name)
         m: dict = {}
@@ -140,13 +144,28 @@ def evaluate_teachers(world: str | os.PathLike, teachers: str | os.PathLike, lim
                                                      dim=-1).mean(0), dim=0) for c in cls_val.classes])
             m["zeroshot_top1"] = ((F.normalize(va_sum, dim=-1) @ w.t()).argmax(-1) == val_y).float().mean().item()
             m.update(_retrieval(world, kind, model, proc, limit, progress))
-        _, p_tr = image_features(kind, model, proc, [im for im, _ in seg_train], progress=progress)
-        _, p_va = image_features(kind, model, proc, [im for im, _ in seg_val], progress=progress)
+        # both teachers on DINOv3's grid for the same images (SigLIP2's patch budget raised to match)
+        budget = (seg_grid[0] * seg_grid[1]) if kind == "siglip2" and seg_grid else None
+        _, p_tr = image_features(kind, model, proc, [im for im, _ in seg_train], progress=progress,
+                                 max_num_patches=budget)
+        _, p_va = image_features(kind, model, proc, [im for im, _ in seg_val], progress=progress,
+                                 max_num_patches=budget)
         seg = seg_probe(p_tr, sy_tr, p_va, sy_va, len(seg_tr.classes), steps=probe_steps)
         m["seg_miou"], m["seg_pixel_acc"] = seg["miou"], seg["pixel_acc"]
         results[name] = {k: round(v, 4) for k, v in m.items()}
     results["seconds"] = round(time.perf_counter() - t0, 2)
     return results
+
+
+def _dinov3_grid(path: Path) -> tuple[int, int] | None:
+    """Patch grid of the DINOv3 teacher's processor (its fixed resize), if that teacher exists."""
+    cfg, pre = path / "config.json", path / "preprocessor_config.json"
+    if not (cfg.is_file() and pre.is_file()):
+        return None
+    import json
+    p = json.loads(cfg.read_text())["patch_size"]
+    size = json.loads(pre.read_text())["size"]
+    return size["height"] // p, size["width"] // p
 
 
 def _retrieval(world: Path, kind: str, model, proc, limit: int | None, progress: bool) -> dict:
