@@ -46,6 +46,9 @@ def train_teachers(world: str | os.PathLike, out: str | os.PathLike, fast: bool 
         raise TeacherError(f"unknown teacher(s) {bad}; known: {', '.join(TEACHERS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    todo = [n for n in names if not is_complete(out / n, teacher_fingerprint(n, recipe, world_id, seed))]
+    if recipe["parallel"] and len(todo) > 1:
+        return _train_parallel(world, out, names, todo, fast, seed, progress, overrides)
     if recipe.get("threads"):
         torch.set_num_threads(int(recipe["threads"]))
     data = WorldData(Path(world), progress=progress)
@@ -71,3 +74,19 @@ def train_teachers(world: str | os.PathLike, out: str | os.PathLike, fast: bool 
         finish_dir(partial, final, {"teacher": name, "fingerprint": fp, "finished": info["finished"]})
         report[name] = info
     return report
+
+
+def _train_parallel(world, out: Path, names: list[str], todo: list[str], fast: bool, seed: int, progress: bool,
+                    overrides: dict) -> dict:
+    """One spawned process per teacher, one torch thread each; a failure in either is raised here."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    overrides = {**overrides, "parallel": False, "threads": overrides.get("threads") or 1}
+    report = {n: {"status": "skipped (complete)"} for n in names if n not in todo}
+    with ProcessPoolExecutor(max_workers=len(todo), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {n: pool.submit(train_teachers, str(world), str(out), fast, seed, progress, [n], **overrides)
+                   for n in todo}
+        for n, fut in futures.items():
+            report[n] = fut.result()[n]
+    return {n: report[n] for n in names}
