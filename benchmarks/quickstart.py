@@ -52,6 +52,14 @@ class Run:
         return self.students / f"distilled-{relational}" / "export"
 
     @property
+    def curation(self) -> Path:
+        return self.out / "curation"
+
+    def data_student(self, sampling: str) -> Path:
+        """Export folder of the student distilled on the `curated` or `random` pool sample."""
+        return self.students / f"data-{sampling}" / "export"
+
+    @property
     def grounding(self) -> Path:
         return self.out / "grounding"
 
@@ -83,7 +91,8 @@ class Run:
         distilled students (the main one and the relational-ablation variants)."""
         return [f"siglip2:{self.teachers / 'siglip2'}", f"dinov3:{self.teachers / 'dinov3'}",
                 f"student:{self.random_student}"] + [f"student:{self.distilled(k)}"
-                                                     for k in self.relational_variants()]
+                                                     for k in self.relational_variants()] + \
+            ([f"student:{self.data_student(k)}" for k in SAMPLINGS] if self.ablations else [])
 
     def sweep_config(self) -> dict:
         s = self.settings["sweep"]
@@ -137,15 +146,20 @@ def _export_random_student(r: Run) -> None:
                           teachers=r.teachers)
 
 
-def _distill_one(r: Run, relational: str) -> None:
+SAMPLINGS = ("curated", "random")   # the curation ablation's two pool samples of equal size
+
+
+def _distill_one(r: Run, relational: str, export: Path, manifest: Path | None = None) -> None:
     from distill.train import run_distillation
     from distill.train.config import load_config
     d = r.settings["distill"]
     overrides = {"world": str(r.world), "teachers_dir": str(r.teachers),
                  "teachers.0.relational": relational, "teachers.1.relational": relational,
-                 "name": f"{d['recipe']}-{relational}", **(d.get("overrides") or {})}
+                 "name": f"{d['recipe']}-{export.parent.name}", **(d.get("overrides") or {})}
+    if manifest is not None:
+        overrides["data.sources.0.manifest"] = str(manifest)
     cfg = load_config(d["recipe"], overrides)
-    run_distillation(cfg.to_json(), r.distilled(relational).parent)
+    run_distillation(cfg.to_json(), export.parent)
 
 
 def _distill_done(r: Run) -> bool:
@@ -154,7 +168,8 @@ def _distill_done(r: Run) -> bool:
 
 
 def _distill_main(r: Run) -> None:
-    _distill_one(r, r.relational_variants()[0])
+    main = r.relational_variants()[0]
+    _distill_one(r, main, r.distilled(main))
 
 
 def _ablation_done(r: Run) -> bool:
@@ -166,7 +181,35 @@ def _distill_ablation(r: Run) -> None:
     from distill.encoders.registry import student_export_complete
     for k in r.relational_variants()[1:]:
         if not student_export_complete(r.distilled(k)):
-            _distill_one(r, k)
+            _distill_one(r, k, r.distilled(k))
+
+
+def _curation_done(r: Run) -> bool:
+    from distill.encoders.registry import student_export_complete
+    return all(student_export_complete(r.data_student(k)) for k in SAMPLINGS)
+
+
+def _curation_ablation(r: Run) -> dict:
+    """Embed the pool with the image-text teacher, cluster it hierarchically, sample a balanced subset
+    and a uniform-random one of the same size, and distil the main recipe on each."""
+    from distill.curation import (cluster_embeddings, embed_pool, evaluate_manifest, random_manifest,
+                                  sample_manifest)
+    from distill.encoders.registry import load_encoder, student_export_complete
+    c = r.settings["curation"]
+    pool = r.world / "pool" / "shards"
+    embeddings, clusters = r.curation / "embeddings", r.curation / "clusters"
+    embed_pool(load_encoder(str(r.teachers / c["encoder"])), pool, embeddings)   # resumable per shard
+    cluster_embeddings(embeddings, c["config"], clusters)                        # resumable per level
+    manifests = {k: r.curation / f"{k}.parquet" for k in SAMPLINGS}
+    sample_manifest(clusters, c["target"], manifests["curated"], seed=c.get("seed", 0))
+    random_manifest(embeddings, c["target"], manifests["random"], seed=c.get("seed", 0))
+    evidence = {k: evaluate_manifest(m, r.world / "pool") for k, m in manifests.items()}
+    write_json_atomic(r.curation / "evidence.json", evidence)
+    main = r.settings["distill"]["relational"]
+    for k in SAMPLINGS:
+        if not student_export_complete(r.data_student(k)):
+            _distill_one(r, main, r.data_student(k), manifest=manifests[k])
+    return {"target": c["target"]}
 
 
 def _grounding_done(r: Run) -> bool:
@@ -225,10 +268,14 @@ STEPS: list[Step] = [
          _distill_done, _distill_main, requires=("world", "teachers")),
     Step("ablation-relational", "distil the relational-term ablation students (none, RKD)",
          _ablation_done, _distill_ablation, requires=("world", "teachers"), ablation=True),
+    Step("ablation-curation", "curate the pool (hierarchical k-means, balanced sampling) and distil on the "
+         "curated vs a random sample of equal size", _curation_done, _curation_ablation,
+         requires=("world", "teachers"), ablation=True),
     Step("grounding", "RefCOCO-style grounding VLM: scratch vs student init vs student + Gram anchoring",
          _grounding_done, _grounding_ablation, requires=("world", "distill"), ablation=True),
     Step("bench", "run the mini-world suite on every encoder (zero-shot, kNN, retrieval, segmentation)",
-         _bench_done, _run_bench, requires=("world", "teachers", "random-student", "distill", "ablation-relational")),
+         _bench_done, _run_bench, requires=("world", "teachers", "random-student", "distill", "ablation-relational",
+                                            "ablation-curation")),
     Step("leaderboard", "build the leaderboard tables and plot from the result JSONs",
          _leaderboard_done, _build_leaderboard, requires=("bench",)),
 ]

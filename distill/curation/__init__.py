@@ -3,6 +3,7 @@
     embed_pool(encoder, pool, out)            -> embeddings dir (memory-mapped float32 + index.parquet)
     cluster_embeddings(embeddings, cfg, out)  -> clusters dir (per-level centroids + assignments)
     sample_manifest(clusters, target, out)    -> parquet manifest (key, shard, cluster path) for the trainer
+    random_manifest(embeddings, target, out)  -> the uniform-random baseline manifest of the same size
     evaluate_manifest(manifest, pool)         -> concept coverage / balance vs random (mini-world)
 """
 from distill.curation.embed import EmbeddingSet, NonFiniteEmbeddingError, embed_pool
@@ -11,9 +12,9 @@ from distill.curation.hierarchy import (ClusterConfig, LevelConfig, cluster_embe
                                         load_hierarchy, run_hierarchy)
 from distill.curation.kmeans import ClusterCountError, FaissEngine, TorchEngine, make_engine
 from distill.curation.manifest import ManifestError, read_manifest, restrict_to_manifest
-from distill.curation.sample import hierarchical_sample, sample_manifest, water_fill
+from distill.curation.sample import hierarchical_sample, random_manifest, sample_manifest, water_fill
 
 __all__ = ["EmbeddingSet", "NonFiniteEmbeddingError", "embed_pool", "evaluate_manifest", "ClusterConfig",
            "LevelConfig", "cluster_embeddings", "load_cluster_config", "load_hierarchy", "run_hierarchy",
            "ClusterCountError", "FaissEngine", "TorchEngine", "make_engine", "ManifestError", "read_manifest",
-           "restrict_to_manifest", "hierarchical_sample", "sample_manifest", "water_fill"]
+           "restrict_to_manifest", "hierarchical_sample", "random_manifest", "sample_manifest", "water_fill"]

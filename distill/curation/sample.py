@@ -134,3 +134,28 @@ def sample_manifest(clusters: str | os.PathLike, target: int, out: str | os.Path
         "top_level_clusters_used": int(df[f"level_{paths.shape[1]}"].nunique()),
         "level1_clusters_used": int(df["level_1"].nunique())})
     return df
+
+
+def random_manifest(embeddings: str | os.PathLike, target: int, out: str | os.PathLike, seed: int = 0):
+    """The baseline of the curation ablation: `target` samples drawn uniformly from the embedded pool.
+
+    Same columns as `sample_manifest` needs for training (key, shard, row), so the two manifests are
+    interchangeable in a recipe's `data.sources[i].manifest`."""
+    import pandas as pd
+
+    from distill.curation.embed import EmbeddingSet
+
+    index = EmbeddingSet(embeddings).index
+    valid = index[index["valid"]] if "valid" in index.columns else index
+    if target > len(valid):
+        raise ValueError(f"random manifest: target {target} exceeds the {len(valid)} embedded samples")
+    picked = valid.sample(n=int(target), random_state=seed).sort_values("row")
+    df = pd.DataFrame({"key": picked["key"].to_numpy(), "shard": picked["shard"].to_numpy(),
+                       "row": picked["row"].to_numpy()})
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        df.to_parquet(tmp, index=False)
+    write_json_atomic(out.with_suffix(out.suffix + ".json"), {
+        "embeddings": str(Path(embeddings).resolve()), "target": int(target), "strategy": "uniform-random",
+        "seed": seed, "samples": int(len(df)), "shards": int(df["shard"].nunique())})
+    return df
