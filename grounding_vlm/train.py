@@ -63,17 +63,13 @@ def _merge(base: dict, over: Mapping) -> dict:
 
 def apply_overrides(cfg: dict, sets: list[str]) -> dict:
     """`key.sub=value` overrides; the value is parsed as JSON when it can be (numbers, null, lists)."""
+    from distill.train.config import parse_override  # the one `--set key=value` syntax
+
     cfg = copy.deepcopy(cfg)
     for item in sets or []:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value (e.g. train.steps=100)")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
+        parts, value = parse_override(item)
+        key = ".".join(parts)
         node = cfg
-        parts = key.split(".")
         for p in parts[:-1]:
             if not isinstance(node.get(p), dict):
                 raise KeyError(f"--set {key}: '{p}' is not a section of the config (sections: {sorted(cfg)})")
