@@ -1,0 +1,1 @@
+"""Data files (JSON configs); a package so that they ship in wheels."""
