@@ -5,7 +5,8 @@
 All three runs share the student's architecture (the scratch run takes it from the student export
 too, so only the initialisation differs), the data, the tokenizer settings and the seed. Each is
 trained in this process, then evaluated on val / testA / testB; result JSONs (benchmarks schema,
-suite "miniworld") go to OUT/results (or `results_dir`, e.g. the quickstart's shared one), a summary to OUT/ablation.json and OUT/ablation.md.
+suite "miniworld") go to OUT/results (or `results_dir`, e.g. the quickstart's shared one), a summary
+to OUT/ablation.json and OUT/ablation.md.
 `fast=True` is the quickstart's smoke setting: few steps, a capped number of eval expressions.
 """
 from __future__ import annotations
