@@ -112,15 +112,21 @@ def _off_diagonal(b: int, device) -> torch.Tensor:
     return ~torch.eye(b, dtype=torch.bool, device=device)
 
 
+def _distance_pair(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised distance matrices of the student (with grad) and the teacher (a fixed target)."""
+    ds = pairwise_normalised_distances(student)
+    with torch.no_grad():
+        dt = pairwise_normalised_distances(teacher)
+    return ds, dt
+
+
 def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """Symmetric RKD (Park et al. 2019): smooth-L1 between normalised distance matrices,
     averaged over the B(B-1) off-diagonal pairs."""
     b = student.shape[0]
     if b < 2:
         return student.sum() * 0.0
-    ds = pairwise_normalised_distances(student)
-    with torch.no_grad():
-        dt = pairwise_normalised_distances(teacher)
+    ds, dt = _distance_pair(student, teacher)
     off = _off_diagonal(b, ds.device)
     return F.smooth_l1_loss(ds[off], dt[off], reduction="sum", beta=beta) / (b * (b - 1))
 
@@ -140,11 +146,9 @@ def arkd_loss(student: torch.Tensor, teacher: torch.Tensor, beta: float = 1.0) -
     b = student.shape[0]
     if b < 2:
         return student.sum() * 0.0
-    ds = pairwise_normalised_distances(student)
+    ds, dt = _distance_pair(student, teacher)
     with torch.no_grad():
-        dt = pairwise_normalised_distances(teacher)
-        m = teacher_median(dt)
-        w_shrink = (dt < m).float()
+        w_shrink = (dt < teacher_median(dt)).float()
         w_expand = 1.0 - w_shrink
     shrink = (ds - dt).clamp_min(0)
     expand = (dt - ds).clamp_min(0)

@@ -3,13 +3,11 @@ k-means (points sliced over ranks, centroid sums and counts all-reduced) equals 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from ranks import run_two_ranks
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -38,7 +36,6 @@ dist.destroy_process_group()
 
 @pytest.mark.distributed
 def test_two_ranks_equal_one_process(tmp_path):
-    sys.path.insert(0, str(TESTS_DIR))
     from test_curation import make_pool
     from curation_standins import ProjectionEncoder
     from distill.curation import EmbeddingSet, cluster_embeddings, embed_pool, load_hierarchy
@@ -47,14 +44,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     make_pool(tmp_path / "pool", shards=4, per=13, corrupt="020005", seed=3)
     script = tmp_path / "worker.py"
     script.write_text(_WORKER.format(tests=str(TESTS_DIR), tmp=str(tmp_path), cfg=json.dumps(CFG)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        outs.append(json.loads(out.strip().splitlines()[-1]))
+    outs = [json.loads(out.strip().splitlines()[-1]) for out in run_two_ranks(script)]
     # whole shards per rank: rank 0 has shards 0 and 2 (12 decodable + 13 -> 3 + 4 batches of 4),
     # rank 1 has shards 1 and 3 (4 + 4 batches)
     assert sorted((o["rank"], o["encode_calls"]) for o in outs) == [(0, 7), (1, 8)]

@@ -2,12 +2,10 @@
 rank 0 writes the cache entry; the result equals a single-process extraction."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from ranks import run_two_ranks
 import torch
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -44,12 +42,7 @@ def test_sharded_extraction_matches_single_process(tmp_path):
 
     script = tmp_path / "worker.py"
     script.write_text(_WORKER.format(tests=str(TESTS_DIR), tmp=str(tmp_path)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
+    run_two_ranks(script)
     # each rank encoded its own slice of the 19 images: 10 + 9
     counts = [sum(int(x) for x in (tmp_path / f"count{r}.txt").read_text().split()) for r in range(2)]
     assert counts == [10, 9]
@@ -100,14 +93,7 @@ def test_sweep_under_two_ranks_writes_each_result_once(tmp_path):
     write_suite(tmp_path / "suite.json", tmp_path / "data")
     script = tmp_path / "sweep_worker.py"
     script.write_text(_SWEEP_WORKER.format(tests=str(TESTS_DIR), tmp=str(tmp_path)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        outs.append(out)
+    outs = run_two_ranks(script)
     results = {(r["cell"]["task"], r["cell"]["dataset"]): r for r in load_results(tmp_path / "results")}
     assert len(results) == 4   # nn on both datasets, nn_patches and boom on "colours"
     assert results[("nn", "colours")]["metrics"]["a/top1"] == 100.0
