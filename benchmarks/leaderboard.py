@@ -21,6 +21,35 @@ from benchmarks.suites import SuiteError, load_suite
 REPORTED_CSV = Path(__file__).resolve().parents[1] / "leaderboards" / "reported.csv"
 TASK_ORDER = ("zeroshot", "knn", "retrieval", "segmentation")
 TASK_LABELS = {"zeroshot": "zero-shot", "knn": "kNN", "retrieval": "retrieval", "segmentation": "seg"}
+LABELS_FILE = "labels.json"   # optional {encoder spec: display name} beside the result JSONs
+
+
+def relative_spec(spec: str, base: Path) -> str:
+    """An encoder spec whose path lies under `base` (the run folder), written relative to it, so no
+    table carries a path of the machine it was made on."""
+    body, q, query = spec.partition("?")
+    kind, sep, arg = body.partition(":")
+    if not sep or len(kind) == 1:  # a bare path (or a Windows drive letter)
+        kind, sep, arg = "", "", body
+    if arg and os.path.isabs(arg):
+        try:
+            arg = os.path.relpath(arg, base)
+        except ValueError:
+            pass
+    return f"{kind}{sep}{arg}{q}{query}"
+
+
+def display_names(records: list[dict], base: Path, labels: dict[str, str]) -> dict[str, str]:
+    """spec -> row name: the given label, else the spec relative to the run folder."""
+    return {r["cell"]["model"]: labels.get(r["cell"]["model"]) or relative_spec(r["cell"]["model"], base)
+            for r in records}
+
+
+def _column(task: str, ds: dict, metric: str, head: str | None = None) -> str:
+    """Column label: task, the dataset's short name (its name if none), metric, and the head if pinned."""
+    short = ds.get("short", ds.get("name", ds["id"]))
+    words = [TASK_LABELS.get(task, task)] + ([short] if short else []) + [metric]
+    return " ".join(words) + (f" ({head})" if head else "")
 
 
 # ---------------------------------------------------------------- results -> long frame
@@ -64,19 +93,28 @@ def _res_label(res) -> str:
 
 # ---------------------------------------------------------------- one suite -> wide table
 
-def suite_table(records: list[dict], suite: dict) -> tuple[pd.DataFrame, dict]:
-    """The paper-shaped table for one suite and, beside it, the head each value came from."""
+def suite_table(records: list[dict], suite: dict, names: dict[str, str] | None = None,
+                base: Path | None = None) -> tuple[pd.DataFrame, dict]:
+    """The paper-shaped table for one suite and, beside it, the head each value came from.
+
+    Rows are named by `names` (spec -> display name; rows keep that order) with the spec (relative to
+    `base`) in column `spec`. Columns go task family by family: each dataset's metrics (value of the
+    preferred head), the heads the suite pins for that task (`per_head`, e.g. zero-shot per text head
+    and the ensemble), then the family's macro average when it spans several datasets."""
     lb = suite.get("leaderboard") or {}
     prefs = lb.get("head_preference") or []
     columns_by_task = lb.get("columns") or {}
-    names = {d["id"]: d.get("name", d["id"]) for d in suite["datasets"]}
-    # column order: task family, then dataset in suite order, then metric
-    col_specs = []
+    per_head = lb.get("per_head") or {}
+    names = names or {}
+    datasets = {d["id"]: d for d in suite["datasets"]}
+    families = lb.get("families", [])
+    col_specs, ordered = [], []   # (task, ds_id, metric, head or None)
     for task in list(TASK_ORDER) + sorted(set(columns_by_task) - set(TASK_ORDER)):
         for ds in suite["datasets"]:
             if task in ds["tasks"]:
                 for metric in columns_by_task.get(task, []):
-                    col_specs.append((task, ds["id"], metric))
+                    col_specs.append((task, ds["id"], metric, None))
+                    col_specs += [(task, ds["id"], metric, h) for h in per_head.get(task, [])]
     rows: dict[tuple[str, str], dict] = {}
     heads: dict[tuple[str, str], dict] = {}
     for r in records:
@@ -84,32 +122,57 @@ def suite_table(records: list[dict], suite: dict) -> tuple[pd.DataFrame, dict]:
             continue
         c = r["cell"]
         row_key = (c["model"], _res_label(c["resolution"]))
-        row = rows.setdefault(row_key, {"model": c["model"], "resolution": row_key[1],
-                                        "active_params": r["model"].get("active_params")})
-        for task, ds_id, metric in col_specs:
+        row = rows.setdefault(row_key, {"model": names.get(c["model"], c["model"]),
+                                        "spec": relative_spec(c["model"], base) if base else c["model"],
+                                        "resolution": row_key[1], "active_params": r["model"].get("active_params")})
+        for task, ds_id, metric, head in col_specs:
             if task == c["task"] and ds_id == c["dataset"]:
+                col = _column(task, datasets[ds_id], metric, head)
+                if head is not None:
+                    if f"{head}/{metric}" in r["metrics"]:
+                        row[col] = r["metrics"][f"{head}/{metric}"]
+                    continue
                 picked = pick_metric(r["metrics"], metric, prefs)
                 if picked is not None:
-                    col = f"{TASK_LABELS.get(task, task)} {names[ds_id]} {metric}"
                     row[col] = picked[1]
                     heads.setdefault(row_key, {})[col] = picked[0]
     table = pd.DataFrame(list(rows.values()))
-    ordered = [f"{TASK_LABELS.get(t, t)} {names[d]} {m}" for t, d, m in col_specs]
+    for task, ds_id, metric, head in col_specs:
+        col = _column(task, datasets[ds_id], metric, head)
+        if col not in ordered:
+            ordered.append(col)
     if table.empty:
-        return pd.DataFrame(columns=["model", "resolution"] + ordered), {}
-    present = [c for c in ordered if c in table.columns]
+        return pd.DataFrame(columns=["model", "spec", "resolution"] + ordered), {}
+    present = [c for c in ordered if c in table.columns and table[c].notna().any()]
     # family macro averages: mean over the family's datasets this row has; the count says how complete
-    for fam in lb.get("families", []):
-        cols = [f"{TASK_LABELS.get(fam['task'], fam['task'])} {names[d]} {fam['metric']}"
-                for d in fam["datasets"] if d in names]
+    fam_after: dict[str, list[str]] = {}
+    for fam in families:
+        cols = [_column(fam["task"], datasets[d], fam["metric"]) for d in fam["datasets"] if d in datasets]
         have = [c for c in cols if c in table.columns]
         table[fam["name"]] = table[have].mean(axis=1, skipna=True) if have else float("nan")
         table[f"{fam['name']} n"] = table[have].notna().sum(axis=1).astype(int) if have else 0
-    fam_cols = [f["name"] for f in lb.get("families", [])]
-    count_cols = [f"{f} n" for f in fam_cols]
-    table = table[["model", "resolution"] + present + fam_cols + count_cols + ["active_params"]]
-    table = table.sort_values(["resolution", "model"]).reset_index(drop=True)
+        fam_after.setdefault(fam["task"], []).append(fam["name"])
+    grouped = []
+    for task in dict.fromkeys(t for t, *_ in col_specs):
+        grouped += [c for c in present if any(c == _column(t, datasets[d], m, h)
+                                              for t, d, m, h in col_specs if t == task)]
+        grouped += fam_after.get(task, [])
+    grouped += [f["name"] for f in families if f["name"] not in grouped]
+    count_cols = [f"{f['name']} n" for f in families]
+    table = table[["model", "spec", "resolution"] + grouped + count_cols + ["active_params"]]
+    order = {n: i for i, n in enumerate(dict.fromkeys(names.values()))}
+    table["_order"] = [order.get(m, len(order)) for m in table["model"]]
+    table = table.sort_values(["resolution", "_order", "model"]).drop(columns="_order").reset_index(drop=True)
     return table, heads
+
+
+def shown_columns(table: pd.DataFrame, suite: dict) -> pd.DataFrame:
+    """What the Markdown / LaTeX tables show: no spec, counts or parameters, and a family average only
+    where it averages more than one dataset (else it repeats its one column)."""
+    lb = suite.get("leaderboard") or {}
+    single = [f["name"] for f in lb.get("families", []) if len(f["datasets"]) < 2]
+    drop = ["spec", "active_params"] + [c for c in table.columns if c.endswith(" n")] + single
+    return table.drop(columns=[c for c in drop if c in table.columns])
 
 
 # ---------------------------------------------------------------- reported vs reproduced
@@ -130,22 +193,23 @@ def reproduced_metrics(table: pd.DataFrame, suite: dict) -> pd.DataFrame:
     family names ("image-text avg") and "<dataset>/<metric>" per dataset column. Family averages
     are only compared when the row has every dataset of the family."""
     lb = suite.get("leaderboard") or {}
-    names = {d["id"]: d.get("name", d["id"]) for d in suite["datasets"]}
+    datasets = {d["id"]: d for d in suite["datasets"]}
     rows = []
     col_to_metric = {}
     for task, metrics in (lb.get("columns") or {}).items():
         for ds in suite["datasets"]:
             if task in ds["tasks"]:
                 for m in metrics:
-                    col_to_metric[f"{TASK_LABELS.get(task, task)} {names[ds['id']]} {m}"] = f"{ds['id']}/{m}"
-    sizes = {f["name"]: len([d for d in f["datasets"] if d in names]) for f in lb.get("families", [])}
+                    col_to_metric[_column(task, ds, m)] = f"{ds['id']}/{m}"
+    sizes = {f["name"]: len([d for d in f["datasets"] if d in datasets]) for f in lb.get("families", [])}
+    key = "spec" if "spec" in table.columns else "model"   # reported.csv names models by spec or name
     for _, r in table.iterrows():
         for col, metric in col_to_metric.items():
             if col in table.columns and pd.notna(r[col]):
-                rows.append({"model": r["model"], "resolution": r["resolution"], "metric": metric, "value": r[col]})
+                rows.append({"model": r[key], "resolution": r["resolution"], "metric": metric, "value": r[col]})
         for fam, size in sizes.items():
             if pd.notna(r[fam]) and int(r[f"{fam} n"]) == size:
-                rows.append({"model": r["model"], "resolution": r["resolution"], "metric": fam, "value": r[fam]})
+                rows.append({"model": r[key], "resolution": r["resolution"], "metric": fam, "value": r[fam]})
     return pd.DataFrame(rows, columns=["model", "resolution", "metric", "value"])
 
 
@@ -192,31 +256,33 @@ def to_latex(df: pd.DataFrame, caption: str, label: str) -> str:
 
 
 def plot_score_vs_params(tables: dict[str, pd.DataFrame], reported: pd.DataFrame, path: Path) -> Path | None:
-    """Family averages against active parameters: reproduced runs (filled) and reported (hollow)."""
+    """Family averages against active parameters: reproduced runs (filled) and reported (hollow).
+    Points are named in a legend, not by text beside them, so labels never overlap."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     families = ["image-text avg", "kNN avg"]
-    fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(families), figsize=(7 * len(families), 4.5), squeeze=False)
     for ax, fam in zip(axes[0], families):
         for suite_name, table in tables.items():
             if fam not in table.columns:
                 continue
             sub = table.dropna(subset=[fam, "active_params"])
             for _, r in sub.iterrows():
-                ax.scatter(float(r["active_params"]), r[fam], marker="o")
-                ax.annotate(f"{r['model']} ({suite_name})", (float(r["active_params"]), r[fam]), fontsize=6)
+                label = r["model"] if len(tables) == 1 else f"{r['model']} ({suite_name})"
+                ax.scatter(float(r["active_params"]), r[fam], marker="o", label=label)
         rep = reported[(reported["metric"] == fam) & reported.get("params_active_m", pd.Series(dtype=float)).notna()]
         for _, r in rep.iterrows():
             x = float(r["params_active_m"]) * 1e6
-            ax.scatter(x, r["value"], facecolors="none", edgecolors="k", marker="s")
-            ax.annotate(f"{r['model']} (reported)", (x, r["value"]), fontsize=6)
+            ax.scatter(x, r["value"], facecolors="none", edgecolors="k", marker="s", label=f"{r['model']} (reported)")
         ax.set_xscale("log")
         ax.set_xlabel("active parameters")
         ax.set_ylabel(f"{fam} (%)")
         ax.set_title(fam)
         ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.suptitle("score vs active parameters (filled: reproduced here, hollow: reported by the papers)",
                  fontsize=8)
     fig.tight_layout()
@@ -229,11 +295,20 @@ def plot_score_vs_params(tables: dict[str, pd.DataFrame], reported: pd.DataFrame
 
 
 def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
-          reported_csv: str | os.PathLike | None = REPORTED_CSV) -> dict:
-    """Write every table and plot; returns {"files": [...], "suites": [...], "cells": n}."""
+          reported_csv: str | os.PathLike | None = REPORTED_CSV, labels: dict[str, str] | None = None) -> dict:
+    """Write every table and plot; returns {"files": [...], "suites": [...], "cells": n}.
+
+    Rows are named by `labels` ({spec: display name}; also read from `results_dir/labels.json`), else
+    by their spec; paths in specs are written relative to the run folder (the parent of `results_dir`)."""
+    import json
+
     from distill.io import write_text_atomic
 
     records = load_results(results_dir)
+    base = Path(results_dir).resolve().parent
+    labels_file = Path(results_dir) / LABELS_FILE
+    labels = {**(json.loads(labels_file.read_text()) if labels_file.is_file() else {}), **(labels or {})}
+    row_names = display_names(records, base, labels)
     if not records:
         raise ValueError(f"no result JSONs under {results_dir}; run `amoe bench sweep` first")
     out = Path(out_dir)
@@ -245,19 +320,24 @@ def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
         written.append(str(out / name))
 
     long = long_frame(records)
+    long["model"] = [relative_spec(m, base) for m in long["model"]]
+    long["model_name"] = [relative_spec(m, base) for m in long["model_name"]]
     write("results_long.csv", long.to_csv(index=False))
-    status = pd.DataFrame([{"model": r["cell"]["model"], "task": r["cell"]["task"], "dataset": r["cell"]["dataset"],
+    status = pd.DataFrame([{"model": row_names[r["cell"]["model"]], "task": r["cell"]["task"], "dataset": r["cell"]["dataset"],
                             "resolution": _res_label(r["cell"]["resolution"]), "status": r["status"],
                             "reason": r.get("reason", "")} for r in records])
     reported = load_reported(reported_csv) if reported_csv else pd.DataFrame(
         columns=["model", "spec", "metric", "value", "source"])
-    names = {r["cell"]["model"]: r["model"].get("name") for r in records}
+    names = {relative_spec(r["cell"]["model"], base): r["model"].get("name") for r in records}
 
     tables: dict[str, pd.DataFrame] = {}
     comparisons = []
-    md_parts = ["# Leaderboard\n", f"Built from {len(records)} result files in `{results_dir}` "
-                "(`amoe leaderboard build`). Scores are percentages; family averages are macro averages "
-                "over the datasets a row has (column `<family> n` counts them).\n"]
+    where = os.path.relpath(Path(results_dir).resolve(), Path(out_dir).resolve())
+    md_parts = ["# Leaderboard\n", f"Built from {len(records)} result files in `{where}` (relative to this "
+                "folder; `amoe leaderboard build`). Scores are percentages. A column with a head in brackets "
+                "shows that head alone (`ensemble`: the entropy-weighted fusion of the text heads); the others "
+                "show the preferred head. The CSV files add each row's encoder spec and the family averages "
+                "with their dataset counts.\n"]
     suite_names = sorted({r["config"].get("suite") for r in records if r["config"].get("suite")})
     for suite_name in suite_names:
         try:
@@ -266,16 +346,16 @@ def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
                                     and Path(r["config"]["suite_file"]).is_file()))
         except (StopIteration, SuiteError):
             suite = load_suite(suite_name)
-        table, heads = suite_table(records, suite)
+        table, heads = suite_table(records, suite, row_names, base)
         if table.empty:
             continue
         tables[suite_name] = table
-        shown = table.drop(columns=["active_params"])
+        shown = shown_columns(table, suite)
         write(f"{suite_name}.csv", table.to_csv(index=False))
         write(f"{suite_name}.md", f"# {suite_name}\n\n" + to_markdown(shown))
         write(f"{suite_name}.tex", to_latex(shown, caption=f"{suite_name} suite (reproduced with amoe)",
                                             label=f"tab:{suite_name}"))
-        head_rows = [{"model": m, "resolution": res, "column": col, "head": h}
+        head_rows = [{"model": row_names.get(m, m), "resolution": res, "column": col, "head": h}
                      for (m, res), cols in heads.items() for col, h in cols.items()]
         write(f"{suite_name}_heads.csv", pd.DataFrame(head_rows).to_csv(index=False))
         md_parts += [f"\n## Suite `{suite_name}`\n\n", to_markdown(shown)]

@@ -94,6 +94,19 @@ class Run:
                                                      for k in self.relational_variants()] + \
             ([f"student:{self.data_student(k)}" for k in SAMPLINGS] if self.ablations else [])
 
+    def labels(self) -> dict[str, str]:
+        """Display names of the leaderboard rows (the specs stay in the CSVs)."""
+        relational = {"arkd": "ARKD", "rkd": "RKD", "none": "no relational"}
+        names = {f"siglip2:{self.teachers / 'siglip2'}": "SigLIP2 teacher",
+                 f"dinov3:{self.teachers / 'dinov3'}": "DINOv3 teacher",
+                 f"student:{self.random_student}": "student (random init)"}
+        names.update({f"student:{self.distilled(k)}": f"student ({relational.get(k, k)})"
+                      for k in self.relational_variants()})
+        names.update({f"student:{self.data_student(k)}": f"student ({k} data)" for k in SAMPLINGS})
+        names.update({f"grounding-vlm:miniworld-{k}": f"grounding ({k.replace('-', ' + ')})"
+                      for k in ("scratch", "student", "student-gram")})
+        return names
+
     def sweep_config(self) -> dict:
         s = self.settings["sweep"]
         return {"suite": s["suite"], "vars": {"world": str(self.world)}, "models": self.models(),
@@ -236,6 +249,9 @@ def _run_bench(r: Run) -> dict:
     from benchmarks.sweep import harness_from_config, run_sweep
     cfg = r.sweep_config()
     write_json_atomic(r.out / "sweep.json", cfg)  # the exact sweep, re-runnable with `amoe bench sweep`
+    from benchmarks.leaderboard import LABELS_FILE
+    r.results.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(r.results / LABELS_FILE, r.labels())   # row names for `amoe leaderboard build`
     summary = run_sweep(cfg, harness_from_config(cfg))
     if summary.failed:
         lines = "\n  ".join(f"{f['cell']}: {f['reason']} ({f['path']})" for f in summary.failures)

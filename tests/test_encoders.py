@@ -173,41 +173,6 @@ def test_dinov3_without_processor_uses_imagenet_stats(dirs):
     assert enc.encode([enc.preprocess(image(20, 20))]).grids == [(4, 4)]
 
 
-class _DinoTxt(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.img = torch.nn.Conv2d(3, 8, 16, 16)
-        self.txt = torch.nn.Embedding(100, 8)
-
-    def encode_image(self, x):
-        return self.img(x).mean((2, 3))
-
-    def encode_text(self, tokens):
-        return self.txt(tokens).mean(1)
-
-
-class _DinoTxtTok:
-    def tokenize(self, texts):
-        return torch.tensor([[len(w) for w in t.split()][:4] + [0] * (4 - len(t.split()[:4])) for t in texts])
-
-
-def test_dinotxt_head_is_opt_in_and_injectable(dirs):
-    calls = []
-
-    def hub_load(repo, entry, **kw):
-        calls.append((repo, entry))
-        return _DinoTxt(), _DinoTxtTok()
-
-    with pytest.raises(RemoteCodeNotAllowedError, match="AMOE_TRUST_REMOTE_CODE"):
-        load_encoder(f"dinov3:{dirs['dinov3']}?dinotxt=1", hub_load=hub_load)
-    enc = load_encoder(f"dinov3:{dirs['dinov3']}?dinotxt=1&trust_remote_code=1", hub_load=hub_load)
-    assert calls == [("facebookresearch/dinov3", "dinov3_vitl16_dinotxt_tet1280d20h24l")]
-    assert enc.heads == ("dinov3", "dinotxt") and enc.text_heads == ("dinotxt",)
-    f = enc.encode([enc.preprocess(image(32, 48))])
-    assert f.summary["dinotxt"].shape == (1, 8)
-    assert enc.encode_text(["a red circle", "dog"], "dinotxt").shape == (2, 8)
-
-
 # ---------------------------------------------------------------- RADIO (remote code, injected hub)
 def test_radio_requires_opt_in_and_follows_the_contract(monkeypatch):
     seen = {}

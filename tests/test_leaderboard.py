@@ -56,9 +56,10 @@ def test_suite_table_columns_and_family_averages(tmp_path):
     assert a["kNN avg"] == pytest.approx(3.5) and a["kNN avg n"] == 6                  # Caltech-101 left out
     assert a["retrieval avg"] == 50.0 and a["retrieval avg n"] == 1
     cols = list(table.columns)
-    # paper order: zero-shot block, then kNN, retrieval, segmentation, then the family averages
-    assert cols.index("zero-shot Caltech-101 top1") < cols.index("kNN ImageNet-1k top1") < \
-        cols.index("retrieval MSCOCO 5k t2i_r1") < cols.index("seg ADE20K miou") < cols.index("image-text avg")
+    # paper order, grouped by task family: each family's columns, then its average
+    assert cols.index("zero-shot Caltech-101 top1") < cols.index("image-text avg") < \
+        cols.index("kNN ImageNet-1k top1") < cols.index("kNN avg") < cols.index("retrieval MSCOCO 5k t2i_r1") < \
+        cols.index("seg ADE20K miou")
     s = table[table["model"] == "siglino:somewhere"].iloc[0]
     assert s["image-text avg"] == 80.0 and s["image-text avg n"] == 1
 
@@ -115,3 +116,22 @@ def test_build_without_results_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="amoe bench sweep"):
         build(tmp_path / "empty", tmp_path / "lb")
+
+
+def test_rows_get_display_names_and_no_machine_paths(tmp_path):
+    from benchmarks.leaderboard import LABELS_FILE, build, relative_spec
+    results = tmp_path / "run" / "results"
+    _write_paper_results(results)
+    (results / LABELS_FILE).write_text(json.dumps({"modelA": "Model A"}))
+    build(results, tmp_path / "run" / "leaderboard")
+    md = (tmp_path / "run" / "leaderboard" / "leaderboard.md").read_text()
+    assert "| Model A |" in md and "modelA" not in md
+    for f in (tmp_path / "run" / "leaderboard").glob("*.*"):
+        if f.suffix in (".md", ".csv", ".tex"):
+            assert str(tmp_path) not in f.read_text(), f.name
+    csv = (tmp_path / "run" / "leaderboard" / "paper.csv").read_text()
+    assert "Model A,modelA," in csv                          # the spec stays in the CSV
+    base = tmp_path / "run"
+    assert relative_spec(f"student:{base}/students/x?phis_inverse=0", base) == "student:students/x?phis_inverse=0"
+    assert relative_spec("siglip2:google/siglip2-so400m-patch16-naflex", base) == \
+        "siglip2:google/siglip2-so400m-patch16-naflex"

@@ -159,3 +159,8 @@ def test_parallel_training_one_process_per_teacher(world, tmp_path):
         assert report[name]["machine"]["torch_threads"] == 1
     again = train_teachers(world, out, fast=True, progress=False, parallel=True)
     assert again == {"siglip2": {"status": "skipped (complete)"}, "dinov3": {"status": "skipped (complete)"}}
+    # reproducible: the same seed gives bit-identical weights side by side and one after the other
+    serial = tmp_path / "serial"
+    train_teachers(world, serial, fast=True, progress=False, parallel=False)
+    for rel in ("siglip2/model.safetensors", "dinov3/model.safetensors", "dinov3/dinotxt/model.safetensors"):
+        assert (out / rel).read_bytes() == (serial / rel).read_bytes(), rel

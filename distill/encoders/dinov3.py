@@ -6,9 +6,11 @@ the model's image-processor config when the directory has one, else ImageNet mea
 DINOv3 checkpoint uses) and the patch size / image size from the model config.
 
 Outputs: summary "dinov3" = CLS (post-norm), registers = the 4 register tokens, patches per image.
-Optional text head (opt-in, remote code): `?dinotxt=1` loads the dino.txt model through torch.hub
-(`dinov3_vitl16_dinotxt_tet1280d20h24l`) and adds the head "dinotxt": image = dino.txt's joint
-embedding, text = its text tower. The hub function is injectable (`hub_load=`) for offline use.
+Text branch (dino.txt, distill/encoders/dinotxt.py): head "dinotxt" whose image embedding is the
+dino.txt vision head applied to this model's [CLS, patches] (joint [CLS | mean patch]) and whose text
+side is dino.txt's text tower. Found by itself in `DIR/dinotxt/` (the mini-world teacher's own head);
+`?dinotxt=hub` loads the real one through torch.hub (remote code, opt-in; `hub_load=` injectable for
+offline use); `?dinotxt=PATH` names a head folder. Without one, `describe()["dinotxt_missing"]` says why.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from PIL import Image
 from distill.encoders.common import (check_source, IMAGENET_MEAN, IMAGENET_STD, ModuleEncoder, as_bool, as_image_list,
                                      aspect_size, group_by_size, hub_error, is_local, no_grad_encode,
                                      require_remote_code, resize_normalize)
+from distill.encoders.dinotxt import SUBFOLDER, DinoTxtBranch, is_mini_dinotxt, load_dinotxt
 from distill.encoders.registry import register_loader
 from distill.features import Features
 
@@ -33,7 +36,7 @@ class DINOv3Encoder(ModuleEncoder):
     kind = "dinov3"
 
     def __init__(self, model, source: str, mean, std, resample: int, default_side: int, head: str = "dinov3",
-                 dinotxt=None, dinotxt_tokenizer=None):
+                 dinotxt: DinoTxtBranch | None = None, dinotxt_missing: str | None = None):
         self.model = model.eval()
         self.source = source
         self.name = f"dinov3:{source}"
@@ -44,8 +47,10 @@ class DINOv3Encoder(ModuleEncoder):
         self.resample = int(resample)
         self.default_side = int(default_side)
         self.head = head
-        self.dinotxt = dinotxt.eval() if dinotxt is not None else None
-        self.dinotxt_tokenizer = dinotxt_tokenizer
+        self.dinotxt = dinotxt
+        self.dinotxt_missing = dinotxt_missing
+        if dinotxt is not None:
+            dinotxt.check_width(self.width, f"the DINOv3 model {source}")
         self.heads = (head, "dinotxt") if dinotxt is not None else (head,)
         self.text_heads = ("dinotxt",) if dinotxt is not None else ()
 
@@ -64,7 +69,7 @@ class DINOv3Encoder(ModuleEncoder):
     def encode(self, images) -> Features:
         images = [im.to(self.device, self.dtype) for im in as_image_list(images)]
         n = len(images)
-        summary, cls, regs, patches, grids, joint = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
+        cls, regs, patches, grids = [None] * n, [None] * n, [None] * n, [None] * n
         R = self.n_registers
         for (H, W), idx in group_by_size(images).items():
             if H % self.patch_size or W % self.patch_size:
@@ -72,55 +77,42 @@ class DINOv3Encoder(ModuleEncoder):
                                  "use preprocess()")
             batch = torch.stack([images[i] for i in idx])
             hs = self.model(pixel_values=batch).last_hidden_state   # [CLS, registers, patches]
-            j_emb = self.dinotxt.encode_image(batch) if self.dinotxt is not None else None
             for j, i in enumerate(idx):
                 cls[i] = hs[j, 0]
                 regs[i] = hs[j, 1: 1 + R]
                 patches[i] = hs[j, 1 + R:]
                 grids[i] = (H // self.patch_size, W // self.patch_size)
-                if j_emb is not None:
-                    joint[i] = j_emb[j]
         cls_t = torch.stack(cls)
         summary = {self.head: cls_t}
         if self.dinotxt is not None:
-            summary["dinotxt"] = torch.stack(joint)
+            summary["dinotxt"] = self.dinotxt.image_embedding(cls_t, patches).to(cls_t.dtype)
         return Features(summary=summary, patches={self.head: patches}, grids=grids, cls=cls_t,
                         registers=torch.stack(regs) if R else None)
 
     @no_grad_encode
     def encode_text(self, texts: list[str], head: str) -> torch.Tensor:
         self.require_head(head, text=True)
-        tokens = self.dinotxt_tokenizer.tokenize(list(texts))
-        if isinstance(tokens, torch.Tensor):
-            tokens = tokens.to(self.device)
-        return self.dinotxt.encode_text(tokens)
+        return self.dinotxt.encode_text(texts).to(self.dtype)
+
+    def logit_scale(self, head: str) -> float:
+        return self.dinotxt.logit_scale() if head == "dinotxt" and self.dinotxt is not None else super().logit_scale(head)
+
+    def modules(self):
+        return [self.model] + ([self.dinotxt.model] if self.dinotxt is not None else [])
 
     def describe(self) -> dict:
-        return {"width": self.width, "patch_size": self.patch_size,
-                "registers": self.n_registers, "dinotxt": self.dinotxt is not None}
-
-
-def _load_dinotxt(hub_load: Callable | None, trust_remote_code, repo: str, entry: str, **hub_kwargs):
-    require_remote_code("dinov3", f"the dino.txt text head ({repo}:{entry}) through torch.hub", trust_remote_code)
-    if hub_load is None:
-        hub_load = torch.hub.load
-    try:
-        out = hub_load(repo, entry, **hub_kwargs)
-    except (OSError, RuntimeError) as e:
-        raise OSError(f"dinov3: torch.hub could not load {repo}:{entry} ({e}). Offline, clone the repo and pass "
-                      "dinotxt_repo=LOCAL_CLONE with source='local' and local weights= / backbone_weights= files.") from e
-    if not (isinstance(out, tuple) and len(out) == 2):
-        raise TypeError(f"dino.txt hub entry must return (model, tokenizer); got {type(out).__name__}")
-    return out
+        return {"width": self.width, "patch_size": self.patch_size, "registers": self.n_registers,
+                "dinotxt": self.dinotxt.source if self.dinotxt is not None else None,
+                **({"dinotxt_missing": self.dinotxt_missing} if self.dinotxt_missing else {})}
 
 
 @register_loader("dinov3", "DINOv3 ViT (DINOv3ViTModel) via transformers; summary = CLS, 4 registers, patches; "
-                 "optional dino.txt text head via torch.hub (?dinotxt=1, remote code, opt-in)",
+                 "dino.txt text head from DIR/dinotxt/, or via torch.hub (?dinotxt=hub, remote code, opt-in)",
                  requires=("transformers",), example="dinov3:facebook/dinov3-vitl16-pretrain-lvd1689m",
-                 options={"dinotxt": "add the dino.txt head (needs trust_remote_code)",
+                 options={"dinotxt": "hub (the real head; needs trust_remote_code) or a head folder; default DIR/dinotxt/",
                           "dinotxt_weights / dinotxt_backbone_weights": "files or URLs for the hub entry",
                           "hub_load": "(Python) replacement for torch.hub.load"})
-def load_dinov3(arg: str, head: str = "dinov3", dinotxt=False, trust_remote_code=None, hub_load=None,
+def load_dinov3(arg: str, head: str = "dinov3", dinotxt=None, trust_remote_code=None, hub_load=None,
                 dinotxt_repo: str = DINOTXT_REPO, dinotxt_entry: str = DINOTXT_ENTRY, dinotxt_weights=None,
                 dinotxt_backbone_weights=None, dinotxt_source: str | None = None, revision: str | None = None,
                 **unused) -> DINOv3Encoder:
@@ -152,9 +144,23 @@ def load_dinov3(arg: str, head: str = "dinov3", dinotxt=False, trust_remote_code
         side = int(_get("height") or _get("shortest_edge") or config.image_size)
     else:  # fall back to what every DINOv3 checkpoint was trained with
         mean, std, resample, side = IMAGENET_MEAN, IMAGENET_STD, int(Image.BILINEAR), int(config.image_size)
-    txt = tok = None
-    if as_bool(dinotxt):
+    branch, missing = None, None
+    local = Path(source) / SUBFOLDER if Path(source).is_dir() else None
+    if dinotxt in (None, False, "", "0", "false", "auto"):
+        if local is not None and is_mini_dinotxt(local):
+            branch = load_dinotxt(local)
+        else:
+            missing = (f"no dino.txt text head: {source} has no '{SUBFOLDER}/' head folder; pass ?dinotxt=hub "
+                       "(the real head through torch.hub, remote code) or ?dinotxt=PATH")
+    else:
         hub_kwargs = {k: v for k, v in (("weights", dinotxt_weights), ("backbone_weights", dinotxt_backbone_weights),
                                          ("source", dinotxt_source)) if v is not None}
-        txt, tok = _load_dinotxt(hub_load, trust_remote_code, dinotxt_repo, dinotxt_entry, **hub_kwargs)
-    return DINOv3Encoder(model, source, mean, std, resample, side, head=head, dinotxt=txt, dinotxt_tokenizer=tok)
+        target = "hub" if as_bool_or_none(dinotxt) else dinotxt
+        branch = load_dinotxt(target, hub_load=hub_load, trust_remote_code=trust_remote_code, repo=dinotxt_repo,
+                              entry=dinotxt_entry, **hub_kwargs)
+    return DINOv3Encoder(model, source, mean, std, resample, side, head=head, dinotxt=branch, dinotxt_missing=missing)
+
+
+def as_bool_or_none(v) -> bool:
+    """True for the spellings of 'yes' (the real hub head), False for anything else (a path)."""
+    return v is True or str(v).lower() in ("1", "true", "yes", "hub")

@@ -16,6 +16,12 @@ that teacher's head, so `summary["siglip2"]` lives in the SigLIP2 teacher's own 
 the teacher's text tower, which is what zero-shot needs (AMoE does zero-shot exactly so: student image
 features against the teacher's text embeddings). `phis_inverse=False` keeps the standardised outputs.
 The "siglino" head (the backbone) has no teacher and is never transformed.
+
+Text branches. "siglip2": the SigLIP2 teacher's text tower on `summary["siglip2"]`. "dinotxt": the
+DINOv3 branch of the paper's ensemble -- a dino.txt head (distill/encoders/dinotxt.py) applied to the
+student's `dinov3` CLS and patch tokens (in DINOv3 space), against dino.txt's text tower. An export
+finds the head in its DINOv3 teacher's folder (`TEACHER/dinotxt/`); `?dinotxt=hub|PATH` names one.
+Where none is found, `describe()["dinotxt_missing"]` gives the reason and the other heads still run.
 """
 from __future__ import annotations
 
@@ -70,11 +76,11 @@ class SiglinoEncoder(ModuleEncoder):
     """Our `Student` (official weights or a distilled export) behind the Encoder interface."""
 
     kind = "siglino"
-    heads = STUDENT_HEADS
 
     def __init__(self, model: Student, name: str, kind: str = "siglino", phis: Mapping | None = None,
                  teachers: Mapping[str, Mapping[str, str]] | None = None, max_tokens: int = 4096,
-                 teacher_loader: Callable | None = None, identity: Mapping | None = None):
+                 teacher_loader: Callable | None = None, identity: Mapping | None = None,
+                 dinotxt: Callable | None = None, dinotxt_missing: str | None = None):
         self.model = model.eval()
         self.name = name
         self.kind = kind
@@ -86,6 +92,32 @@ class SiglinoEncoder(ModuleEncoder):
         self._teachers: dict[str, Any] = {}
         self._teacher_errors: dict[str, Exception] = {}
         self._identity = dict(identity or {})
+        self._dinotxt_load = dinotxt            # () -> DinoTxtBranch, called on first use
+        self._dinotxt = None
+        self.dinotxt_missing = dinotxt_missing
+
+    @property
+    def dinotxt(self):
+        """The DINOv3 text branch, loaded on first use; None (with `dinotxt_missing` saying why) if absent."""
+        if self._dinotxt is None and self._dinotxt_load is not None and self.dinotxt_missing is None:
+            try:
+                self._dinotxt = self._dinotxt_load()
+                self._dinotxt.check_width(self.model.config.teachers_dim[self.model.config.teachers.index("dinov3")],
+                                          f"{self.name}'s dinov3 adapter")
+            except (OSError, ValueError, KeyError) as e:
+                from distill.encoders.dinotxt import DinoTxtShapeError
+                if isinstance(e, DinoTxtShapeError):
+                    raise
+                self.dinotxt_missing = f"the dino.txt head could not be loaded: {e}"
+                warnings.warn(f"{self.name}: {self.dinotxt_missing}")
+                self._dinotxt = None
+            if self._dinotxt is not None:
+                self._dinotxt.to(self.device)
+        return self._dinotxt
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        return STUDENT_HEADS + (("dinotxt",) if self.dinotxt is not None else ())
 
     # ------------------------------------------------------------------ images
     def _processor(self, resolution) -> ImageProcessor:
@@ -109,8 +141,11 @@ class SiglinoEncoder(ModuleEncoder):
         p = self.patch_size
         longest = max((im.shape[1] // p) * (im.shape[2] // p) for im in images) + self.model.n_prefix
         outs = self.model.forward_packed(images, max_tokens=max(self.max_tokens, longest))
-        feats = Features.concat([o.to_features() for o in outs])
-        return self._to_teacher_space(feats)
+        feats = self._to_teacher_space(Features.concat([o.to_features() for o in outs]))
+        if self.dinotxt is not None and "dinov3" in feats.summary:
+            feats.summary["dinotxt"] = self.dinotxt.image_embedding(feats.summary["dinov3"],
+                                                                    feats.patches["dinov3"]).to(self.dtype)
+        return feats
 
     def _to_teacher_space(self, feats: Features) -> Features:
         for head, by_kind in self.phis.items():
@@ -149,9 +184,13 @@ class SiglinoEncoder(ModuleEncoder):
                     continue
                 if t.get("head", head) in teacher.text_heads:
                     out.append(head)
+        if self.dinotxt is not None:
+            out.append("dinotxt")
         return tuple(out)
 
     def encode_text(self, texts: list[str], head: str) -> torch.Tensor:
+        if head == "dinotxt" and self.dinotxt is not None:
+            return self.dinotxt.encode_text(texts).to(self.device, self.dtype)
         if head not in self.teacher_specs:
             self.require_head(head, text=True)  # raises MissingHeadError naming the text heads there are
         teacher = self._teacher(head)
@@ -162,6 +201,8 @@ class SiglinoEncoder(ModuleEncoder):
         return teacher.encode_text(texts, t_head).to(self.device, self.dtype)
 
     def logit_scale(self, head: str) -> float:
+        if head == "dinotxt" and self.dinotxt is not None:
+            return self.dinotxt.logit_scale()
         if head in self.teacher_specs:
             return self._teacher(head).logit_scale(self.teacher_specs[head].get("head", head))
         return super().logit_scale(head)
@@ -183,7 +224,8 @@ class SiglinoEncoder(ModuleEncoder):
     def describe(self) -> dict:
         c = self.model.config
         return {"config": c.to_dict(), "teachers": self.teacher_specs, "phis_inverse": sorted(self.phis),
-                **self._identity}
+                "dinotxt": self._dinotxt.source if self._dinotxt is not None else None,
+                **({"dinotxt_missing": self.dinotxt_missing} if self.dinotxt_missing else {}), **self._identity}
 
 
 class RemoteSiglinoEncoder(SiglinoEncoder):
@@ -198,6 +240,7 @@ class RemoteSiglinoEncoder(SiglinoEncoder):
         self.phis, self.teacher_specs, self._teachers, self._teacher_errors = {}, {}, {}, {}
         self._teacher_loader = None
         self._identity = {}
+        self._dinotxt_load, self._dinotxt, self.dinotxt_missing = None, None, "remote SigLino models get no text branch"
         self.patch_size = patch_size
         self.max_tokens = 0
 
@@ -333,9 +376,12 @@ def _resolve_spec(spec: str, base: Path) -> str:
                  "siglino/siglip2/dinov3 mapped back to teacher space by inverse PHI-S; text via the teachers",
                  requires=("safetensors",), example="student:runs/miniworld/export",
                  options={"phis_inverse": "apply inverse PHI-S (default true)",
-                          "attention_backend / expert_backend": "Student runtime options"})
+                          "attention_backend / expert_backend": "Student runtime options",
+                          "dinotxt": "the DINOv3 text branch: hub (remote code) or a head folder; default: the "
+                                     "DINOv3 teacher's dinotxt/ folder"})
 def load_student(arg: str, phis_inverse=True, attention_backend: str = "auto", expert_backend: str = "auto",
-                 teacher_loader: Callable | None = None, max_tokens: int = 4096, **unused) -> SiglinoEncoder:
+                 teacher_loader: Callable | None = None, max_tokens: int = 4096, dinotxt=None,
+                 trust_remote_code=None, hub_load: Callable | None = None, **unused) -> SiglinoEncoder:
     if unused:
         raise TypeError(f"student loader got unknown option(s) {sorted(unused)}")
     path = Path(arg).expanduser()
@@ -358,9 +404,31 @@ def load_student(arg: str, phis_inverse=True, attention_backend: str = "auto", e
                 phis[head] = loaded
     teachers = {h: {"spec": _resolve_spec(t["spec"], path), "head": t.get("head", h)}
                 for h, t in (cfg.get("teachers") or {}).items() if t.get("spec")}
+    load_txt, missing = _dinotxt_source(dinotxt, teachers.get("dinov3"), trust_remote_code, hub_load)
     return SiglinoEncoder(model, f"student:{path}", kind="student", phis=phis, teachers=teachers,
                           max_tokens=max_tokens, teacher_loader=teacher_loader,
-                          identity={"recipe": cfg.get("recipe"), "step": cfg.get("step")})
+                          identity={"recipe": cfg.get("recipe"), "step": cfg.get("step")},
+                          dinotxt=load_txt, dinotxt_missing=missing)
+
+
+def _dinotxt_source(dinotxt, dinov3_teacher: Mapping | None, trust_remote_code=None, hub_load=None):
+    """(loader, missing reason) of a student's DINOv3 text branch: `dinotxt` given (hub or a folder), else
+    the `dinotxt/` folder of its recorded DINOv3 teacher."""
+    from functools import partial
+
+    from distill.encoders.dinotxt import SUBFOLDER, is_mini_dinotxt, load_dinotxt
+    if dinotxt not in (None, "", "auto"):
+        if dinotxt in (False, 0, "0", "false"):
+            return None, "disabled (?dinotxt=0)"
+        target = "hub" if dinotxt is True or str(dinotxt).lower() in ("1", "true", "hub") else str(dinotxt)
+        return partial(load_dinotxt, target, hub_load=hub_load, trust_remote_code=trust_remote_code), None
+    if not dinov3_teacher:
+        return None, "no DINOv3 teacher recorded and no ?dinotxt= given"
+    folder = Path(dinov3_teacher["spec"].partition("?")[0].split(":", 1)[-1]) / SUBFOLDER
+    if not is_mini_dinotxt(folder):
+        return None, (f"the DINOv3 teacher has no dino.txt head ({folder} missing); train it with `amoe teachers "
+                      "train` or pass ?dinotxt=hub|PATH")
+    return partial(load_dinotxt, str(folder)), None
 
 
 def _single_checkpoint(folder: Path) -> Path:
@@ -375,10 +443,14 @@ def _single_checkpoint(folder: Path) -> Path:
                  "strict load, weights_only) or HF tiiuae/siglino-* via remote code (opt-in)",
                  requires=("safetensors",), example="siglino:/ckpt/amoe-0.3B.pt",
                  options={"config": "config name when the file name does not say it (e.g. siglino-0.3B)",
+                          "siglip2_text": "encoder spec whose SigLIP2 text tower scores the siglip2 head, e.g. "
+                                          "siglip2:google/siglip2-so400m-patch16-naflex",
+                          "dinotxt": "the DINOv3 text branch: hub (remote code) or a head folder",
                           "trust_remote_code": "required for HF ids", "hf_load": "(Python) replacement loader"})
 def load_siglino(arg: str, config=None, trust_remote_code=None, hf_load: Callable | None = None,
                  attention_backend: str = "auto", expert_backend: str = "auto", max_tokens: int = 4096,
-                 **unused) -> SiglinoEncoder:
+                 siglip2_text: str | None = None, dinotxt=None, hub_load: Callable | None = None,
+                 teacher_loader: Callable | None = None, **unused) -> SiglinoEncoder:
     if unused:
         raise TypeError(f"siglino loader got unknown option(s) {sorted(unused)}")
     p = Path(arg).expanduser()
@@ -394,7 +466,14 @@ def load_siglino(arg: str, config=None, trust_remote_code=None, hf_load: Callabl
         state = load_official_checkpoint(p)  # weights_only=True; read first so a bad file fails before the build
         model = Student(name, attention_backend=attention_backend, expert_backend=expert_backend)
         model.load_state_dict(state)  # strict
-        return SiglinoEncoder(model, f"siglino:{p}", kind="siglino", max_tokens=max_tokens,
+        # the paper's two text branches: SigLIP2's text tower (a siglip2:/openclip: spec) and dino.txt
+        teachers = {"siglip2": {"spec": siglip2_text, "head": "siglip2"}} if siglip2_text else {}
+        load_txt, missing = _dinotxt_source(dinotxt if dinotxt is not None else False, None, trust_remote_code,
+                                            hub_load)
+        if dinotxt is None:
+            missing = "no dino.txt head given (pass ?dinotxt=hub or ?dinotxt=PATH)"
+        return SiglinoEncoder(model, f"siglino:{p}", kind="siglino", max_tokens=max_tokens, teachers=teachers,
+                              teacher_loader=teacher_loader, dinotxt=load_txt, dinotxt_missing=missing,
                               identity={"config_name": name if isinstance(name, str) else None})
     if "/" in arg and not arg.startswith((".", "/", "~")):
         return _load_remote_siglino(arg, trust_remote_code, hf_load)

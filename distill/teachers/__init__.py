@@ -49,8 +49,17 @@ def train_teachers(world: str | os.PathLike, out: str | os.PathLike, fast: bool 
     todo = [n for n in names if not is_complete(out / n, teacher_fingerprint(n, recipe, world_id, seed))]
     if recipe["parallel"] and len(todo) > 1:
         return _train_parallel(world, out, names, todo, fast, seed, progress, overrides)
+    threads_before = torch.get_num_threads()
     if recipe.get("threads"):
         torch.set_num_threads(int(recipe["threads"]))
+    try:
+        return _train_serial(world, out, names, recipe, world_id, fast, seed, progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train_serial(world, out: Path, names: list[str], recipe: dict, world_id: dict, fast: bool, seed: int,
+                  progress: bool) -> dict:
     data = WorldData(Path(world), progress=progress)
     report = {}
     for name in names:

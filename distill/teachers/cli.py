@@ -1,4 +1,4 @@
-"""`amoe teachers train|eval`: the mini-world teachers."""
+"""`amoe teachers train|eval|ceiling`: the mini-world teachers."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,12 @@ def register(subparsers) -> None:
     e.add_argument("--probe-steps", type=int, default=300)
     e.add_argument("--out", default=None, help="also write the metrics JSON here")
     e.set_defaults(func=cmd_eval)
+    c = sub.add_parser("ceiling", help="raw-pixel floors and supervised ceilings in the teachers' CPU budget")
+    c.add_argument("--world", required=True)
+    c.add_argument("--seconds", type=float, default=240.0, help="wall seconds per supervised model (default 240)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default=None, help="also write the result JSON here")
+    c.set_defaults(func=cmd_ceiling)
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 
@@ -74,4 +80,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         write_json_atomic(args.out, metrics)
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_ceiling(args: argparse.Namespace) -> int:
+    from distill.io import write_json_atomic
+
+    from .ceiling import measure_ceiling
+    from .data import check_world
+    try:
+        check_world(args.world)
+    except TeacherError as e:
+        print(f"amoe teachers ceiling: error: {e}", file=sys.stderr)
+        return 2
+    result = measure_ceiling(args.world, seconds=args.seconds, seed=args.seed)
+    if args.out:
+        write_json_atomic(args.out, result)
+    print(json.dumps(result, indent=2))
     return 0

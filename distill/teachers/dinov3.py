@@ -258,7 +258,11 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     image_processor(r).save_pretrained(out_dir)
     check_roundtrip(probe, probe_outputs("dinov3", DINOv3ViTModel.from_pretrained(out_dir),
                                          DINOv3ViTImageProcessor.from_pretrained(out_dir)), str(out_dir))
-    return {"probe": probe, "steps": r["steps"], "batch_size": bs, "images": len(images), "losses": log["loss"],
+    text = None
+    if r["dinotxt"].get("enabled", True):  # the DINOv3 text branch (dino.txt) on the frozen, saved backbone
+        from .dinotxt import train_dinotxt
+        text = train_dinotxt(data, backbone, image_processor(r), r["dinotxt"], out_dir, seed, progress)
+    return {"dinotxt": text, "probe": probe, "steps": r["steps"], "batch_size": bs, "images": len(images), "losses": log["loss"],
             "dino_losses": log["dino"], "ibot_losses": log["ibot"], "pixel_losses": log["pixel"], "dense_losses": log["dense"],
             "dense_vocab": {"shapes": vocab[0], "colours": vocab[1]},
             "data_seconds": round(t_data, 2), "seconds": round(time.perf_counter() - t0, 2)}

@@ -101,12 +101,18 @@ def seg_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
     with torch.no_grad():
         logits = F.interpolate(head(val_x.permute(0, 3, 1, 2)), size=val_y.shape[-2:], mode="bilinear",
                                align_corners=False)
-    pred, valid = logits.argmax(1), val_y != 255
-    p, t = pred[valid], val_y[valid]
+    return seg_scores(logits.argmax(1), val_y, classes)
+
+
+def seg_scores(pred: torch.Tensor, target: torch.Tensor, classes: int) -> dict:
+    """mIoU and pixel accuracy (fractions) over pixels whose target is not 255, as mmseg's IoUMetric
+    computes them: per-class IoU over the whole split, averaged over classes with a non-empty union."""
+    valid = target != 255
+    p, t = pred[valid], target[valid]
     inter = torch.bincount(t[p == t], minlength=classes).float()
     union = (torch.bincount(p, minlength=classes) + torch.bincount(t, minlength=classes)).float() - inter
-    present = torch.bincount(t, minlength=classes) > 0
-    return {"miou": (inter[present] / union[present]).mean().item(), "pixel_acc": (p == t).float().mean().item()}
+    seen = union > 0
+    return {"miou": (inter[seen] / union[seen]).mean().item(), "pixel_acc": (p == t).float().mean().item()}
 
 
 def _load_cls(world: Path, split: str, limit: int | None):

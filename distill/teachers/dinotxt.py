@@ -1,0 +1,82 @@
+"""The mini-world DINOv3 teacher's text branch: a dino.txt-style head trained LiT-style.
+
+dino.txt aligns text to a *frozen* DINOv3: a small vision head (transformer blocks + LayerNorm over
+[CLS, patches]) and a text tower are trained with CLIP's contrastive loss, the image side being the
+joint embedding [head CLS | mean head patch]. This does the same at mini-world size, on the same
+training pairs as the SigLIP2 teacher (pool captions; classification *train* prompts), and saves
+the result in the folder layout `distill.encoders.dinotxt` reads (TEACHER/dinov3/dinotxt/), so the
+teacher and every student distilled from it get a `dinotxt` zero-shot / retrieval head.
+
+The frozen backbone's tokens are computed once per image (images through the teacher's saved
+processor), so training costs only the head and the text tower.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from distill.encoders.dinotxt import SUBFOLDER, MiniDinoTxt, contrastive_loss, save_mini_dinotxt
+
+from .common import warmup_cosine
+from .data import WorldData
+from .tokenizer import encode, train_tokenizer
+
+
+@torch.no_grad()
+def backbone_tokens(backbone, processor, images: list, batch: int = 64, progress: bool = True) -> torch.Tensor:
+    """(N, 1 + patches, C) [CLS, patches] of the frozen backbone (registers dropped, as a student has them
+    apart), in fp16 to halve memory."""
+    skip = 1 + int(backbone.config.num_register_tokens)
+    out = []
+    for i in tqdm(range(0, len(images), batch), desc="dinotxt tokens", disable=not progress, leave=False):
+        x = processor(images=images[i:i + batch], return_tensors="pt")["pixel_values"]
+        hidden = backbone(pixel_values=x).last_hidden_state
+        out.append(torch.cat([hidden[:, :1], hidden[:, skip:]], 1).half())
+    return torch.cat(out)
+
+
+def train_dinotxt(data: WorldData, backbone, processor, r: dict, out_dir: Path, seed: int,
+                  progress: bool = True) -> dict:
+    """Train the head on the frozen `backbone`; write it to `out_dir/dinotxt/`; return its log."""
+    t0 = time.perf_counter()
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    pairs = data.pairs(True, True, 1)
+    corpus = sorted(set(data.caption_corpus(pairs)))
+    tokenizer = train_tokenizer(corpus, r["vocab_size"], r["context_length"])
+    token_row = {c: i for i, c in enumerate(corpus)}
+    ids = encode(tokenizer, corpus, r["context_length"])
+    tokens = backbone_tokens(backbone.eval(), processor, [p.image for p in pairs], progress=progress)
+    groups = torch.tensor([p.group for p in pairs])
+    width = int(backbone.config.hidden_size)
+    model = MiniDinoTxt({"dim": width, "heads": r["heads"], "head_blocks": r["head_blocks"],
+                         "vocab_size": len(tokenizer), "context_length": r["context_length"],
+                         "text_dim": r["text_dim"], "text_heads": r["text_heads"], "text_layers": r["text_layers"],
+                         "pad_id": int(tokenizer.pad_token_id)})
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, r["steps"], r["warmup_steps"]))
+    bs = min(r["batch_size"], len(pairs))
+    order: list[int] = []
+    losses = []
+    for step in tqdm(range(r["steps"]), desc="dinotxt train", disable=not progress, leave=False):
+        if len(order) < bs:
+            order += rng.sample(range(len(pairs)), len(pairs))
+        idx, order = order[:bs], order[bs:]
+        h = model.visual_model.head(tokens[idx].float())
+        img = torch.cat([h[:, 0], h[:, 1:].mean(1)], -1)
+        txt = model.encode_text(torch.stack([ids[token_row[rng.choice(pairs[i].captions)]] for i in idx]))
+        loss = contrastive_loss(img, txt, model.logit_scale, groups[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(round(loss.item(), 5))
+    model.eval()
+    save_mini_dinotxt(model, tokenizer, out_dir / SUBFOLDER)
+    return {"steps": r["steps"], "batch_size": bs, "pairs": len(pairs), "losses": losses,
+            "seconds": round(time.perf_counter() - t0, 2)}
