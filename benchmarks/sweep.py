@@ -164,7 +164,10 @@ def model_info(spec: str, encoder: Encoder) -> dict:
     return {"spec": spec, "name": encoder.name, "fingerprint": encoder.fingerprint(),
             "heads": list(encoder.heads), "text_heads": list(encoder.text_heads),
             "patch_size": encoder.patch_size, "dtype": str(encoder.dtype),
-            "preprocess": jsonable(encoder.preprocess_config()), **count_params(encoder)}
+            "preprocess": jsonable(encoder.preprocess_config()), **count_params(encoder),
+            # a text branch a model lacks, and why (e.g. a DINOv3 teacher without its dino.txt head)
+            **({"missing_text_heads": {"dinotxt": encoder.dinotxt_missing}}
+               if getattr(encoder, "dinotxt_missing", None) else {})}
 
 
 def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s: float = 0.0) -> dict:

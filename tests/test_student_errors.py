@@ -125,7 +125,14 @@ def test_perf_command_prints_json(capsys):
                "--max-side", "64", "--max-tokens", "64", "--repeats", "1"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["attention_backend"] == "sdpa" and report["device"] == "cpu"
+    assert report["attention_backend"] == "segments" and report["device"] == "cpu"
+    scores = report["packed"]["attention_scores"]
+    assert scores["computed"] == scores["needed"] == sum((5 + (h // 16) * (w // 16)) ** 2
+                                                         for h, w in report["image_sizes_px"])
+    assert report["padded"]["attention_scores"]["backend"] == "sdpa"
+    assert report["speedup_bound"]["attention"] == pytest.approx(
+        report["padded"]["attention_scores"]["computed"] / scores["needed"], rel=1e-2)
+    assert set(report["packed"]["forward_s_spread"]) == {"median", "min", "max"}
     assert report["packed"]["fwd_bwd_tokens_per_s"] > 0 and report["padded"]["forward_tokens_per_s"] > 0
     assert 0 < report["packed"]["fill_ratio"] <= 1
     assert report["real_tokens"] == sum(5 + (h // 16) * (w // 16) for h, w in report["image_sizes_px"])

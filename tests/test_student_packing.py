@@ -72,11 +72,12 @@ def _loss(out):
             + out.register_features["dinov3"].sum() + out.patch_features["siglino"].square().mean())
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "segments"])
 @pytest.mark.parametrize("name", ["tiny-moe", "tiny-moe-alt", "tiny-dense"])
-def test_packed_equals_each_image_alone(conformance, name):
+def test_packed_equals_each_image_alone(conformance, name, backend):
     model = load_golden_model(conformance, name)
     imgs = _images()
-    outs = model.forward_packed(imgs, max_tokens=64, max_images_per_seq=16, attention_backend="sdpa")
+    outs = model.forward_packed(imgs, max_tokens=64, max_images_per_seq=16, attention_backend=backend)
     plan = outs[0].extras["plan"]
     assert plan.num_sequences < len(imgs)  # several images really share a sequence
     assert any(len(s) >= 2 for s in plan.sequences)
@@ -158,6 +159,30 @@ def test_sdpa_sink_key_equals_lse_formula():
     assert (sink_attention(q, k, v, sinks + 5.0, AttentionMask(seg, "sdpa")) - got).abs().max() > 1e-2
 
 
+def test_segments_equal_the_dense_reference_forward_and_backward():
+    """Per-segment SDPA (grouped by length, scattered back) against the dense-mask reference: equal
+    lengths share a call, padding outputs 0, gradients agree; it computes only sum(n_i^2) scores."""
+    g = torch.Generator().manual_seed(5)
+    B, H, S, hd = 3, 4, 24, 8
+    q, k, v = (torch.randn(B, H, S, hd, generator=g, requires_grad=True) for _ in range(3))
+    sinks = torch.randn(H, generator=g, requires_grad=True)
+    seg = torch.tensor([[0] * 7 + [1] * 7 + [2] * 5 + [-1] * 5,
+                        [0] * 24,
+                        [0] * 5 + [1] * 7 + [-1] * 12])
+    dense, segments = AttentionMask(seg, "sdpa"), AttentionMask(seg, "segments")
+    want = sink_attention(q, k, v, sinks, dense)
+    got = sink_attention(q, k, v, sinks, segments)
+    assert (got - want).abs().max() <= 1e-5 and got[0, :, -5:].abs().max() == 0
+    g1 = torch.autograd.grad((got * want.detach()).sum(), (q, k, v, sinks))
+    g2 = torch.autograd.grad((want * want.detach()).sum(), (q, k, v, sinks))
+    for a, b in zip(g1, g2):
+        assert (a - b).abs().max() <= 1e-5
+    groups, _, n_pad = segments.segment_groups()
+    assert [tuple(x.shape) for x in groups] == [(2, 5), (3, 7), (1, 24)] and n_pad == 17
+    assert segments.attention_scores() == {"needed": 2 * 25 + 3 * 49 + 576, "segments": 2 * 25 + 3 * 49 + 576,
+                                           "dense": 3 * 24 * 24}
+
+
 def test_flex_matches_sdpa_forward_cpu():
     """flex_attention runs eagerly on CPU for inference only (no CPU backward); compare the forward."""
     q, k, v, sinks, seg = _random_qkv(S=20, seed=3)
@@ -185,7 +210,7 @@ def test_model_flex_vs_sdpa_packed(conformance):
 def test_auto_backend_choice():
     from distill.student.attention import resolve_backend
 
-    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_backend("auto", torch.device("cpu")) == "segments"
     assert resolve_backend("auto", torch.device("cuda")) == "flex"
     with pytest.raises(ValueError, match="unknown attention_backend"):
         resolve_backend("xformers", torch.device("cpu"))

@@ -6,13 +6,19 @@ attend only to tokens of the same segment (one segment = one image), and a token
 batch (one image per row) and true packing (several images per row).
 
 Sinks: each head's output is scaled by sigmoid(LSE - sinks[h]), i.e. softmax with one extra key
-whose logit is sinks[h] and whose value is zero. Two backends compute it:
+whose logit is sinks[h] and whose value is zero. Three backends compute it:
 - "flex": FlexAttention with a BlockMask, LSE returned by the kernel (CUDA; has no CPU backward).
-- "sdpa": scaled_dot_product_attention with a dense boolean mask and the sink as a real extra key.
+- "segments": SDPA per image: the tokens of each segment are gathered, segments of equal length
+  share one batched unmasked SDPA call, and the outputs are scattered back. Attention work is then
+  sum(n_i^2) per sequence instead of S^2, and the unmasked call takes SDPA's fused CPU kernel. The
+  default wherever flex is not used (CPU training and feature extraction).
+- "sdpa": scaled_dot_product_attention with a dense boolean mask over the whole packed sequence and
+  the sink as a real extra key: the reference path the other two are tested against.
   To give that key logit sinks[h] for every query, q gets one extra component equal to 1 and the
   sink key carries sinks[h] * sqrt(head_dim) there (real keys carry 0), with the scale fixed at
   1/sqrt(head_dim). A fully masked (padding) query then puts all weight on the zero-valued sink
-  and outputs 0, exactly as the LSE form gives.
+  and outputs 0, exactly as the LSE form gives. ("segments" uses the same sink key per segment and
+  gives padding tokens 0.)
 """
 from __future__ import annotations
 
@@ -24,14 +30,14 @@ from torch import nn
 
 from .rope import apply_golden_rope
 
-BACKENDS = ("auto", "flex", "sdpa")
+BACKENDS = ("auto", "flex", "segments", "sdpa")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention_backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        return "flex" if device.type == "cuda" and _flex_available() else "sdpa"
+        return "flex" if device.type == "cuda" and _flex_available() else "segments"
     if backend == "flex" and not _flex_available():
         raise RuntimeError("attention_backend='flex' needs torch.nn.attention.flex_attention (torch >= 2.5); "
                            "use attention_backend='sdpa'")
@@ -58,7 +64,40 @@ class AttentionMask:
         self.backend = backend
         self._dense = None
         self._block = None
+        self._groups = None
         self._compiled_flex = compiled_flex
+
+    def segment_groups(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """([idx (G, L) per distinct segment length L], inverse permutation): `idx` holds flat
+        positions (b * S + s) of each segment's tokens (segments are contiguous runs of one id);
+        gathering every group then the padding positions and indexing with the inverse permutation
+        restores sequence order."""
+        if self._groups is None:
+            ids = self.segment_ids.cpu()
+            B, S = ids.shape
+            by_len: dict[int, list[int]] = {}
+            flat = ids.reshape(-1)
+            change = torch.ones_like(flat, dtype=torch.bool)
+            change[1:] = (flat[1:] != flat[:-1]) | (torch.arange(1, B * S) % S == 0)
+            starts = torch.nonzero(change).reshape(-1).tolist() + [B * S]
+            pad = []
+            for a, b in zip(starts[:-1], starts[1:]):
+                if flat[a] < 0:
+                    pad.extend(range(a, b))
+                else:
+                    by_len.setdefault(b - a, []).append(a)
+            groups = [torch.tensor(st)[:, None] + torch.arange(n)[None, :] for n, st in sorted(by_len.items())]
+            order = torch.cat([g.reshape(-1) for g in groups] + [torch.tensor(pad, dtype=torch.long)])
+            dev = self.segment_ids.device
+            self._groups = ([g.to(dev) for g in groups], torch.argsort(order).to(dev), len(pad))
+        return self._groups
+
+    def attention_scores(self) -> dict[str, int]:
+        """Query-key scores each backend computes for this layout, and the scores the images need."""
+        B, S = self.segment_ids.shape
+        groups, _, _ = self.segment_groups()
+        needed = sum(int(g.shape[0]) * int(g.shape[1]) ** 2 for g in groups)
+        return {"needed": needed, "segments": needed, "dense": B * S * S}
 
     @property
     def valid(self) -> torch.Tensor:
@@ -138,17 +177,41 @@ def sink_attention(q, k, v, sinks: torch.Tensor, mask: AttentionMask) -> torch.T
         out, lse = mask.flex(q, k, v, scale)
         factor = torch.sigmoid(lse.float() - sinks.float()[None, :, None])
         return (out.float() * factor[..., None]).to(q.dtype)
+    if mask.backend == "segments":
+        return _segment_sink_attention(q, k, v, sinks, mask, scale)
     B, H, S, hd = q.shape
     # q: [q, 1]; keys: [k, 0] plus the sink key [0, sinks*sqrt(hd)]; values: [v, 0] plus a zero row.
     # v is padded to hd+1 as well only so q, k and v share a head dim: that lets SDPA pick its fused
     # CPU kernel instead of the slower math fallback. The extra output column is always 0 and dropped.
-    q1 = torch.cat([q, q.new_ones(B, H, S, 1)], dim=-1)
-    sink_key = torch.cat([q.new_zeros(H, hd), (sinks.to(q.dtype) * math.sqrt(hd))[:, None]], dim=-1)
-    k1 = torch.cat([torch.cat([k, k.new_zeros(B, H, S, 1)], dim=-1),
-                    sink_key[None, :, None, :].expand(B, H, 1, hd + 1)], dim=2)
-    v1 = F.pad(v, (0, 1, 0, 1))
+    q1, k1, v1 = _with_sink(q, k, v, sinks)
     out = F.scaled_dot_product_attention(q1, k1, v1, attn_mask=mask.dense_with_sink(), scale=scale)
     return out[..., :hd]
+
+
+def _with_sink(q, k, v, sinks):
+    """The sink as a real extra key (see the module doc): q -> [q, 1], k -> [k, 0] + sink key, v -> [v, 0] + 0."""
+    G, H, L, hd = q.shape
+    q1 = torch.cat([q, q.new_ones(G, H, L, 1)], dim=-1)
+    sink_key = torch.cat([q.new_zeros(H, hd), (sinks.to(q.dtype) * math.sqrt(hd))[:, None]], dim=-1)
+    k1 = torch.cat([torch.cat([k, k.new_zeros(G, H, L, 1)], dim=-1),
+                    sink_key[None, :, None, :].expand(G, H, 1, hd + 1)], dim=2)
+    return q1, k1, F.pad(v, (0, 1, 0, 1))
+
+
+def _segment_sink_attention(q, k, v, sinks, mask: AttentionMask, scale: float) -> torch.Tensor:
+    """Per-segment SDPA: gather each length group's tokens, one unmasked call per group, scatter back."""
+    B, H, S, hd = q.shape
+    groups, inverse, n_pad = mask.segment_groups()
+    flat = [t.transpose(1, 2).reshape(B * S, H, hd) for t in (q, k, v)]   # (B*S, H, hd)
+    outs = []
+    for idx in groups:
+        G, L = idx.shape
+        qg, kg, vg = (t[idx.reshape(-1)].view(G, L, H, hd).transpose(1, 2) for t in flat)
+        q1, k1, v1 = _with_sink(qg, kg, vg, sinks)
+        o = F.scaled_dot_product_attention(q1, k1, v1, scale=scale)[..., :hd]
+        outs.append(o.transpose(1, 2).reshape(G * L, H, hd))
+    outs.append(q.new_zeros(n_pad, H, hd))                                # padding tokens output 0
+    return torch.cat(outs)[inverse].view(B, S, H, hd).transpose(1, 2)
 
 
 def reference_sink_attention(q, k, v, sinks, segment_ids) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 
@@ -29,10 +30,11 @@ def register(subparsers) -> None:
     perf.add_argument("--device", default="auto", help="cpu | cuda | auto [auto]")
     perf.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                       help="auto: bf16 on CUDA, fp32 on CPU")
-    perf.add_argument("--attention-backend", default="auto", choices=["auto", "flex", "sdpa"])
+    perf.add_argument("--attention-backend", default="auto", choices=["auto", "flex", "segments", "sdpa"])
     perf.add_argument("--expert-backend", default="auto", choices=["auto", "loop", "grouped"])
     perf.add_argument("--compile", action="store_true", help="use torch.compile'd flex_attention (CUDA)")
-    perf.add_argument("--repeats", type=int, default=2, help="timed repeats after one warm-up [2]")
+    perf.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up; the median "
+                      "is reported [3]")
     perf.add_argument("--seed", type=int, default=0)
     perf.add_argument("--json", action="store_true", help="print only the JSON object (always JSON)")
     perf.set_defaults(func=run_perf)
@@ -78,14 +80,34 @@ def _loss(outputs) -> torch.Tensor:
     return total
 
 
-def _time(fn, repeats, device):
-    fn()  # warm-up (also compiles, builds kernels)
+def _time(fn, repeats, device) -> list[float]:
+    """Seconds of each of `repeats` calls after one warm-up (which also compiles and builds kernels)."""
+    fn()
     _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
         fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / repeats
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _spread(times: list[float]) -> dict:
+    return {"median": round(statistics.median(times), 4), "min": round(min(times), 4),
+            "max": round(max(times), 4)}
+
+
+def load_warning(threads: int) -> str | None:
+    """A warning when the box is busier than the threads this benchmark uses (figures then mislead)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    if load > threads:
+        return (f"load average {load:.2f} exceeds the {threads} thread(s) used: other work shares the CPU, so "
+                "these timings are not an idle-box measurement")
+    return None
 
 
 def run_perf(args) -> int:
@@ -128,32 +150,52 @@ def run_perf(args) -> int:
         model.zero_grad(set_to_none=True)
         _loss(model.forward_packed(images, plan=plan)).backward()
 
+    # the padded layout's own kernel is masked attention over whole rows (as the release runs it);
+    # under the per-segment backend padding would be skipped, which is packing by another name
+    padded_backend = "sdpa" if model._backend(None, device) == "segments" else None
+
     def padded_fwd():
         with torch.no_grad():
-            model(pixel_values, mask, shapes)
+            model(pixel_values, mask, shapes, attention_backend=padded_backend)
 
     def padded_fwdbwd():
         model.zero_grad(set_to_none=True)
-        _loss([model(pixel_values, mask, shapes)]).backward()
+        _loss([model(pixel_values, mask, shapes, attention_backend=padded_backend)]).backward()
 
     results = {}
     for mode, fwd, fwdbwd in (("packed", packed_fwd, packed_fwdbwd), ("padded", padded_fwd, padded_fwdbwd)):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        t_f = _time(fwd, args.repeats, device)
+        ts_f = _time(fwd, args.repeats, device)
         mem_f = _peak_memory_mib(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        t_fb = _time(fwdbwd, args.repeats, device)
+        ts_fb = _time(fwdbwd, args.repeats, device)
         mem_fb = _peak_memory_mib(device)
+        t_f, t_fb = statistics.median(ts_f), statistics.median(ts_fb)
         results[mode] = {"forward_s": round(t_f, 4), "forward_tokens_per_s": round(real_tokens / t_f, 1),
                          "fwd_bwd_s": round(t_fb, 4), "fwd_bwd_tokens_per_s": round(real_tokens / t_fb, 1),
+                         "forward_s_spread": _spread(ts_f), "fwd_bwd_s_spread": _spread(ts_fb),
                          "peak_memory_mib_forward": round(mem_f, 1), "peak_memory_mib_fwd_bwd": round(mem_fb, 1)}
     results["packed"].update({"sequences": plan.num_sequences, "sequence_length": max(plan.sequence_tokens),
                               "fill_ratio": round(plan.fill_ratio, 4),
                               "compute_fill_ratio": round(real_tokens / (plan.num_sequences * max(plan.sequence_tokens)), 4)})
     results["padded"].update({"rows": len(images), "row_length": P + L,
                               "fill_ratio": round(real_tokens / (len(images) * (P + L)), 4)})
+    # attention work: query-key scores per head and layer, computed against needed (sum n_i^2)
+    needed = sum(c * c for c in counts)
+    backend = model._backend(None, device)
+    S = max(plan.sequence_tokens)
+    results["packed"]["attention_scores"] = {"needed": needed,
+                                             "computed": needed if backend == "segments" else plan.num_sequences * S * S}
+    results["padded"]["attention_scores"] = {"needed": needed, "computed": len(images) * (P + L) ** 2,
+                                             "backend": padded_backend or backend}
+    bound = {"token_wise_layers": round(results["packed"]["fill_ratio"] / results["padded"]["fill_ratio"], 3),
+             "attention": round(results["padded"]["attention_scores"]["computed"]
+                                / results["packed"]["attention_scores"]["computed"], 3)}
+    warning = load_warning(torch.get_num_threads())
+    if warning:
+        print(f"amoe student perf: warning: {warning}", file=sys.stderr)
     moe = model.moe_layers()
     report = {
         "command": "amoe student perf",
@@ -175,6 +217,9 @@ def run_perf(args) -> int:
         "speedup_packed_vs_padded": {
             "forward": round(results["padded"]["forward_s"] / results["packed"]["forward_s"], 3),
             "fwd_bwd": round(results["padded"]["fwd_bwd_s"] / results["packed"]["fwd_bwd_s"], 3)},
+        "speedup_bound": bound,
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        **({"warning": warning} if warning else {}),
         "memory_note": ("CUDA max_memory_allocated per phase" if device.type == "cuda" else
                         "CPU: process peak RSS (ru_maxrss), monotone over the run: packed is measured first"),
         "torch": torch.__version__,
