@@ -27,6 +27,8 @@ GROUPS = {
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amoe", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"amoe {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups = GROUPS if only is None else {only: GROUPS[only]}
     for name in groups.values():
@@ -40,15 +42,36 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("amoe")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (an `AmoeError`, or a file named on the command line that does not
+    exist) prints one line naming the problem and the fix and returns 2; anything else is a bug and
+    keeps its traceback. `--debug` shows the traceback of user errors too."""
+    from distill.errors import AmoeError, message
+
     argv = sys.argv[1:] if argv is None else argv
-    only = argv[0] if argv and argv[0] in GROUPS else None
+    debug = "--debug" in argv
+    rest = [a for a in argv if a != "--debug"]
+    only = next((a for a in rest[:1] if a in GROUPS), None)
     parser = build_parser(only)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(rest)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (AmoeError, FileNotFoundError) as e:
+        if debug:
+            raise
+        print(f"amoe {args.command}: error: {message(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -172,7 +172,8 @@ def shown_columns(table: pd.DataFrame, suite: dict) -> pd.DataFrame:
     lb = suite.get("leaderboard") or {}
     single = [f["name"] for f in lb.get("families", []) if len(f["datasets"]) < 2]
     drop = ["spec", "active_params"] + [c for c in table.columns if c.endswith(" n")] + single
-    return table.drop(columns=[c for c in drop if c in table.columns])
+    drop += [c for c in table.columns if c not in ("model", "resolution") and table[c].isna().all()]
+    return table.drop(columns=[c for c in dict.fromkeys(drop) if c in table.columns])
 
 
 # ---------------------------------------------------------------- reported vs reproduced
@@ -273,9 +274,10 @@ def plot_score_vs_params(tables: dict[str, pd.DataFrame], reported: pd.DataFrame
                 label = r["model"] if len(tables) == 1 else f"{r['model']} ({suite_name})"
                 ax.scatter(float(r["active_params"]), r[fam], marker="o", label=label)
         rep = reported[(reported["metric"] == fam) & reported.get("params_active_m", pd.Series(dtype=float)).notna()]
-        for _, r in rep.iterrows():
+        for k, (_, r) in enumerate(rep.iterrows()):   # a marker per reported model tells them apart
             x = float(r["params_active_m"]) * 1e6
-            ax.scatter(x, r["value"], facecolors="none", edgecolors="k", marker="s", label=f"{r['model']} (reported)")
+            ax.scatter(x, r["value"], facecolors="none", edgecolors="k", marker="sD^vP*X"[k % 7],
+                       label=f"{r['model']} (reported)")
         ax.set_xscale("log")
         ax.set_xlabel("active parameters")
         ax.set_ylabel(f"{fam} (%)")

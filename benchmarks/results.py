@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from distill.errors import AmoeError
 from distill.io import fingerprint, write_json_atomic
 
 SCHEMA_VERSION = 1
@@ -29,7 +30,7 @@ REQUIRED_FIELDS = ("schema_version", "status", "cell", "metrics", "config", "mod
                    "code", "timings", "environment", "created")
 
 
-class ResultSchemaError(ValueError):
+class ResultSchemaError(AmoeError, ValueError):
     """A result JSON does not follow the schema this code reads."""
 
 

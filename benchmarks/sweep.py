@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.encoders.base import Encoder, MissingHeadError
+from distill.errors import AmoeError
 from distill.io import fingerprint
 
 from benchmarks.cache import FeatureCache
@@ -42,7 +43,7 @@ SWEEP_FIELDS = ("suite", "vars", "models", "tasks", "datasets", "resolutions", "
                 "num_workers", "device", "task_cfg", "out", "cache_dir")
 
 
-class SweepConfigError(ValueError):
+class SweepConfigError(AmoeError, ValueError):
     """A sweep config is malformed; the message names the field and the fix."""
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from distill.errors import AmoeError
 from distill.io import load_tensors, save_tensors_atomic
 
 FORMAT = "amoe-phis"
@@ -45,7 +46,7 @@ VERSION = 1
 _CHUNK = 16384          # rows converted to float64 at a time: bounds the extra memory of a fit
 
 
-class NoHadamardError(ValueError):
+class NoHadamardError(AmoeError, ValueError):
     """No Hadamard construction is known (to this module) for the requested width."""
 
 

@@ -112,9 +112,9 @@ class MoTBlock(nn.Module):
         return q, k, v
 
     def forward(self, xi: torch.Tensor, xt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: "torch.Tensor | SampleAttention") -> tuple[torch.Tensor, torch.Tensor]:
         """xi (Ni, D) image tokens, xt (Nt, D) text tokens; cos/sin (Ni+Nt, H, hd/4) modality-sorted;
-        mask (Ni+Nt, Ni+Nt+2) bool incl. the two sink columns."""
+        mask: a `SampleAttention`, or the dense (Ni+Nt, Ni+Nt+2) bool mask incl. the two sink columns."""
         V, T = self.vision, self.text
         va, ta = V.attention, T.attention
         qi, ki, vi = self._qkv(va, V._norm(V.attention_norm, xi))
@@ -127,7 +127,10 @@ class MoTBlock(nn.Module):
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         q = apply_golden_rope(q[None], cos, sin)[0]
         k = apply_golden_rope(k[None], cos, sin)[0]
-        out = shared_sink_attention(q, k, v, va.sinks, ta.sinks, xi.shape[0], mask)
+        if isinstance(mask, SampleAttention):
+            out = mask(q, k, v, va.sinks, ta.sinks)
+        else:
+            out = shared_sink_attention(q, k, v, va.sinks, ta.sinks, xi.shape[0], mask)
         n_i = xi.shape[0]
         hi = xi + va.wo(out[:n_i])
         ht = xt + ta.wo(out[n_i:])
@@ -140,25 +143,61 @@ class MoTBlock(nn.Module):
 def shared_sink_attention(q, k, v, sinks_v, sinks_t, n_image: int, mask: torch.Tensor) -> torch.Tensor:
     """One softmax over the union of keys, with a per-modality attention sink.
 
-    q, k, v: (S, H, hd), image queries first. Each query gets one zero-valued extra key whose logit
-    is its modality's sinks[h] (the student's sink). As in the student's SDPA path, that logit is
-    produced by appending one-hot components to q: image queries carry [1, 0], text queries [0, 1];
-    the image sink key carries sinks_v * sqrt(hd) in the first, the text sink key sinks_t * sqrt(hd)
-    in the second, and the mask shows each query only its own modality's sink key."""
-    S, H, hd = q.shape
+    q, k, v: (S, H, hd), or (G, S, H, hd) for G sequences sharing one mask; image queries first. Each
+    query gets one zero-valued extra key whose logit is its modality's sinks[h] (the student's sink).
+    As in the student's SDPA path, that logit is produced by appending one-hot components to q: image
+    queries carry [1, 0], text queries [0, 1]; the image sink key carries sinks_v * sqrt(hd) in the
+    first, the text sink key sinks_t * sqrt(hd) in the second, and the mask (S, S+2) shows each query
+    only its own modality's sink key. Returns (S, H*hd) or (G, S, H*hd)."""
+    batched = q.dim() == 4
+    if not batched:
+        q, k, v = q[None], k[None], v[None]
+    G, S, H, hd = q.shape
     is_img = torch.zeros(S, 2, dtype=q.dtype, device=q.device)
     is_img[:n_image, 0] = 1
     is_img[n_image:, 1] = 1
-    q2 = torch.cat([q, is_img[:, None, :].expand(S, H, 2)], dim=-1).transpose(0, 1)       # (H, S, hd+2)
-    k2 = torch.cat([k, k.new_zeros(S, H, 2)], dim=-1).transpose(0, 1)
+    q2 = torch.cat([q, is_img[None, :, None, :].expand(G, S, H, 2)], dim=-1).transpose(1, 2)   # (G, H, S, hd+2)
+    k2 = torch.cat([k, k.new_zeros(G, S, H, 2)], dim=-1).transpose(1, 2)
     root = math.sqrt(hd)
     sink_v = torch.cat([q.new_zeros(H, hd), (sinks_v.to(q.dtype) * root)[:, None], q.new_zeros(H, 1)], -1)
     sink_t = torch.cat([q.new_zeros(H, hd + 1), (sinks_t.to(q.dtype) * root)[:, None]], -1)
-    k2 = torch.cat([k2, sink_v[:, None], sink_t[:, None]], dim=1)                          # (H, S+2, hd+2)
-    v2 = F.pad(v.transpose(0, 1), (0, 2, 0, 2))
-    out = F.scaled_dot_product_attention(q2[None], k2[None], v2[None], attn_mask=mask[None, None],
-                                         scale=1.0 / root)[0]
-    return out[..., :hd].transpose(0, 1).reshape(S, H * hd)
+    sinks = torch.stack([sink_v, sink_t], dim=1)[None].expand(G, H, 2, hd + 2)
+    k2 = torch.cat([k2, sinks], dim=2)                                                       # (G, H, S+2, hd+2)
+    v2 = F.pad(v.transpose(1, 2), (0, 2, 0, 2))
+    out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask[None, None], scale=1.0 / root)
+    out = out[..., :hd].transpose(1, 2).reshape(G, S, H * hd)
+    return out if batched else out[0]
+
+
+class SampleAttention:
+    """Attention one sample at a time over the modality-sorted packed sequence ("samples", the default):
+    each sample's tokens [its image tokens, its text tokens] are gathered, samples of equal (image,
+    text) lengths share one SDPA call under their own small mask, and outputs are scattered back. The
+    work is sum((n_i + t_i)^2) instead of S^2; `dense` (one mask over the whole sequence) is the
+    reference it is tested against."""
+
+    def __init__(self, img_lens: list[int], txt_lens: list[int], device):
+        n_i = sum(img_lens)
+        starts_i = [sum(img_lens[:j]) for j in range(len(img_lens))]
+        starts_t = [n_i + sum(txt_lens[:j]) for j in range(len(txt_lens))]
+        by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
+        for a, b, si, st in zip(img_lens, txt_lens, starts_i, starts_t):
+            by_shape.setdefault((a, b), []).append(torch.cat([torch.arange(si, si + a), torch.arange(st, st + b)]))
+        self.groups = [(torch.stack(rows).to(device), a, _sorted_mask([a], [b], device))
+                       for (a, b), rows in by_shape.items()]
+        order = torch.cat([idx.reshape(-1) for idx, _, _ in self.groups])
+        self.inverse = torch.argsort(order).to(device)
+
+    def __call__(self, q, k, v, sinks_v, sinks_t) -> torch.Tensor:
+        S, H, hd = q.shape
+        outs = []
+        for idx, n_img, mask in self.groups:
+            G, L = idx.shape
+            flat = idx.reshape(-1)
+            o = shared_sink_attention(q[flat].view(G, L, H, hd), k[flat].view(G, L, H, hd), v[flat].view(G, L, H, hd),
+                                      sinks_v, sinks_t, n_img, mask)
+            outs.append(o.reshape(G * L, H * hd))
+        return torch.cat(outs)[self.inverse]
 
 
 @dataclass
@@ -182,6 +221,7 @@ class GroundingVLM(nn.Module):
         self.text_pos = nn.Embedding(cfg.max_text_len, vc.dim)
         self.text_norm = nn.RMSNorm(vc.dim, eps=vc.norm_eps)
         self.lm_head = nn.Linear(vc.dim, cfg.vocab_size, bias=False)
+        self.attention = "samples"   # or "dense": one mask over the whole packed sequence (the reference)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -275,7 +315,8 @@ class GroundingVLM(nn.Module):
             cursor += n
         theta = rotation_angles(y.to(device), xc.to(device), emb.freqs_cis_golden)[None]   # (1, S, H, F)
         cos, sin = theta.cos(), theta.sin()
-        mask = _sorted_mask(img_lens, txt_lens, device)
+        mask = (SampleAttention(img_lens, txt_lens, device) if self.attention == "samples"
+                else _sorted_mask(img_lens, txt_lens, device))
 
         for block in self.layers.values():
             xi, xt = block(xi, xt, cos, sin, mask)

@@ -236,5 +236,5 @@ def test_cli_list_and_show(dirs, capsys):
     assert main(["encoders", "show", f"dinov3:{dirs['dinov3']}"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["heads"] == ["dinov3"] and info["summary_dims"] == {"dinov3": 48} and info["registers"] == [4, 48]
-    assert main(["encoders", "show", "dinov3:/no/such"]) == 1
+    assert main(["encoders", "show", "dinov3:/no/such"]) == 2
     assert "dinov3" in capsys.readouterr().err

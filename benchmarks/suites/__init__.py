@@ -10,11 +10,13 @@ import os
 import re
 from pathlib import Path
 
+from distill.errors import AmoeError
+
 SUITES_DIR = Path(__file__).resolve().parent
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-class SuiteError(ValueError):
+class SuiteError(AmoeError, ValueError):
     """A suite file is missing, malformed, or names a dataset / variable that is not there."""
 
 

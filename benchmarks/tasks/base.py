@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.encoders.base import MissingHeadError
+from distill.errors import AmoeError
 
 
 class Task(Protocol):
@@ -25,7 +26,7 @@ class Task(Protocol):
     def run(self, ctx: Any, cfg: dict) -> dict[str, float]: ...
 
 
-class UnknownTaskError(KeyError):
+class UnknownTaskError(AmoeError, KeyError):
     """A task name that is not registered; the message lists the known ones."""
 
     def __str__(self) -> str:  # KeyError would show the message quoted
@@ -44,7 +45,7 @@ class NoUsableHeadError(MissingHeadError):
         return str(self.args[0])
 
 
-class TaskConfigError(ValueError):
+class TaskConfigError(AmoeError, ValueError):
     """A task config value is wrong; the message names the key and the fix."""
 
 

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from distill.encoders.base import Encoder
+from distill.errors import AmoeError
 from distill.io import atomic_path, write_json_atomic
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -35,7 +36,7 @@ LIST_CHUNK = 1000          # images per unit when the pool is an image list
 FORMAT_VERSION = 1
 
 
-class NonFiniteEmbeddingError(ValueError):
+class NonFiniteEmbeddingError(AmoeError, ValueError):
     """The encoder produced NaN/inf for some samples."""
 
 

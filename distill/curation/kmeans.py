@@ -19,12 +19,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distill.errors import AmoeError
+
 # bound the (points x centroids) distance block: this many float32 entries per chunk (~64 MB)
 DISTANCE_BLOCK = 1 << 24
 SUM_BLOCK = 1 << 16        # rows converted to float64 at a time when summing centroids
 
 
-class ClusterCountError(ValueError):
+class ClusterCountError(AmoeError, ValueError):
     """More clusters were requested than there are points to cluster."""
 
 

@@ -10,10 +10,12 @@ import os
 from pathlib import Path
 from typing import Sequence, TypeVar
 
+from distill.errors import AmoeError
+
 T = TypeVar("T")
 
 
-class ManifestError(ValueError):
+class ManifestError(AmoeError, ValueError):
     """A manifest does not match the pool it is applied to."""
 
 

@@ -17,10 +17,12 @@ from typing import Any, Sequence
 from PIL import Image
 from torch.utils.data import Dataset
 
+from distill.errors import AmoeError
+
 IGNORE_INDEX = 255
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(AmoeError, FileNotFoundError):
     """The root is missing or does not hold the layout the reader expects."""
 
     def __init__(self, dataset: str, root: str | os.PathLike, problem: str, expected: str, source: str):
@@ -31,7 +33,7 @@ class DatasetLayoutError(FileNotFoundError):
             f"Where to get it: {source}")
 
 
-class UnreadableImageError(OSError):
+class UnreadableImageError(AmoeError, OSError):
     """One or more evaluation images could not be decoded; lists every file that failed."""
 
     def __init__(self, dataset: str, files: Sequence[str | os.PathLike], reason: str = ""):

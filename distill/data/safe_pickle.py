@@ -17,6 +17,8 @@ import os
 import pickle
 from typing import Any
 
+from distill.errors import AmoeError
+
 # (module, name) -> the object to use; nothing else is resolvable.
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("builtins", "set"): set,
@@ -38,7 +40,7 @@ def _codecs_encode(text: str, encoding: str = "utf-8") -> bytes:
 _ALLOWED_GLOBALS[("_codecs", "encode")] = _codecs_encode
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(AmoeError, pickle.UnpicklingError):
     """The pickle asks for something other than plain data."""
 
 

@@ -11,10 +11,11 @@ from abc import ABC, abstractmethod
 import torch
 from PIL import Image
 
+from distill.errors import AmoeError
 from distill.features import Features
 
 
-class MissingHeadError(KeyError):
+class MissingHeadError(AmoeError, KeyError):
     """A task asked an encoder for a head (or a text tower) it does not have."""
 
     def __init__(self, encoder: str, head: str, available: tuple[str, ...], what: str = "head"):

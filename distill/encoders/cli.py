@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 
 def _list(args) -> int:
@@ -51,11 +50,7 @@ def _show(args) -> int:
     from distill.encoders.registry import load_encoder
 
     kwargs = {"trust_remote_code": True} if args.trust_remote_code else {}
-    try:
-        enc = load_encoder(args.spec, **kwargs)
-    except Exception as e:  # a CLI prints the error that names the fix, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    enc = load_encoder(args.spec, **kwargs)   # user errors reach amoe.cli's one-line error surface
     print(json.dumps(describe_encoder(enc, args.resolution), indent=2, default=str))
     return 0
 

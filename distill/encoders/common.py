@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from distill.encoders.base import Encoder
+from distill.errors import AmoeError
 from distill.io import fingerprint as json_fingerprint
 
 TRUST_ENV = "AMOE_TRUST_REMOTE_CODE"
@@ -23,11 +24,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class HubUnreachableError(OSError):
+class HubUnreachableError(AmoeError, OSError):
     """A model id could not be fetched (offline, no network, or not in the local cache)."""
 
 
-class RemoteCodeNotAllowedError(PermissionError):
+class RemoteCodeNotAllowedError(AmoeError, PermissionError):
     """A loader would run code downloaded from a hub, and the user has not opted in."""
 
 

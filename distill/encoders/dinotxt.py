@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distill.errors import AmoeError
+
 HUB_REPO = "facebookresearch/dinov3"
 HUB_ENTRY = "dinov3_vitl16_dinotxt_tet1280d20h24l"
 CONFIG_FILE = "dinotxt_config.json"
@@ -36,7 +38,7 @@ FORMAT = "amoe-dinotxt-1"
 SUBFOLDER = "dinotxt"   # where a mini-world DINOv3 teacher keeps its text head
 
 
-class DinoTxtShapeError(ValueError):
+class DinoTxtShapeError(AmoeError, ValueError):
     """The head's token width does not match the features it is applied to."""
 
 

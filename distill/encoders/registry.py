@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from distill.encoders.base import Encoder
+from distill.errors import AmoeError
 
 # loader modules: importing one runs its @register_loader decorators
 _BUILTIN_MODULES = ("distill.encoders.hf_siglip2", "distill.encoders.openclip", "distill.encoders.dinov3",
@@ -46,7 +47,7 @@ _LOADERS: dict[str, LoaderInfo] = {}
 _builtins_loaded = False
 
 
-class UnknownEncoderError(KeyError):
+class UnknownEncoderError(AmoeError, KeyError):
     def __str__(self):  # KeyError would print the message with quotes around it
         return str(self.args[0])
 

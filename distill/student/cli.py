@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     perf.add_argument("--max-images-per-seq", type=int, default=16)
     perf.add_argument("--min-side", type=int, default=128, help="smallest native side in px [128]")
     perf.add_argument("--max-side", type=int, default=512, help="largest native side in px [512]")
+    perf.add_argument("--mix", default="range", choices=["range", "paper"],
+                      help="range: sides uniform in [--min-side, --max-side]; paper: the paper's stage-2 mix "
+                           "(256 / 384 / 512 / 768 px, native aspect; --max-tokens grows to fit)")
     perf.add_argument("--device", default="auto", help="cpu | cuda | auto [auto]")
     perf.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                       help="auto: bf16 on CUDA, fp32 on CPU")
@@ -41,13 +44,19 @@ def register(subparsers) -> None:
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
-def mixed_resolution_images(n: int, seed: int, min_side: int, max_side: int, patch: int = 16):
-    """Seeded native sizes: area-equivalent side in [min_side, max_side], aspect 1:2..2:1, sides rounded
-    to multiples of the patch size and clamped to [min_side, max_side]."""
+def mixed_resolution_images(n: int, seed: int, min_side: int, max_side: int, patch: int = 16,
+                            sides: tuple[int, ...] | None = None):
+    """Seeded native sizes: area-equivalent side in [min_side, max_side] (or drawn from `sides`),
+    aspect 1:2..2:1, sides rounded to multiples of the patch size and clamped to [min_side, max_side]."""
     g = torch.Generator().manual_seed(seed)
     images = []
+    if sides:
+        min_side, max_side = patch, 2 * max(sides)
     for _ in range(n):
-        side = min_side + (max_side - min_side) * torch.rand((), generator=g).item()
+        if sides:
+            side = float(sides[int(torch.randint(len(sides), (), generator=g))])
+        else:
+            side = min_side + (max_side - min_side) * torch.rand((), generator=g).item()
         aspect = math.exp(math.log(0.5) + (math.log(2) - math.log(0.5)) * torch.rand((), generator=g).item())
         h = side * math.sqrt(aspect)
         w = side / math.sqrt(aspect)
@@ -112,7 +121,7 @@ def load_warning(threads: int) -> str | None:
 
 def run_perf(args) -> int:
     from .model import Student
-    from .packing import plan_packing
+    from .packing import PAPER_STAGE2_SIDES, plan_packing
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
@@ -125,11 +134,13 @@ def run_perf(args) -> int:
         model.enable_compiled_flex()
     patch = model.config.spatial_patch_size
     images = [im.to(device=device, dtype=dtype)
-              for im in mixed_resolution_images(args.images, args.seed, args.min_side, args.max_side, patch)]
+              for im in mixed_resolution_images(args.images, args.seed, args.min_side, args.max_side, patch,
+                                                sides=PAPER_STAGE2_SIDES if args.mix == "paper" else None)]
     grids = [(im.shape[1] // patch, im.shape[2] // patch) for im in images]
     P = model.config.n_prefix_tokens
     counts = [P + h * w for h, w in grids]
-    plan = plan_packing(counts, args.max_tokens, args.max_images_per_seq)
+    max_tokens = max(args.max_tokens, max(counts))   # the paper mix's largest image must fit one sequence
+    plan = plan_packing(counts, max_tokens, args.max_images_per_seq)
     real_tokens = sum(counts)
 
     # padded-per-image baseline: the release's layout, one image per row padded to the longest
@@ -210,7 +221,8 @@ def run_perf(args) -> int:
         "images": len(images),
         "image_sizes_px": [list(im.shape[1:]) for im in images],
         "real_tokens": real_tokens,
-        "max_tokens": args.max_tokens,
+        "max_tokens": max_tokens,
+        "mix": args.mix,
         "repeats": args.repeats,
         "packed": results["packed"],
         "padded": results["padded"],

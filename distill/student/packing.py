@@ -39,6 +39,11 @@ class PackingPlan:
                 "max_images": self.max_images, "fill_ratio": self.fill_ratio, "num_sequences": self.num_sequences}
 
 
+# the paper's stage-2 resolution mix (sides in px, native aspect): what `--mix paper` in the perf
+# commands draws from
+PAPER_STAGE2_SIDES = (256, 384, 512, 768)
+
+
 def plan_packing(token_counts: list[int], max_tokens: int, max_images: int = 16) -> PackingPlan:
     counts = [int(c) for c in token_counts]
     if max_tokens <= 0 or max_images <= 0:

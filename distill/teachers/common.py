@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from distill.errors import AmoeError
 from distill.io import fingerprint, write_json_atomic
 
 RECIPES_FILE = Path(__file__).resolve().parent / "recipes.json"
@@ -19,7 +20,7 @@ MARKER = "COMPLETE.json"  # written last; a teacher dir without it is incomplete
 LOG = "train_log.json"
 
 
-class TeacherError(ValueError):
+class TeacherError(AmoeError, ValueError):
     """Bad input to teacher training (world layout, recipe); the message names the fix."""
 
 

@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     perf.add_argument("--seqs", type=int, default=2, help="perf: sequences per step (token budget)")
     perf.add_argument("--steps", type=int, default=4, help="perf: timed steps per mode")
     perf.add_argument("--device", default="cpu", help="perf: cpu or cuda")
+    perf.add_argument("--mix", default="range", choices=["range", "paper"],
+                      help="perf: image sides 64-256 px (range) or the paper's stage-2 mix 256/384/512/768 px "
+                           "(paper; C_max grows to fit the largest image)")
     p.set_defaults(func=main)
 
 
@@ -35,8 +38,10 @@ def main(args: argparse.Namespace) -> int:
     if args.config == "perf":
         from distill.train.perf import run_perf
 
+        from distill.student.packing import PAPER_STAGE2_SIDES
+        mix = {"sides": PAPER_STAGE2_SIDES, "grow_max_tokens": True} if args.mix == "paper" else {}
         res = run_perf(args.student, max_tokens=args.max_tokens, seqs=args.seqs, steps=args.steps,
-                       device=args.device)
+                       device=args.device, **mix)
         if args.json:
             print(json.dumps(res, indent=2))
         else:

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill.errors import AmoeError
 from distill.losses import RELATIONAL_KINDS
 
 
-class ConfigError(ValueError):
+class ConfigError(AmoeError, ValueError):
     """A recipe is malformed: unknown key, wrong type or invalid value (the message names it)."""
 
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distill import losses as L
+from distill.errors import AmoeError
 from distill.io import fingerprint, write_json_atomic
 from distill.train import checkpoint as ckpt
 from distill.train.batching import StepPlan, TokenBalancedSampler
@@ -32,7 +33,7 @@ from distill.train.metrics import MetricsWriter
 from distill.train.pool import PlannedImage, TrainingPool, read_image
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(AmoeError, RuntimeError):
     """Training stopped on purpose (e.g. too many non-finite losses in a row)."""
 
 
