@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks.cache import FeatureCache
 from benchmarks.context import HarnessContext
@@ -90,6 +91,26 @@ def test_zeroshot_rejects_classnames_that_do_not_match(tmp_path):
     ctx = _ctx(tmp_path, ColourEncoder())
     with pytest.raises(ValueError, match="2 class names given but the dataset has 4"):
         get_task("zeroshot").run(ctx, {"classnames": ["red", "green"]})
+
+
+def test_retrieval_ensemble_fuses_the_text_heads_as_zeroshot_does(world, tmp_path):
+    """Two text heads: each head's recalls, and the ensemble equals the entropy-weighted fusion of their
+    similarity matrices (softmax over each image's captions), ranked both ways."""
+    from benchmarks.tasks.retrieval import similarity_metrics
+    from benchmarks.tasks.zeroshot import entropy_weighted_logits
+
+    enc = FakeEncoder()
+    enc.text_heads = ("a", "b")
+    ctx = _ctx(tmp_path, enc, dataset_entry(load_suite("miniworld"), "mw-ret", {"world": str(world)}), loader=None)
+    got = get_task("retrieval").run(ctx, {})
+    ds, feats = ctx.dataset("test"), ctx.features("test")
+    texts = [t for caps in ds.captions for t in caps]
+    owner = torch.tensor([i for i, caps in enumerate(ds.captions) for _ in caps])
+    sims = [F.normalize(feats.summary[h], dim=-1) @ F.normalize(enc.encode_text(texts, h), dim=-1).T
+            for h in ("a", "b")]
+    want = similarity_metrics(entropy_weighted_logits(sims, 5.0), owner)
+    assert {k: got[f"ensemble/{k}"] for k in want} == pytest.approx(want)
+    assert get_task("retrieval").run(ctx, {"ensemble": False}).keys() == {k for k in got if not k.startswith("ens")}
 
 
 def test_every_task_on_the_mini_world_through_the_real_readers(world, tmp_path):

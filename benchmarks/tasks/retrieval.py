@@ -5,6 +5,11 @@ image -> text: a query image is a hit at k if any of its own captions is among t
 captions. text -> image: a caption is a hit at k if its image is among the k most similar images.
 Metrics (percent): i2t_r1/5/10 and t2i_r1/5/10 per head ('head/t2i_r1'...). With fewer candidates
 than k, k is capped at the number of candidates.
+
+Ensemble of >= 2 text heads (as the official AMoE eval fuses its SigLIP2 and dino.txt branches): the
+entropy-weighted fusion of zero-shot (beta 5, raw cosines) applied to the image x caption similarity
+matrices, the softmax taken over the captions of each image; both directions rank the fused matrix
+('ensemble/t2i_r1'...).
 """
 from __future__ import annotations
 
@@ -32,9 +37,15 @@ def recall_at_k(sim: torch.Tensor, positives: torch.Tensor, ks: list[int], chunk
 def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, ks=(1, 5, 10),
                       device: torch.device | str = "cpu") -> dict[str, float]:
     """img (N, D), txt (M, D) normalised; owner[j] = index of the image caption j describes."""
+    return similarity_metrics(img.to(device) @ txt.to(device).T, owner, ks, device)
+
+
+def similarity_metrics(sim: torch.Tensor, owner: torch.Tensor, ks=(1, 5, 10),
+                       device: torch.device | str = "cpu") -> dict[str, float]:
+    """Recall@k both ways from an (N images, M captions) similarity matrix."""
     ks = list(ks)
-    sim = img.to(device) @ txt.to(device).T                                  # (N, M)
-    pos = owner.to(device).view(1, -1) == torch.arange(len(img), device=device).view(-1, 1)
+    sim = sim.to(device)
+    pos = owner.to(device).view(1, -1) == torch.arange(len(sim), device=device).view(-1, 1)
     i2t = recall_at_k(sim, pos, ks, device=device)
     t2i = recall_at_k(sim.T.contiguous(), pos.T.contiguous(), ks, device=device)
     out = {f"i2t_r{k}": percent(i2t[k]) for k in ks}
@@ -44,10 +55,10 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor,
 
 class RetrievalTask:
     name = "retrieval"
-    version = "1"
+    version = "2"
     roles = ("test",)
     needs_patches = False
-    defaults = {"ks": [1, 5, 10], "heads": None}
+    defaults = {"ks": [1, 5, 10], "heads": None, "ensemble": True, "ensemble_beta": 5.0}
 
     def run(self, ctx, cfg: dict) -> dict[str, float]:
         unknown_keys(cfg, self.defaults, self.name)
@@ -72,14 +83,23 @@ class RetrievalTask:
         heads = select_heads([h for h in ctx.encoder.text_heads if h in feats.summary], cfg["heads"],
                              self.name, ctx.encoder.name, "text tower")
         out: dict[str, float] = {}
+        sims = []
         for head in heads:
             txt = normalize(ctx.text_features(texts, head))
             img = normalize(feats.summary[head])
             if img.shape[1] != txt.shape[1]:
                 raise ValueError(f"retrieval: head '{head}' gives {img.shape[1]}-d image features but "
                                  f"{txt.shape[1]}-d text embeddings")
-            for k, v in retrieval_metrics(img, txt, owner, ks, device=ctx.device).items():
+            sims.append((img.to(ctx.device) @ txt.to(ctx.device).T).cpu())
+            for k, v in similarity_metrics(sims[-1], owner, ks, device=ctx.device).items():
                 out[f"{head}/{k}"] = v
+        if cfg["ensemble"] and len(sims) >= 2:
+            from .zeroshot import entropy_weighted_logits
+            rows = 1024   # images per fusion chunk: bounds the float64 softmax's memory
+            fused = torch.cat([entropy_weighted_logits([s[i:i + rows] for s in sims], float(cfg["ensemble_beta"]))
+                               for i in range(0, len(sims[0]), rows)])
+            for k, v in similarity_metrics(fused, owner, ks, device=ctx.device).items():
+                out[f"ensemble/{k}"] = v
         return out
 
 

@@ -218,7 +218,9 @@ class SiglinoEncoder(ModuleEncoder):
             from distill.io import fingerprint
             phis = {h: {k: weights_digest({"mean": s.mean, "eigvecs": s.eigvecs, "alpha": s.alpha})
                         for k, s in v.items()} for h, v in self.phis.items()}
-            self._weights_id = fingerprint([weights_digest(self.model), phis])
+            # the dino.txt head shapes the `dinotxt` features, so a cache must not outlive a new head
+            txt = weights_digest(self.dinotxt.model) if self.dinotxt is not None else None
+            self._weights_id = fingerprint([weights_digest(self.model), phis] + ([txt] if txt else []))
         return self._weights_id
 
     def describe(self) -> dict:

@@ -91,6 +91,16 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def optimizer_step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, params, clip: float) -> float:
+    """One update of a teacher trainer: backward, clip the global grad norm, step, schedule; the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    sched.step()
+    return round(loss.item(), 5)
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from distill.encoders.dinotxt import SUBFOLDER, MiniDinoTxt, contrastive_loss, save_mini_dinotxt
 
-from .common import warmup_cosine
+from .common import optimizer_step, warmup_cosine
 from .data import WorldData
 from .tokenizer import encode, train_tokenizer
 
@@ -70,12 +70,7 @@ def train_dinotxt(data: WorldData, backbone, processor, r: dict, out_dir: Path, 
         img = torch.cat([h[:, 0], h[:, 1:].mean(1)], -1)
         txt = model.encode_text(torch.stack([ids[token_row[rng.choice(pairs[i].captions)]] for i in idx]))
         loss = contrastive_loss(img, txt, model.logit_scale, groups[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(round(loss.item(), 5))
+        losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0))
     model.eval()
     save_mini_dinotxt(model, tokenizer, out_dir / SUBFOLDER)
     return {"steps": r["steps"], "batch_size": bs, "pairs": len(pairs), "losses": losses,

@@ -31,7 +31,7 @@ import torchvision.transforms.v2.functional as TF
 from tqdm.auto import tqdm
 from transformers import DINOv3ViTConfig, DINOv3ViTImageProcessor, DINOv3ViTModel
 
-from .common import warmup_cosine
+from .common import optimizer_step, warmup_cosine
 from .data import WorldData
 from .probe import check_roundtrip, probe_outputs
 
@@ -233,11 +233,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
             dense = torch.zeros(())
         loss = (r["dino_weight"] * dino + r["ibot_weight"] * ibot + r["pixel_weight"] * pixel
                 + r["dense_weight"] * dense)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 3.0)
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, loss, student.parameters(), 3.0)
         with torch.no_grad():
             m = r["ema"][1] - (r["ema"][1] - r["ema"][0]) * (math.cos(math.pi * step / r["steps"]) + 1) / 2
             for ps, pt in zip(student.parameters(), teacher.parameters()):

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import (Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Siglip2Processor,
                           Siglip2TextConfig, Siglip2VisionConfig)
 
-from .common import warmup_cosine
+from .common import optimizer_step, warmup_cosine
 from .data import WorldData
 from .probe import check_roundtrip, probe_outputs
 from .tokenizer import encode, train_tokenizer
@@ -105,12 +105,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
                                            spatial_shapes=inputs["spatial_shapes"][idx])
         out_txt = model.get_text_features(input_ids=ids)
         loss = sigmoid_loss(model, out_img.pooler_output, out_txt.pooler_output, groups[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(round(loss.item(), 5))
+        losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
