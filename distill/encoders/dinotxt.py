@@ -114,8 +114,9 @@ class MiniTokenizer:
         self.context_length = int(context_length)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        from distill.teachers.tokenizer import encode
-        return encode(self.tokenizer, list(texts), self.context_length)
+        from distill.encoders.common import canonicalize_text
+        return self.tokenizer([canonicalize_text(t) for t in texts], padding="max_length", truncation=True,
+                              max_length=self.context_length, return_tensors="pt")["input_ids"]
 
 
 def save_mini_dinotxt(model: MiniDinoTxt, tokenizer, folder: str | Path) -> Path:
