@@ -108,7 +108,7 @@ def suite_table(records: list[dict], suite: dict, names: dict[str, str] | None =
     names = names or {}
     datasets = {d["id"]: d for d in suite["datasets"]}
     families = lb.get("families", [])
-    col_specs, ordered = [], []   # (task, ds_id, metric, head or None)
+    col_specs = []   # (task, ds_id, metric, head or None)
     for task in list(TASK_ORDER) + sorted(set(columns_by_task) - set(TASK_ORDER)):
         for ds in suite["datasets"]:
             if task in ds["tasks"]:
@@ -137,10 +137,10 @@ def suite_table(records: list[dict], suite: dict, names: dict[str, str] | None =
                     row[col] = picked[1]
                     heads.setdefault(row_key, {})[col] = picked[0]
     table = pd.DataFrame(list(rows.values()))
+    col_task = {}   # column -> its task, in column order
     for task, ds_id, metric, head in col_specs:
-        col = _column(task, datasets[ds_id], metric, head)
-        if col not in ordered:
-            ordered.append(col)
+        col_task.setdefault(_column(task, datasets[ds_id], metric, head), task)
+    ordered = list(col_task)
     if table.empty:
         return pd.DataFrame(columns=["model", "spec", "resolution"] + ordered), {}
     present = [c for c in ordered if c in table.columns and table[c].notna().any()]
@@ -153,10 +153,8 @@ def suite_table(records: list[dict], suite: dict, names: dict[str, str] | None =
         table[f"{fam['name']} n"] = table[have].notna().sum(axis=1).astype(int) if have else 0
         fam_after.setdefault(fam["task"], []).append(fam["name"])
     grouped = []
-    for task in dict.fromkeys(t for t, *_ in col_specs):
-        grouped += [c for c in present if any(c == _column(t, datasets[d], m, h)
-                                              for t, d, m, h in col_specs if t == task)]
-        grouped += fam_after.get(task, [])
+    for task in dict.fromkeys(col_task.values()):
+        grouped += [c for c in present if col_task[c] == task] + fam_after.get(task, [])
     grouped += [f["name"] for f in families if f["name"] not in grouped]
     count_cols = [f"{f['name']} n" for f in families]
     table = table[["model", "spec", "resolution"] + grouped + count_cols + ["active_params"]]

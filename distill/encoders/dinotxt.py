@@ -194,20 +194,24 @@ class DinoTxtBranch:
         return float(self.model.logit_scale.detach().exp()) if hasattr(self.model, "logit_scale") else 1.0
 
 
-def load_dinotxt(source: str | Path, hub_load: Callable | None = None, trust_remote_code=None,
+def is_hub(source) -> bool:
+    """Whether a `dinotxt=` value asks for the real head through torch.hub (else it names a folder)."""
+    return source is True or str(source).lower() in ("1", "true", "yes", "hub")
+
+
+def load_dinotxt(source: str | Path | bool, hub_load: Callable | None = None, trust_remote_code=None,
                  repo: str = HUB_REPO, entry: str = HUB_ENTRY, **hub_kwargs) -> DinoTxtBranch:
     """`source`: a mini folder (see module doc), or "hub" / "1" / True for the real head via torch.hub.
     `hub_kwargs` go to the hub entry (`weights=`, `backbone_weights=`, `source="local"` with a clone)."""
-    if isinstance(source, (str, Path)) and str(source) not in ("1", "true", "True", "hub") and \
-            Path(source).expanduser().exists():
-        folder = Path(source).expanduser()
+    if not is_hub(source):
+        folder = Path(str(source)).expanduser()
+        if not folder.exists():
+            raise FileNotFoundError(f"dino.txt head '{source}' is neither a folder nor 'hub'")
         if not is_mini_dinotxt(folder):
             raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; not a dino.txt head folder (the mini-world "
                                     "teacher writes one to TEACHER/dinov3/dinotxt/)")
         model, tokenizer = _load_mini(folder)
         return DinoTxtBranch(model, tokenizer, str(folder))
-    if isinstance(source, (str, Path)) and str(source) not in ("1", "true", "True", "hub"):
-        raise FileNotFoundError(f"dino.txt head '{source}' is neither a folder nor 'hub'")
     from distill.encoders.common import require_remote_code
     require_remote_code("dinov3", f"the dino.txt text head ({repo}:{entry}) through torch.hub", trust_remote_code)
     if "dinotxt_weights" in hub_kwargs:   # the release's eval scripts spell the head weights so

@@ -15,20 +15,17 @@ offline use); `?dinotxt=PATH` names a head folder. Without one, `describe()["din
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
 
-from distill.encoders.common import (check_source, IMAGENET_MEAN, IMAGENET_STD, ModuleEncoder, as_bool, as_image_list,
+from distill.encoders.common import (check_source, IMAGENET_MEAN, IMAGENET_STD, ModuleEncoder, as_image_list,
                                      aspect_size, group_by_size, hub_error, is_local, no_grad_encode,
-                                     require_remote_code, resize_normalize)
-from distill.encoders.dinotxt import SUBFOLDER, DinoTxtBranch, is_mini_dinotxt, load_dinotxt
+                                     resize_normalize)
+from distill.encoders.dinotxt import HUB_ENTRY, HUB_REPO, SUBFOLDER, DinoTxtBranch, is_mini_dinotxt, load_dinotxt
 from distill.encoders.registry import register_loader
 from distill.features import Features
 
-DINOTXT_REPO = "facebookresearch/dinov3"
-DINOTXT_ENTRY = "dinov3_vitl16_dinotxt_tet1280d20h24l"
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
@@ -113,7 +110,7 @@ class DINOv3Encoder(ModuleEncoder):
                           "dinotxt_weights / dinotxt_backbone_weights": "files or URLs for the hub entry",
                           "hub_load": "(Python) replacement for torch.hub.load"})
 def load_dinov3(arg: str, head: str = "dinov3", dinotxt=None, trust_remote_code=None, hub_load=None,
-                dinotxt_repo: str = DINOTXT_REPO, dinotxt_entry: str = DINOTXT_ENTRY, dinotxt_weights=None,
+                dinotxt_repo: str = HUB_REPO, dinotxt_entry: str = HUB_ENTRY, dinotxt_weights=None,
                 dinotxt_backbone_weights=None, dinotxt_source: str | None = None, revision: str | None = None,
                 **unused) -> DINOv3Encoder:
     if unused:
@@ -155,12 +152,7 @@ def load_dinov3(arg: str, head: str = "dinov3", dinotxt=None, trust_remote_code=
     else:
         hub_kwargs = {k: v for k, v in (("weights", dinotxt_weights), ("backbone_weights", dinotxt_backbone_weights),
                                          ("source", dinotxt_source)) if v is not None}
-        target = "hub" if as_bool_or_none(dinotxt) else dinotxt
-        branch = load_dinotxt(target, hub_load=hub_load, trust_remote_code=trust_remote_code, repo=dinotxt_repo,
+        branch = load_dinotxt(dinotxt, hub_load=hub_load, trust_remote_code=trust_remote_code, repo=dinotxt_repo,
                               entry=dinotxt_entry, **hub_kwargs)
     return DINOv3Encoder(model, source, mean, std, resample, side, head=head, dinotxt=branch, dinotxt_missing=missing)
 
-
-def as_bool_or_none(v) -> bool:
-    """True for the spellings of 'yes' (the real hub head), False for anything else (a path)."""
-    return v is True or str(v).lower() in ("1", "true", "yes", "hub")

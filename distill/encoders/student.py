@@ -422,8 +422,7 @@ def _dinotxt_source(dinotxt, dinov3_teacher: Mapping | None, trust_remote_code=N
     if dinotxt not in (None, "", "auto"):
         if dinotxt in (False, 0, "0", "false"):
             return None, "disabled (?dinotxt=0)"
-        target = "hub" if dinotxt is True or str(dinotxt).lower() in ("1", "true", "hub") else str(dinotxt)
-        return partial(load_dinotxt, target, hub_load=hub_load, trust_remote_code=trust_remote_code), None
+        return partial(load_dinotxt, dinotxt, hub_load=hub_load, trust_remote_code=trust_remote_code), None
     if not dinov3_teacher:
         return None, "no DINOv3 teacher recorded and no ?dinotxt= given"
     folder = Path(dinov3_teacher["spec"].partition("?")[0].split(":", 1)[-1]) / SUBFOLDER
