@@ -164,3 +164,19 @@ def test_parallel_training_one_process_per_teacher(world, tmp_path):
     train_teachers(world, serial, fast=True, progress=False, parallel=False)
     for rel in ("siglip2/model.safetensors", "dinov3/model.safetensors", "dinov3/dinotxt/model.safetensors"):
         assert (out / rel).read_bytes() == (serial / rel).read_bytes(), rel
+
+
+def test_ceiling_reports_floors_and_supervised_ceilings(world, tmp_path, capsys):
+    from amoe.cli import main
+    out = tmp_path / "ceiling.json"
+    assert main(["teachers", "ceiling", "--world", str(world), "--seconds", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["raw_pixels"]) == {"knn_top1", "linear_top1", "seg_miou", "seg_pixel_acc"}
+    sup = result["supervised"]
+    assert set(sup) == {"cnn_classification", "vit_classification", "vit_segmentation"}
+    assert all(r["steps"] >= 1 and r["seconds"] >= 1.0 for r in sup.values())
+    values = [*result["raw_pixels"].values(), sup["cnn_classification"]["top1"], sup["vit_classification"]["top1"],
+              sup["vit_segmentation"]["miou"]]
+    assert all(0.0 <= v <= 100.0 for v in values)
+    assert main(["teachers", "ceiling", "--world", str(tmp_path / "nope")]) == 2
+    assert "amoe world make" in capsys.readouterr().err
