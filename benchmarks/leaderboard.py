@@ -21,7 +21,7 @@ from benchmarks.suites import SuiteError, load_suite
 REPORTED_CSV = Path(__file__).resolve().parents[1] / "leaderboards" / "reported.csv"
 TASK_ORDER = ("zeroshot", "knn", "retrieval", "segmentation")
 TASK_LABELS = {"zeroshot": "zero-shot", "knn": "kNN", "retrieval": "retrieval", "segmentation": "seg"}
-LABELS_FILE = "labels.json"   # optional {encoder spec: display name} beside the result JSONs
+LABELS_FILE = "labels.json"   # optional [{"spec", "name"}, ...] beside the result JSONs (rows in that order)
 
 
 def relative_spec(spec: str, base: Path) -> str:
@@ -40,9 +40,11 @@ def relative_spec(spec: str, base: Path) -> str:
 
 
 def display_names(records: list[dict], base: Path, labels: dict[str, str]) -> dict[str, str]:
-    """spec -> row name: the given label, else the spec relative to the run folder."""
-    return {r["cell"]["model"]: labels.get(r["cell"]["model"]) or relative_spec(r["cell"]["model"], base)
-            for r in records}
+    """spec -> row name: the given label, else the spec relative to the run folder; labelled rows first,
+    in the labels' order (the quickstart lists teachers, then students, then grounding runs)."""
+    present = {r["cell"]["model"] for r in records}
+    specs = dict.fromkeys([s for s in labels if s in present] + sorted(present))
+    return {s: labels.get(s) or relative_spec(s, base) for s in specs}
 
 
 def _column(task: str, ds: dict, metric: str, head: str | None = None) -> str:
@@ -298,8 +300,8 @@ def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
           reported_csv: str | os.PathLike | None = REPORTED_CSV, labels: dict[str, str] | None = None) -> dict:
     """Write every table and plot; returns {"files": [...], "suites": [...], "cells": n}.
 
-    Rows are named by `labels` ({spec: display name}; also read from `results_dir/labels.json`), else
-    by their spec; paths in specs are written relative to the run folder (the parent of `results_dir`)."""
+    Rows are named by `labels` ({spec: display name}; also read from `results_dir/labels.json`, a list
+    of {"spec", "name"} in row order), else by their spec; paths in specs are written relative to the run folder (the parent of `results_dir`)."""
     import json
 
     from distill.io import write_text_atomic
@@ -307,7 +309,10 @@ def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
     records = load_results(results_dir)
     base = Path(results_dir).resolve().parent
     labels_file = Path(results_dir) / LABELS_FILE
-    labels = {**(json.loads(labels_file.read_text()) if labels_file.is_file() else {}), **(labels or {})}
+    saved = json.loads(labels_file.read_text()) if labels_file.is_file() else []
+    if isinstance(saved, dict):   # {spec: name} also works; the list form keeps the row order
+        saved = [{"spec": k, "name": v} for k, v in saved.items()]
+    labels = {**(labels or {}), **{e["spec"]: e["name"] for e in saved if e["spec"] not in (labels or {})}}
     row_names = display_names(records, base, labels)
     if not records:
         raise ValueError(f"no result JSONs under {results_dir}; run `amoe bench sweep` first")

@@ -251,7 +251,8 @@ def _run_bench(r: Run) -> dict:
     write_json_atomic(r.out / "sweep.json", cfg)  # the exact sweep, re-runnable with `amoe bench sweep`
     from benchmarks.leaderboard import LABELS_FILE
     r.results.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(r.results / LABELS_FILE, r.labels())   # row names for `amoe leaderboard build`
+    write_json_atomic(r.results / LABELS_FILE,            # row names (and order) for `amoe leaderboard build`
+                      [{"spec": spec, "name": name} for spec, name in r.labels().items()])
     summary = run_sweep(cfg, harness_from_config(cfg))
     if summary.failed:
         lines = "\n  ".join(f"{f['cell']}: {f['reason']} ({f['path']})" for f in summary.failures)

@@ -122,10 +122,12 @@ def test_rows_get_display_names_and_no_machine_paths(tmp_path):
     from benchmarks.leaderboard import LABELS_FILE, build, relative_spec
     results = tmp_path / "run" / "results"
     _write_paper_results(results)
-    (results / LABELS_FILE).write_text(json.dumps({"modelA": "Model A"}))
+    (results / LABELS_FILE).write_text(json.dumps([{"spec": "siglino:somewhere", "name": "B first"},
+                                                   {"spec": "modelA", "name": "Model A"}]))
     build(results, tmp_path / "run" / "leaderboard")
     md = (tmp_path / "run" / "leaderboard" / "leaderboard.md").read_text()
     assert "| Model A |" in md and "modelA" not in md
+    assert md.index("| B first |") < md.index("| Model A |")       # rows in the labels' order
     for f in (tmp_path / "run" / "leaderboard").glob("*.*"):
         if f.suffix in (".md", ".csv", ".tex"):
             assert str(tmp_path) not in f.read_text(), f.name
