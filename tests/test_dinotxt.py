@@ -80,6 +80,8 @@ def test_mini_head_folder_is_found_beside_the_teacher(teachers):
     f = enc.encode([enc.preprocess(image(40, 40))])
     assert f.summary["dinotxt"].shape == (1, 96)
     assert enc.encode_text(["a red circle"], "dinotxt").shape == (1, 96)
+    off = load_encoder(f"dinov3:{teachers / 'dinov3'}?dinotxt=0")
+    assert off.text_heads == () and off.describe()["dinotxt_missing"] == "disabled (?dinotxt=0)"
     # a reloaded folder gives the same numbers
     again = load_dinotxt(teachers / "dinov3" / SUBFOLDER)
     torch.testing.assert_close(again.encode_text(["a red circle"]), enc.encode_text(["a red circle"], "dinotxt"))

@@ -143,7 +143,9 @@ def load_dinov3(arg: str, head: str = "dinov3", dinotxt=None, trust_remote_code=
         mean, std, resample, side = IMAGENET_MEAN, IMAGENET_STD, int(Image.BILINEAR), int(config.image_size)
     branch, missing = None, None
     local = Path(source) / SUBFOLDER if Path(source).is_dir() else None
-    if dinotxt in (None, False, "", "0", "false", "auto"):
+    if dinotxt is False or str(dinotxt).lower() in ("0", "false"):
+        missing = "disabled (?dinotxt=0)"
+    elif dinotxt in (None, "", "auto"):
         if local is not None and is_mini_dinotxt(local):
             branch = load_dinotxt(local)
         else:
