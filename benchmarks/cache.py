@@ -1,8 +1,11 @@
 """Feature cache shared by every benchmark task.
 
 An entry is one encoder's features of one dataset split, keyed by everything that can change them:
-model fingerprint, dataset (reader, root, split, reader kwargs), resolution, preprocessing
-fingerprint, `--limit`, and whether patch features were kept. Two files per entry:
+model fingerprint (a digest of the weights), dataset (reader, root, split, reader kwargs), a
+fingerprint of the items actually read (each image's path, size, mtime and inode, or its content hash
+on request: see `items_fingerprint`), resolution, preprocessing fingerprint, `--limit`, and whether
+patch features were kept. Images swapped, edited or deleted in place therefore make a new key, and
+an entry whose item count disagrees with the dataset is never served. Two files per entry:
 
     CACHE/<model-slug>/<key>.safetensors   tensors (summary/<head>, patches/<head>, grids, cls, registers)
     CACHE/<model-slug>/<key>.json          sidecar: the key fields, sha256 of the tensor file, timings
@@ -20,7 +23,7 @@ import os
 import re
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,11 +34,15 @@ from distill.io import file_sha256, fingerprint, load_tensors, save_tensors_atom
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the on-disk layout of an entry changes
+CACHE_FORMAT = 2  # 2: keys hold the items' fingerprint and count; bump when the on-disk layout of an entry changes
 
 
 class CorruptCacheWarning(UserWarning):
     """A cache entry failed its checksum or could not be read; it is recomputed."""
+
+
+class CacheWriteWarning(UserWarning):
+    """The cache folder cannot be written; features are computed and used without being stored."""
 
 
 def default_cache_dir() -> Path:
@@ -96,11 +103,14 @@ class FeatureKey:
     preprocess: str = ""       # fingerprint(encoder.preprocess_config())
     limit: int | None = None
     patches: bool = False
+    items: str = ""            # items_fingerprint() of the images read
+    n: int | None = None       # how many images
 
     def as_dict(self) -> dict:
         return {"format": CACHE_FORMAT, "model": self.model, "reader": self.reader, "root": self.root,
                 "split": self.split, "reader_kwargs": self.reader_kwargs, "resolution": self.resolution,
-                "preprocess": self.preprocess, "limit": self.limit, "patches": self.patches}
+                "preprocess": self.preprocess, "limit": self.limit, "patches": self.patches,
+                "items": self.items, "n": self.n}
 
     def digest(self) -> str:
         return fingerprint(self.as_dict())
@@ -203,9 +213,14 @@ class FeatureCache:
         return tensor_path
 
     def get_or_compute(self, key: FeatureKey, compute: Callable[[], Features],
-                       write: bool = True) -> Features:
-        """Cached features, or `compute()` them and store them (only when `write`: rank 0)."""
-        feats = self.lookup(key)
+                       write: bool = True, refresh: bool = False) -> Features:
+        """Cached features, or `compute()` them and store them (only when `write`: rank 0).
+
+        `refresh` (`--force`) never serves the cache: it recomputes and overwrites the entry."""
+        feats = None if refresh else self.lookup(key)
+        if feats is not None and key.n is not None and len(feats) != key.n:
+            self._corrupt(self.path_for(key), f"holds {len(feats)} items, the dataset has {key.n}")
+            feats = None
         if feats is not None:
             self.stats.hits += 1
             return feats
@@ -215,17 +230,22 @@ class FeatureCache:
         seconds = time.perf_counter() - t0
         self.stats.compute_s += seconds
         if self.enabled and write:
-            self.store(key, feats, extra={"compute_s": round(seconds, 4)})
+            try:
+                self.store(key, feats, extra={"compute_s": round(seconds, 4)})
+            except OSError as e:   # the cache is an optimisation: a read-only or full disk costs time only
+                warnings.warn(f"feature cache {self.root} cannot be written ({e}); going on without it",
+                              CacheWriteWarning, stacklevel=2)
         return feats
 
     # -- text embeddings
     def get_or_compute_text(self, model: str, head: str, texts: list[str],
-                            compute: Callable[[], torch.Tensor], write: bool = True) -> torch.Tensor:
+                            compute: Callable[[], torch.Tensor], write: bool = True,
+                            refresh: bool = False) -> torch.Tensor:
         key = {"format": CACHE_FORMAT, "kind": "text", "model": model, "head": head,
                "texts": fingerprint(list(texts)), "n": len(texts)}
         name = f"text-{_slug(head, 20)}-{fingerprint(key)}"
         tensor_path, meta_path = self._paths(model, name)
-        if self.enabled:
+        if self.enabled and not refresh:
             tensors = self._read(tensor_path, meta_path, expect=key)
             if tensors is not None:
                 self.stats.text_hits += 1
@@ -233,11 +253,34 @@ class FeatureCache:
         self.stats.text_misses += 1
         emb = compute()
         if self.enabled and write:
-            self._write(tensor_path, meta_path, key, {"text": emb.detach().float().cpu()}, {})
+            try:
+                self._write(tensor_path, meta_path, key, {"text": emb.detach().float().cpu()}, {})
+            except OSError as e:
+                warnings.warn(f"feature cache {self.root} cannot be written ({e}); going on without it",
+                              CacheWriteWarning, stacklevel=2)
         return emb
 
 
 def _with_patches(key: FeatureKey) -> FeatureKey:
-    return FeatureKey(model=key.model, reader=key.reader, root=key.root, split=key.split,
-                      reader_kwargs=key.reader_kwargs, resolution=key.resolution,
-                      preprocess=key.preprocess, limit=key.limit, patches=True)
+    return replace(key, patches=True)
+
+
+def items_fingerprint(dataset, content: bool = False) -> str:
+    """What identifies the images a dataset will hand out, in order: each file's path, size,
+    modification time and inode (a swap by `mv` keeps mtimes but not the path -> inode mapping), or
+    with `content` its sha256 as well. A dataset without `image_paths` is identified by its length."""
+    import hashlib
+
+    paths = getattr(dataset, "image_paths", None)
+    if not isinstance(paths, (list, tuple)) or len(paths) != len(dataset):
+        return fingerprint({"n": len(dataset)})
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
+            if content:
+                h.update(file_sha256(p).encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()[:24]

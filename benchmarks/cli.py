@@ -26,13 +26,18 @@ def _resolution(text: str | None) -> int | None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limit", type=int, default=None, help="at most N images per dataset role (first N)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most N images per dataset role: stratified by class where there are labels, else a "
+                        "seeded sample; a limited cell is its own cell and is marked 'limited' in every table")
     p.add_argument("--var", action="append", metavar="NAME=VALUE",
                    help="fill ${NAME} in suite roots (repeatable), e.g. --var world=runs/quickstart/world")
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default $AMOE_CACHE or "
                                                      "~/.cache/amoe/features)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--force", action="store_true", help="re-run cells that already have a result")
+    p.add_argument("--force", action="store_true",
+                   help="re-run cells that already have a result, recomputing their features (cache not read)")
+    p.add_argument("--content-hash", action="store_true",
+                   help="feature-cache keys hash every image's bytes (default: path, size, mtime, inode)")
 
 
 def register(subparsers) -> None:
@@ -84,11 +89,12 @@ def cmd_run(args) -> int:
 
     suite = load_suite(args.suite)
     resolution = _resolution(args.resolution) if args.resolution is not None else suite.get("resolution")
-    cell = Cell(args.model, args.task, args.dataset, resolution)
     cfg = {"device": args.device, "batch_size": args.batch_size,
            "task_cfg": {args.task: json.loads(args.task_cfg)} if args.task_cfg else {}}
     h = harness_from_config(cfg, out=args.out, limit=args.limit, cache_dir=args.cache_dir,
-                            variables=_parse_vars(args.var), show_progress=not args.no_progress)
+                            variables=_parse_vars(args.var), show_progress=not args.no_progress,
+                            content_hash=args.content_hash)
+    cell = h.identify(Cell(args.model, args.task, args.dataset, resolution))
     # validate the dataset id and task pairing before loading a model
     from benchmarks.suites import dataset_entry
     entry = dataset_entry(suite, args.dataset, h.variables)
@@ -113,7 +119,8 @@ def cmd_sweep(args) -> int:
 
     cfg = load_sweep_config(args.config)
     h = harness_from_config(cfg, out=args.out, limit=args.limit, cache_dir=args.cache_dir,
-                            variables=_parse_vars(args.var), show_progress=not args.no_progress)
+                            variables=_parse_vars(args.var), show_progress=not args.no_progress,
+                            content_hash=args.content_hash)
     summary = run_sweep(cfg, h, force=args.force)
     _quiet_unless_rank0(rank, {"out": str(h.out_dir), **summary.as_dict()})
     return 0 if summary.failed == 0 else 1

@@ -25,27 +25,65 @@ from distill.encoders.base import Encoder
 from distill.features import Features
 from distill.io import fingerprint
 
-from benchmarks.cache import FeatureCache, FeatureKey
+from benchmarks.cache import FeatureCache, FeatureKey, items_fingerprint
 
 
 # ---------------------------------------------------------------- limited datasets
 
+LIMIT_SEED = 0   # the subset `--limit` takes is fixed: the same N items on every run and machine
+
+
+def limited_indices(base: Dataset, limit: int | None, seed: int = LIMIT_SEED) -> tuple[list[int], str | None]:
+    """The items `--limit N` keeps, in dataset order, and the rule that chose them.
+
+    Labelled datasets (`targets`) are stratified: the classes take turns, each giving its next item
+    from a seeded shuffle of its own, so N >= the class count keeps every class (a kNN bank of one
+    class would measure nothing). Other datasets get a seeded uniform sample. The first N items of a
+    sorted split are never the rule: they are one or two classes."""
+    n = len(base)
+    if limit is None or limit >= n:
+        return list(range(n)), None
+    import random
+    rng = random.Random(seed)
+    targets = getattr(base, "targets", None)
+    if isinstance(targets, (list, tuple)) and len(targets) == n:
+        by_class: dict[int, list[int]] = {}
+        for i, t in enumerate(targets):
+            by_class.setdefault(int(t), []).append(i)
+        queues = []
+        for c in sorted(by_class):
+            items = by_class[c]
+            rng.shuffle(items)
+            queues.append(items)
+        chosen: list[int] = []
+        depth = 0
+        while len(chosen) < limit:
+            for q in queues:
+                if depth < len(q) and len(chosen) < limit:
+                    chosen.append(q[depth])
+            depth += 1
+        return sorted(chosen), "stratified"
+    return sorted(rng.sample(range(n), int(limit))), "random"
+
+
 class LimitedDataset(Dataset):
-    """The first `limit` items of a reader's dataset, with its per-item attributes cut to match.
+    """`limit` items of a reader's dataset (see `limited_indices`), per-item attributes cut to match.
 
     Per-dataset attributes (`classes`, `templates`, `ignore_index`...) are forwarded unchanged;
-    per-item lists (`targets`, `captions`, `image_paths`...) are sliced so they stay aligned.
+    per-item lists (`targets`, `captions`, `image_paths`...) are subset so they stay aligned.
+    `limit_rule` says how the items were chosen ("stratified", "random", or None for all of them).
     """
 
-    _PER_ITEM = ("targets", "captions", "image_paths", "samples", "imgs", "labels", "image_ids")
+    _PER_ITEM = ("targets", "captions", "image_paths", "label_paths", "samples", "imgs", "labels", "image_ids")
 
     def __init__(self, base: Dataset, limit: int | None):
         self.base = base
-        self.n = len(base) if limit is None else min(int(limit), len(base))
+        self.indices, self.limit_rule = limited_indices(base, limit)
+        self.n = len(self.indices)
         for name in self._PER_ITEM:
             value = getattr(base, name, None)
             if isinstance(value, (list, tuple)) and len(value) == len(base):
-                setattr(self, name, list(value[: self.n]))
+                setattr(self, name, [value[i] for i in self.indices])
 
     def __len__(self) -> int:
         return self.n
@@ -53,11 +91,11 @@ class LimitedDataset(Dataset):
     def __getitem__(self, i: int):
         if not -self.n <= i < self.n:
             raise IndexError(f"index {i} out of range for {self.n} items")
-        return self.base[i % self.n]
+        return self.base[self.indices[i]]
 
     def __getattr__(self, name: str) -> Any:
         # only reached for attributes not set on self: forward per-dataset attributes
-        if name == "base":
+        if name in ("base", "indices"):
             raise AttributeError(name)
         return getattr(self.base, name)
 
@@ -165,7 +203,8 @@ class HarnessContext:
     def __init__(self, encoder: Encoder, dataset_cfg: dict, resolution: int | None = None,
                  limit: int | None = None, cache: FeatureCache | None = None, batch_size: int = 32,
                  num_workers: int = 0, show_progress: bool = True,
-                 load_dataset: Callable[..., Dataset] | None = None):
+                 load_dataset: Callable[..., Dataset] | None = None, refresh: bool = False,
+                 content_hash: bool = False):
         self.encoder = encoder
         self.dataset_cfg = dataset_cfg
         self.resolution = resolution
@@ -176,6 +215,9 @@ class HarnessContext:
         self.num_workers = num_workers
         self.show_progress = show_progress
         self._load_dataset = load_dataset
+        self.refresh = refresh            # --force: recompute features, never serve the cache
+        self.content_hash = content_hash  # identify images by their bytes, not only path/size/mtime
+        self._items: dict[str, str] = {}
         self._datasets: dict[str, Dataset] = {}
         self._memo: dict[tuple[str, bool], Features] = {}  # a cell asks for the same role more than once
         self.feature_seconds = 0.0   # wall time inside features()/text_features(): extraction or cache loads
@@ -199,18 +241,39 @@ class HarnessContext:
             self._datasets[role] = LimitedDataset(base, self.limit)
         return self._datasets[role]
 
+    def check_label_space(self) -> None:
+        """Before any number: every declared split of a labelled dataset lists the same classes in the
+        same order (a val split missing one class folder would shift every later label by one)."""
+        from distill.data import check_same_classes
+
+        roles = self.dataset_cfg.get("roles") or {}
+        classes = {}
+        for role, split in roles.items():
+            ds = self.dataset(role)
+            if getattr(ds, "targets", None) is not None and getattr(ds, "classes", None) is not None:
+                classes[split] = ds.classes
+        root = self.dataset_cfg.get("root")
+        check_same_classes(str(self.dataset_cfg.get("id")), classes,
+                           where={split: f"{root}/{split}" for split in classes} if root else None)
+
     def feature_key(self, role: str, patches: bool) -> FeatureKey:
         cfg = self.dataset_cfg
         return FeatureKey(model=self.encoder.fingerprint(), reader=cfg["reader"],
                           root=str(Path(cfg["root"]).expanduser().resolve()), split=self.split_of(role),
                           reader_kwargs=dict(cfg.get("reader_kwargs") or {}), resolution=self.resolution,
                           preprocess=fingerprint(self.encoder.preprocess_config()), limit=self.limit,
-                          patches=patches)
+                          patches=patches, items=self.items_fingerprint(role), n=len(self.dataset(role)))
+
+    def items_fingerprint(self, role: str) -> str:
+        if role not in self._items:
+            self._items[role] = items_fingerprint(self.dataset(role), content=self.content_hash)
+        return self._items[role]
 
     def dataset_fingerprint(self, roles: Iterable[str]) -> str:
-        """Identifies the data a cell saw: reader, resolved root, splits, kwargs, limit, sizes."""
+        """Identifies the data a cell saw: reader, resolved root, splits, kwargs, limit, sizes (not the
+        files' inodes and mtimes, which differ between two copies of the same data)."""
         return fingerprint({role: {**self.feature_key(role, False).as_dict(), "model": None,
-                                   "preprocess": None, "n": len(self.dataset(role))} for role in roles})
+                                   "preprocess": None, "items": None} for role in roles})
 
     # -- features
     def features(self, role: str, patches: bool = False) -> Features:
@@ -228,7 +291,7 @@ class HarnessContext:
                                   desc=f"{self.encoder.name} {self.dataset_cfg.get('id')}/{role}",
                                   show_progress=self.show_progress)
 
-        feats = self.cache.get_or_compute(key, compute, write=self.rank == 0)
+        feats = self.cache.get_or_compute(key, compute, write=self.rank == 0, refresh=self.refresh)
         if self.world > 1:
             dist.barrier()  # rank 0 has written the entry before anyone moves on
         self.feature_seconds += time.perf_counter() - t0
@@ -246,7 +309,7 @@ class HarnessContext:
             return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
         emb = self.cache.get_or_compute_text(self.encoder.fingerprint(), head, list(texts), compute,
-                                             write=self.rank == 0)
+                                             write=self.rank == 0, refresh=self.refresh)
         self.feature_seconds += time.perf_counter() - t0
         return emb
 

@@ -9,6 +9,7 @@ sources) is shown beside reproduced numbers with deltas wherever the same (model
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -95,14 +96,66 @@ def _res_label(res) -> str:
 
 # ---------------------------------------------------------------- one suite -> wide table
 
+LIMITED_MARK = "ᴸ"    # a cell measured on a `--limit` subset
+SETTINGS_MARK = "†"   # a cell whose task settings differ from the rest of its column
+
+
+def _pick_records(records: list[dict], suite_name: str) -> dict[tuple, dict]:
+    """One record per (model, resolution, task, dataset): a full run before a limited one, then the
+    newest. The others stay in results_long.csv; the tables never show two runs of one cell."""
+    chosen: dict[tuple, dict] = {}
+    for r in records:
+        if r["status"] != "ok" or r["config"].get("suite") != suite_name:
+            continue
+        c = r["cell"]
+        key = (c["model"], _res_label(c["resolution"]), c["task"], c["dataset"])
+        rank = (c.get("limit") is None, r["created"])
+        if key not in chosen or rank > (chosen[key]["cell"].get("limit") is None, chosen[key]["created"]):
+            chosen[key] = r
+    return chosen
+
+
+def _settings_notes(picked: dict[tuple, dict]) -> dict[tuple, str]:
+    """(task, dataset) columns whose rows ran with different task settings: for each row off the
+    column's most common settings, the config keys that differ. Empty when a column is uniform."""
+    from collections import Counter
+
+    notes: dict[tuple, str] = {}
+    by_col: dict[tuple, list] = {}
+    for key, r in picked.items():
+        by_col.setdefault(key[2:], []).append((key, r))
+    for col, items in by_col.items():
+        counts = Counter(r["cell"].get("settings") for _, r in items)
+        if len(counts) < 2:
+            continue
+        common = counts.most_common(1)[0][0]
+        ref = next(r for _, r in items if r["cell"].get("settings") == common)
+        ref_cfg, ref_ver = ref["config"].get("task_cfg") or {}, ref["task"].get("version")
+        for key, r in items:
+            if r["cell"].get("settings") == common:
+                continue
+            cfg = r["config"].get("task_cfg") or {}
+            diff = [f"{k}={json.dumps(cfg.get(k))} (others: {json.dumps(ref_cfg.get(k))})"
+                    for k in sorted(set(cfg) | set(ref_cfg)) if cfg.get(k) != ref_cfg.get(k)]
+            if r["task"].get("version") != ref_ver:
+                diff.insert(0, f"task version {r['task'].get('version')} (others: {ref_ver})")
+            notes[key] = "; ".join(diff) or f"settings {r['cell'].get('settings')} (others: {common})"
+    return notes
+
+
 def suite_table(records: list[dict], suite: dict, names: dict[str, str] | None = None,
-                base: Path | None = None) -> tuple[pd.DataFrame, dict]:
-    """The paper-shaped table for one suite and, beside it, the head each value came from.
+                base: Path | None = None, allow_limited: bool = False) -> tuple[pd.DataFrame, dict, dict]:
+    """The paper-shaped table for one suite, the head each value came from, and the cells' marks.
 
     Rows are named by `names` (spec -> display name; rows keep that order) with the spec (relative to
     `base`) in column `spec`. Columns go task family by family: each dataset's metrics (value of the
     preferred head), the heads the suite pins for that task (`per_head`, e.g. zero-shot per text head
-    and the ensemble), then the family's macro average when it spans several datasets."""
+    and the ensemble), then the family's macro average when it spans several datasets.
+
+    Marks: {(model name, resolution, column): [mark, note]} for limited cells (LIMITED_MARK) and cells
+    run with settings unlike the rest of their column (SETTINGS_MARK). A family average never mixes a
+    limited cell with full ones (it is left empty) unless `allow_limited`; an average over limited
+    cells is itself marked limited."""
     lb = suite.get("leaderboard") or {}
     prefs = lb.get("head_preference") or []
     columns_by_task = lb.get("columns") or {}
@@ -117,13 +170,15 @@ def suite_table(records: list[dict], suite: dict, names: dict[str, str] | None =
                 for metric in columns_by_task.get(task, []):
                     col_specs.append((task, ds["id"], metric, None))
                     col_specs += [(task, ds["id"], metric, h) for h in per_head.get(task, [])]
+    picked = _pick_records(records, suite["name"])
+    settings_notes = _settings_notes(picked)
     rows: dict[tuple[str, str], dict] = {}
     heads: dict[tuple[str, str], dict] = {}
-    for r in records:
-        if r["status"] != "ok" or r["config"].get("suite") != suite["name"]:
-            continue
+    marks: dict[tuple, list] = {}
+    limited_cols: dict[tuple[str, str], set] = {}
+    for pick_key, r in picked.items():
         c = r["cell"]
-        row_key = (c["model"], _res_label(c["resolution"]))
+        row_key = pick_key[:2]
         row = rows.setdefault(row_key, {"model": names.get(c["model"], c["model"]),
                                         "spec": relative_spec(c["model"], base) if base else c["model"],
                                         "resolution": row_key[1], "active_params": r["model"].get("active_params")})
@@ -131,39 +186,80 @@ def suite_table(records: list[dict], suite: dict, names: dict[str, str] | None =
             if task == c["task"] and ds_id == c["dataset"]:
                 col = _column(task, datasets[ds_id], metric, head)
                 if head is not None:
-                    if f"{head}/{metric}" in r["metrics"]:
-                        row[col] = r["metrics"][f"{head}/{metric}"]
-                    continue
-                picked = pick_metric(r["metrics"], metric, prefs)
-                if picked is not None:
-                    row[col] = picked[1]
-                    heads.setdefault(row_key, {})[col] = picked[0]
+                    if f"{head}/{metric}" not in r["metrics"]:
+                        continue
+                    row[col] = r["metrics"][f"{head}/{metric}"]
+                else:
+                    picked_metric = pick_metric(r["metrics"], metric, prefs)
+                    if picked_metric is None:
+                        continue
+                    row[col] = picked_metric[1]
+                    heads.setdefault(row_key, {})[col] = picked_metric[0]
+                where = (row["model"], row_key[1], col)
+                if c.get("limit") is not None:
+                    marks.setdefault(where, []).append((LIMITED_MARK, f"limited to {c['limit']} items per split"))
+                    limited_cols.setdefault(row_key, set()).add(col)
+                if pick_key in settings_notes:
+                    marks.setdefault(where, []).append((SETTINGS_MARK, settings_notes[pick_key]))
     table = pd.DataFrame(list(rows.values()))
     col_task = {}   # column -> its task, in column order
     for task, ds_id, metric, head in col_specs:
         col_task.setdefault(_column(task, datasets[ds_id], metric, head), task)
     ordered = list(col_task)
     if table.empty:
-        return pd.DataFrame(columns=["model", "spec", "resolution"] + ordered), {}
+        return pd.DataFrame(columns=["model", "spec", "resolution"] + ordered), {}, {}
     present = [c for c in ordered if c in table.columns and table[c].notna().any()]
     # family macro averages: mean over the family's datasets this row has; the count says how complete
     fam_after: dict[str, list[str]] = {}
+    row_keys = list(rows)
     for fam in families:
         cols = [_column(fam["task"], datasets[d], fam["metric"]) for d in fam["datasets"] if d in datasets]
         have = [c for c in cols if c in table.columns]
         table[fam["name"]] = table[have].mean(axis=1, skipna=True) if have else float("nan")
         table[f"{fam['name']} n"] = table[have].notna().sum(axis=1).astype(int) if have else 0
+        for i, row_key in enumerate(row_keys):
+            lim = [c for c in have if c in limited_cols.get(row_key, set()) and pd.notna(table.at[i, c])]
+            full = [c for c in have if c not in lim and pd.notna(table.at[i, c])]
+            where = (table.at[i, "model"], row_key[1], fam["name"])
+            if lim and full and not allow_limited:
+                table.at[i, fam["name"]] = float("nan")
+                marks[where] = [(LIMITED_MARK, "not averaged: limited and full cells are not mixed "
+                                               "(`amoe leaderboard build --mix-limited` to average them)")]
+            elif lim:
+                marks[where] = [(LIMITED_MARK, f"averages {len(lim)} limited cell(s)")]
         fam_after.setdefault(fam["task"], []).append(fam["name"])
     grouped = []
     for task in dict.fromkeys(col_task.values()):
         grouped += [c for c in present if col_task[c] == task] + fam_after.get(task, [])
     grouped += [f["name"] for f in families if f["name"] not in grouped]
     count_cols = [f"{f['name']} n" for f in families]
-    table = table[["model", "spec", "resolution"] + grouped + count_cols + ["active_params"]]
+    table["notes"] = [_row_notes(marks, m, res) for m, res in zip(table["model"], table["resolution"])]
+    table = table[["model", "spec", "resolution"] + grouped + count_cols + ["active_params", "notes"]]
     order = {n: i for i, n in enumerate(dict.fromkeys(names.values()))}
     table["_order"] = [order.get(m, len(order)) for m in table["model"]]
     table = table.sort_values(["resolution", "_order", "model"]).drop(columns="_order").reset_index(drop=True)
-    return table, heads
+    return table, heads, marks
+
+
+def _row_notes(marks: dict, model: str, res: str) -> str:
+    return "; ".join(f"{col}: {note}" for (m, r, col), items in marks.items() if (m, r) == (model, res)
+                     for _, note in items)
+
+
+def mark_notes(marks: dict) -> str:
+    """The footnotes under a Markdown table: what each mark means, and each marked cell's reason."""
+    if not marks:
+        return ""
+    used = {mk for items in marks.values() for mk, _ in items}
+    lines = ["\n"]
+    if LIMITED_MARK in used:
+        lines.append(f"{LIMITED_MARK} measured on a `--limit` subset (stratified per class), not the whole split.  \n")
+    if SETTINGS_MARK in used:
+        lines.append(f"{SETTINGS_MARK} run with task settings unlike the rest of its column.  \n")
+    for (model, res, col), items in marks.items():
+        for mk, note in items:
+            lines.append(f"- {mk} {model} ({res}), {col}: {note}\n")
+    return "".join(lines)
 
 
 def shown_columns(table: pd.DataFrame, suite: dict) -> pd.DataFrame:
@@ -171,7 +267,7 @@ def shown_columns(table: pd.DataFrame, suite: dict) -> pd.DataFrame:
     where it averages more than one dataset (else it repeats its one column)."""
     lb = suite.get("leaderboard") or {}
     single = [f["name"] for f in lb.get("families", []) if len(f["datasets"]) < 2]
-    drop = ["spec", "active_params"] + [c for c in table.columns if c.endswith(" n")] + single
+    drop = ["spec", "active_params", "notes"] + [c for c in table.columns if c.endswith(" n")] + single
     drop += [c for c in table.columns if c not in ("model", "resolution") and table[c].isna().all()]
     return table.drop(columns=[c for c in dict.fromkeys(drop) if c in table.columns])
 
@@ -237,8 +333,16 @@ def compare_with_reported(reproduced: pd.DataFrame, reported: pd.DataFrame,
 
 # ---------------------------------------------------------------- writers
 
-def to_markdown(df: pd.DataFrame, digits: int = 2) -> str:
-    """A GitHub-flavoured Markdown table (no optional dependency)."""
+def to_markdown(df: pd.DataFrame, digits: int = 2, marks: dict | None = None) -> str:
+    """A GitHub-flavoured Markdown table (no optional dependency); `marks` as from `suite_table`
+    ({(model, resolution, column): [(mark, note)]}) are appended to the marked values."""
+    marks = marks or {}
+
+    def cell(row, col, v) -> str:
+        text = fmt(v)
+        items = marks.get((row.get("model"), row.get("resolution"), col))
+        return text + "".join(dict.fromkeys(mk for mk, _ in items)) if items else text
+
     def fmt(v) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "–"
@@ -247,13 +351,36 @@ def to_markdown(df: pd.DataFrame, digits: int = 2) -> str:
         return str(v).replace("|", "\\|")
     header = "| " + " | ".join(str(c) for c in df.columns) + " |"
     sep = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in df.columns) + "|"
-    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    body = ["| " + " | ".join(cell(dict(zip(df.columns, row)), c, v) for c, v in zip(df.columns, row))
+            + " |" for row in df.itertuples(index=False)]
     return "\n".join([header, sep, *body]) + "\n"
 
 
-def to_latex(df: pd.DataFrame, caption: str, label: str) -> str:
-    return df.to_latex(index=False, float_format="%.2f", na_rep="--", caption=caption, label=label,
-                       escape=True)
+_LATEX_MARKS = {LIMITED_MARK: r"\textsuperscript{L}", SETTINGS_MARK: r"\textsuperscript{\dag}"}
+
+
+def to_latex(df: pd.DataFrame, caption: str, label: str, marks: dict | None = None) -> str:
+    """A LaTeX table; marked values carry a superscript L (limited) or a dagger (settings differ)."""
+    marks = marks or {}
+    if not marks:
+        return df.to_latex(index=False, float_format="%.2f", na_rep="--", caption=caption, label=label,
+                           escape=True)
+    specials = {c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                                                      "\\": r"\textbackslash{}"}
+
+    def esc(text: str) -> str:
+        return "".join(specials.get(ch, ch) for ch in text)
+
+    out = pd.DataFrame(index=df.index)
+    for col in df.columns:
+        values = []
+        for i, v in df[col].items():
+            text = "--" if v is None or (isinstance(v, float) and math.isnan(v)) else \
+                (f"{v:.2f}" if isinstance(v, float) else esc(str(v)))
+            items = marks.get((df.at[i, "model"], df.at[i, "resolution"], col)) if "model" in df else None
+            values.append(text + "".join(_LATEX_MARKS[m] for m in dict.fromkeys(m for m, _ in items or [])))
+        out[esc(str(col))] = values
+    return out.to_latex(index=False, caption=caption, label=label, escape=False)
 
 
 def plot_score_vs_params(tables: dict[str, pd.DataFrame], reported: pd.DataFrame, path: Path) -> Path | None:
@@ -297,16 +424,18 @@ def plot_score_vs_params(tables: dict[str, pd.DataFrame], reported: pd.DataFrame
 
 
 def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
-          reported_csv: str | os.PathLike | None = REPORTED_CSV, labels: dict[str, str] | None = None) -> dict:
+          reported_csv: str | os.PathLike | None = REPORTED_CSV, labels: dict[str, str] | None = None,
+          allow_limited: bool = False) -> dict:
     """Write every table and plot; returns {"files": [...], "suites": [...], "cells": n}.
 
     Rows are named by `labels` ({spec: display name}; also read from `results_dir/labels.json`, a list
-    of {"spec", "name"} in row order), else by their spec; paths in specs are written relative to the run folder (the parent of `results_dir`)."""
-    import json
-
+    of {"spec", "name"} in row order), else by their spec; paths in specs are written relative to the
+    run folder (the parent of `results_dir`). Unreadable result files are named and left out.
+    `allow_limited` lets family averages mix limited and full cells (marked)."""
     from distill.io import write_text_atomic
 
-    records = load_results(results_dir)
+    unreadable: list = []
+    records = load_results(results_dir, unreadable=unreadable)
     base = Path(results_dir).resolve().parent
     labels_file = Path(results_dir) / LABELS_FILE
     saved = json.loads(labels_file.read_text()) if labels_file.is_file() else []
@@ -351,19 +480,19 @@ def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
                                     and Path(r["config"]["suite_file"]).is_file()))
         except (StopIteration, SuiteError):
             suite = load_suite(suite_name)
-        table, heads = suite_table(records, suite, row_names, base)
+        table, heads, marks = suite_table(records, suite, row_names, base, allow_limited=allow_limited)
         if table.empty:
             continue
         tables[suite_name] = table
         shown = shown_columns(table, suite)
         write(f"{suite_name}.csv", table.to_csv(index=False))
-        write(f"{suite_name}.md", f"# {suite_name}\n\n" + to_markdown(shown))
+        write(f"{suite_name}.md", f"# {suite_name}\n\n" + to_markdown(shown, marks=marks) + mark_notes(marks))
         write(f"{suite_name}.tex", to_latex(shown, caption=f"{suite_name} suite (reproduced with amoe)",
-                                            label=f"tab:{suite_name}"))
+                                            label=f"tab:{suite_name}", marks=marks))
         head_rows = [{"model": row_names.get(m, m), "resolution": res, "column": col, "head": h}
                      for (m, res), cols in heads.items() for col, h in cols.items()]
         write(f"{suite_name}_heads.csv", pd.DataFrame(head_rows).to_csv(index=False))
-        md_parts += [f"\n## Suite `{suite_name}`\n\n", to_markdown(shown)]
+        md_parts += [f"\n## Suite `{suite_name}`\n\n", to_markdown(shown, marks=marks), mark_notes(marks)]
         comparisons.append(compare_with_reported(reproduced_metrics(table, suite), reported, names))
 
     comparison = pd.concat(comparisons, ignore_index=True) if comparisons else pd.DataFrame()
@@ -378,9 +507,26 @@ def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
     failed = status[status["status"] != "ok"]
     if len(failed):
         md_parts += ["\n## Cells not in the tables\n\n", to_markdown(failed)]
+    notes = data_notes(records, row_names) + [f"- result file `{os.path.relpath(p, out)}` left out: {why}"
+                                              for p, why in unreadable]
+    if notes:
+        md_parts += ["\n## Notes\n\n", "\n".join(notes) + "\n"]
     write("leaderboard.md", "".join(md_parts))
     write("status.csv", status.to_csv(index=False))
     plot = plot_score_vs_params(tables, reported, out / "score_vs_active_params.png")
     written.append(str(plot))
     return {"files": written, "suites": list(tables), "cells": len(records),
-            "compared": int(len(comparison))}
+            "compared": int(len(comparison)), "unreadable": [os.path.relpath(p, out) for p, _ in unreadable]}
+
+
+def data_notes(records: list[dict], row_names: dict[str, str]) -> list[str]:
+    """What a score does not show: evaluation items skipped because their files are missing."""
+    out = []
+    for r in records:
+        missing = r["metrics"].get("missing_images") or r["dataset"].get("missing_images")
+        if r["status"] == "ok" and missing:
+            c = r["cell"]
+            out.append(f"- {row_names.get(c['model'], c['model'])}, {c['task']} {c['dataset']}: "
+                       f"{int(missing)} refs skipped because their image files are missing "
+                       f"(scored over {r['dataset'].get('evaluated', '?')} expressions)")
+    return out

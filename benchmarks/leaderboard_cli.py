@@ -13,6 +13,9 @@ def register(subparsers) -> None:
     build.add_argument("--reported", default=None,
                        help="CSV of numbers reported by the papers (default: the repository's "
                             "leaderboards/reported.csv); 'none' to leave the comparison out")
+    build.add_argument("--mix-limited", action="store_true",
+                       help="let family averages mix `--limit` cells with full ones (marked); by default such "
+                            "an average is left empty")
     build.set_defaults(func=cmd_build)
     lb.set_defaults(func=lambda args: (lb.print_help(), 2)[1])
 
@@ -21,6 +24,6 @@ def cmd_build(args) -> int:
     from benchmarks.leaderboard import REPORTED_CSV, build
 
     reported = None if (args.reported or "").lower() == "none" else (args.reported or REPORTED_CSV)
-    summary = build(args.results, args.out, reported_csv=reported)
+    summary = build(args.results, args.out, reported_csv=reported, allow_limited=args.mix_limited)
     print(json.dumps(summary, indent=2))
     return 0

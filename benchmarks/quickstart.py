@@ -239,9 +239,10 @@ def _grounding_ablation(r: Run) -> dict:
 def _bench_done(r: Run) -> bool:
     from benchmarks.results import DONE_STATUSES, existing_status
     from benchmarks.suites import load_suite
-    from benchmarks.sweep import plan_cells
+    from benchmarks.sweep import harness_from_config, plan_cells
     cfg = r.sweep_config()
-    cells = plan_cells(cfg, load_suite(cfg["suite"]))
+    h = harness_from_config(cfg)
+    cells = [h.identify(c) for c in plan_cells(cfg, load_suite(cfg["suite"]))]
     return all(existing_status(r.results, c) in DONE_STATUSES for c in cells)
 
 

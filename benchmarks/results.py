@@ -1,5 +1,9 @@
 """Result files: one JSON per (model, task, dataset, resolution) cell.
 
+A cell's identity is (model, task, dataset, resolution, limit, settings): `settings` is a digest of
+the task's version and its full config, so a limited smoke run and a full run, or a run with `k=[20]`
+and one with `k=[10, 20]`, are different cells in different files and never stand in for each other.
+
 A result records what was measured and everything needed to trust or reproduce it: schema version,
 status ("ok" | "skipped" | "failed"), metrics (percentages), the full config (suite entry, task cfg,
 limit...), model and dataset fingerprints, code version, timings and environment. Files are written
@@ -14,6 +18,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,7 @@ import torch
 from distill.errors import AmoeError
 from distill.io import fingerprint, write_json_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: the cell carries `limit` and `settings`
 STATUSES = ("ok", "skipped", "failed")
 DONE_STATUSES = ("ok", "skipped")  # a re-run retries failed cells, never finished or skipped ones
 REQUIRED_FIELDS = ("schema_version", "status", "cell", "metrics", "config", "model", "dataset", "task",
@@ -40,20 +45,30 @@ class Cell:
     task: str
     dataset: str          # dataset id within the suite
     resolution: int | None = None
+    limit: int | None = None          # `--limit N` (items per split); None = the whole split
+    settings: str | None = None       # settings_digest(task version, task config)
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "task": self.task, "dataset": self.dataset, "resolution": self.resolution}
+        return {"model": self.model, "task": self.task, "dataset": self.dataset, "resolution": self.resolution,
+                "limit": self.limit, "settings": self.settings}
 
     def filename(self) -> str:
         """Readable and unique: slugs for humans, a hash of the exact cell for uniqueness."""
         res = "native" if self.resolution is None else str(self.resolution)
-        parts = [_slug(self.model, 48), _slug(self.task, 24), _slug(self.dataset, 32), res,
-                 fingerprint(self.as_dict())[:10]]
-        return "__".join(parts) + ".json"
+        parts = [_slug(self.model, 48), _slug(self.task, 24), _slug(self.dataset, 32), res]
+        if self.limit is not None:
+            parts.append(f"limit{self.limit}")
+        return "__".join(parts + [fingerprint(self.as_dict())[:10]]) + ".json"
 
     def __str__(self) -> str:
         res = "native" if self.resolution is None else self.resolution
-        return f"{self.model} | {self.task} | {self.dataset} | {res}"
+        lim = "" if self.limit is None else f" | limit {self.limit}"
+        return f"{self.model} | {self.task} | {self.dataset} | {res}{lim}"
+
+
+def settings_digest(version, cfg: dict) -> str:
+    """What a task was asked to do, as a short digest: its version and its full (merged) config."""
+    return fingerprint({"version": str(version), "cfg": cfg})[:12]
 
 
 def _slug(text: str, limit: int) -> str:
@@ -157,7 +172,7 @@ def validate(record: dict, source: str = "result") -> dict:
     bad = {k: v for k, v in record["metrics"].items() if not isinstance(v, (int, float))}
     if bad:
         raise ResultSchemaError(f"{source}: non-numeric metrics {bad}")
-    for f in ("model", "task", "dataset", "resolution"):
+    for f in ("model", "task", "dataset", "resolution", "limit", "settings"):
         if f not in record["cell"]:
             raise ResultSchemaError(f"{source}: cell lacks '{f}'")
     return record
@@ -189,8 +204,12 @@ def existing_status(out_dir: str | os.PathLike, cell: Cell) -> str | None:
         return None
 
 
-def load_results(results_dir: str | os.PathLike, statuses: tuple[str, ...] = STATUSES) -> list[dict]:
-    """Every valid result JSON under `results_dir` (recursively); invalid files raise with their path."""
+def load_results(results_dir: str | os.PathLike, statuses: tuple[str, ...] = STATUSES,
+                 unreadable: list | None = None) -> list[dict]:
+    """Every valid result JSON under `results_dir` (recursively).
+
+    A file that cannot be read (truncated, not JSON, an older schema) never stops the build: it is
+    left out with a warning naming it, and (path, reason) is appended to `unreadable` when given."""
     root = Path(results_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"results folder {root} does not exist; run `amoe bench sweep` first")
@@ -198,10 +217,17 @@ def load_results(results_dir: str | os.PathLike, statuses: tuple[str, ...] = STA
     for path in sorted(root.rglob("*.json")):
         if path.name.startswith("."):
             continue
-        record = json.loads(path.read_text())
-        if not isinstance(record, dict) or "schema_version" not in record:
-            continue  # other JSON files (sweep configs, manifests) may live beside the results
-        validate(record, str(path))
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict) or "schema_version" not in record:
+                continue  # other JSON files (sweep configs, manifests) may live beside the results
+            validate(record, str(path))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ResultSchemaError) as e:
+            why = str(e) if isinstance(e, ResultSchemaError) else f"{path}: unreadable ({type(e).__name__}: {e})"
+            warnings.warn(f"{why}; left out (re-run its cell to replace it)", stacklevel=2)
+            if unreadable is not None:
+                unreadable.append((str(path), why))
+            continue
         if record["status"] in statuses:
             record["_path"] = str(path)
             out.append(record)

@@ -22,7 +22,7 @@ import json
 import os
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -36,11 +36,11 @@ from distill.io import fingerprint
 from benchmarks.cache import FeatureCache
 from benchmarks.context import HarnessContext, default_device, dist_info
 from benchmarks.results import (DONE_STATUSES, Cell, existing_status, jsonable, make_record, result_path,
-                                write_result)
+                                settings_digest, write_result)
 from benchmarks.suites import SuiteError, dataset_entry, load_suite
 
 SWEEP_FIELDS = ("suite", "vars", "models", "tasks", "datasets", "resolutions", "limit", "batch_size",
-                "num_workers", "device", "task_cfg", "out", "cache_dir")
+                "num_workers", "device", "task_cfg", "out", "cache_dir", "content_hash")
 
 
 class SweepConfigError(AmoeError, ValueError):
@@ -73,6 +73,7 @@ class Harness:
     task_cfg: dict = field(default_factory=dict)
     variables: dict = field(default_factory=dict)
     show_progress: bool = True
+    content_hash: bool = False     # feature-cache keys hash each image's bytes (default: path/size/mtime)
     encoder_loader: Callable[..., Encoder] | None = None   # None = the encoder registry
     task_lookup: Callable | None = None                   # None = the task registry
     dataset_loader: Callable | None = None                # None = distill.data.load_dataset
@@ -82,6 +83,19 @@ class Harness:
 
     def get_task(self, name: str):
         return (self.task_lookup or default_task_lookup)(name)
+
+    def task_settings(self, task, name: str) -> dict:
+        """The config a task runs with: its defaults, then this sweep's overrides."""
+        return {**jsonable(task.defaults), **(self.task_cfg.get(name) or {})}
+
+    def identify(self, cell: Cell) -> Cell:
+        """`cell` with its whole identity: this harness's `limit` and the digest of the task's settings,
+        so a smoke run, a full run and a run with other settings never take each other's place."""
+        try:
+            task = self.get_task(cell.task)
+        except KeyError:   # an unknown task: the cell fails in run_cell, where that is recorded
+            return replace(cell, limit=self.limit, settings=None)
+        return replace(cell, limit=self.limit, settings=settings_digest(task.version, self.task_settings(task, cell.task)))
 
 
 # ---------------------------------------------------------------- configs
@@ -171,14 +185,16 @@ def model_info(spec: str, encoder: Encoder) -> dict:
                if getattr(encoder, "dinotxt_missing", None) else {})}
 
 
-def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s: float = 0.0) -> dict:
-    """Run one cell and write its result (rank 0). Never raises for a task failure: it is recorded."""
+def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s: float = 0.0,
+             force: bool = False) -> dict:
+    """Run one cell and write its result (rank 0). Never raises for a task failure: it is recorded.
+    `force` also recomputes the features instead of reading them from the cache."""
     t_start = time.perf_counter()
     rank, world = dist_info()
     task = None
     ds_cfg: dict = {"id": cell.dataset}
     ctx = None
-    config: dict = {"suite": suite["name"], "suite_file": suite.get("_path"), "limit": h.limit,
+    config: dict = {"suite": suite["name"], "suite_file": suite.get("_path"), "limit": cell.limit,
                     "batch_size": h.batch_size, "resolution": cell.resolution, "world_size": world}
     task_info: dict = {"name": cell.task}
     status, metrics, reason, error = "ok", {}, None, None
@@ -188,18 +204,21 @@ def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s
         config["dataset_cfg"] = ds_cfg
         dataset_info.update({"reader": ds_cfg["reader"], "root": ds_cfg["root"], "roles": ds_cfg["roles"]})
         task = h.get_task(cell.task)
-        task_cfg = {**jsonable(task.defaults), **(h.task_cfg.get(cell.task) or {})}
+        task_cfg = h.task_settings(task, cell.task)
         config["task_cfg"] = task_cfg
         task_info.update({"version": task.version, "roles": list(task.roles), "needs_patches": task.needs_patches})
-        ctx = HarnessContext(encoder, ds_cfg, resolution=cell.resolution, limit=h.limit, cache=h.cache,
+        ctx = HarnessContext(encoder, ds_cfg, resolution=cell.resolution, limit=cell.limit, cache=h.cache,
                              batch_size=h.batch_size, num_workers=h.num_workers, show_progress=h.show_progress,
-                             load_dataset=h.dataset_loader)
+                             load_dataset=h.dataset_loader, refresh=force, content_hash=h.content_hash)
+        ctx.check_label_space()
         # Every rank extracts (its shard of) the features a task needs up front, so the task itself
         # runs on rank 0 alone without collective calls inside it.
         for role in task.roles:
             ctx.features(role, patches=task.needs_patches)
         dataset_info.update({"fingerprint": ctx.dataset_fingerprint(task.roles),
                              "sizes": {r: len(ctx.dataset(r)) for r in task.roles}})
+        if cell.limit is not None:
+            config["limit_rule"] = {r: ctx.dataset(r).limit_rule for r in task.roles}
         if rank == 0:
             metrics = task.run(ctx, task_cfg)
             bad = {k: v for k, v in metrics.items() if not isinstance(v, (int, float))}
@@ -223,7 +242,7 @@ def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s
 
 
 def _failed_load_record(cell: Cell, suite: dict, h: Harness, exc: BaseException) -> dict:
-    return make_record(cell, "failed", config={"suite": suite["name"], "limit": h.limit},
+    return make_record(cell, "failed", config={"suite": suite["name"], "limit": cell.limit},
                        model={"spec": cell.model}, dataset={"id": cell.dataset}, task={"name": cell.task},
                        timings={"total_s": 0.0}, device=h.device,
                        reason=f"loading the encoder failed: {type(exc).__name__}: {exc}",
@@ -252,6 +271,7 @@ def run_cells(cells: list[Cell], suite: dict, h: Harness, force: bool = False,
     t0 = time.perf_counter()
     rank, world = dist_info()
     summary = SweepSummary(total=len(cells))
+    cells = [h.identify(c) for c in cells]
     done = [not force and existing_status(h.out_dir, c) in DONE_STATUSES for c in cells]
     if world > 1:
         # rank 0 decides: every rank must walk the same cells or the feature gathers would deadlock
@@ -280,7 +300,7 @@ def run_cells(cells: list[Cell], suite: dict, h: Harness, force: bool = False,
             if rank == 0:
                 write_result(h.out_dir, record)
         else:
-            record = run_cell(cell, encoder, suite, h, model_load_s=load_s)
+            record = run_cell(cell, encoder, suite, h, model_load_s=load_s, force=force)
         setattr(summary, record["status"], getattr(summary, record["status"]) + 1)
         if record["status"] == "failed":
             summary.failures.append({"cell": str(cell), "reason": record.get("reason"),
@@ -299,6 +319,7 @@ def harness_from_config(cfg: dict, out: str | os.PathLike | None = None, limit: 
                         **overrides) -> Harness:
     out_dir = Path(out or cfg.get("out") or "results")
     cache_root = cache_dir or cfg.get("cache_dir")
+    overrides["content_hash"] = bool(overrides.get("content_hash") or cfg.get("content_hash"))
     return Harness(out_dir=out_dir, cache=FeatureCache(cache_root),
                    limit=limit if limit is not None else cfg.get("limit"),
                    batch_size=int(cfg.get("batch_size") or 32), num_workers=int(cfg.get("num_workers") or 0),

@@ -22,7 +22,14 @@ def register(sub) -> None:
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N expressions")
     e.add_argument("--batch-size", type=int, default=None)
     e.add_argument("--results", default=None, help="results folder (default RUN/results)")
-    e.add_argument("--model-name", default=None, help="leaderboard row name (default grounding-vlm:<run name>)")
+    e.add_argument("--model-name", default=None,
+                   help="leaderboard row name (default grounding-vlm:<run folder name>)")
+    e.add_argument("--suite", default=None,
+                   help="suite the result is filed under (default: the config's eval.suite, else 'miniworld' for "
+                        "a mini-world and 'paper' for any other RefCOCO-layout data)")
+    e.add_argument("--dataset-id", default=None,
+                   help="dataset id in that suite; '{split}' is replaced by the split (default: the config's "
+                        "eval.dataset_id, else '<dataset>-{split}', e.g. refcoco-val)")
     e.set_defaults(func=_eval)
 
     a = g.add_parser("ablation", help="mini-world ablation: scratch / student / student + Gram")
@@ -49,14 +56,19 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from .evaluate import evaluate
 
+    from distill.errors import AmoeError
+
     if args.split == "all":
-        cfg = json.loads((__import__("pathlib").Path(args.run) / "config.json").read_text())
-        splits = cfg["data"]["eval_splits"]
+        from .train import load_run_config
+        splits = load_run_config(args.run)["data"]["eval_splits"]
     else:
         splits = [args.split]
+    if args.dataset_id and len(splits) > 1 and "{split}" not in args.dataset_id:
+        raise AmoeError(f"--dataset-id {args.dataset_id!r} would file all {len(splits)} splits under one id; "
+                        "put {split} in it, e.g. --dataset-id 'my-refcoco-{split}'")
     for split in splits:
         rec = evaluate(args.run, split, limit=args.limit, batch_size=args.batch_size, results_dir=args.results,
-                       model_name=args.model_name)
+                       model_name=args.model_name, suite=args.suite, dataset_id=args.dataset_id)
         print(json.dumps({"split": split, "metrics": rec["metrics"], "result": rec["_path"]}))
     return 0
 

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from distill.data.refer import load_refer
+from distill.errors import AmoeError
 from distill.student import ImageProcessor
 
 from .boxes import quantise_box
@@ -66,6 +67,25 @@ def load_split(data_cfg: Mapping[str, Any], split: str) -> SplitData:
             examples.append(GroundingExample(str(s.image_path), sent, tuple(s.bbox), s.width, s.height,
                                              s.ref_id, s.image_id))
     return SplitData(examples, len(ds), len(missing), missing)
+
+
+class ExpressionTooLongError(AmoeError, ValueError):
+    """Expressions whose tokens do not fit the VLM's text positions; found when the data is loaded."""
+
+
+def check_text_lengths(examples: list[GroundingExample], tok: GroundingTokenizer, max_text_len: int,
+                       where: str, extra_tokens: int = 5) -> None:
+    """Every expression's prompt plus `extra_tokens` (4 box tokens + eos in training; 3 fed-back box
+    tokens in decoding) must fit `max_text_len`, or the run would stop at the first long one, minutes in."""
+    lengths = [len(tok.encode_prompt(e.expression)) + extra_tokens for e in examples]
+    over = [i for i, n in enumerate(lengths) if n > max_text_len]
+    if over:
+        worst = max(over, key=lambda i: lengths[i])
+        e = examples[worst]
+        raise ExpressionTooLongError(
+            f"{where}: {len(over)} expression(s) need more than max_text_len={max_text_len} text tokens "
+            f"(longest: {lengths[worst]}, ref_id {e.ref_id}: {e.expression[:60]!r}); "
+            f"raise it with --set model.max_text_len={lengths[worst]}")
 
 
 def build_tokenizer(tok_cfg: Mapping[str, Any], train_examples: list[GroundingExample],

@@ -22,7 +22,7 @@ import torch
 from distill.io import fingerprint, write_text_atomic
 
 from .boxes import GroundingScore, dequantise_box
-from .data import ImageCache, encode_batch, load_split, processor_from
+from .data import ImageCache, check_text_lengths, encode_batch, load_split, processor_from
 from .tokenizer import GroundingTokenizer
 
 TASK = {"name": "grounding", "version": 1,
@@ -51,12 +51,42 @@ def greedy_box_tokens(model, tok: GroundingTokenizer, images: Sequence[torch.Ten
     return generated
 
 
+def result_identity(cfg: dict, split: str, suite: str | None = None,
+                    dataset_id: str | None = None) -> tuple[str, str]:
+    """(suite, dataset id) a result is filed under: as given (`--suite`, `--dataset-id`), else the
+    config's `eval.suite` / `eval.dataset_id`, else read from the data: a mini-world's refer folder
+    (its parent holds world.json) is ("miniworld", "mw-<dataset>-<split>"), any other RefCOCO-layout
+    folder ("paper", "<dataset>-<split>"), the ids the built-in suites list. `{split}` in an id is
+    replaced by the split."""
+    ecfg, data = cfg.get("eval", {}), cfg["data"]
+    mini = bool(data.get("root")) and (Path(data["root"]).parent / "world.json").is_file()
+    name = data.get("dataset", "refcoco")
+    dataset_id = dataset_id or ecfg.get("dataset_id") or (f"mw-{name}-{{split}}" if mini else f"{name}-{{split}}")
+    return suite or ecfg.get("suite") or ("miniworld" if mini else "paper"), dataset_id.replace("{split}", split)
+
+
+def _warn_if_not_in_suite(suite: str, dataset_id: str) -> None:
+    """A result the suite does not list would show as a row of dashes: say so now."""
+    import sys
+
+    from benchmarks.suites import SuiteError, load_suite
+    try:
+        ids = [d["id"] for d in load_suite(suite)["datasets"] if "grounding" in d["tasks"]]
+    except (SuiteError, OSError):
+        return
+    if dataset_id not in ids:
+        print(f"warning: suite '{suite}' lists no grounding dataset '{dataset_id}' (it lists: "
+              f"{', '.join(ids) or 'none'}), so the leaderboard will not show this result; pass --suite or "
+              f"--dataset-id", file=sys.stderr)
+
+
 def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch_size: int | None = None,
              results_dir: str | Path | None = None, model_name: str | None = None, suite: str | None = None,
-             device: str = "cpu", progress: bool = True) -> dict:
+             dataset_id: str | None = None, device: str = "cpu", progress: bool = True) -> dict:
     """Evaluate a trained run on one split; writes RUN/eval/<split>.jsonl (predictions) and a result JSON
-    under `results_dir` (default RUN/results). Returns the result record."""
-    from benchmarks.results import Cell, jsonable, make_record, write_result
+    under `results_dir` (default RUN/results). Returns the result record. The row is named after the
+    run folder (`grounding-vlm:<run folder name>`) unless `model_name` is given."""
+    from benchmarks.results import Cell, jsonable, make_record, settings_digest, write_result
 
     from .train import load_run
 
@@ -69,6 +99,10 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
     if not examples:
         raise ValueError(f"split {split!r} has no expressions to evaluate "
                          f"({data.missing_images} refs skipped for missing images)")
+    check_text_lengths(examples, tok, model.config.max_text_len, f"{cfg['data'].get('dataset')} {split}",
+                       extra_tokens=3)
+    suite, dataset_id = result_identity(cfg, split, suite, dataset_id)
+    _warn_if_not_in_suite(suite, dataset_id)
     bs = int(batch_size or ecfg.get("batch_size", 16))
     cache = ImageCache(processor_from(cfg["data"], model.config.vision.spatial_patch_size))
     score = GroundingScore()
@@ -97,15 +131,16 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
 
     m = score.metrics()
     m["missing_images"] = float(data.missing_images)
-    name = model_name or f"grounding-vlm:{cfg.get('name', run_dir.name)}"
-    ds_prefix = cfg["data"].get("result_dataset") or cfg["data"].get("dataset", "refcoco")
-    suite = suite if suite is not None else ecfg.get("suite")
-    cell = Cell(model=name, task="grounding", dataset=f"{ds_prefix}-{split}", resolution=None)
+    name = model_name or f"grounding-vlm:{run_dir.resolve().name}"
+    ordered = bool(ecfg.get("ordered_boxes", True))
+    cell = Cell(model=name, task="grounding", dataset=dataset_id, resolution=None, limit=limit,
+                settings=settings_digest(TASK["version"], {"ordered_boxes": ordered}))
     n_params = sum(p.numel() for p in model.parameters())
     record = make_record(
         cell, "ok", metrics=m,
-        config=jsonable({"suite": suite, "run": str(run_dir), "checkpoint": latest.name, "split": split,
-                         "limit": limit, "batch_size": bs, "train_config": cfg}),
+        config=jsonable({"suite": suite, "run": run_dir.resolve().name, "checkpoint": latest.name, "split": split,
+                         "limit": limit, "batch_size": bs, "task_cfg": {"ordered_boxes": ordered},
+                         "train_config": cfg}),
         model={"name": name, "params": n_params, "active_params": _active_params(model),
                "init": cfg["init"].get("kind"), "fingerprint": fingerprint(json.loads(
                    (latest / "trainer.json").read_text()) | {"run": str(run_dir)})},

@@ -24,13 +24,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distill.errors import AmoeError
 from distill.io import fingerprint, write_json_atomic
 from distill.student import update_expert_bias
 from distill.train import checkpoint as ckpt
 from distill.train.distributed import all_reduce_sum, barrier, setup, teardown
 from distill.train.metrics import MetricsWriter
 
-from .data import ImageCache, build_tokenizer, encode_batch, load_split, processor_from, target_loss
+from .data import (ImageCache, build_tokenizer, check_text_lengths, encode_batch, load_split, processor_from,
+                   target_loss)
 from .gram import gram_anchoring_loss, gram_weight
 from .init import anchor_student, load_student_source, load_vision_experts
 from .model import GroundingVLM, VLMConfig
@@ -39,8 +41,7 @@ CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULTS: dict[str, Any] = {
     "name": "grounding",
     "data": {"root": None, "dataset": "refcoco", "split_by": None, "image_root": None, "train_split": "train",
-             "eval_splits": ["val", "testA", "testB"], "min_pixels": 128 * 128, "max_pixels": 256 * 256,
-             "result_dataset": None},
+             "eval_splits": ["val", "testA", "testB"], "min_pixels": 128 * 128, "max_pixels": 256 * 256},
     "tokenizer": {"path": None, "vocab_size": 2000, "bins": 1000},
     "model": {"vision": "from_init", "text_ffn_dim": 0, "max_text_len": 64},
     "init": {"kind": "scratch", "path": None, "config": None},
@@ -49,7 +50,8 @@ DEFAULTS: dict[str, Any] = {
               "min_lr_ratio": 0.1, "grad_clip": 1.0, "expert_bias_rate": 1e-3},
     "train": {"steps": 1000, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 200, "keep": 2,
               "device": "auto", "progress": True},
-    "eval": {"batch_size": 16, "limit": None, "ordered_boxes": True, "suite": None},
+    # suite / dataset_id: where results are filed; null = read from the data (evaluate.result_identity)
+    "eval": {"batch_size": 16, "limit": None, "ordered_boxes": True, "suite": None, "dataset_id": None},
 }
 
 
@@ -166,6 +168,11 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
 
     torch.manual_seed(seed)
     model, init_report, source = build_model(cfg, tok.vocab_size)
+    check_text_lengths(train_data.examples, tok, model.config.max_text_len,
+                       f"{cfg['data']['dataset']} {cfg['data']['train_split']}")
+    for split in cfg["data"].get("eval_splits") or []:   # an eval split that cannot run is found now, too
+        check_text_lengths(load_split(cfg["data"], split).examples, tok, model.config.max_text_len,
+                           f"{cfg['data']['dataset']} {split}", extra_tokens=3)
     model.to(info.device)
     anchor = None
     if float(cfg["gram"].get("weight", 0.0)) > 0:
@@ -301,6 +308,22 @@ def _save(out: Path, step: int, model, optim, cfg_fp: str, info, keep: int) -> N
 
 
 # ----------------------------------------------------------------------------- loading a trained run
+class NotARunError(AmoeError, FileNotFoundError):
+    """A folder given as a grounding run is not one (or has no finished checkpoint yet)."""
+
+
+def load_run_config(run_dir: str | Path) -> dict:
+    """The config a run was trained with (RUN/config.json)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise NotARunError(f"{run_dir} is not a grounding run (no config.json); train one with "
+                           "`amoe ground train CONFIG --out DIR`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise NotARunError(f"{path} is not valid JSON ({e}); the run folder is damaged") from None
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer, config) of a run folder, weights from its latest checkpoint."""
     from distill.io import load_tensors
@@ -308,13 +331,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     from .tokenizer import GroundingTokenizer
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a grounding run (no config.json); train one with "
-                                "`amoe ground train CONFIG --out DIR`")
-    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg = load_run_config(run_dir)
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is None:
-        raise FileNotFoundError(f"{run_dir} has no finished checkpoint yet (checkpoints/latest.json)")
+        raise NotARunError(f"{run_dir} has no finished checkpoint yet (checkpoints/latest.json); train it first")
     tok = GroundingTokenizer.load(run_dir / "tokenizer", int(cfg["tokenizer"]["bins"]))
     model = GroundingVLM(VLMConfig.from_dict(json.loads((run_dir / "vlm_config.json").read_text())))
     model.load_state_dict(load_tensors(latest / "model.safetensors"))

@@ -198,10 +198,10 @@ def test_train_eval_end_to_end_and_leaderboard(refer_world, student_dir, tmp_pat
 
     assert amoe_main(["ground", "eval", "--run", str(run), "--split", "testA", "--limit", "2",
                       "--results", str(tmp_path / "results")]) == 0
-    table, _ = suite_table(load_results(tmp_path / "results"), load_suite("miniworld"))
+    table, *_ = suite_table(load_results(tmp_path / "results"), load_suite("miniworld"))
     assert "grounding testA acc@0.5" in table.columns
     assert "grounding val acc@0.5" in table.columns
-    assert table.loc[0, "model"] == "grounding-vlm:miniworld-student-gram"
+    assert table.loc[0, "model"] == "grounding-vlm:run"   # named after the run folder, not the config
 
 
 def test_missing_images_are_counted(refer_world, tmp_path):
@@ -232,3 +232,94 @@ def test_resume_equals_uninterrupted(refer_world, student_dir, tmp_path):
     lb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]  # noqa: E731
     assert strip(la) == strip(lb)
+
+
+# ---------------------------------------------------------------- results that land where the user's data is
+
+def _user_refer(refer_world: Path, tmp_path: Path) -> Path:
+    """The world's refer folder copied out of the world: RefCOCO-layout data that is not a mini-world."""
+    shutil.copytree(refer_world / "refer", tmp_path / "mydata" / "refer")
+    return tmp_path / "mydata"
+
+
+def test_grounding_results_are_filed_under_the_users_data_and_named_by_run(refer_world, student_dir, tmp_path,
+                                                                              capsys):
+    """Reproduced: a built-in config on a user's RefCOCO data filed its results as the mini-world's
+    (`mw-refcoco-*`, suite miniworld: a leaderboard row of dashes), and two runs of one config
+    overwrote each other's results (both named after the config)."""
+    from amoe.cli import main as amoe_main
+    from benchmarks.results import load_results
+    from grounding_vlm.evaluate import evaluate
+
+    data = _user_refer(refer_world, tmp_path)
+    sets = [s.replace(str(refer_world), str(data)) for s in _tiny_sets(refer_world, student_dir, 2)]
+    for run in ("run-a", "run-b"):
+        train("miniworld-student", tmp_path / run, sets)
+        evaluate(tmp_path / run, "val", limit=3, results_dir=tmp_path / "results", progress=False)
+    recs = load_results(tmp_path / "results")
+    assert sorted(r["cell"]["model"] for r in recs) == ["grounding-vlm:run-a", "grounding-vlm:run-b"]
+    assert {(r["config"]["suite"], r["cell"]["dataset"]) for r in recs} == {("paper", "refcoco-val")}
+    assert all(r["cell"]["limit"] == 3 for r in recs)
+    # --suite / --dataset-id file it elsewhere; an id without {split} for several splits is refused
+    assert amoe_main(["ground", "eval", "--run", str(tmp_path / "run-a"), "--split", "val", "--limit", "2",
+                      "--results", str(tmp_path / "own"), "--suite", "mine", "--dataset-id", "lab-{split}"]) == 0
+    (own,) = load_results(tmp_path / "own")
+    assert (own["config"]["suite"], own["cell"]["dataset"]) == ("mine", "lab-val")
+    capsys.readouterr()
+    assert amoe_main(["ground", "eval", "--run", str(tmp_path / "run-a"), "--split", "all",
+                      "--dataset-id", "lab"]) == 2
+    assert "put {split} in it" in capsys.readouterr().err
+
+
+def test_mini_world_grounding_results_keep_the_mini_world_ids(refer_world, student_dir, tmp_path):
+    from grounding_vlm.evaluate import result_identity
+
+    cfg = load_config("miniworld-student", [f"data.root={refer_world / 'refer'}"])
+    assert result_identity(cfg, "testA") == ("miniworld", "mw-refcoco-testA")
+    assert result_identity(cfg, "val", suite="paper", dataset_id="x-{split}") == ("paper", "x-val")
+
+
+def test_expressions_too_long_are_found_before_training(refer_world, student_dir, tmp_path):
+    """Reproduced: an expression longer than max_text_len stopped the run mid-training, minutes in."""
+    from grounding_vlm.data import ExpressionTooLongError
+
+    sets = _tiny_sets(refer_world, student_dir, 2) + ["model.max_text_len=6"]
+    with pytest.raises(ExpressionTooLongError, match=r"refcoco train: \d+ expression\(s\) need more than "
+                                                     r"max_text_len=6 .* --set model.max_text_len=\d+"):
+        train("miniworld-student", tmp_path / "run", sets)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_images_are_a_note_in_the_leaderboard(refer_world, student_dir, tmp_path):
+    """Reproduced: refs whose images are missing were skipped and counted in the result JSON, but
+    nothing in the leaderboard said so."""
+    from benchmarks.leaderboard import build
+    from grounding_vlm.data import load_split
+    from grounding_vlm.evaluate import evaluate
+
+    data = _user_refer(refer_world, tmp_path)
+    sets = [s.replace(str(refer_world), str(data)) for s in _tiny_sets(refer_world, student_dir, 2)]
+    train("miniworld-student", tmp_path / "run", sets)
+    val = load_split({"root": str(data / "refer"), "dataset": "refcoco"}, "val")
+    Path(val.examples[0].image_path).unlink()
+    evaluate(tmp_path / "run", "val", results_dir=tmp_path / "results", progress=False)
+    build(tmp_path / "results", tmp_path / "lb", reported_csv=None)
+    md = (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert "## Notes" in md and "refs skipped because their image files are missing" in md
+
+
+def test_a_ref_with_an_unknown_annotation_is_refused_at_load(refer_world, tmp_path):
+    """Reproduced: a ref naming an ann_id absent from instances.json failed only at ds[i]."""
+    import pickle
+
+    from distill.data import AnnotationError, load_dataset
+
+    data = _user_refer(refer_world, tmp_path) / "refer"
+    refs_file = data / "refcoco" / "refs(unc).p"
+    refs = pickle.loads(refs_file.read_bytes())
+    victim = next(r for r in refs if r["split"] == "val")
+    victim["ann_id"] = 987654
+    refs_file.write_bytes(pickle.dumps(refs))
+    with pytest.raises(AnnotationError, match=rf"refs\(unc\)\.p: ref_id {victim['ref_id']}: ann_id 987654 is not "
+                                              r"in instances\.json"):
+        load_dataset("refcoco", data, "val")

@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,9 +75,10 @@ def test_cache_hit_and_miss_by_key(tmp_path):
     _ctx(tmp_path, encoder=enc, cache=cache).features("test")
     _ctx(tmp_path, encoder=enc, cache=cache, reader_kwargs={"n_per_class": 2}).features("train")
     assert (cache.stats.hits, cache.stats.misses) == (1, 6)
-    limited = _ctx(tmp_path, encoder=enc, cache=cache, limit=5).features("train")
+    ctx = _ctx(tmp_path, encoder=enc, cache=cache, limit=5)
+    limited = ctx.features("train")
     assert len(limited) == 5 and cache.stats.hits == 2
-    torch.testing.assert_close(limited.summary["a"], first.summary["a"][:5])
+    torch.testing.assert_close(limited.summary["a"], first.summary["a"][ctx.dataset("train").indices])
 
 
 def test_summary_request_served_by_patch_entry(tmp_path):
@@ -136,10 +138,33 @@ def test_text_features_cached(tmp_path):
 def test_limited_dataset_keeps_per_item_attributes_aligned():
     base = FakeClassification("x", "train")
     lim = LimitedDataset(base, 6)
-    assert len(lim) == 6 and lim.targets == base.targets[:6] and lim.classes == base.classes
+    assert len(lim) == 6 and lim.targets == [base.targets[i] for i in lim.indices]
+    assert lim.classes == base.classes and lim.indices == sorted(lim.indices)
+    assert lim[0][1] == base[lim.indices[0]][1]
     with pytest.raises(IndexError):
         lim[6]
-    assert len(LimitedDataset(base, 1000)) == len(base)
+    assert len(LimitedDataset(base, 1000)) == len(base) and LimitedDataset(base, 1000).limit_rule is None
+
+
+def test_limit_is_stratified_seeded_and_keeps_every_class():
+    """Sorted splits hold classes in blocks: the first N items would be one class (reproduced: the
+    first 5 of this split are all 'red'), a kNN bank that measures nothing."""
+    base = FakeClassification("x", "train")
+    assert set(base.targets[:5]) == {0}
+    lim = LimitedDataset(base, 5)
+    assert lim.limit_rule == "stratified" and set(lim.targets) == {0, 1, 2, 3}
+    assert LimitedDataset(base, 5).indices == lim.indices            # seeded: the same items every run
+    counts = np.bincount(LimitedDataset(base, 10).targets)
+    assert counts.max() - counts.min() <= 1                            # classes take turns
+
+    class Unlabelled(torch.utils.data.Dataset):
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, i):
+            return i
+    sample = LimitedDataset(Unlabelled(), 10)
+    assert sample.limit_rule == "random" and sample.indices != list(range(10)) and len(set(sample.indices)) == 10
 
 
 def test_shard_ranges_cover_in_order():
@@ -153,8 +178,10 @@ def test_shard_ranges_cover_in_order():
 
 def test_suite_vars_and_errors(tmp_path, monkeypatch):
     suite = load_suite("paper")
-    ids = [d["id"] for d in suite["datasets"]]
-    assert len(ids) == 11
+    ids = [d["id"] for d in suite["datasets"] if d["tasks"] != ["grounding"]]
+    assert len(ids) == 11   # the paper's encoder benchmarks; RefCOCO/+/g (8 splits) take grounding results
+    assert [d["id"] for d in suite["datasets"] if d["tasks"] == ["grounding"]][:3] == \
+        ["refcoco-val", "refcoco-testA", "refcoco-testB"]
     fam = {f["name"]: f for f in suite["leaderboard"]["families"]}
     assert len(fam["image-text avg"]["datasets"]) == 7 and "caltech101" not in fam["kNN avg"]["datasets"]
     monkeypatch.delenv("AMOE_DATA", raising=False)

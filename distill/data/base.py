@@ -45,6 +45,41 @@ class UnreadableImageError(AmoeError, OSError):
             "Evaluation data must be complete: re-extract or re-download these files.")
 
 
+class AnnotationError(AmoeError, ValueError):
+    """An annotation file is incomplete or inconsistent; one line naming the file, the item and the fix."""
+
+    def __init__(self, file: str | os.PathLike, item: str, problem: str, fix: str):
+        self.file, self.item = str(file), item
+        super().__init__(f"{file}: {item}: {problem}; {fix}")
+
+
+class LabelSpaceError(AmoeError, ValueError):
+    """Two splits of one classification dataset disagree on their classes (names or order), so the
+    same label index would mean different classes in them."""
+
+
+def check_same_classes(dataset: str, splits: dict[str, Sequence[str]], where: dict[str, str] | None = None) -> None:
+    """Raise LabelSpaceError unless every split lists the same class names in the same order."""
+    items = list(splits.items())
+    if len(items) < 2:
+        return
+    ref_split, ref = items[0]
+    for split, classes in items[1:]:
+        if list(classes) == list(ref):
+            continue
+        missing = [c for c in ref if c not in classes]
+        extra = [c for c in classes if c not in ref]
+        what = (f"lacks {', '.join(map(repr, missing[:5]))}" if missing else "") + \
+               ("; " if missing and extra else "") + \
+               (f"has {', '.join(map(repr, extra[:5]))} that '{ref_split}' lacks" if extra else "")
+        what = what or "lists the same classes in another order"
+        loc = f" ({where[split]})" if where and split in where else ""
+        raise LabelSpaceError(
+            f"{dataset}: split '{split}'{loc} has {len(classes)} classes and '{ref_split}' has {len(ref)}; "
+            f"'{split}' {what}, so label indices would point at different classes; give every split the "
+            f"same class folders (or one classnames file for all)")
+
+
 def require(condition: bool, dataset: str, root, problem: str, expected: str, source: str) -> None:
     if not condition:
         raise DatasetLayoutError(dataset, root, problem, expected, source)

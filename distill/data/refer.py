@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from .base import RefSample, UnreadableImageError, load_rgb, require
+from .base import AnnotationError, RefSample, UnreadableImageError, load_rgb, require
 from .safe_pickle import safe_load
 
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
@@ -68,6 +68,7 @@ class ReferDataset(Dataset):
         if split not in splits:
             raise ValueError(f"{dataset} ({split_by}): no refs with split {split!r}; splits present: {splits}")
         self.refs = [r for r in refs if r["split"] == split]
+        self._check_refs(refs_path, inst_path)
         self.image_root = _image_root(root, image_root)
         if check_files:
             needed = sorted({self.image_path(int(r["image_id"])) for r in self.refs})
@@ -75,6 +76,34 @@ class ReferDataset(Dataset):
             if missing:
                 raise UnreadableImageError(dataset, missing,
                                            reason=f"image file missing (image root {self.image_root})")
+
+    def _check_refs(self, refs_path: Path, inst_path: Path) -> None:
+        """Every ref of the split names an annotation and an image instances.json has, with sentences:
+        checked at load, not at `ds[i]` minutes into a run."""
+        for r in self.refs:
+            item = f"ref_id {r.get('ref_id')}"
+            for field_ in ("ref_id", "ann_id", "image_id", "sentences"):
+                if field_ not in r:
+                    raise AnnotationError(refs_path, item, f"no '{field_}'", "re-export the refs file")
+            if int(r["ann_id"]) not in self.annotations:
+                raise AnnotationError(refs_path, item, f"ann_id {r['ann_id']} is not in {inst_path.name}",
+                                      "use the instances.json that came with this refs file")
+            if int(r["image_id"]) not in self.images:
+                raise AnnotationError(refs_path, item, f"image_id {r['image_id']} is not in {inst_path.name}",
+                                      "use the instances.json that came with this refs file")
+            bbox = self.annotations[int(r["ann_id"])].get("bbox")
+            if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+                    and all(isinstance(v, (int, float)) for v in bbox)):
+                raise AnnotationError(inst_path, f"annotation {r['ann_id']} ({item})",
+                                      f"bbox {bbox!r} is not [x, y, width, height]",
+                                      "the box of a referred object must be four numbers")
+            info = self.images[int(r["image_id"])]
+            if not all(isinstance(info.get(k), int) and info[k] > 0 for k in ("width", "height")):
+                raise AnnotationError(inst_path, f"image {r['image_id']} ({item})", "no positive width/height",
+                                      "boxes are scored in the original image's pixels, so images need their size")
+            if not r["sentences"] or any(not isinstance(s, dict) or "sent" not in s for s in r["sentences"]):
+                raise AnnotationError(refs_path, item, "a sentence without 'sent' (or no sentences)",
+                                      "every ref needs sentences [{'sent': ...}]")
 
     def image_path(self, image_id: int) -> Path:
         # instances.json knows the real file; the ref's file_name has the _<ann_id> suffix quirk

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from .base import RetrievalDataset, require
+from .base import AnnotationError, RetrievalDataset, require
 
 KARPATHY_LAYOUT = """  ROOT/<json_name>            Karpathy split file: {"images": [{"filename", "filepath"?, "split",
                                 "sentences": [{"raw", "tokens"}, ...]}, ...]}
@@ -40,12 +40,23 @@ def load_karpathy(root: str | os.PathLike, split: str = "test", json_name: str =
             f"{json_path.name} has no 'images' list", KARPATHY_LAYOUT, KARPATHY_SOURCE)
     bases = [Path(image_root)] if image_root is not None else [root, root / "images"]
     paths, captions = [], []
-    for img in data["images"]:
-        if img.get("split") != split:
+    for k, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or img.get("split") != split:
             continue
-        rel = Path(img.get("filepath", "")) / img["filename"]
+        rel = Path(img.get("filepath", "")) / img["filename"] if "filename" in img else None
+        item = f"images[{k}]" + (f" ({img['filename']})" if rel else "")
+        if rel is None:
+            raise AnnotationError(json_path, item, "no 'filename'", "every image needs its file name")
+        sents = img.get("sentences")
+        if not isinstance(sents, list) or not sents:
+            raise AnnotationError(json_path, item, "no 'sentences' list",
+                                  "every image of a retrieval split needs at least one caption")
+        bad = [j for j, s in enumerate(sents) if not isinstance(s, dict) or not isinstance(s.get("raw"), str)]
+        if bad:
+            raise AnnotationError(json_path, f"{item} sentences[{bad[0]}]", "no 'raw' caption text",
+                                  "each sentence needs {\"raw\": \"the caption\"}")
         paths.append(_find_image([b / rel for b in bases] + [b / img["filename"] for b in bases]))
-        captions.append([s["raw"].strip() for s in img["sentences"]])
+        captions.append([s["raw"].strip() for s in sents])
     splits = sorted({img.get("split") for img in data["images"]} - {None})
     require(len(paths) > 0, name, root, f"no images with split {split!r} (splits present: {splits})",
             KARPATHY_LAYOUT, KARPATHY_SOURCE)

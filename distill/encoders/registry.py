@@ -179,10 +179,10 @@ def load_encoder(spec: str, **kwargs) -> Encoder:
     return info.fn(arg, **merged)
 
 
-def export_random_student(path, config="tiny-moe", seed: int = 0, teachers=None):
+def export_random_student(path, config="tiny-moe", seed: int = 0, teachers=None, init: str = "standard"):
     """A randomly initialised student written in the trainer's export format (see student.py)."""
     from distill.encoders.student import export_random_student as _export
-    return _export(path, config=config, seed=seed, teachers=teachers)
+    return _export(path, config=config, seed=seed, teachers=teachers, init=init)
 
 
 def student_export_complete(path) -> bool:

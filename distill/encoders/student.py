@@ -335,10 +335,16 @@ def _teacher_width(folder: Path, kind: str) -> int:
     return int(width)
 
 
-def export_random_student(path, config="tiny-moe", seed: int = 0, teachers=None) -> Path:
-    """A randomly initialised (release init) student in the export format. With `teachers` (a directory
-    holding siglip2/ and dinov3/ teacher models) the adapters take the teachers' widths and the
-    teachers are recorded as the text-tower sources."""
+def export_random_student(path, config="tiny-moe", seed: int = 0, teachers=None, init: str = "standard") -> Path:
+    """A randomly initialised student in the export format: the random-init baseline. With `teachers`
+    (a directory holding siglip2/ and dinov3/ teacher models) the adapters take the teachers' widths
+    and the teachers are recorded as the text-tower sources.
+
+    `init`: "standard" (default) draws every layer's weights, so features vary across images;
+    "release" is the training initialisation, whose zeroed residual projections make every image's
+    summary features the same vector (a baseline that always answers class 0)."""
+    if init not in ("standard", "release"):
+        raise ValueError(f"init must be 'standard' or 'release', got {init!r}")
     cfg = get_config(config)
     teacher_meta = {}
     if teachers is not None:
@@ -353,8 +359,9 @@ def export_random_student(path, config="tiny-moe", seed: int = 0, teachers=None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Student(cfg)
-        model.init_weights(torch.Generator().manual_seed(seed))
-    meta = {"teachers": teacher_meta, "phis": {}, "recipe": "random-init", "step": 0, "seed": int(seed)}
+        model.init_weights(torch.Generator().manual_seed(seed), zero_residual=init == "release")
+    meta = {"teachers": teacher_meta, "phis": {}, "recipe": "random-init", "init": init, "step": 0,
+            "seed": int(seed)}
     return save_student(model.state_dict(), cfg, path, metadata=meta)
 
 

@@ -178,10 +178,22 @@ class Student(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
+    def init_weights(self, generator: torch.Generator | None = None, zero_residual: bool = True) -> None:
         """The release's initialisation (SIGLINO_FACTS.md §5). The MAP head and layer_norm_dinov3
-        keep PyTorch's default init (probe N(0,1))."""
+        keep PyTorch's default init (probe N(0,1)).
+
+        The release zeroes every residual branch's output projection (attention `wo`, FFN / expert
+        `w2`), which is right for training but makes an untrained model the identity on its input
+        embeddings: the CLS token never sees the image, so summary features are one constant vector.
+        `zero_residual=False` draws those projections like their layer's other weights instead: the
+        standard initialisation a random-init baseline needs to measure anything."""
         g = generator
+
+        def residual_out(w: torch.Tensor, std: float) -> None:
+            if zero_residual:
+                nn.init.zeros_(w)
+            else:
+                nn.init.trunc_normal_(w, std=std, generator=g)
         nn.init.trunc_normal_(self.img_projector.weight, std=0.02, generator=g)
         nn.init.normal_(self.cls_token, std=0.02, generator=g)
         if self.storage_tokens is not None:
@@ -191,7 +203,7 @@ class Student(nn.Module):
             att = block.attention
             for w in (att.wq.weight, att.wk.weight, att.wv.weight, att.sinks):
                 nn.init.trunc_normal_(w, std=std, generator=g)
-            nn.init.zeros_(att.wo.weight)
+            residual_out(att.wo.weight, std)
             for norm in (block.attention_norm, block.ffn_norm):
                 if norm is not None:
                     nn.init.ones_(norm.weight)
@@ -200,7 +212,7 @@ class Student(nn.Module):
                 moe = block.moe
                 nn.init.trunc_normal_(moe.experts.w1, std=0.02, generator=g)
                 nn.init.trunc_normal_(moe.experts.w3, std=std, generator=g)
-                nn.init.zeros_(moe.experts.w2)
+                residual_out(moe.experts.w2, std)
                 nn.init.trunc_normal_(moe.router.gate.weight, std=std, generator=g)
                 moe.expert_bias.zero_()
                 if moe.shared_experts is not None:
@@ -208,7 +220,7 @@ class Student(nn.Module):
             for ff in ffns:
                 nn.init.trunc_normal_(ff.w1.weight, std=0.02, generator=g)
                 nn.init.trunc_normal_(ff.w3.weight, std=std, generator=g)
-                nn.init.zeros_(ff.w2.weight)
+                residual_out(ff.w2.weight, std)
         nn.init.ones_(self.norm.weight)
         for ad in (self.dinov3_adapter, self.siglip2_adapter):
             nn.init.trunc_normal_(ad.fc1.weight, std=0.01, generator=g)
