@@ -30,7 +30,7 @@ from distill.io import fingerprint, write_json_atomic
 
 SCHEMA_VERSION = 2   # 2: the cell carries `limit` and `settings`
 STATUSES = ("ok", "skipped", "failed")
-DONE_STATUSES = ("ok", "skipped")  # a re-run retries failed cells, never finished or skipped ones
+DONE_STATUSES = ("ok", "skipped")  # a re-run retries failed cells and skips marked `retry`, never the others
 REQUIRED_FIELDS = ("schema_version", "status", "cell", "metrics", "config", "model", "dataset", "task",
                    "code", "timings", "environment", "created")
 
@@ -133,7 +133,7 @@ def environment(device: torch.device | str | None = None) -> dict:
 
 def make_record(cell: Cell, status: str, *, metrics: dict[str, float] | None = None, config: dict,
                 model: dict, dataset: dict, task: dict, timings: dict, device=None,
-                reason: str | None = None, error: str | None = None) -> dict:
+                reason: str | None = None, error: str | None = None, retry: bool = False) -> dict:
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     record = {
@@ -154,6 +154,8 @@ def make_record(cell: Cell, status: str, *, metrics: dict[str, float] | None = N
         record["reason"] = reason
     if error is not None:
         record["error"] = error
+    if retry:
+        record["retry"] = True
     validate(record)
     return record
 
@@ -194,14 +196,17 @@ def read_result(path: str | os.PathLike) -> dict:
 
 
 def existing_status(out_dir: str | os.PathLike, cell: Cell) -> str | None:
-    """Status of a cell's result file, or None when there is none (or it is unreadable)."""
+    """Status of a cell's result file, or None when there is none, it is unreadable, or it is a skip
+    caused by this machine (`retry`: a teacher folder that could not be loaded...), which the next run
+    tries again; a skip because the model lacks a head stays done."""
     path = result_path(out_dir, cell)
     if not path.exists():
         return None
     try:
-        return read_result(path)["status"]
+        record = read_result(path)
     except (ResultSchemaError, OSError):
         return None
+    return None if record["status"] == "skipped" and record.get("retry") else record["status"]
 
 
 def load_results(results_dir: str | os.PathLike, statuses: tuple[str, ...] = STATUSES,

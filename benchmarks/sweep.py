@@ -197,7 +197,7 @@ def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s
     config: dict = {"suite": suite["name"], "suite_file": suite.get("_path"), "limit": cell.limit,
                     "batch_size": h.batch_size, "resolution": cell.resolution, "world_size": world}
     task_info: dict = {"name": cell.task}
-    status, metrics, reason, error = "ok", {}, None, None
+    status, metrics, reason, error, retry = "ok", {}, None, None, False
     dataset_info: dict = {"id": cell.dataset}
     try:
         ds_cfg = dataset_entry(suite, cell.dataset, h.variables)
@@ -226,6 +226,10 @@ def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s
                 raise TypeError(f"task '{cell.task}' returned non-numeric metrics {bad}")
     except MissingHeadError as e:
         status, reason = "skipped", str(e).strip("'\"")
+        here = getattr(encoder, "unavailable_heads", dict)()   # heads this machine failed to load
+        if here:
+            retry = True
+            reason += "; retried next run, since " + "; ".join(here.values())
     except Exception as e:  # isolate the cell: record it, let the sweep go on
         status, reason = "failed", f"{type(e).__name__}: {e}"
         error = traceback.format_exc()
@@ -235,7 +239,7 @@ def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s
                "model_load_s": model_load_s}
     record = make_record(cell, status, metrics=metrics, config=jsonable(config),
                          model=model_info(cell.model, encoder), dataset=jsonable(dataset_info), task=task_info,
-                         timings=timings, device=h.device, reason=reason, error=error)
+                         timings=timings, device=h.device, reason=reason, error=error, retry=retry)
     if rank == 0:
         write_result(h.out_dir, record)
     return record
@@ -246,7 +250,7 @@ def _failed_load_record(cell: Cell, suite: dict, h: Harness, exc: BaseException)
                        model={"spec": cell.model}, dataset={"id": cell.dataset}, task={"name": cell.task},
                        timings={"total_s": 0.0}, device=h.device,
                        reason=f"loading the encoder failed: {type(exc).__name__}: {exc}",
-                       error=traceback.format_exc())
+                       error="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
 # ---------------------------------------------------------------- sweeps
@@ -258,6 +262,7 @@ class SweepSummary:
     ok: int = 0
     skipped: int = 0
     failed: int = 0
+    busy: int = 0          # cells another sweep on the same folder held (claims), left to it
     seconds: float = 0.0
     failures: list = field(default_factory=list)
 
@@ -282,25 +287,20 @@ def run_cells(cells: list[Cell], suite: dict, h: Harness, force: bool = False,
     summary.already_done = sum(done)
     bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not h.show_progress or rank != 0,
                dynamic_ncols=True)
-    encoder, encoder_spec, load_s, load_error = None, None, 0.0, None
+    loaded = _LoadedEncoder()
     for n, cell in enumerate(todo):
         if stop_after is not None and n >= stop_after:
             break
         bar.set_postfix_str(str(cell), refresh=False)
-        if cell.model != encoder_spec:
-            encoder, encoder_spec, load_error = None, cell.model, None
-            t_load = time.perf_counter()
-            try:
-                encoder = h.load_encoder(cell.model)
-            except Exception as e:  # one model that cannot load must not stop the other models
-                load_error = e
-            load_s = time.perf_counter() - t_load
-        if encoder is None:
-            record = _failed_load_record(cell, suite, h, load_error)
-            if rank == 0:
-                write_result(h.out_dir, record)
-        else:
-            record = run_cell(cell, encoder, suite, h, model_load_s=load_s, force=force)
+        claim = _claim(h.out_dir, cell, rank, world, force)
+        if claim is None:   # another sweep on this folder runs it now, or has just finished it
+            summary.busy += 1
+            bar.update(1)
+            continue
+        try:
+            record = _run_claimed(cell, suite, h, loaded, force)
+        finally:
+            claim.release()
         setattr(summary, record["status"], getattr(summary, record["status"]) + 1)
         if record["status"] == "failed":
             summary.failures.append({"cell": str(cell), "reason": record.get("reason"),
@@ -310,8 +310,61 @@ def run_cells(cells: list[Cell], suite: dict, h: Harness, force: bool = False,
             tqdm.write(f"skipped {cell}: {record.get('reason')}")
         bar.update(1)
     bar.close()
+    if summary.busy:
+        tqdm.write(f"{summary.busy} cell(s) were held by another sweep on {h.out_dir}; re-run to pick up any it "
+                   "did not finish")
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _claim(out_dir: Path, cell: Cell, rank: int, world: int, force: bool):
+    """This sweep's exclusive claim on a cell (OUT/.claims/<cell>.lock), or None when another sweep
+    holds it or finished it meanwhile. Rank 0 decides; every rank learns the same answer."""
+    from distill.io import FileLock
+
+    lock = FileLock(out_dir / ".claims" / (cell.filename() + ".lock"))
+    ok = True
+    if rank == 0:
+        ok = lock.acquire() and (force or existing_status(out_dir, cell) not in DONE_STATUSES)
+        if not ok:
+            lock.release()
+    if world > 1:
+        box = [ok]
+        torch.distributed.broadcast_object_list(box, src=0)
+        ok = box[0]
+    return lock if ok else None
+
+
+@dataclass
+class _LoadedEncoder:
+    """The one encoder a sweep holds (cells are grouped by model), or why it failed to load."""
+
+    spec: str | None = None
+    encoder: Encoder | None = None
+    seconds: float = 0.0
+    error: BaseException | None = None
+
+    def get(self, spec: str, h: Harness) -> Encoder | None:
+        if spec != self.spec:
+            self.spec, self.encoder, self.error = spec, None, None
+            t0 = time.perf_counter()
+            try:
+                self.encoder = h.load_encoder(spec)
+            except Exception as e:  # one model that cannot load must not stop the other models
+                self.error = e
+            self.seconds = time.perf_counter() - t0
+        return self.encoder
+
+
+def _run_claimed(cell: Cell, suite: dict, h: Harness, loaded: _LoadedEncoder, force: bool) -> dict:
+    """Run a claimed cell with its encoder (loaded once per model) and write its result."""
+    encoder = loaded.get(cell.model, h)
+    if encoder is not None:
+        return run_cell(cell, encoder, suite, h, model_load_s=loaded.seconds, force=force)
+    record = _failed_load_record(cell, suite, h, loaded.error)
+    if dist_info()[0] == 0:
+        write_result(h.out_dir, record)
+    return record
 
 
 def harness_from_config(cfg: dict, out: str | os.PathLike | None = None, limit: int | None = None,

@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from distill.errors import AmoeError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -73,3 +75,64 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def fingerprint(obj: Any) -> str:
     """Stable short hash of a JSON-able object (configs, preprocessing settings)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- locks
+
+class LockHeld(AmoeError, RuntimeError):
+    """Another live process holds the lock (a run folder, a benchmark cell)."""
+
+
+class FileLock:
+    """An exclusive, non-blocking lock on `path` (POSIX `flock`), released when this process ends,
+    however it ends: the lock of a killed process is simply free again, so a stale lock is taken
+    over without asking. The file holds the holder's pid, host and start time, for the message."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "process"):
+        self.path = Path(path)
+        self.what = what          # who holds it, for the message another process gets
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        """True if this process now holds the lock; False if another live process does."""
+        import fcntl
+        import socket
+        import time
+
+        if self._fd is not None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"what": self.what, "pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode())
+        self._fd = fd
+        return True
+
+    def holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def lock_run_folder(folder: str | os.PathLike, what: str) -> FileLock:
+    """Hold `folder`'s run lock (FOLDER/.lock) or raise LockHeld naming the process that has it."""
+    lock = FileLock(Path(folder) / ".lock", what)
+    if not lock.acquire():
+        h = lock.holder()
+        raise LockHeld(f"{folder} is in use by a {h.get('what', 'process')} (pid {h.get('pid', '?')} on {h.get('host', '?')} "
+                       f"since {h.get('since', '?')}); wait for it to finish or use another output folder")
+    return lock

@@ -50,11 +50,20 @@ class SplitData:
                 "missing_examples": self.missing_files[:5]}
 
 
-def load_split(data_cfg: Mapping[str, Any], split: str) -> SplitData:
+def require_data_root(data_cfg: Mapping[str, Any]) -> str:
     root = data_cfg.get("root")
     if not root:
-        raise ValueError("data.root is not set: point it at the refer folder (e.g. --set data.root=WORLD/refer, "
-                         "the folder holding refcoco/refs(unc).p)")
+        raise DataRootError("data.root is not set: point it at the refer folder (e.g. --set data.root=WORLD/refer, "
+                            "the folder holding refcoco/refs(unc).p)")
+    return root
+
+
+class DataRootError(AmoeError, ValueError):
+    """The grounding config names no data folder."""
+
+
+def load_split(data_cfg: Mapping[str, Any], split: str) -> SplitData:
+    root = require_data_root(data_cfg)
     ds = load_refer(root, split=split, dataset=data_cfg.get("dataset", "refcoco"),
                     split_by=data_cfg.get("split_by"), image_root=data_cfg.get("image_root"), check_files=False)
     examples, missing = [], []

@@ -29,10 +29,11 @@ from distill.io import fingerprint, write_json_atomic
 from distill.student import update_expert_bias
 from distill.train import checkpoint as ckpt
 from distill.train.distributed import all_reduce_sum, barrier, setup, teardown
+from distill.train.guard import StepGuard, TrainingAborted, guarded_step, require_finite
 from distill.train.metrics import MetricsWriter
 
 from .data import (ImageCache, build_tokenizer, check_text_lengths, encode_batch, load_split, processor_from,
-                   target_loss)
+                   require_data_root, target_loss)
 from .gram import gram_anchoring_loss, gram_weight
 from .init import anchor_student, load_student_source, load_vision_experts
 from .model import GroundingVLM, VLMConfig
@@ -51,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {"steps": 1000, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 200, "keep": 2,
               "device": "auto", "progress": True},
     # suite / dataset_id: where results are filed; null = read from the data (evaluate.result_identity)
+    "robustness": {"max_skipped_in_a_row": 5, "grad_spike_factor": None},
     "eval": {"batch_size": 16, "limit": None, "ordered_boxes": True, "suite": None, "dataset_id": None},
 }
 
@@ -140,14 +142,25 @@ def _expert_loads(model) -> tuple[list, list[torch.Tensor]]:
 def train(config: str | Path | Mapping, out: str | Path, sets: list[str] | None = None,
           stop_after: int | None = None) -> dict:
     """Train (or resume) into `out`. `stop_after` ends the run early at that step with a checkpoint,
-    as an interruption would, without changing the schedule (which follows train.steps)."""
+    as an interruption would, without changing the schedule (which follows train.steps). One writer
+    per run folder: a second training on the same `out` is refused (`LockHeld`)."""
+    import os
+
+    from distill.io import lock_run_folder
+
     cfg = load_config(config, sets)
+    require_data_root(cfg["data"])   # before the run folder is created
     out = Path(out)
-    info = setup(cfg["train"]["device"])
+    lock = lock_run_folder(out, "grounding training") if os.environ.get("RANK", "0") == "0" else None
     try:
-        return _train(cfg, out, info, stop_after)
+        info = setup(cfg["train"]["device"])
+        try:
+            return _train(cfg, out, info, stop_after)
+        finally:
+            teardown(info)
     finally:
-        teardown(info)
+        if lock is not None:
+            lock.release()
 
 
 def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
@@ -180,13 +193,6 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
             raise ValueError("gram.weight > 0 needs a student to anchor to; set init.kind to 'student' or "
                              "'official', or gram.weight=0 for a scratch run")
         anchor = anchor_student(*source).to(info.device)
-    if info.is_main:
-        write_json_atomic(out / "config.json", cfg)
-        write_json_atomic(out / "vlm_config.json", model.config.to_dict())
-        write_json_atomic(out / "data_report.json", {"train": train_data.report(), "init": init_report})
-        if train_data.missing_images:
-            print(f"[amoe ground] {train_data.missing_images} of {train_data.refs} train refs skipped: image "
-                  f"file missing (e.g. {train_data.missing_files[0]})", flush=True)
 
     vision_ids = {id(p) for p in model.vision_parameters()}
     groups = [{"params": [p for p in model.parameters() if id(p) in vision_ids], "lr": oc["vision_lr"],
@@ -199,22 +205,32 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
     step = 0
+    guard = StepGuard(max_in_a_row=int(cfg["robustness"]["max_skipped_in_a_row"]),
+                      spike_factor=cfg["robustness"]["grad_spike_factor"])
     metrics = MetricsWriter(out, enabled=info.is_main, tensorboard=False)
     latest = ckpt.latest_checkpoint(out)
     cfg_fp = fingerprint({k: v for k, v in cfg.items() if k != "train"} | {"seed": seed})
     if latest is not None:
         state = ckpt.read_checkpoint(latest, info.rank)
         if state["trainer"].get("config_fingerprint") != cfg_fp:
-            raise ValueError(f"{out} holds a checkpoint of a different config; use a new --out or delete "
-                             f"{ckpt.checkpoint_root(out)} to start over")
+            raise ckpt.ResumeRefused(f"{out} holds a checkpoint of a different config; use a new --out or delete "
+                                     f"{ckpt.checkpoint_root(out)} to start over")
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optimizer"])
         if state["rng"] is not None:
             ckpt.set_rng_state(*state["rng"])
         step = int(state["trainer"]["step"])
+        guard.load_state_dict(state["trainer"].get("guard") or {})
         metrics.truncate_after(step)
         if info.is_main:
             print(f"[amoe ground] resumed from {latest.name} (step {step})", flush=True)
+    if info.is_main:   # only now: a refused resume leaves the run's files as they were
+        write_json_atomic(out / "config.json", cfg)
+        write_json_atomic(out / "vlm_config.json", model.config.to_dict())
+        write_json_atomic(out / "data_report.json", {"train": train_data.report(), "init": init_report})
+        if train_data.missing_images:
+            print(f"[amoe ground] {train_data.missing_images} of {train_data.refs} train refs skipped: image "
+                  f"file missing (e.g. {train_data.missing_files[0]})", flush=True)
 
     total = int(tc["steps"])
     bs = int(tc["batch_size"])
@@ -258,10 +274,18 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
         loss = ce + w * gram
         optim.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(oc["grad_clip"]))
-        optim.step()
+        loss_value = all_reduce_sum({"loss": loss.detach().item()}, info.device)["loss"]  # one verdict for all ranks
+        skipped, gnorm = guarded_step(optim, model.parameters(), loss_value, float(oc["grad_clip"]), guard)
+        if skipped:
+            metrics.event({"step": step + 1, "event": "step_skipped", "reason": skipped, "in_a_row": guard.in_a_row})
+            if guard.exhausted:
+                last = ckpt.latest_checkpoint(out)
+                raise TrainingAborted(
+                    f"{guard.in_a_row} skipped steps in a row (last at step {step + 1}: {skipped}); "
+                    + (f"the last good checkpoint is {last}: resume from it with the same command and "
+                       "--set optim.lr=... lower" if last else "no checkpoint yet: start again with a lower optim.lr"))
         layers, loads = _expert_loads(model)
-        if layers and float(oc["expert_bias_rate"]) > 0:
+        if layers and float(oc["expert_bias_rate"]) > 0 and not skipped:
             if info.distributed:
                 stacked = torch.stack(loads)
                 dist.all_reduce(stacked)
@@ -281,8 +305,8 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
                     "lr": oc["lr"] * factor, "grad_norm": float(gnorm), "tokens_per_s": red["tokens"] / max(dt, 1e-9)}
             metrics.write(last)
             t_log, tokens_log = time.time(), 0
-        if step % int(tc["checkpoint_every"]) == 0 or step == end:
-            _save(out, step, model, optim, cfg_fp, info, int(tc["keep"]))
+        if (step % int(tc["checkpoint_every"]) == 0 or step == end) and not guard.in_a_row:
+            _save(out, step, model, optim, cfg_fp, info, int(tc["keep"]), guard)
     if bar is not None:
         bar.close()
     metrics.close()
@@ -293,8 +317,10 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
     return summary
 
 
-def _save(out: Path, step: int, model, optim, cfg_fp: str, info, keep: int) -> None:
+def _save(out: Path, step: int, model, optim, cfg_fp: str, info, keep: int, guard: StepGuard) -> None:
     if info.is_main:
+        last = ckpt.latest_checkpoint(out)
+        require_finite(model.state_dict(), f"the step-{step} checkpoint", str(last) if last else None)
         ckpt.prepare_staging(out, step)
     barrier()
     folder = ckpt.staging_dir(out, step)
@@ -302,7 +328,8 @@ def _save(out: Path, step: int, model, optim, cfg_fp: str, info, keep: int) -> N
     barrier()
     if info.is_main:
         ckpt.write_main_files(folder, model.state_dict(), optim.state_dict(),
-                              {"step": step, "config_fingerprint": cfg_fp, "world_size": info.world_size})
+                              {"step": step, "config_fingerprint": cfg_fp, "world_size": info.world_size,
+                               "guard": guard.state_dict()})
         ckpt.publish(out, step, keep)
     barrier()
 

@@ -323,3 +323,18 @@ def test_a_ref_with_an_unknown_annotation_is_refused_at_load(refer_world, tmp_pa
     with pytest.raises(AnnotationError, match=rf"refs\(unc\)\.p: ref_id {victim['ref_id']}: ann_id 987654 is not "
                                               r"in instances\.json"):
         load_dataset("refcoco", data, "val")
+
+
+def test_a_diverging_grounding_run_stops_and_never_saves_nan_weights(refer_world, student_dir, tmp_path):
+    """Reproduced: the grounding trainer had no guard: exit 0, loss NaN, half a million non-finite
+    weights in the checkpoint."""
+    from distill.train.guard import TrainingAborted
+
+    sets = _tiny_sets(refer_world, student_dir, 8) + ["optim.lr=1e9", "optim.vision_lr=1e9", "optim.grad_clip=0",
+                                                       "optim.warmup_steps=0", "robustness.max_skipped_in_a_row=2"]
+    with pytest.raises(TrainingAborted, match="2 skipped steps in a row"):
+        train("miniworld-student", tmp_path / "run", sets)
+    events = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["step_skipped"] * 2
+    for folder in (tmp_path / "run" / "checkpoints").glob("step_*"):
+        assert all(torch.isfinite(v).all() for v in load_tensors(folder / "model.safetensors").values())

@@ -139,12 +139,12 @@ class NaNTeacher(ConvTeacher):
 def test_nonfinite_losses_skip_then_abort(world, tmp_path):
     teachers = make_teachers()
     teachers["siglip2"] = NaNTeacher("siglip2", 32, 0, seed=1)
-    recipe = tiny_recipe(world, steps=10, robustness__max_nonfinite_in_a_row=3)
+    recipe = tiny_recipe(world, steps=10, robustness__max_skipped_in_a_row=3)
     from distill.train.engine import TrainingAborted
-    with pytest.raises(TrainingAborted, match="3 non-finite losses in a row"):
+    with pytest.raises(TrainingAborted, match=r"3 skipped steps in a row \(last at step 3: non-finite loss"):
         run_distillation(recipe, tmp_path / "nan", teachers=teachers)
     events = [json.loads(x) for x in (tmp_path / "nan" / "events.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events] == ["nonfinite_loss_skipped"] * 3
+    assert [e["event"] for e in events] == ["step_skipped"] * 3
 
 
 def test_teacher_width_mismatch_fails_before_step_one(world, tmp_path):

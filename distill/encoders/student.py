@@ -168,6 +168,16 @@ class SiglinoEncoder(ModuleEncoder):
             self._teachers[head] = loader(spec)
         return self._teachers[head]
 
+    def unavailable_heads(self) -> dict[str, str]:
+        """Text heads missing because something could not be loaded here (a teacher folder that moved,
+        a dino.txt head that failed), not because the model lacks them: a cell skipped for these is
+        retried by the next run."""
+        self.text_heads  # noqa: B018  (loads the teachers, recording failures)
+        out = {h: f"the {h} teacher could not be loaded: {e}" for h, e in self._teacher_errors.items()}
+        if self.dinotxt_missing and self.dinotxt_missing.startswith("the dino.txt head could not be loaded"):
+            out["dinotxt"] = self.dinotxt_missing
+        return out
+
     @property
     def text_heads(self) -> tuple[str, ...]:
         """Heads whose recorded teacher has a text tower for its head (loads those teachers)."""
@@ -258,6 +268,16 @@ class RemoteSiglinoEncoder(SiglinoEncoder):
         patches = {h: [out["patch_features"][h][i, : g[0] * g[1]] for i, g in enumerate(grids)]
                    for h in STUDENT_HEADS if h in out["patch_features"]}
         return Features(summary=summary, patches=patches, grids=grids, cls=summary.get("siglino"))
+
+    def unavailable_heads(self) -> dict[str, str]:
+        """Text heads missing because something could not be loaded here (a teacher folder that moved,
+        a dino.txt head that failed), not because the model lacks them: a cell skipped for these is
+        retried by the next run."""
+        self.text_heads  # noqa: B018  (loads the teachers, recording failures)
+        out = {h: f"the {h} teacher could not be loaded: {e}" for h, e in self._teacher_errors.items()}
+        if self.dinotxt_missing and self.dinotxt_missing.startswith("the dino.txt head could not be loaded"):
+            out["dinotxt"] = self.dinotxt_missing
+        return out
 
     @property
     def text_heads(self) -> tuple[str, ...]:
@@ -363,6 +383,20 @@ def export_random_student(path, config="tiny-moe", seed: int = 0, teachers=None,
     meta = {"teachers": teacher_meta, "phis": {}, "recipe": "random-init", "init": init, "step": 0,
             "seed": int(seed)}
     return save_student(model.state_dict(), cfg, path, metadata=meta)
+
+
+def portable_spec(spec: str, export_dir: str | os.PathLike) -> str:
+    """A teacher spec as an export should record it: a path that exists (relative to the working
+    directory or absolute) is written relative to the export directory, so the export loads its text
+    towers from any working directory and after the run folder moves (`_resolve_spec` reads it back)."""
+    body, q, query = spec.partition("?")
+    kind, sep, arg = body.partition(":")
+    if not sep:
+        kind, arg = "", body
+    if not arg or not Path(arg).exists():
+        return spec   # a hub id or a path that is not here: as given
+    rel = os.path.relpath(Path(arg).resolve(), Path(export_dir).expanduser().resolve())
+    return (f"{kind}:{rel}" if kind else rel) + (q + query)
 
 
 def _resolve_spec(spec: str, base: Path) -> str:

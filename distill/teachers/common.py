@@ -13,6 +13,7 @@ import torch
 
 from distill.errors import AmoeError
 from distill.io import fingerprint, write_json_atomic
+from distill.train.guard import StepGuard, TrainingAborted, guarded_step
 
 RECIPES_FILE = Path(__file__).resolve().parent / "recipes.json"
 TEACHERS = ("siglip2", "dinov3")
@@ -91,13 +92,18 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def optimizer_step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, params, clip: float) -> float:
-    """One update of a teacher trainer: backward, clip the global grad norm, step, schedule; the loss."""
+def optimizer_step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, params, clip: float,
+                   guard: StepGuard, what: str) -> float:
+    """One update of a teacher trainer: backward, then the shared guarded step (clip the global grad
+    norm; skip a non-finite step; abort after too many in a row), schedule; the loss."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, clip)
-    opt.step()
-    sched.step()
+    skipped, _ = guarded_step(opt, params, loss.item(), clip, guard)
+    if skipped is None:
+        sched.step()
+    elif guard.exhausted:
+        raise TrainingAborted(f"{what}: {guard.in_a_row} skipped steps in a row ({skipped}); lower the learning "
+                              f"rate in its teacher recipe ({RECIPES_FILE.name})")
     return round(loss.item(), 5)
 
 

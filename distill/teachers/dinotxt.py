@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.encoders.dinotxt import SUBFOLDER, MiniDinoTxt, contrastive_loss, save_mini_dinotxt
+from distill.train.guard import StepGuard, require_finite
 
 from .common import optimizer_step, warmup_cosine
 from .data import WorldData
@@ -59,6 +60,7 @@ def train_dinotxt(data: WorldData, backbone, processor, r: dict, out_dir: Path, 
                          "pad_id": int(tokenizer.pad_token_id)})
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, r["steps"], r["warmup_steps"]))
+    guard = StepGuard()
     bs = min(r["batch_size"], len(pairs))
     order: list[int] = []
     losses = []
@@ -70,8 +72,9 @@ def train_dinotxt(data: WorldData, backbone, processor, r: dict, out_dir: Path, 
         img = torch.cat([h[:, 0], h[:, 1:].mean(1)], -1)
         txt = model.encode_text(torch.stack([ids[token_row[rng.choice(pairs[i].captions)]] for i in idx]))
         loss = contrastive_loss(img, txt, model.logit_scale, groups[idx])
-        losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0))
+        losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0, guard, "dino.txt head"))
     model.eval()
+    require_finite(model.state_dict(), "the dino.txt head")
     save_mini_dinotxt(model, tokenizer, out_dir / SUBFOLDER)
     return {"steps": r["steps"], "batch_size": bs, "pairs": len(pairs), "losses": losses,
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -31,6 +31,8 @@ import torchvision.transforms.v2.functional as TF
 from tqdm.auto import tqdm
 from transformers import DINOv3ViTConfig, DINOv3ViTImageProcessor, DINOv3ViTModel
 
+from distill.train.guard import StepGuard, require_finite
+
 from .common import optimizer_step, warmup_cosine
 from .data import WorldData
 from .probe import check_roundtrip, probe_outputs
@@ -177,6 +179,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     center_patch = torch.zeros(dim)
     opt = torch.optim.AdamW(student.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, r["steps"], r["warmup_steps"]))
+    guard = StepGuard()
     p, g_tokens = r["patch_size"], (r["global_size"] // r["patch_size"]) ** 2
     bs = min(r["batch_size"], len(images))
     ts, tt = r["student_temp"], r["teacher_temp"]
@@ -233,7 +236,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
             dense = torch.zeros(())
         loss = (r["dino_weight"] * dino + r["ibot_weight"] * ibot + r["pixel_weight"] * pixel
                 + r["dense_weight"] * dense)
-        optimizer_step(opt, sched, loss, student.parameters(), 3.0)
+        optimizer_step(opt, sched, loss, student.parameters(), 3.0, guard, "DINOv3 teacher")
         with torch.no_grad():
             m = r["ema"][1] - (r["ema"][1] - r["ema"][0]) * (math.cos(math.pi * step / r["steps"]) + 1) / 2
             for ps, pt in zip(student.parameters(), teacher.parameters()):
@@ -250,6 +253,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     # lags far behind the student (measured: near-chance probes), so the recipe chooses
     backbone = (student if r["save"] == "student" else teacher).backbone.eval()
     probe = probe_outputs("dinov3", backbone, image_processor(r))
+    require_finite(backbone.state_dict(), "the DINOv3 teacher")
     backbone.save_pretrained(out_dir)
     image_processor(r).save_pretrained(out_dir)
     check_roundtrip(probe, probe_outputs("dinov3", DINOv3ViTModel.from_pretrained(out_dir),

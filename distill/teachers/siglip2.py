@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 from transformers import (Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Siglip2Processor,
                           Siglip2TextConfig, Siglip2VisionConfig)
 
+from distill.train.guard import StepGuard, require_finite
+
 from .common import optimizer_step, warmup_cosine
 from .data import WorldData
 from .probe import check_roundtrip, probe_outputs
@@ -91,6 +93,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, r["steps"], r["warmup_steps"]))
+    guard = StepGuard()
     order: list[int] = []
     losses = []
     bs = min(r["batch_size"], len(pairs))
@@ -105,12 +108,13 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
                                            spatial_shapes=inputs["spatial_shapes"][idx])
         out_txt = model.get_text_features(input_ids=ids)
         loss = sigmoid_loss(model, out_img.pooler_output, out_txt.pooler_output, groups[idx])
-        losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0))
+        losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0, guard, "SigLIP2 teacher"))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     processor = Siglip2Processor(image_processor=proc, tokenizer=tokenizer)
     probe = probe_outputs("siglip2", model, processor)
+    require_finite(model.state_dict(), "the SigLIP2 teacher")
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     check_roundtrip(probe, probe_outputs("siglip2", Siglip2Model.from_pretrained(out_dir),

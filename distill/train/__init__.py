@@ -15,15 +15,22 @@ def run_distillation(config_path_or_dict, out_dir: str | os.PathLike,
     """Train (resuming from OUT/checkpoints if present) and export; returns the export directory.
 
     Works in one process or under torchrun (every rank calls it with the same arguments)."""
+    from distill.io import lock_run_folder
     from distill.train.config import load_config
     from distill.train.engine import Distiller
 
     cfg = load_config(config_path_or_dict, overrides)
-    trainer = Distiller(cfg, out_dir, **kw)
+    # one writer per run folder: a second distillation on the same --out is refused, not interleaved
+    lock = lock_run_folder(out_dir, "distillation") if os.environ.get("RANK", "0") == "0" else None
     try:
-        return trainer.run()
+        trainer = Distiller(cfg, out_dir, **kw)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        if lock is not None:
+            lock.release()
 
 
 __all__ = ["run_distillation"]

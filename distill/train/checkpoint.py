@@ -24,7 +24,12 @@ from typing import Any
 
 import torch
 
+from distill.errors import AmoeError
 from distill.io import load_tensors, save_tensors_atomic, write_json_atomic
+
+
+class ResumeRefused(AmoeError, ValueError):
+    """A run folder's checkpoint cannot be resumed by this command (other recipe, other world size)."""
 
 
 # ----------------------------------------------------------------------------- optimizer flattening

@@ -129,7 +129,8 @@ class LoggingConfig:
 
 @dataclass
 class RobustnessConfig:
-    max_nonfinite_in_a_row: int = 5
+    max_skipped_in_a_row: int = 5            # abort after this many skipped steps in a row
+    grad_spike_factor: float | None = None   # also skip a step whose grad norm > factor x running median
 
 
 @dataclass
@@ -271,7 +272,9 @@ def _validate(cfg: TrainConfig) -> None:
     need(cfg.engine.parallel in ("ddp", "fsdp", "none"), "engine.parallel must be ddp|fsdp|none")
     need(cfg.engine.precision in ("auto", "bf16", "fp32"), "engine.precision must be auto|bf16|fp32")
     need(cfg.engine.device in ("auto", "cpu", "cuda"), "engine.device must be auto|cpu|cuda")
-    need(cfg.robustness.max_nonfinite_in_a_row >= 1, "robustness.max_nonfinite_in_a_row must be >= 1")
+    need(cfg.robustness.max_skipped_in_a_row >= 1, "robustness.max_skipped_in_a_row must be >= 1")
+    need(cfg.robustness.grad_spike_factor is None or cfg.robustness.grad_spike_factor > 1,
+         "robustness.grad_spike_factor must be null (off) or > 1")
     need(len(cfg.data.sources) >= 1, "data.sources needs at least one shard directory")
     p = cfg.data.patch_size
     for i, s in enumerate(cfg.data.sources):

@@ -26,15 +26,29 @@ from distill import losses as L
 from distill.errors import AmoeError
 from distill.io import fingerprint, write_json_atomic
 from distill.train import checkpoint as ckpt
+from distill.train.checkpoint import ResumeRefused
 from distill.train.batching import StepPlan, TokenBalancedSampler
 from distill.train.config import TrainConfig
 from distill.train.distributed import DistInfo, all_reduce_sum, barrier, setup, teardown
+from distill.train.guard import StepGuard, TrainingAborted, guarded_step, require_finite
 from distill.train.metrics import MetricsWriter
 from distill.train.pool import PlannedImage, TrainingPool, read_image
 
 
-class TrainingAborted(AmoeError, RuntimeError):
-    """Training stopped on purpose (e.g. too many non-finite losses in a row)."""
+# keys a resume may change (recorded in OUT/history.jsonl): what the abort message suggests changing
+RESUME_MAY_CHANGE = ("optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.schedule", "optim.grad_clip",
+                     "robustness.max_skipped_in_a_row", "robustness.grad_spike_factor")
+_UNFINGERPRINTED = ("steps", "checkpoint", "logging", "description")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 # ----------------------------------------------------------------------------- student wrapper
@@ -103,10 +117,9 @@ class Distiller:
         self.device = self.info.device
         torch.manual_seed(self.cfg.seed + 1000 * self.info.rank)
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.info.is_main:
-            write_json_atomic(self.out / "config.json", self.cfg.to_json())
-        self.counters = {"corrupt_images": 0, "skipped_nonfinite": 0}
-        self.nonfinite_in_a_row = 0
+        self.counters = {"corrupt_images": 0, "skipped_steps": 0}
+        self.guard = StepGuard(max_in_a_row=self.cfg.robustness.max_skipped_in_a_row,
+                               spike_factor=self.cfg.robustness.grad_spike_factor)
         self.step = 0
 
         self._build_data()
@@ -119,6 +132,8 @@ class Distiller:
                                      tensorboard=self.cfg.logging.tensorboard)
         if resume:
             self._maybe_resume()
+        if self.info.is_main:   # only now: a refused resume leaves the run's config.json as it was
+            write_json_atomic(self.out / "config.json", self.cfg.to_json())
 
     # ------------------------------------------------------------------ construction
     def _build_data(self) -> None:
@@ -267,11 +282,16 @@ class Distiller:
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     # ------------------------------------------------------------------ checkpoints
-    def _config_fingerprint(self) -> str:
+    def _fingerprinted_config(self) -> dict:
         d = self.cfg.to_json()
-        for k in ("steps", "checkpoint", "logging", "description"):
+        for k in _UNFINGERPRINTED:
             d.pop(k, None)
-        return fingerprint(d)
+        return d
+
+    def _config_fingerprint(self) -> str:
+        """What a resume must not change; the keys in RESUME_MAY_CHANGE are left out."""
+        return fingerprint({k: v for k, v in _flat(self._fingerprinted_config()).items()
+                            if k not in RESUME_MAY_CHANGE})
 
     def save_checkpoint(self) -> None:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -281,6 +301,8 @@ class Distiller:
         model_sd = get_model_state_dict(self.model, options=opts)
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
         if self.info.is_main:
+            last = ckpt.latest_checkpoint(self.out)
+            require_finite(model_sd, f"the step-{self.step} checkpoint", str(last) if last else None)
             folder = ckpt.prepare_staging(self.out, self.step)
         barrier()
         folder = ckpt.staging_dir(self.out, self.step)
@@ -289,8 +311,10 @@ class Distiller:
         if self.info.is_main:
             trainer = {"step": self.step, "scheduler": self.scheduler.state_dict(),
                        "sampler": self.sampler.state_dict(), "counters": self.counters,
-                       "nonfinite_in_a_row": self.nonfinite_in_a_row, "world_size": self.info.world_size,
-                       "config_fingerprint": self._config_fingerprint()}
+                       "guard": self.guard.state_dict(), "world_size": self.info.world_size,
+                       "config_fingerprint": self._config_fingerprint(),
+                       "resumable": {k: v for k, v in _flat(self._fingerprinted_config()).items()
+                                     if k in RESUME_MAY_CHANGE}}
             if self.phis_state is not None:
                 from distill.train.phis_fit import save_phis
                 save_phis(self, folder / "phis")
@@ -308,19 +332,22 @@ class Distiller:
         data = ckpt.read_checkpoint(folder, self.info.rank)
         tr = data["trainer"]
         if tr["config_fingerprint"] != self._config_fingerprint():
-            raise ValueError(f"{self.out} holds a checkpoint of a different recipe (only steps/logging/"
-                             "checkpoint settings may change on resume); use a new --out directory")
+            raise ResumeRefused(f"{self.out} holds a checkpoint of a different recipe (only steps, logging, "
+                                f"checkpoint settings and {', '.join(RESUME_MAY_CHANGE)} may change on resume); "
+                                "use a new --out directory")
         if tr["world_size"] != self.info.world_size:
-            raise ValueError(f"checkpoint was written with {tr['world_size']} ranks, this run has "
-                             f"{self.info.world_size}; the sampler plan depends on the world size")
+            raise ResumeRefused(f"checkpoint was written with {tr['world_size']} ranks, this run has "
+                                f"{self.info.world_size}; the sampler plan depends on the world size, so resume "
+                                f"with {tr['world_size']} ranks or use a new --out directory")
         opts = StateDictOptions(full_state_dict=True, strict=True)
         set_model_state_dict(self.model, data["model"], options=opts)
         set_optimizer_state_dict(self.model, self.optimizer, data["optimizer"], options=opts)
         self.scheduler.load_state_dict(tr["scheduler"])
         self.sampler.load_state_dict(tr["sampler"])
         self.counters = dict(tr["counters"])
-        self.nonfinite_in_a_row = int(tr["nonfinite_in_a_row"])
+        self.guard.load_state_dict(tr.get("guard") or {})
         self.step = int(tr["step"])
+        self._apply_resume_changes(tr.get("resumable") or {})
         if data["rng"] is not None:
             ckpt.set_rng_state(*data["rng"])
         if self.phis_state is not None and (folder / "phis").exists():
@@ -329,6 +356,26 @@ class Distiller:
         self.metrics.truncate_after(self.step)
         if self.info.is_main:
             print(f"[amoe distill] resumed from {folder} at step {self.step}", flush=True)
+
+    def _apply_resume_changes(self, before: dict) -> None:
+        """A resume that changed a RESUME_MAY_CHANGE key (e.g. --set optim.lr=1e-4 after an abort):
+        the optimiser and schedule take the new values from this step on, and OUT/history.jsonl
+        records what changed, when."""
+        now = {k: v for k, v in _flat(self._fingerprinted_config()).items() if k in RESUME_MAY_CHANGE}
+        changed = {k: [before.get(k), now[k]] for k in now if before.get(k) != now[k]}
+        if not changed:
+            return
+        # the loaded optimiser and scheduler states carry the old base lr: re-base them on the new one
+        self.scheduler.base_lrs = [self.cfg.optim.lr for _ in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g["initial_lr"] = self.cfg.optim.lr
+            g["lr"] = self.cfg.optim.lr * self._lr_factor(self.scheduler.last_epoch)
+        if self.info.is_main:
+            import json
+            with open(self.out / "history.jsonl", "a") as f:
+                f.write(json.dumps({"event": "resumed_with_changes", "step": self.step, "changed": changed}) + "\n")
+            print(f"[amoe distill] resumed at step {self.step} with changed settings: "
+                  + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), flush=True)
 
     # ------------------------------------------------------------------ one step
     def _load_images(self, plan: StepPlan) -> tuple[list[LoadedImage], list[list[int]]]:
@@ -415,26 +462,22 @@ class Distiller:
 
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        finite = math.isfinite(objective)
-        grad_norm = float("nan")
-        if finite:
-            if self.cfg.optim.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
-            self.optimizer.step()
+        why_skipped, grad_norm = guarded_step(self.optimizer, self.model.parameters(), objective,
+                                              self.cfg.optim.grad_clip, self.guard)
+        applied = why_skipped is None
+        if applied:
             self.scheduler.step()
-            self.nonfinite_in_a_row = 0
         else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.counters["skipped_nonfinite"] += 1
-            self.nonfinite_in_a_row += 1
-        load = self._balance_experts(update=finite)
+            self.counters["skipped_steps"] += 1
+        load = self._balance_experts(update=applied)
         self.step += 1
         dt = time.perf_counter() - t0
         tokens = plan.real_tokens()
         rec = {"step": self.step, **reduced, "lr": self.optimizer.param_groups[0]["lr"],
                "grad_norm": grad_norm, "fill_ratio": plan.fill_ratio(), "images": batch.global_images,
                "tokens": tokens, "tokens_per_s": tokens / dt, "step_s": dt, "data_s": t_data - t0,
-               "skipped": not finite, **{f"count/{k}": v for k, v in self.counters.items()}, **load}
+               "skipped": not applied, **({"skip_reason": why_skipped} if why_skipped else {}),
+               **{f"count/{k}": v for k, v in self.counters.items()}, **load}
         return rec
 
     def _balance_experts(self, update: bool) -> dict[str, Any]:
@@ -464,19 +507,25 @@ class Distiller:
             while self.step < c.steps:
                 rec = self.train_step()
                 if rec["skipped"]:
-                    self.metrics.event({"step": self.step, "event": "nonfinite_loss_skipped",
-                                        "loss/total": rec["loss/total"], "in_a_row": self.nonfinite_in_a_row})
-                    if self.nonfinite_in_a_row >= c.robustness.max_nonfinite_in_a_row:
+                    self.metrics.event({"step": self.step, "event": "step_skipped", "reason": rec["skip_reason"],
+                                        "loss/total": rec["loss/total"], "grad_norm": rec["grad_norm"],
+                                        "in_a_row": self.guard.in_a_row})
+                    if self.guard.exhausted:
+                        last = ckpt.latest_checkpoint(self.out)
                         raise TrainingAborted(
-                            f"{self.nonfinite_in_a_row} non-finite losses in a row (last at step {self.step}); "
-                            "lower optim.lr, check the teachers' outputs and PHI-S statistics, or raise "
-                            "robustness.max_nonfinite_in_a_row")
+                            f"{self.guard.in_a_row} skipped steps in a row (last at step {self.step}: "
+                            f"{rec['skip_reason']}); "
+                            + (f"the last good checkpoint is {last}: resume from it with the same command and a "
+                               f"lower learning rate (--set optim.lr=...)" if last else
+                               "no checkpoint was written yet: start again with a lower optim.lr")
+                            + ", or check the teachers' outputs and PHI-S statistics")
                 if self.step % c.logging.every_steps == 0 or self.step == c.steps:
                     self.metrics.write(rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss/total']:.4g}", fill=f"{rec['fill_ratio']:.2f}",
                                 tok_s=f"{rec['tokens_per_s']:.0f}")
-                if self.step % c.checkpoint.every_steps == 0 or self.step == c.steps:
+                # never while steps are being skipped: a checkpoint is a state the run could continue from
+                if (self.step % c.checkpoint.every_steps == 0 or self.step == c.steps) and not self.guard.in_a_row:
                     self.save_checkpoint()
         finally:
             bar.close()
@@ -484,6 +533,8 @@ class Distiller:
         export_dir = self.out / "export"
         state = self.full_student_state()          # collective under FSDP: every rank takes part
         if self.info.is_main:
+            last = ckpt.latest_checkpoint(self.out)
+            require_finite(state, "the student export", str(last) if last else None)
             from distill.train.export import export_student
             export_student(self, export_dir, state)
         barrier()

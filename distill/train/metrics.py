@@ -46,17 +46,21 @@ class MetricsWriter:
             f.write(json.dumps({k: _clean(v) for k, v in rec.items()}) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop lines of steps after the checkpoint (they will be recomputed)."""
-        if not self.enabled or not self.path.exists():
+        """On resume: drop lines of steps after the checkpoint (they will be recomputed), in both the
+        metrics and the events log, so neither holds a step twice."""
+        if not self.enabled:
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:   # a line cut by a kill: drop it
+        for path in (self.path, self.events_path):
+            if not path.exists():
                 continue
-        write_text_atomic(self.path, "".join(line + "\n" for line in keep))
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line)
+                except json.JSONDecodeError:   # a line cut by a kill: drop it
+                    continue
+            write_text_atomic(path, "".join(line + "\n" for line in keep))
 
     def close(self) -> None:
         if self.tb is not None:

@@ -1,0 +1,260 @@
+"""The fault suite: what a bad day does to a run, and that nothing is lost or saved broken.
+
+Each test reproduces a case that once lost work, shipped broken weights or ended in a traceback, and
+asserts the outcome now: skipped and counted, refused with a message naming the fix, or resumed.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_standins import make_teachers, tiny_recipe, write_pool  # noqa: E402
+
+from distill.data.safe_pickle import UnsafePickleError, safe_loads  # noqa: E402
+from distill.io import load_tensors  # noqa: E402
+from distill.train import run_distillation  # noqa: E402
+from distill.train.guard import (NonFiniteWeightsError, StepGuard, TrainingAborted, guarded_step,  # noqa: E402
+                                 require_finite)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults-world")
+    write_pool(root, n_images=48, corrupt=(5,))
+    return root
+
+
+# ---------------------------------------------------------------- guarded optimisation
+
+def test_the_guard_skips_nonfinite_and_spiking_steps():
+    g = StepGuard(max_in_a_row=2, spike_factor=10.0, min_history=3)
+    for norm in (1.0, 1.2, 0.9):
+        assert g.verdict(1.0, norm) is None
+        g.record(None, norm)
+    assert "non-finite loss" in g.verdict(float("nan"), 1.0)
+    assert "non-finite gradient norm" in g.verdict(1.0, float("inf"))
+    assert "over 10 x the running median 1" in g.verdict(1.0, 50.0)    # a finite loss, a destructive update
+    assert g.verdict(1.0, 5.0) is None
+    g.record("spike", 50.0)
+    g.record("spike", 50.0)
+    assert g.exhausted and g.skipped == 2
+    restored = StepGuard()
+    restored.load_state_dict(json.loads(json.dumps(g.state_dict())))
+    assert restored.state_dict() == g.state_dict()
+
+
+def test_a_skipped_step_leaves_the_weights_untouched():
+    model = torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (model(torch.randn(4, 3)).sum() * float("nan")).backward()
+    reason, norm = guarded_step(opt, model.parameters(), float("nan"), 1.0, StepGuard())
+    assert reason and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_weights_with_nan_or_inf_are_never_written():
+    with pytest.raises(NonFiniteWeightsError, match=r"1 tensor\(s\) hold NaN .*first: w.*last good checkpoint is X"):
+        require_finite({"w": torch.tensor([1.0, float("inf")]), "ok": torch.ones(2)}, "the export", "X")
+    require_finite({"w": torch.ones(2), "steps": torch.tensor([3])}, "the export")
+
+
+def test_a_diverging_run_stops_naming_its_last_good_checkpoint_and_resumes_with_a_lower_lr(world, tmp_path):
+    """Reproduced: with a diverging learning rate the distiller wrote checkpoints during the NaN steps
+    (weights up to 1e30); the abort said "lower optim.lr" but the resume then refused the changed
+    recipe, after overwriting config.json."""
+    out = tmp_path / "run"
+    run_distillation(tiny_recipe(world, steps=4), out, teachers=make_teachers())
+    diverging = tiny_recipe(world, steps=10, optim__lr=1e4, optim__grad_clip=0.0,
+                            robustness__max_skipped_in_a_row=2)
+    with pytest.raises(TrainingAborted, match=r"2 skipped steps in a row .*last good checkpoint is .*step_00000004"
+                                              r".*--set optim.lr="):
+        run_distillation(diverging, out, teachers=make_teachers())
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 4   # nothing saved mid-streak
+    for folder in (out / "checkpoints").glob("step_*"):
+        assert all(torch.isfinite(v).all() for v in load_tensors(folder / "model.safetensors").values())
+    # the suggested fix: the same command with a lower learning rate resumes from the good checkpoint
+    export = run_distillation(tiny_recipe(world, steps=10, optim__lr=1e-3, optim__grad_clip=0.0,
+                                          robustness__max_skipped_in_a_row=2), out, teachers=make_teachers())
+    assert all(torch.isfinite(v).all() for v in load_tensors(export / "model.safetensors").values())
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert [(h["event"], h["step"]) for h in history] == [("resumed_with_changes", 4)] * 2
+    assert [h["changed"]["optim.lr"] for h in history] == [[3e-3, 1e4], [3e-3, 1e-3]]
+    assert json.loads((out / "config.json").read_text())["optim"]["lr"] == 1e-3
+
+
+def test_a_refused_resume_leaves_config_json_as_it_was(world, tmp_path):
+    from distill.train.engine import ResumeRefused
+
+    out = tmp_path / "run"
+    run_distillation(tiny_recipe(world, steps=2), out, teachers=make_teachers())
+    before = (out / "config.json").read_bytes()
+    with pytest.raises(ResumeRefused, match="different recipe"):
+        run_distillation(tiny_recipe(world, steps=4, loss__channel_reduction="sum"), out, teachers=make_teachers())
+    assert (out / "config.json").read_bytes() == before
+
+
+# ---------------------------------------------------------------- untrusted pickles
+
+def test_a_tiny_pickle_cannot_allocate_memory_it_does_not_hold():
+    """Reproduced: `bytearray` was an allowed global, so a 33-byte pickle allocated 256 MiB."""
+    bomb = b"\x80\x02c__builtin__\nbytearray\nJ\x00\x00\x00\x10\x85R."
+    assert len(bomb) == 33
+    with pytest.raises(UnsafePickleError, match="would allocate memory the file does not hold"):
+        safe_loads(bomb)
+    assert safe_loads(pickle.dumps([bytearray(b"ok")], protocol=2)) == ["ok"]   # py2-era data still loads
+
+
+def test_deep_nesting_is_refused_not_a_recursion_error():
+    """Reproduced: 100k nested lists gave a RecursionError."""
+    n = 100_000
+    deep = b"\x80\x02" + b"]" * n + b"a" * (n - 1) + b"."
+    for decode in (True, False):
+        with pytest.raises(UnsafePickleError, match="nested deeper than 200 levels"):
+            safe_loads(deep, decode_bytes=decode)
+
+
+def test_a_truncated_pickle_is_named_not_a_bare_eof(tmp_path):
+    from distill.data.safe_pickle import safe_load
+
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(pickle.dumps([{"ref_id": 1, "sentences": []}] * 50)[:-20])
+    with pytest.raises(UnsafePickleError, match=r"refs\(unc\)\.p: not a readable pickle"):
+        safe_load(path)
+
+
+# ---------------------------------------------------------------- locks
+
+def _hold(path: Path, kind: str = "run"):
+    """A separate live process holding a lock, until the returned Popen is killed."""
+    import subprocess
+
+    code = (f"import sys, time; from distill.io import FileLock, lock_run_folder\n"
+            f"l = lock_run_folder(sys.argv[1], 'test') if sys.argv[2] == 'run' else FileLock(sys.argv[1])\n"
+            f"assert l is not None and (sys.argv[2] == 'run' or l.acquire())\n"
+            f"print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path), kind], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_two_distillations_on_one_folder_the_second_is_refused(world, tmp_path):
+    """Reproduced: two distillations on one --out: the second resumed from the first's checkpoint,
+    then crashed, and metrics.jsonl held steps 8-10 twice."""
+    from distill.io import LockHeld
+
+    out = tmp_path / "run"
+    holder = _hold(out)
+    try:
+        with pytest.raises(LockHeld, match=rf"{out.name} is in use by a test \(pid {holder.pid} on "):
+            run_distillation(tiny_recipe(world, steps=2), out, teachers=make_teachers())
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock file is still there, and is taken over
+    assert (out / ".lock").exists()
+    run_distillation(tiny_recipe(world, steps=2), out, teachers=make_teachers())
+    assert [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+
+
+def test_a_second_sweep_leaves_the_cells_another_sweep_holds(tmp_path):
+    """Reproduced: two identical sweeps on one results folder both computed every cell."""
+    from benchmarks.cache import FeatureCache
+    from benchmarks.results import Cell, result_path
+    from benchmarks.sweep import Harness, run_cells
+    from test_harness_fakes import fake_dataset_loader, fake_encoder_loader, fake_task_lookup, write_suite
+
+    from benchmarks.suites import load_suite
+
+    suite = load_suite(str(write_suite(tmp_path / "suite.json", tmp_path)))
+    h = Harness(out_dir=tmp_path / "results", cache=FeatureCache(tmp_path / "cache"), show_progress=False,
+                encoder_loader=fake_encoder_loader, task_lookup=fake_task_lookup, dataset_loader=fake_dataset_loader,
+                variables={"fakeroot": str(tmp_path)})
+    cells = [h.identify(Cell("fake:0", "nn", d)) for d in ("colours", "colours-big")]
+    holder = _hold(h.out_dir / ".claims" / (cells[0].filename() + ".lock"), kind="cell")
+    try:
+        summary = run_cells(cells, suite, h)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (summary.busy, summary.ok) == (1, 1)
+    assert not result_path(h.out_dir, cells[0]).exists() and result_path(h.out_dir, cells[1]).exists()
+    summary = run_cells(cells, suite, h)          # the other sweep died: its cell is picked up now
+    assert (summary.already_done, summary.ok, summary.busy) == (1, 1, 0)
+
+
+# ---------------------------------------------------------------- failures that heal
+
+def test_a_skip_caused_by_this_machine_is_retried_and_a_real_one_is_not(tmp_path):
+    """Reproduced: a student whose teacher folder could not be found from the working directory had
+    its zero-shot cells recorded `skipped`, and `skipped` counted as done: never retried."""
+    import shutil
+
+    from benchmarks.cache import FeatureCache
+    from benchmarks.results import Cell, existing_status, read_result, result_path
+    from benchmarks.suites import load_suite
+    from benchmarks.sweep import Harness, run_cells
+    from distill.encoders.registry import export_random_student
+    from test_encoders_standins import make_dinov3_dir, make_siglip2_dir
+    from test_harness_fakes import fake_dataset_loader
+
+    run = tmp_path / "run"
+    make_siglip2_dir(run / "teachers" / "siglip2", width=32)
+    make_dinov3_dir(run / "teachers" / "dinov3", width=48)
+    student = export_random_student(run / "student", config="tiny-moe", teachers=run / "teachers")
+    suite_file = tmp_path / "suite.json"
+    suite_file.write_text(json.dumps({"name": "s", "datasets": [
+        {"id": "colours", "reader": "fakecls", "root": str(tmp_path), "roles": {"test": "val"},
+         "tasks": ["zeroshot"]}]}))
+    suite = load_suite(str(suite_file))
+    h = Harness(out_dir=tmp_path / "results", cache=FeatureCache(tmp_path / "cache"), show_progress=False,
+                dataset_loader=fake_dataset_loader)
+    (cell,) = [h.identify(Cell(f"student:{student}", "zeroshot", "colours"))]
+    shutil.move(str(run / "teachers"), str(tmp_path / "elsewhere"))
+    with pytest.warns(UserWarning, match="could not be loaded"):
+        run_cells([cell], suite, h)
+    rec = read_result(result_path(h.out_dir, cell))
+    assert rec["status"] == "skipped" and rec["retry"] and "retried next run" in rec["reason"]
+    assert existing_status(h.out_dir, cell) is None
+    shutil.move(str(tmp_path / "elsewhere"), str(run / "teachers"))
+    summary = run_cells([cell], suite, h)
+    assert summary.ok == 1 and read_result(result_path(h.out_dir, cell))["status"] == "ok"
+    # a student without teachers lacks text by design: that skip is final
+    bare = export_random_student(run / "bare", config="tiny-moe")
+    (bare_cell,) = [h.identify(Cell(f"student:{bare}", "zeroshot", "colours"))]
+    run_cells([bare_cell], suite, h)
+    assert existing_status(h.out_dir, bare_cell) == "skipped"
+
+
+def test_an_export_records_teacher_paths_that_resolve_from_anywhere(tmp_path, monkeypatch):
+    """Reproduced: exports recorded the trainer's working-directory-relative teacher paths, so from
+    another directory the text towers could not load."""
+    from distill.encoders.student import _resolve_spec, portable_spec
+
+    (tmp_path / "teachers" / "siglip2").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "export").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    spec = portable_spec("siglip2:teachers/siglip2?x=1", tmp_path / "runs" / "a" / "export")
+    assert spec == "siglip2:../../../teachers/siglip2?x=1"
+    monkeypatch.chdir(tmp_path / "runs")
+    assert _resolve_spec(spec, tmp_path / "runs" / "a" / "export") == f"siglip2:{tmp_path / 'teachers' / 'siglip2'}?x=1"
+    assert portable_spec("siglip2:google/siglip2-base", tmp_path) == "siglip2:google/siglip2-base"   # a hub id
+
+
+def test_events_are_truncated_on_resume_like_the_metrics(tmp_path):
+    """Reproduced: events.jsonl was not truncated on resume, so a resumed run logged steps twice."""
+    from distill.train.metrics import MetricsWriter
+
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    for step in range(1, 6):
+        w.write({"step": step, "loss": 1.0})
+        w.event({"step": step, "event": "step_skipped"})
+    w.truncate_after(3)
+    for name in ("metrics.jsonl", "events.jsonl"):
+        assert [json.loads(x)["step"] for x in (tmp_path / name).read_text().splitlines()] == [1, 2, 3]
