@@ -258,3 +258,113 @@ def test_events_are_truncated_on_resume_like_the_metrics(tmp_path):
     w.truncate_after(3)
     for name in ("metrics.jsonl", "events.jsonl"):
         assert [json.loads(x)["step"] for x in (tmp_path / name).read_text().splitlines()] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- one error surface
+
+@pytest.mark.parametrize("override, message", [
+    ("teachers.5.relational=rkd", r"--set teachers.5.relational: teachers is a list of 2; '5' is not an index"),
+    ("optim.lr.x=1", r"--set optim.lr.x: optim.lr is the value 0.002, which has no key 'x'"),
+    ("data.patch_size=0", r"data.patch_size must be a positive int"),
+])
+def test_bad_overrides_are_one_line_not_a_traceback(override, message, tmp_path, capsys):
+    """Reproduced: these ended in IndexError, TypeError and ZeroDivisionError tracebacks."""
+    from amoe.cli import main
+
+    assert main(["distill", "miniworld", "--out", str(tmp_path / "o"), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and __import__("re").search(message, err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_damaged_latest_pointer_resumes_from_the_newest_complete_checkpoint(world, tmp_path):
+    """Reproduced: an empty latest.json stopped the resume with a bare JSONDecodeError."""
+    out = tmp_path / "run"
+    run_distillation(tiny_recipe(world, steps=4), out, teachers=make_teachers())
+    (out / "checkpoints" / "latest.json").write_text("")
+    with pytest.warns(UserWarning, match=r"latest.json is unreadable .* resuming from .* step_00000004"):
+        run_distillation(tiny_recipe(world, steps=6), out, teachers=make_teachers())
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+
+
+# ---------------------------------------------------------------- bad data is data, not a crash
+
+def _pool_copy(world: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    shutil.copytree(world / "pool", tmp_path / "w" / "pool")
+    return tmp_path / "w"
+
+
+def _rewrite_first_image(shard: Path, make) -> None:
+    """Replace the shard's first image member by make(original bytes)."""
+    import io
+    import tarfile
+
+    members = []
+    with tarfile.open(shard) as tar:
+        for m in tar:
+            members.append((m.name, tar.extractfile(m).read()))
+    first = next(i for i, (n, _) in enumerate(members) if n.endswith(".jpg"))
+    members[first] = (members[first][0], make(members[first][1]))
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_truncated_first_image_is_skipped_and_counted(world, tmp_path):
+    """Reproduced: a truncated JPEG as the first pool image stopped the run (`OSError: image file is
+    truncated`, from the teacher-width probe)."""
+    w = _pool_copy(world, tmp_path)
+    _rewrite_first_image(sorted((w / "pool" / "shards").glob("*.tar"))[0], lambda data: data[: len(data) // 2])
+    run_distillation(tiny_recipe(w, steps=2), tmp_path / "run", teachers=make_teachers())
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["count/corrupt_images"] >= 2    # the generated corrupt image 5, and the truncated first one
+
+
+def test_a_shard_cut_mid_member_gives_its_good_members(world, tmp_path):
+    """Reproduced: a tar shard cut mid-member stopped distillation and `curate embed` with
+    `tarfile.ReadError`."""
+    from distill.curation.embed import pool_units, unit_images, unit_keys
+    from distill.data.pool import TruncatedShardWarning
+    from distill.train.pool import build_index
+
+    w = _pool_copy(world, tmp_path)
+    shard = sorted((w / "pool" / "shards").glob("*.tar"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.warns(TruncatedShardWarning, match=rf"{shard.name}: the shard ends early"):
+        entries, _ = build_index(w / "pool" / "shards")
+    assert 32 < len(entries) < 48      # two whole shards and the first part of the cut one
+    unit = next(u for u in pool_units(str(w / "pool" / "shards")) if u.path == str(shard))
+    with pytest.warns(TruncatedShardWarning):
+        keys, images = unit_keys(unit), [k for k, _ in unit_images(unit)]
+    assert keys == images and 0 < len(keys) < 16
+    with pytest.warns(TruncatedShardWarning):
+        run_distillation(tiny_recipe(w, steps=2), tmp_path / "run", teachers=make_teachers())
+
+
+def test_an_image_too_long_for_the_token_budget_is_narrowed_not_refused(world, tmp_path):
+    """Reproduced: one extreme-aspect image whose clamped size exceeded max_tokens refused the whole
+    run without naming it."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from distill.train.config import load_config
+    from distill.train.pool import TrainingPool
+
+    def banner(_):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((20, 4000, 3), 128, np.uint8)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    w = _pool_copy(world, tmp_path)
+    _rewrite_first_image(sorted((w / "pool" / "shards").glob("*.tar"))[0], banner)
+    cfg = load_config(tiny_recipe(w, steps=2)).resolve_paths(tmp_path / "run")
+    pool = TrainingPool(cfg.data.sources, cfg.data.patch_size, cfg.seed)
+    wide = [it for it in pool.items if it.entry.width == 4000]
+    assert wide and all(it.tokens <= (it.resolution // 16) ** 2 for it in wide)
+    run_distillation(tiny_recipe(w, steps=2), tmp_path / "run", teachers=make_teachers())

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distill.data.pool import tar_members
 from distill.encoders.base import Encoder
 from distill.errors import AmoeError
 from distill.io import atomic_path, write_json_atomic
@@ -83,18 +83,11 @@ def pool_units(pool: str | os.PathLike | list) -> list[Unit]:
     return [Unit(Path(s).stem, Path(s).name, str(s)) for s in shards]
 
 
-def _tar_image_members(path: str) -> Iterator[tarfile.TarInfo]:
-    with tarfile.open(path, "r:") as tar:
-        for m in tar:
-            if m.isfile() and m.name.lower().endswith(IMAGE_EXTS):
-                yield m
-
-
 def unit_keys(unit: Unit) -> list[str]:
     """Sample keys of a unit in order; for tars, the image member name without its extension
     (the key the trainer's pool index uses)."""
     if unit.is_tar:
-        return [m.name.rsplit(".", 1)[0] for m in _tar_image_members(unit.path)]
+        return [m.name.rsplit(".", 1)[0] for m, _ in tar_members(unit.path, IMAGE_EXTS, read=False)]
     return _list_lines(unit.path)[unit.start:unit.stop]
 
 
@@ -109,10 +102,8 @@ def unit_images(unit: Unit) -> Iterator[tuple[str, Image.Image | None]]:
             return None
 
     if unit.is_tar:
-        with tarfile.open(unit.path, "r:") as tar:
-            for m in tar:
-                if m.isfile() and m.name.lower().endswith(IMAGE_EXTS):
-                    yield m.name.rsplit(".", 1)[0], decode(tar.extractfile(m).read())
+        for m, data in tar_members(unit.path, IMAGE_EXTS):
+            yield m.name.rsplit(".", 1)[0], decode(data)
     else:
         base = Path(unit.path).parent
         for line in _list_lines(unit.path)[unit.start:unit.stop]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +24,15 @@ import numpy as np
 
 def pool_concepts(pool: str | os.PathLike) -> dict[tuple[str, str], list[int]]:
     """(shard name, key) -> concept ids, read from the ``.json`` members (images are not decoded)."""
-    from distill.data.pool import resolve_shards
+    from distill.data.pool import resolve_shards, tar_members
 
     out: dict[tuple[str, str], list[int]] = {}
     for shard in resolve_shards(pool):
         name = Path(shard).name
-        with tarfile.open(shard, "r:") as tar:
-            for m in tar:
-                if m.isfile() and m.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(m).read())
-                    if "concepts" in meta:
-                        out[(name, m.name.rsplit(".", 1)[0])] = [int(c) for c in meta["concepts"]]
+        for m, data in tar_members(shard, (".json",)):
+            meta = json.loads(data)
+            if "concepts" in meta:
+                out[(name, m.name.rsplit(".", 1)[0])] = [int(c) for c in meta["concepts"]]
     if not out:
         raise ValueError(f"no sample of {pool} has metadata['concepts']; concept scores need ground-truth "
                          f"concept ids (the mini-world pool has them: amoe world make)")

@@ -25,6 +25,41 @@ POOL_LAYOUT = """  ROOT/shards/*.tar  or  ROOT/*.tar  or a list / brace pattern 
 POOL_SOURCE = "webdataset shards (https://github.com/webdataset/webdataset), e.g. made with img2dataset"
 
 
+class TruncatedShardWarning(UserWarning):
+    """A tar shard ends early (cut mid-member or corrupt); the members before the cut are used."""
+
+
+def tar_members(shard: str | os.PathLike, suffixes: tuple[str, ...] | None = None,
+                read: bool = True) -> Iterator[tuple["tarfile.TarInfo", bytes | None]]:
+    """(member, its bytes or None) for the file members of a tar shard, in order: the one reader of
+    tar members for the trainer, curation and the teachers' data.
+
+    A shard that ends early (a copy cut mid-member, a corrupt header) yields every complete member
+    before the cut, then warns naming the shard and stops: one bad file never stops a run. A member
+    whose data runs past the end of the file counts as cut whether or not it is read, so listing
+    keys (`read=False`) and reading images agree on what the shard holds."""
+    import tarfile
+    import warnings
+
+    size = os.path.getsize(shard)
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for m in tar:
+                if not m.isfile() or (suffixes and not m.name.lower().endswith(suffixes)):
+                    continue
+                if m.offset_data + m.size > size:
+                    raise tarfile.ReadError(f"member {m.name} is cut at byte {size}")
+                yield m, (tar.extractfile(m).read() if read else None)
+            # tarfile stops without a word at a header cut in two: a whole archive ends in two zero blocks
+            tar.fileobj.seek(tar.offset)
+            end = tar.fileobj.read(1024)
+            if len(end) < 1024 or any(end):
+                raise tarfile.ReadError(f"no end-of-archive marker after byte {tar.offset}")
+    except (tarfile.ReadError, EOFError, OSError) as e:
+        warnings.warn(f"{shard}: the shard ends early ({e}); the members before the cut are used",
+                      TruncatedShardWarning, stacklevel=2)
+
+
 def resolve_shards(root: str | os.PathLike | list) -> list[str]:
     """A directory (ROOT/shards/*.tar or ROOT/*.tar), a list of paths, or a brace pattern."""
     if isinstance(root, (list, tuple)):

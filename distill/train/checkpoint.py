@@ -89,14 +89,28 @@ def checkpoint_root(out_dir: str | os.PathLike) -> Path:
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    pointer = checkpoint_root(out_dir) / "latest.json"
+    """The newest complete checkpoint: the one latest.json names. A damaged pointer (empty, not JSON,
+    naming a folder that is not there) costs nothing: the newest complete step_* folder is used, with
+    a warning. Folders only get their step_* name once complete (see `publish`)."""
+    import warnings
+
+    root = checkpoint_root(out_dir)
+    pointer = root / "latest.json"
     if not pointer.exists():
         return None
-    path = checkpoint_root(out_dir) / json.loads(pointer.read_text())["name"]
-    if not (path / "trainer.json").exists():
-        raise FileNotFoundError(f"{pointer} names {path.name} but that checkpoint is incomplete; "
-                                "delete latest.json to start over or restore the folder")
-    return path
+    try:
+        path = root / json.loads(pointer.read_text())["name"]
+        if (path / "trainer.json").exists():
+            return path
+        why = f"names {path.name}, which is not a complete checkpoint"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = f"is unreadable ({type(e).__name__}: {e})"
+    complete = sorted(p for p in root.glob("step_*") if (p / "trainer.json").exists())
+    if not complete:
+        raise ResumeRefused(f"{pointer} {why} and no complete checkpoint is left in {root}; delete {root} "
+                            "to start the run over")
+    warnings.warn(f"{pointer} {why}; resuming from the newest complete checkpoint, {complete[-1].name}")
+    return complete[-1]
 
 
 def staging_dir(out_dir: str | os.PathLike, step: int) -> Path:

@@ -276,6 +276,12 @@ def _validate(cfg: TrainConfig) -> None:
     need(cfg.robustness.grad_spike_factor is None or cfg.robustness.grad_spike_factor > 1,
          "robustness.grad_spike_factor must be null (off) or > 1")
     need(len(cfg.data.sources) >= 1, "data.sources needs at least one shard directory")
+    need(isinstance(cfg.data.patch_size, int) and cfg.data.patch_size >= 1,
+         f"data.patch_size must be a positive int (the student's patch, e.g. 16), got {cfg.data.patch_size!r}")
+    need(cfg.batching.max_tokens >= 1, "batching.max_tokens must be >= 1")
+    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    need(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1")
+    need(cfg.logging.every_steps >= 1, "logging.every_steps must be >= 1")
     p = cfg.data.patch_size
     for i, s in enumerate(cfg.data.sources):
         need(len(s.resolutions) >= 1, f"data.sources.{i}.resolutions is empty")
@@ -311,6 +317,10 @@ _ALIASES = {"teachers": "teachers_dir"}
 
 
 def apply_overrides(raw: dict, overrides: list[str] | dict | None) -> dict:
+    """Dotted `key=value` overrides; a path through a list takes an index (`teachers.0.relational`).
+    A path that does not exist in the recipe's shape (an index past the end, a key below a number)
+    is refused naming the override, never an IndexError or TypeError; unknown keys are left to
+    `parse_config`, which names them."""
     raw = copy.deepcopy(raw)
     if not overrides:
         return raw
@@ -319,17 +329,27 @@ def apply_overrides(raw: dict, overrides: list[str] | dict | None) -> dict:
         path = key.split(".") if isinstance(key, str) else list(key)
         if len(path) == 1 and path[0] in _ALIASES and not isinstance(value, list):
             path = [_ALIASES[path[0]]]
+        shown = ".".join(map(str, path))
         node = raw
-        for j, part in enumerate(path[:-1]):
+        for j, part in enumerate(path):
+            last = j == len(path) - 1
+            here = ".".join(map(str, path[:j])) or "the recipe"
             if isinstance(node, list):
-                node = node[int(part)]
+                if not str(part).isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {shown}: {here} is a list of {len(node)}; '{part}' is not an index "
+                                      f"into it (0..{len(node) - 1})")
+                part = int(part)
+                if last:
+                    node[part] = value
+                else:
+                    node = node[part]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
             else:
-                node = node.setdefault(part, {})
-        last = path[-1]
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
+                raise ConfigError(f"--set {shown}: {here} is the value {node!r}, which has no key '{part}'")
     return raw
 
 

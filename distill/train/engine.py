@@ -170,9 +170,16 @@ class Distiller:
             for t in self.cfg.teachers}
 
     def _teacher_widths(self) -> dict[str, int]:
-        """Probe each teacher once on a small image of the pool to learn its output width."""
-        item = self.pool.items[0]
-        img = read_image(item.entry)
+        """Probe each teacher once on an image of the pool to learn its output width (the first one that
+        decodes: a corrupt first image is skipped and counted like any other)."""
+        for item in self.pool.items[:256]:
+            try:
+                img = read_image(item.entry)
+                break
+            except Exception:  # undecodable despite a valid header
+                self.counters["corrupt_images"] += 1
+        else:
+            raise TrainingAborted("none of the pool's first 256 images decodes; check the pool shards")
         self._probe = {n: r.raw([img], [item.entry.key + "#probe"], [item.resolution])[0]
                        for n, r in self.teachers.items()}
         return {n: int(o.summary.shape[-1]) for n, o in self._probe.items()}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +21,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from distill.data.pool import tar_members
 from distill.io import write_json_atomic
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -62,20 +62,16 @@ def build_index(path: str | os.PathLike, cache_file: str | os.PathLike | None = 
     entries: list[PoolEntry] = []
     corrupt = 0
     for shard in shards:
-        with tarfile.open(shard, "r:") as tar:
-            for m in tar:
-                if not m.isfile() or not m.name.lower().endswith(IMAGE_EXTS):
-                    continue
-                data = tar.extractfile(m).read()
-                try:
-                    with Image.open(io.BytesIO(data)) as im:
-                        w, h = im.size
-                        im.verify()
-                except Exception:  # any parse failure = unusable image: skip and count
-                    corrupt += 1
-                    continue
-                key = m.name.rsplit(".", 1)[0]
-                entries.append(PoolEntry(str(shard), m.offset_data, m.size, key, w, h))
+        for m, data in tar_members(shard, IMAGE_EXTS):
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    w, h = im.size
+                    im.verify()
+            except Exception:  # any parse failure = unusable image: skip and count
+                corrupt += 1
+                continue
+            key = m.name.rsplit(".", 1)[0]
+            entries.append(PoolEntry(str(shard), m.offset_data, m.size, key, w, h))
     if cache_file is not None:
         write_json_atomic(cache_file, {"version": INDEX_VERSION, "shards": sig, "corrupt": corrupt,
                                        "entries": [e.__dict__ for e in entries]})
@@ -113,6 +109,20 @@ def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 12
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
     return h, w
+
+
+def fit_token_budget(h: int, w: int, patch: int, max_tokens: int) -> tuple[int, int]:
+    """(H, W) shrunk along the long side until (H/p)(W/p) <= max_tokens. `smart_resize` keeps every
+    side >= one patch, so an extreme aspect (a 20 x 4000 banner) can exceed the area budget; such an
+    image is narrowed to fit instead of refusing the whole run."""
+    gh, gw = h // patch, w // patch
+    if gh * gw <= max_tokens:
+        return h, w
+    if gh >= gw:
+        gh = max(1, max_tokens // gw)
+    else:
+        gw = max(1, max_tokens // gh)
+    return gh * patch, gw * patch
 
 
 @dataclass(frozen=True)
@@ -158,7 +168,8 @@ class TrainingPool:
             choice = torch.multinomial(res_w, len(reps), replacement=True, generator=g).tolist()
             for e, c in zip(reps, choice):
                 res = src.resolutions[c]
-                h, w = smart_resize(e.height, e.width, patch_size, src.min_resolution ** 2, res ** 2)
+                h, w = fit_token_budget(*smart_resize(e.height, e.width, patch_size, src.min_resolution ** 2, res ** 2),
+                                        patch_size, (res // patch_size) ** 2)
                 self.items.append(PlannedImage(e, res, (h, w), (h // patch_size) * (w // patch_size)))
 
     def __len__(self) -> int:
