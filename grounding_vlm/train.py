@@ -52,7 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {"steps": 1000, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 200, "keep": 2,
               "device": "auto", "progress": True},
     # suite / dataset_id: where results are filed; null = read from the data (evaluate.result_identity)
-    "robustness": {"max_skipped_in_a_row": 5, "grad_spike_factor": None},
+    "robustness": {"max_skipped_in_a_row": 5, "grad_spike_factor": 10.0},
     "eval": {"batch_size": 16, "limit": None, "ordered_boxes": True, "suite": None, "dataset_id": None},
 }
 
