@@ -76,13 +76,19 @@ class StepGuard:
 
 
 def guarded_step(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], loss: float, clip: float,
-                 guard: StepGuard) -> tuple[str | None, float]:
+                 guard: StepGuard, timings: dict | None = None) -> tuple[str | None, float]:
     """Measure (and clip, when `clip` > 0) the global grad norm, then step or drop the gradients.
 
     Returns (why the step was skipped or None, the pre-clip gradient norm). Every rank of a DDP / FSDP
-    run sees the same global norm and loss, so all ranks take the same decision."""
+    run sees the same global norm and loss, so all ranks take the same decision. `timings["guard_s"]`
+    accumulates the seconds the guard itself costs (norm and verdict, not the optimiser step)."""
+    import time
+
+    t0 = time.perf_counter()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params), clip if clip > 0 else float("inf")))
     reason = guard.verdict(float(loss), grad_norm)
+    if timings is not None:
+        timings["guard_s"] = timings.get("guard_s", 0.0) + time.perf_counter() - t0
     if reason is None:
         optimizer.step()
     else:

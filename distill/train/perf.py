@@ -3,7 +3,8 @@
 Both modes train the same student on the same mixed-resolution images with the same token budget
 per step (packed: `seqs` sequences of C_max tokens; padded: as many images as fit when each is
 padded to the step's longest image). Teacher cost is excluded: targets are fixed random tensors, so
-the figure isolates what batching changes (student forward + backward + AdamW step).
+the figure isolates what batching changes (student forward + backward + the trainer's guarded AdamW
+step; `guard_pct` is the guard's own share of the step: gradient norm and verdict).
 Reported tokens/s counts real (non-padding) tokens, prefix tokens (CLS + registers) included.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from distill import losses as L
 from distill.train.batching import TokenBalancedSampler
+from distill.train.guard import StepGuard, guarded_step
 
 
 def _images(n: int, sides: list[int], patch: int, seed: int) -> list[torch.Tensor]:
@@ -57,7 +59,8 @@ def run_perf(student_config="moe-cpu-small", max_tokens: int = 1024, seqs: int =
         sampler = TokenBalancedSampler(counts, world_size=1, seed=seed, mode=mode, max_tokens=max_tokens,
                                        seqs_per_rank=seqs, images_per_rank=padded_images)
         real = reserved = 0
-        elapsed = 0.0
+        elapsed = guard_s = 0.0
+        guard = StepGuard(spike_factor=None)
         for step in range(warmup + steps):
             plan = sampler.next_step()
             idx = plan.images(0)       # may repeat an image across an epoch boundary: index by position
@@ -78,14 +81,18 @@ def run_perf(student_config="moe-cpu-small", max_tokens: int = 1024, seqs: int =
                 loss = loss + lt
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            timing: dict = {}
+            guarded_step(opt, model.parameters(), loss.item(), 0.0, guard, timing)   # as the trainer steps
             if device != "cpu":
                 torch.cuda.synchronize()
             if step >= warmup:
                 elapsed += time.perf_counter() - t0
+                guard_s += timing["guard_s"]
                 real += plan.real_tokens()
                 reserved += plan.reserved_tokens()
         results[mode] = {"tokens_per_s": real / elapsed, "fill_ratio": real / reserved,
+                         # the guarded step's own cost (grad norm + verdict), in percent of step time
+                         "guard_pct": round(100.0 * guard_s / elapsed, 3),
                          "real_tokens": real, "reserved_tokens": reserved, "seconds": elapsed,
                          "images_per_step": (padded_images if mode == "padded" else None)}
     return {"benchmark": "distill-batching", "student": student_config if isinstance(student_config, str)
