@@ -20,7 +20,7 @@ GROUPS = {
     "world": "benchmarks.world.cli",         # amoe world make
     "bench": "benchmarks.cli",               # amoe bench run|sweep|perf
     "leaderboard": "benchmarks.leaderboard_cli",  # amoe leaderboard build
-    "quickstart": "benchmarks.quickstart",   # amoe quickstart
+    "quickstart": "amoe.quickstart",         # amoe quickstart (the application: every package in one run)
     "ground": "grounding_vlm.cli",           # amoe ground train|eval
 }
 

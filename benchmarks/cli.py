@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.results import Cell, read_result, result_path
+from distill.results import Cell, read_result, result_path
 
 
 def _parse_vars(pairs: list[str] | None) -> dict[str, str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.results import load_results
+from distill.results import load_results
 from benchmarks.suites import SuiteError, load_suite
 
 REPORTED_CSV = Path(__file__).resolve().parents[1] / "leaderboards" / "reported.csv"
@@ -473,14 +473,27 @@ def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 "show the preferred head. The CSV files add each row's encoder spec and the family averages "
                 "with their dataset counts.\n"]
     suite_names = sorted({r["config"].get("suite") for r in records if r["config"].get("suite")})
+    unlisted: list[str] = []
     for suite_name in suite_names:
         try:
             suite = load_suite(next(r["config"]["suite_file"] for r in records
                                     if r["config"].get("suite") == suite_name and r["config"].get("suite_file")
                                     and Path(r["config"]["suite_file"]).is_file()))
         except (StopIteration, SuiteError):
-            suite = load_suite(suite_name)
+            try:
+                suite = load_suite(suite_name)
+            except SuiteError:
+                unlisted.append(f"- results name the suite `{suite_name}`, which is neither built in nor a file "
+                                "here: they are in results_long.csv only")
+                continue
         table, heads, marks = suite_table(records, suite, row_names, base, allow_limited=allow_limited)
+        listed = {d["id"] for d in suite["datasets"]}
+        strays = sorted({r["cell"]["dataset"] for r in records if r["config"].get("suite") == suite_name
+                         and r["cell"]["dataset"] not in listed})
+        if strays:   # results no column shows: say so rather than leave a row of dashes unexplained
+            unlisted.append(f"- suite `{suite_name}` lists no dataset {', '.join(f'`{d}`' for d in strays)}: those "
+                            "results are in results_long.csv only (`amoe ground eval --dataset-id` / `--suite` "
+                            "file them under a listed id)")
         if table.empty:
             continue
         tables[suite_name] = table
@@ -507,7 +520,7 @@ def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
     failed = status[status["status"] != "ok"]
     if len(failed):
         md_parts += ["\n## Cells not in the tables\n\n", to_markdown(failed)]
-    notes = data_notes(records, row_names) + [f"- result file `{os.path.relpath(p, out)}` left out: {why}"
+    notes = data_notes(records, row_names) + unlisted + [f"- result file `{os.path.relpath(p, out)}` left out: {why}"
                                               for p, why in unreadable]
     if notes:
         md_parts += ["\n## Notes\n\n", "\n".join(notes) + "\n"]

@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.cache import FeatureCache
 from benchmarks.context import LimitedDataset, image_of
-from benchmarks.results import Cell, read_result, result_path
+from distill.results import Cell, read_result, result_path
 from benchmarks.suites import dataset_entry, load_suite
 from benchmarks.sweep import Harness, default_encoder_loader, plan_cells, run_cells
 
@@ -39,7 +39,7 @@ def _bare_forward(encoder, ds, resolution, batch_size: int) -> float:
 
 def default_model(work: Path) -> str:
     """A random-init student export (no training needed), made once under `work`."""
-    from distill.encoders.registry import export_random_student, student_export_complete
+    from distill.encoders.student import export_random_student, student_export_complete
     path = work / "random-student"
     if not student_export_complete(path):
         export_random_student(path, config="tiny-moe", seed=0)

@@ -12,7 +12,7 @@ A sweep config is JSON:
      "task_cfg": {"knn": {"k": 20}},       # overrides of each task's defaults
      "out": "results", "cache_dir": null}
 
-Every cell writes one result JSON (benchmarks.results). Cells already finished ("ok" or "skipped")
+Every cell writes one result JSON (distill.results). Cells already finished ("ok" or "skipped")
 are not run again, so a killed sweep re-run finishes only the missing cells; a failing cell is
 recorded as "failed" with its traceback and the sweep goes on (failed cells are retried next run).
 """
@@ -35,7 +35,7 @@ from distill.io import fingerprint
 
 from benchmarks.cache import FeatureCache
 from benchmarks.context import HarnessContext, default_device, dist_info
-from benchmarks.results import (DONE_STATUSES, Cell, existing_status, jsonable, make_record, result_path,
+from distill.results import (DONE_STATUSES, Cell, existing_status, jsonable, make_record, result_path,
                                 settings_digest, write_result)
 from benchmarks.suites import SuiteError, dataset_entry, load_suite
 
@@ -95,7 +95,8 @@ class Harness:
             task = self.get_task(cell.task)
         except KeyError:   # an unknown task: the cell fails in run_cell, where that is recorded
             return replace(cell, limit=self.limit, settings=None)
-        return replace(cell, limit=self.limit, settings=settings_digest(task.version, self.task_settings(task, cell.task)))
+        settings = settings_digest(task.version, self.task_settings(task, cell.task))
+        return replace(cell, limit=self.limit, settings=settings)
 
 
 # ---------------------------------------------------------------- configs

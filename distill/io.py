@@ -133,6 +133,7 @@ def lock_run_folder(folder: str | os.PathLike, what: str) -> FileLock:
     lock = FileLock(Path(folder) / ".lock", what)
     if not lock.acquire():
         h = lock.holder()
-        raise LockHeld(f"{folder} is in use by a {h.get('what', 'process')} (pid {h.get('pid', '?')} on {h.get('host', '?')} "
-                       f"since {h.get('since', '?')}); wait for it to finish or use another output folder")
+        raise LockHeld(f"{folder} is in use by a {h.get('what', 'process')} (pid {h.get('pid', '?')} on "
+                       f"{h.get('host', '?')} since {h.get('since', '?')}); wait for it to finish or use another "
+                       "output folder")
     return lock

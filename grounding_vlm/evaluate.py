@@ -65,28 +65,13 @@ def result_identity(cfg: dict, split: str, suite: str | None = None,
     return suite or ecfg.get("suite") or ("miniworld" if mini else "paper"), dataset_id.replace("{split}", split)
 
 
-def _warn_if_not_in_suite(suite: str, dataset_id: str) -> None:
-    """A result the suite does not list would show as a row of dashes: say so now."""
-    import sys
-
-    from benchmarks.suites import SuiteError, load_suite
-    try:
-        ids = [d["id"] for d in load_suite(suite)["datasets"] if "grounding" in d["tasks"]]
-    except (SuiteError, OSError):
-        return
-    if dataset_id not in ids:
-        print(f"warning: suite '{suite}' lists no grounding dataset '{dataset_id}' (it lists: "
-              f"{', '.join(ids) or 'none'}), so the leaderboard will not show this result; pass --suite or "
-              f"--dataset-id", file=sys.stderr)
-
-
 def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch_size: int | None = None,
              results_dir: str | Path | None = None, model_name: str | None = None, suite: str | None = None,
              dataset_id: str | None = None, device: str = "cpu", progress: bool = True) -> dict:
     """Evaluate a trained run on one split; writes RUN/eval/<split>.jsonl (predictions) and a result JSON
     under `results_dir` (default RUN/results). Returns the result record. The row is named after the
     run folder (`grounding-vlm:<run folder name>`) unless `model_name` is given."""
-    from benchmarks.results import Cell, jsonable, make_record, settings_digest, write_result
+    from distill.results import Cell, jsonable, make_record, settings_digest, write_result
 
     from .train import load_run
 
@@ -102,7 +87,6 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
     check_text_lengths(examples, tok, model.config.max_text_len, f"{cfg['data'].get('dataset')} {split}",
                        extra_tokens=3)
     suite, dataset_id = result_identity(cfg, split, suite, dataset_id)
-    _warn_if_not_in_suite(suite, dataset_id)
     bs = int(batch_size or ecfg.get("batch_size", 16))
     cache = ImageCache(processor_from(cfg["data"], model.config.vision.spatial_patch_size))
     score = GroundingScore()

@@ -117,7 +117,7 @@ class MoTBlock(nn.Module):
         mask: a `SampleAttention`, or the dense (Ni+Nt, Ni+Nt+2) bool mask incl. the two sink columns."""
         V, T = self.vision, self.text
         va, ta = V.attention, T.attention
-        qi, ki, vi = self._qkv(va, V._norm(V.attention_norm, xi))
+        qi, ki, vi = self._qkv(va, V.apply_norm(V.attention_norm, xi))
         qt, kt, vt = self._qkv(ta, T.attention_norm(xt))
         q, k, v = torch.cat([qi, qt]), torch.cat([ki, kt]), torch.cat([vi, vt])
         if va.use_qk_norm:
@@ -134,7 +134,7 @@ class MoTBlock(nn.Module):
         n_i = xi.shape[0]
         hi = xi + va.wo(out[:n_i])
         ht = xt + ta.wo(out[n_i:])
-        zi = V._norm(V.ffn_norm, hi)
+        zi = V.apply_norm(V.ffn_norm, hi)
         fi = V.moe(zi[None])[0] if V.kind == "moe" else V.feed_forward(zi)
         ft = T.feed_forward(T.ffn_norm(ht))
         return hi + fi, ht + ft

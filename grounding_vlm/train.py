@@ -28,7 +28,7 @@ from distill.errors import AmoeError
 from distill.io import fingerprint, write_json_atomic
 from distill.student import update_expert_bias
 from distill.train import checkpoint as ckpt
-from distill.train.distributed import all_reduce_sum, barrier, setup, teardown
+from distill.distributed import all_reduce_sum, barrier, setup, teardown
 from distill.train.guard import StepGuard, TrainingAborted, guarded_step, require_finite
 from distill.train.metrics import MetricsWriter
 

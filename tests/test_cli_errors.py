@@ -34,7 +34,7 @@ def test_version(capsys):
 
 
 def test_every_user_error_shares_the_base():
-    from benchmarks.results import ResultSchemaError
+    from distill.results import ResultSchemaError
     from benchmarks.suites import SuiteError
     from benchmarks.sweep import SweepConfigError
     from benchmarks.tasks.base import NoUsableHeadError, TaskConfigError, UnknownTaskError

@@ -8,7 +8,8 @@ import torch
 from distill.encoders.common import RemoteCodeNotAllowedError
 from distill.encoders.dinotxt import (SUBFOLDER, DinoTxtShapeError, MiniDinoTxt, VisionHead, load_dinotxt,
                                       save_mini_dinotxt)
-from distill.encoders.registry import export_random_student, load_encoder
+from distill.encoders.registry import load_encoder
+from distill.encoders.student import export_random_student
 from test_encoders_standins import image, make_dinov3_dir, make_siglip2_dir
 
 

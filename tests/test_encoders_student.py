@@ -11,7 +11,8 @@ import torch
 
 from distill.encoders.base import MissingHeadError
 from distill.encoders.common import RemoteCodeNotAllowedError
-from distill.encoders.registry import detect_kind, export_random_student, load_encoder, student_export_complete
+from distill.encoders.registry import detect_kind, load_encoder
+from distill.encoders.student import export_random_student, student_export_complete
 from distill.encoders.student import release_config_for, save_student
 from distill.student import ImageProcessor, Student
 from test_encoders_standins import image, make_dinov3_dir, make_siglip2_dir

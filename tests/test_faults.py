@@ -134,10 +134,10 @@ def _hold(path: Path, kind: str = "run"):
     """A separate live process holding a lock, until the returned Popen is killed."""
     import subprocess
 
-    code = (f"import sys, time; from distill.io import FileLock, lock_run_folder\n"
-            f"l = lock_run_folder(sys.argv[1], 'test') if sys.argv[2] == 'run' else FileLock(sys.argv[1])\n"
-            f"assert l is not None and (sys.argv[2] == 'run' or l.acquire())\n"
-            f"print('held', flush=True); time.sleep(120)")
+    code = ("import sys, time; from distill.io import FileLock, lock_run_folder\n"
+            "l = lock_run_folder(sys.argv[1], 'test') if sys.argv[2] == 'run' else FileLock(sys.argv[1])\n"
+            "assert l is not None and (sys.argv[2] == 'run' or l.acquire())\n"
+            "print('held', flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(path), kind], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -166,7 +166,7 @@ def test_two_distillations_on_one_folder_the_second_is_refused(world, tmp_path):
 def test_a_second_sweep_leaves_the_cells_another_sweep_holds(tmp_path):
     """Reproduced: two identical sweeps on one results folder both computed every cell."""
     from benchmarks.cache import FeatureCache
-    from benchmarks.results import Cell, result_path
+    from distill.results import Cell, result_path
     from benchmarks.sweep import Harness, run_cells
     from test_harness_fakes import fake_dataset_loader, fake_encoder_loader, fake_task_lookup, write_suite
 
@@ -197,10 +197,10 @@ def test_a_skip_caused_by_this_machine_is_retried_and_a_real_one_is_not(tmp_path
     import shutil
 
     from benchmarks.cache import FeatureCache
-    from benchmarks.results import Cell, existing_status, read_result, result_path
+    from distill.results import Cell, existing_status, read_result, result_path
     from benchmarks.suites import load_suite
     from benchmarks.sweep import Harness, run_cells
-    from distill.encoders.registry import export_random_student
+    from distill.encoders.student import export_random_student
     from test_encoders_standins import make_dinov3_dir, make_siglip2_dir
     from test_harness_fakes import fake_dataset_loader
 

@@ -180,7 +180,7 @@ def _tiny_sets(world: Path, student: Path | None, steps: int) -> list[str]:
 
 def test_train_eval_end_to_end_and_leaderboard(refer_world, student_dir, tmp_path):
     from benchmarks.leaderboard import suite_table
-    from benchmarks.results import load_results
+    from distill.results import load_results
     from benchmarks.suites import load_suite
     from grounding_vlm.evaluate import evaluate
 
@@ -248,7 +248,7 @@ def test_grounding_results_are_filed_under_the_users_data_and_named_by_run(refer
     (`mw-refcoco-*`, suite miniworld: a leaderboard row of dashes), and two runs of one config
     overwrote each other's results (both named after the config)."""
     from amoe.cli import main as amoe_main
-    from benchmarks.results import load_results
+    from distill.results import load_results
     from grounding_vlm.evaluate import evaluate
 
     data = _user_refer(refer_world, tmp_path)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.cache import CorruptCacheWarning, FeatureCache, FeatureKey, features_to_tensors, tensors_to_features
+from benchmarks.cache import CorruptCacheWarning, FeatureCache, features_to_tensors, tensors_to_features
 from benchmarks.context import HarnessContext, LimitedDataset, shard_range
-from benchmarks.results import (Cell, ResultSchemaError, load_results, make_record, read_result, result_path,
+from distill.results import (Cell, ResultSchemaError, load_results, make_record, read_result, result_path,
                                 validate, write_result)
 from benchmarks.suites import SuiteError, dataset_entry, expand_vars, load_suite
 from benchmarks.sweep import Harness, plan_cells, run_cells, run_sweep

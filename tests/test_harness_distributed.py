@@ -87,7 +87,7 @@ dist.destroy_process_group()
 
 @pytest.mark.distributed
 def test_sweep_under_two_ranks_writes_each_result_once(tmp_path):
-    from benchmarks.results import load_results
+    from distill.results import load_results
     from test_harness_fakes import write_suite
 
     write_suite(tmp_path / "suite.json", tmp_path / "data")

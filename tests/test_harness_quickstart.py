@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.quickstart import STEPS, Run, Step, load_settings, run_steps
+from amoe.quickstart import STEPS, Run, Step, load_settings, run_steps
 
 
 def _steps(calls, fail_on=None):

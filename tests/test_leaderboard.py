@@ -8,7 +8,7 @@ import pytest
 
 from amoe.cli import main as amoe_main
 from benchmarks.leaderboard import build, load_reported, pick_metric, suite_table
-from benchmarks.results import Cell, load_results, make_record, write_result
+from distill.results import Cell, load_results, make_record, write_result
 from benchmarks.suites import load_suite
 
 PAPER_CLS = ["imagenet", "cub200", "food101", "dtd", "fgvc_aircraft", "flowers102", "caltech101"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from benchmarks.cache import FeatureCache
 from benchmarks.context import HarnessContext
 from benchmarks.leaderboard import pick_metric
-from benchmarks.results import read_result, result_path
+from distill.results import read_result, result_path
 from benchmarks.suites import dataset_entry, load_suite
 from benchmarks.sweep import Harness, run_sweep
 from benchmarks.tasks import TaskConfigError, get_task

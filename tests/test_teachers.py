@@ -13,7 +13,7 @@ from distill.teachers.common import RECIPES_FILE
 from distill.teachers.probe import PROBE_TEXT, probe_image, probe_outputs
 from distill.teachers.tokenizer import canonicalize, encode
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "benchmarks" / "suites" / "sweeps" / "quickstart.json"
+QUICKSTART = Path(__file__).resolve().parents[1] / "amoe" / "quickstart.json"
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from PIL import Image
 
 from benchmarks.cache import FeatureCache
 from benchmarks.leaderboard import LIMITED_MARK, SETTINGS_MARK, build, suite_table
-from benchmarks.results import Cell, load_results, result_path
+from distill.results import Cell, load_results, result_path
 from benchmarks.suites import load_suite
 from benchmarks.sweep import Harness, run_sweep
 from distill.data import AnnotationError, load_dataset
@@ -202,7 +202,8 @@ def test_every_task_on_real_format_data_matches_an_independent_computation(digit
     t2i = sum(int(sim[:, j].argmax() == owner[j]) for j in range(len(caps))) / len(caps)
     i2t = sum(int(owner[sim[i].argmax()] == i) for i in range(len(img))) / len(img)
     m = recs[("retrieval", "digit-captions")]["metrics"]
-    assert m["pix/t2i_r1"] == pytest.approx(100 * t2i, abs=1e-4) and m["pix/i2t_r1"] == pytest.approx(100 * i2t, abs=1e-4)
+    assert m["pix/t2i_r1"] == pytest.approx(100 * t2i, abs=1e-4)
+    assert m["pix/i2t_r1"] == pytest.approx(100 * i2t, abs=1e-4)
 
     seg = recs[("segmentation", "digit-strokes")]["metrics"]
     assert 0 < seg["pix/miou"] <= 100
@@ -342,7 +343,8 @@ def test_a_changed_task_config_is_a_new_cell_and_the_column_says_so(digits_root,
     h, summary, _ = sweep(tmp_path, enc, ["knn"], root=digits_root, datasets=["digits"],
                           task_cfg={"knn": {"k": [10, 20]}})
     assert summary.already_done == 0 and summary.ok == 1
-    assert "pix/top1@k10" in [r for r in load_results(h.out_dir) if r["config"]["task_cfg"]["k"] == [10, 20]][0]["metrics"]
+    (wider,) = [r for r in load_results(h.out_dir) if r["config"]["task_cfg"]["k"] == [10, 20]]
+    assert "pix/top1@k10" in wider["metrics"]
     # two models, two settings, one column -> a marker naming the differing key
     cfg = {"suite": str(suite_file(digits_root, tmp_path)), "tasks": ["knn"], "datasets": ["digits"]}
     run_sweep({**cfg, "models": ["m1"]}, harness(tmp_path, enc, out="two"))
@@ -377,7 +379,8 @@ def test_malformed_karpathy_captions_name_the_file_and_the_image(digits_root, tm
 def test_the_random_init_baseline_has_features_that_vary(tmp_path):
     """Reproduced: the random-init student gave exactly the same summary vector for every image (std 0):
     the release init zeroes every residual output projection, so CLS never sees the image."""
-    from distill.encoders.registry import export_random_student, load_encoder
+    from distill.encoders.registry import load_encoder
+    from distill.encoders.student import export_random_student
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)) for _ in range(4)]

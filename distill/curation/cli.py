@@ -7,7 +7,6 @@ Under torchrun `embed` splits the pool's shards over ranks and `cluster --engine
 from __future__ import annotations
 
 import json
-import sys
 
 
 def register(subparsers) -> None:
@@ -71,7 +70,7 @@ def _embed(args) -> int:
         return 0
     from distill.curation.embed import embed_pool
     from distill.encoders.registry import load_encoder
-    from distill.train.distributed import setup, teardown
+    from distill.distributed import setup, teardown
 
     info = setup(args.device)
     try:
@@ -88,7 +87,7 @@ def _embed(args) -> int:
 
 def _cluster(args) -> int:
     from distill.curation.hierarchy import cluster_embeddings
-    from distill.train.distributed import setup, teardown
+    from distill.distributed import setup, teardown
 
     info = setup("auto")
     try:
@@ -137,7 +136,3 @@ def _perf(args) -> int:
             print(f"{r['points']:>9d} points x {r['dim']}: {r['wall_s']:8.2f} s  peak RSS {r['peak_rss_mb']:8.1f} MB")
     return 0
 
-
-if __name__ == "__main__":
-    from amoe.cli import main
-    sys.exit(main(["curate", *sys.argv[1:]]))

@@ -12,7 +12,8 @@ from .safe_pickle import UnsafePickleError, safe_load, safe_loads
 from .segmentation import SegmentationDataset
 
 __all__ = [
-    "IGNORE_INDEX", "AnnotationError", "LabelSpaceError", "check_same_classes", "ClassificationDataset", "DatasetLayoutError", "PoolSample", "RefSample", "RetrievalDataset",
+    "IGNORE_INDEX", "AnnotationError", "LabelSpaceError", "check_same_classes",
+    "ClassificationDataset", "DatasetLayoutError", "PoolSample", "RefSample", "RetrievalDataset",
     "UnreadableImageError", "WebDatasetPool", "ReferDataset", "decode_mask", "DATASETS", "dataset_kind",
     "list_datasets", "load_dataset", "UnsafePickleError", "safe_load", "safe_loads", "SegmentationDataset",
 ]

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from PIL import Image
 from torch.utils.data import IterableDataset
@@ -30,7 +30,7 @@ class TruncatedShardWarning(UserWarning):
 
 
 def tar_members(shard: str | os.PathLike, suffixes: tuple[str, ...] | None = None,
-                read: bool = True) -> Iterator[tuple["tarfile.TarInfo", bytes | None]]:
+                read: bool = True) -> Iterator[tuple[Any, bytes | None]]:
     """(member, its bytes or None) for the file members of a tar shard, in order: the one reader of
     tar members for the trainer, curation and the teachers' data.
 

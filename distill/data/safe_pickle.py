@@ -115,7 +115,7 @@ def safe_loads(data: bytes, decode_bytes: bool = True) -> Any:
     except UnsafePickleError:
         raise
     except RecursionError:
-        raise UnsafePickleError(f"refused to load pickle: data nested deeper than Python can unpickle") from None
+        raise UnsafePickleError("refused to load pickle: data nested deeper than Python can unpickle") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
             AttributeError, MemoryError) as e:
         raise UnsafePickleError(f"not a readable pickle ({type(e).__name__}: {e}); the file is truncated "

@@ -178,13 +178,3 @@ def load_encoder(spec: str, **kwargs) -> Encoder:
     merged = {**spec_kwargs, **kwargs}
     return info.fn(arg, **merged)
 
-
-def export_random_student(path, config="tiny-moe", seed: int = 0, teachers=None, init: str = "standard"):
-    """A randomly initialised student written in the trainer's export format (see student.py)."""
-    from distill.encoders.student import export_random_student as _export
-    return _export(path, config=config, seed=seed, teachers=teachers, init=init)
-
-
-def student_export_complete(path) -> bool:
-    from distill.encoders.student import student_export_complete as _complete
-    return _complete(path)

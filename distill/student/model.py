@@ -82,12 +82,14 @@ class TransformerBlock(nn.Module):
         else:
             self.moe = MoE(cfg.dim, cfg.moe_dim, cfg.moe_args)
 
-    def _norm(self, module, x):
+    def apply_norm(self, module, x):
+        """`module(x)`, or the parameter-free RMS norm where the config has no norm weights (public:
+        the grounding VLM runs these blocks step by step)."""
         return module(x) if module is not None else rms_norm(x, None, None)
 
     def forward(self, x, cos, sin, mask: AttentionMask):
-        h = x + self.attention(self._norm(self.attention_norm, x), cos, sin, mask)
-        z = self._norm(self.ffn_norm, h)
+        h = x + self.attention(self.apply_norm(self.attention_norm, x), cos, sin, mask)
+        z = self.apply_norm(self.ffn_norm, h)
         ffn = self.moe(z, mask.valid) if self.kind == "moe" else self.feed_forward(z)
         return h + ffn
 

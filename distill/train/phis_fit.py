@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from distill.train.distributed import barrier
+from distill.distributed import barrier
 from distill.train.pool import read_image
 
 KINDS = ("summary", "patches", "registers")

@@ -5,7 +5,7 @@ outputs are complete (`done`) and how to make them (`run`); re-running the comma
 steps, so a killed quickstart picks up where it stopped. Later work (distilling the student,
 ablations, grounding) adds a `Step` to the list in one place.
 
-Settings are data: `benchmarks/suites/sweeps/quickstart.json` (`default`, and `fast` overrides for
+Settings are data: `amoe/quickstart.json` (`default`, and `fast` overrides for
 the smoke run used by the tests).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable
 
 from distill.io import write_json_atomic
 
-SETTINGS_FILE = Path(__file__).resolve().parent / "suites" / "sweeps" / "quickstart.json"
+SETTINGS_FILE = Path(__file__).resolve().parent / "quickstart.json"
 
 
 @dataclass
@@ -148,12 +148,12 @@ def _train_teachers(r: Run) -> None:
 
 
 def _student_done(r: Run) -> bool:
-    from distill.encoders.registry import student_export_complete
+    from distill.encoders.student import student_export_complete
     return student_export_complete(r.random_student)
 
 
 def _export_random_student(r: Run) -> None:
-    from distill.encoders.registry import export_random_student
+    from distill.encoders.student import export_random_student
     s = r.settings["random_student"]
     export_random_student(r.random_student, config=s.get("config", "tiny-moe"), seed=int(s.get("seed", 0)),
                           teachers=r.teachers)
@@ -176,7 +176,7 @@ def _distill_one(r: Run, relational: str, export: Path, manifest: Path | None = 
 
 
 def _distill_done(r: Run) -> bool:
-    from distill.encoders.registry import student_export_complete
+    from distill.encoders.student import student_export_complete
     return student_export_complete(r.distilled(r.relational_variants()[0]))
 
 
@@ -186,19 +186,19 @@ def _distill_main(r: Run) -> None:
 
 
 def _ablation_done(r: Run) -> bool:
-    from distill.encoders.registry import student_export_complete
+    from distill.encoders.student import student_export_complete
     return all(student_export_complete(r.distilled(k)) for k in r.relational_variants()[1:])
 
 
 def _distill_ablation(r: Run) -> None:
-    from distill.encoders.registry import student_export_complete
+    from distill.encoders.student import student_export_complete
     for k in r.relational_variants()[1:]:
         if not student_export_complete(r.distilled(k)):
             _distill_one(r, k, r.distilled(k))
 
 
 def _curation_done(r: Run) -> bool:
-    from distill.encoders.registry import student_export_complete
+    from distill.encoders.student import student_export_complete
     return all(student_export_complete(r.data_student(k)) for k in SAMPLINGS)
 
 
@@ -207,7 +207,8 @@ def _curation_ablation(r: Run) -> dict:
     and a uniform-random one of the same size, and distil the main recipe on each."""
     from distill.curation import (cluster_embeddings, embed_pool, evaluate_manifest, random_manifest,
                                   sample_manifest)
-    from distill.encoders.registry import load_encoder, student_export_complete
+    from distill.encoders.registry import load_encoder
+    from distill.encoders.student import student_export_complete
     c = r.settings["curation"]
     pool = r.world / "pool" / "shards"
     embeddings, clusters = r.curation / "embeddings", r.curation / "clusters"
@@ -237,7 +238,7 @@ def _grounding_ablation(r: Run) -> dict:
 
 
 def _bench_done(r: Run) -> bool:
-    from benchmarks.results import DONE_STATUSES, existing_status
+    from distill.results import DONE_STATUSES, existing_status
     from benchmarks.suites import load_suite
     from benchmarks.sweep import harness_from_config, plan_cells
     cfg = r.sweep_config()
