@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distill.distributed import all_reduce_sum, barrier, setup, teardown
 from distill.errors import AmoeError
 from distill.io import fingerprint, write_json_atomic
 from distill.student import update_expert_bias
 from distill.train import checkpoint as ckpt
-from distill.distributed import all_reduce_sum, barrier, setup, teardown
 from distill.train.guard import StepGuard, TrainingAborted, guarded_step, require_finite
 from distill.train.metrics import MetricsWriter
 
@@ -52,7 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {"steps": 1000, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 200, "keep": 2,
               "device": "auto", "progress": True},
     # suite / dataset_id: where results are filed; null = read from the data (evaluate.result_identity)
-    "robustness": {"max_skipped_in_a_row": 5, "grad_spike_factor": 10.0},
+    "robustness": {"max_skipped_in_a_row": 5, "grad_spike_factor": 50.0},
     "eval": {"batch_size": 16, "limit": None, "ordered_boxes": True, "suite": None, "dataset_id": None},
 }
 

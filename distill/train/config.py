@@ -130,7 +130,7 @@ class LoggingConfig:
 @dataclass
 class RobustnessConfig:
     max_skipped_in_a_row: int = 5            # abort after this many skipped steps in a row
-    grad_spike_factor: float | None = 10.0   # also skip a step whose grad norm > factor x running median
+    grad_spike_factor: float | None = 50.0   # also skip a step whose grad norm > factor x running median
 
 
 @dataclass

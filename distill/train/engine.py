@@ -23,12 +23,12 @@ import torch.distributed as dist
 from torch import nn
 
 from distill import losses as L
+from distill.distributed import DistInfo, all_reduce_sum, barrier, setup, teardown
 from distill.io import fingerprint, write_json_atomic
 from distill.train import checkpoint as ckpt
-from distill.train.checkpoint import ResumeRefused
 from distill.train.batching import StepPlan, TokenBalancedSampler
+from distill.train.checkpoint import ResumeRefused
 from distill.train.config import TrainConfig
-from distill.distributed import DistInfo, all_reduce_sum, barrier, setup, teardown
 from distill.train.guard import StepGuard, TrainingAborted, guarded_step, require_finite
 from distill.train.metrics import MetricsWriter
 from distill.train.pool import PlannedImage, TrainingPool, read_image
