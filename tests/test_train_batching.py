@@ -11,7 +11,8 @@ from PIL import Image
 
 from distill.train.batching import TokenBalancedSampler
 from distill.train.config import ConfigError, load_config
-from distill.train.pool import TrainingPool, build_index, read_image, smart_resize
+from distill.student.processor import smart_resize
+from distill.train.pool import TrainingPool, build_index, read_image
 
 RECIPES = Path(__file__).resolve().parents[1] / "distill" / "recipes"
 
@@ -76,13 +77,19 @@ def test_oversized_image_is_a_clear_error():
         TokenBalancedSampler([100, 2000], world_size=1, seed=0, max_tokens=1024)
 
 
-def test_smart_resize_matches_processor_table():
-    # (H, W) examples from the SigLino fact sheet, default min 128^2 / max 256^2
-    assert smart_resize(64, 96) == (112, 160)
-    assert smart_resize(300, 500) == (192, 320)
-    assert smart_resize(480, 640) == (208, 288)
-    assert smart_resize(1000, 1000) == (256, 256)
-    assert smart_resize(200, 136, min_pixels=16 * 16, max_pixels=1024 ** 2) == (192, 128)
+def test_the_pool_plans_sizes_with_the_processor_rule_made_lenient():
+    # (H, W) examples from the SigLino fact sheet, default min 128^2 / max 256^2: the same either way
+    for strict in (True, False):
+        assert smart_resize(64, 96, strict=strict) == (112, 160)
+        assert smart_resize(300, 500, strict=strict) == (192, 320)
+        assert smart_resize(480, 640, strict=strict) == (208, 288)
+        assert smart_resize(1000, 1000, strict=strict) == (256, 256)
+        assert smart_resize(200, 136, min_pixels=16 * 16, max_pixels=1024 ** 2, strict=strict) == (192, 128)
+    # dirty data the processor refuses, the pool sizes: a sliver, an extreme banner
+    with pytest.raises(ValueError, match="smaller than one 16x16 patch"):
+        smart_resize(8, 100)
+    assert smart_resize(8, 100, strict=False) == (48, 464)
+    assert smart_resize(20, 4000, 16, 32 * 32, 64 * 64, strict=False) == (16, 896)
 
 
 # ----------------------------------------------------------------------------- config

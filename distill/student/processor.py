@@ -20,13 +20,21 @@ MAX_ASPECT_RATIO = 200
 
 
 def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 128 * 128,
-                 max_pixels: int = 256 * 256) -> tuple[int, int]:
+                 max_pixels: int = 256 * 256, strict: bool = True) -> tuple[int, int]:
     """Target (H', W'): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
-    Rounding is Python's round() (half to even): 200x136 -> 192x128."""
+    Rounding is Python's round() (half to even): 200x136 -> 192x128.
+
+    `strict` (the release's processor) refuses a side under one patch and an extreme aspect ratio.
+    `strict=False` is the training pool's rule for dirty data, which must never stop a run: a side
+    under one patch is scaled up to one first, any aspect is accepted, and a shrunk side never goes
+    below one patch (`distill.train.pool.fit_token_budget` then keeps the token budget)."""
     if height < factor or width < factor:
-        raise ValueError(f"image {height}x{width} is smaller than one {factor}x{factor} patch; "
-                         f"both sides must be >= {factor}")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        if strict:
+            raise ValueError(f"image {height}x{width} is smaller than one {factor}x{factor} patch; "
+                             f"both sides must be >= {factor}")
+        s = factor / min(height, width)
+        height, width = max(factor, round(height * s)), max(factor, round(width * s))
+    if strict and max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
         raise ValueError(f"aspect ratio of {height}x{width} exceeds {MAX_ASPECT_RATIO}; crop the image first")
     h = round(height / factor) * factor
     w = round(width / factor) * factor
@@ -34,6 +42,8 @@ def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 12
         beta = math.sqrt(height * width / max_pixels)
         h = math.floor(height / beta / factor) * factor
         w = math.floor(width / beta / factor) * factor
+        if not strict:
+            h, w = max(factor, h), max(factor, w)
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h = math.ceil(height * beta / factor) * factor

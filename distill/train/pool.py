@@ -12,7 +12,6 @@ when a shard changes.
 from __future__ import annotations
 
 import io
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from PIL import Image
 
 from distill.data.pool import tar_members
 from distill.io import write_json_atomic
+from distill.student.processor import smart_resize
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 INDEX_VERSION = 1
@@ -87,30 +87,6 @@ def read_image(entry: PoolEntry) -> Image.Image:
         return im.convert("RGB")
 
 
-def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 128 * 128,
-                 max_pixels: int = 256 * 256) -> tuple[int, int]:
-    """Target (H, W), multiples of `factor`, within [min_pixels, max_pixels] keeping the aspect ratio.
-
-    Same rule as the SigLino image processor (round-half-even to the grid, then shrink with floor or
-    grow with ceil); used to know token counts from the header size without decoding.
-    """
-    if height < factor or width < factor:
-        # tiny images are upscaled to the minimum budget instead of failing training
-        s = factor / min(height, width)
-        height, width = max(factor, round(height * s)), max(factor, round(width * s))
-    h = round(height / factor) * factor
-    w = round(width / factor) * factor
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
-
-
 def fit_token_budget(h: int, w: int, patch: int, max_tokens: int) -> tuple[int, int]:
     """(H, W) shrunk along the long side until (H/p)(W/p) <= max_tokens. `smart_resize` keeps every
     side >= one patch, so an extreme aspect (a 20 x 4000 banner) can exceed the area budget; such an
@@ -168,8 +144,8 @@ class TrainingPool:
             choice = torch.multinomial(res_w, len(reps), replacement=True, generator=g).tolist()
             for e, c in zip(reps, choice):
                 res = src.resolutions[c]
-                h, w = fit_token_budget(*smart_resize(e.height, e.width, patch_size, src.min_resolution ** 2, res ** 2),
-                                        patch_size, (res // patch_size) ** 2)
+                hw = smart_resize(e.height, e.width, patch_size, src.min_resolution ** 2, res ** 2, strict=False)
+                h, w = fit_token_budget(*hw, patch_size, (res // patch_size) ** 2)
                 self.items.append(PlannedImage(e, res, (h, w), (h // patch_size) * (w // patch_size)))
 
     def __len__(self) -> int:
