@@ -374,3 +374,14 @@ def test_missing_listed_files_fail_at_construction(tmp_path):
     jpg(base / "images" / "pho" / "1.jpg")
     with pytest.raises(UnreadableImageError, match=r"file missing[\s\S]*pho/2.jpg"):
         load_dataset("food101", tmp_path, "test")
+
+
+def test_sample_keys_follow_webdatasets_rule():
+    """The trainer, curation and the webdataset reader must group members into the same samples:
+    the key ends at the first dot of the file name (the trainer used the last dot)."""
+    from webdataset.tariterators import base_plus_ext
+
+    from distill.data.pool import sample_key
+
+    for name in ("000123.jpg", "dir/000123.seg.png", "a.b/c.d.jpg", "shard-1/x.y.z.json"):
+        assert sample_key(name) == base_plus_ext(name)[0]

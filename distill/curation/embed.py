@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distill.data.pool import tar_members
+from distill.data.pool import sample_key, tar_members
 from distill.encoders.base import Encoder
 from distill.errors import AmoeError
 from distill.io import atomic_path, write_json_atomic
@@ -84,10 +84,10 @@ def pool_units(pool: str | os.PathLike | list) -> list[Unit]:
 
 
 def unit_keys(unit: Unit) -> list[str]:
-    """Sample keys of a unit in order; for tars, the image member name without its extension
+    """Sample keys of a unit in order; for tars, webdataset's key of each image member (`sample_key`)
     (the key the trainer's pool index uses)."""
     if unit.is_tar:
-        return [m.name.rsplit(".", 1)[0] for m, _ in tar_members(unit.path, IMAGE_EXTS, read=False)]
+        return [sample_key(m.name) for m, _ in tar_members(unit.path, IMAGE_EXTS, read=False)]
     return _list_lines(unit.path)[unit.start:unit.stop]
 
 
@@ -103,7 +103,7 @@ def unit_images(unit: Unit) -> Iterator[tuple[str, Image.Image | None]]:
 
     if unit.is_tar:
         for m, data in tar_members(unit.path, IMAGE_EXTS):
-            yield m.name.rsplit(".", 1)[0], decode(data)
+            yield sample_key(m.name), decode(data)
     else:
         base = Path(unit.path).parent
         for line in _list_lines(unit.path)[unit.start:unit.stop]:

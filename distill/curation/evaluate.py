@@ -24,7 +24,7 @@ import numpy as np
 
 def pool_concepts(pool: str | os.PathLike) -> dict[tuple[str, str], list[int]]:
     """(shard name, key) -> concept ids, read from the ``.json`` members (images are not decoded)."""
-    from distill.data.pool import resolve_shards, tar_members
+    from distill.data.pool import resolve_shards, sample_key, tar_members
 
     out: dict[tuple[str, str], list[int]] = {}
     for shard in resolve_shards(pool):
@@ -32,7 +32,7 @@ def pool_concepts(pool: str | os.PathLike) -> dict[tuple[str, str], list[int]]:
         for m, data in tar_members(shard, (".json",)):
             meta = json.loads(data)
             if "concepts" in meta:
-                out[(name, m.name.rsplit(".", 1)[0])] = [int(c) for c in meta["concepts"]]
+                out[(name, sample_key(m.name))] = [int(c) for c in meta["concepts"]]
     if not out:
         raise ValueError(f"no sample of {pool} has metadata['concepts']; concept scores need ground-truth "
                          f"concept ids (the mini-world pool has them: amoe world make)")

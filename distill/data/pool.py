@@ -25,6 +25,14 @@ POOL_LAYOUT = """  ROOT/shards/*.tar  or  ROOT/*.tar  or a list / brace pattern 
 POOL_SOURCE = "webdataset shards (https://github.com/webdataset/webdataset), e.g. made with img2dataset"
 
 
+def sample_key(member_name: str) -> str:
+    """A tar member's sample key by webdataset's rule: the path up to the first dot of the file name
+    (`dir/000123.seg.png` -> `dir/000123`), so the trainer, curation and the webdataset reader the
+    teachers use agree on which members form one sample."""
+    head, _, base = member_name.rpartition("/")
+    return f"{head}/{base.split('.', 1)[0]}" if head else base.split(".", 1)[0]
+
+
 class TruncatedShardWarning(UserWarning):
     """A tar shard ends early (cut mid-member or corrupt); the members before the cut are used."""
 

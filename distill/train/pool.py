@@ -20,12 +20,12 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from distill.data.pool import tar_members
+from distill.data.pool import sample_key, tar_members
 from distill.io import write_json_atomic
 from distill.student.processor import smart_resize
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-INDEX_VERSION = 1
+INDEX_VERSION = 2   # 2: sample keys by webdataset's rule (first dot of the file name)
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def build_index(path: str | os.PathLike, cache_file: str | os.PathLike | None = 
             except Exception:  # any parse failure = unusable image: skip and count
                 corrupt += 1
                 continue
-            key = m.name.rsplit(".", 1)[0]
+            key = sample_key(m.name)
             entries.append(PoolEntry(str(shard), m.offset_data, m.size, key, w, h))
     if cache_file is not None:
         write_json_atomic(cache_file, {"version": INDEX_VERSION, "shards": sig, "corrupt": corrupt,
