@@ -351,8 +351,10 @@ def to_markdown(df: pd.DataFrame, digits: int = 2, marks: dict | None = None) ->
         return str(v).replace("|", "\\|")
     header = "| " + " | ".join(str(c) for c in df.columns) + " |"
     sep = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in df.columns) + "|"
-    body = ["| " + " | ".join(cell(dict(zip(df.columns, row)), c, v) for c, v in zip(df.columns, row))
-            + " |" for row in df.itertuples(index=False)]
+    body = []
+    for row in df.itertuples(index=False):
+        named = dict(zip(df.columns, row))
+        body.append("| " + " | ".join(cell(named, c, v) for c, v in named.items()) + " |")
     return "\n".join([header, sep, *body]) + "\n"
 
 
@@ -536,7 +538,7 @@ def data_notes(records: list[dict], row_names: dict[str, str]) -> list[str]:
     """What a score does not show: evaluation items skipped because their files are missing."""
     out = []
     for r in records:
-        missing = r["metrics"].get("missing_images") or r["dataset"].get("missing_images")
+        missing = r["dataset"].get("missing_images")
         if r["status"] == "ok" and missing:
             c = r["cell"]
             out.append(f"- {row_names.get(c['model'], c['model'])}, {c['task']} {c['dataset']}: "

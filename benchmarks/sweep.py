@@ -227,7 +227,7 @@ def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s
                 raise TypeError(f"task '{cell.task}' returned non-numeric metrics {bad}")
     except MissingHeadError as e:
         status, reason = "skipped", str(e).strip("'\"")
-        here = getattr(encoder, "unavailable_heads", dict)()   # heads this machine failed to load
+        here = encoder.unavailable_heads()   # heads this machine failed to load
         if here:
             retry = True
             reason += "; retried next run, since " + "; ".join(here.values())

@@ -5,10 +5,13 @@ Our own checkpoints are always safetensors plus a JSON config; never pickle.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -95,10 +98,6 @@ class FileLock:
 
     def acquire(self) -> bool:
         """True if this process now holds the lock; False if another live process does."""
-        import fcntl
-        import socket
-        import time
-
         if self._fd is not None:
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +121,6 @@ class FileLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            import fcntl
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -60,6 +60,11 @@ class Encoder(ABC):
         """Preprocessing settings, hashed into feature-cache keys."""
         return {}
 
+    def unavailable_heads(self) -> dict[str, str]:
+        """Heads missing because something failed to load on this machine (not because the model lacks
+        them), with the reason; the harness retries a cell skipped for these on the next run."""
+        return {}
+
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Encoder":
         self.device = torch.device(device)
         if dtype is not None:

@@ -269,16 +269,6 @@ class RemoteSiglinoEncoder(SiglinoEncoder):
                    for h in STUDENT_HEADS if h in out["patch_features"]}
         return Features(summary=summary, patches=patches, grids=grids, cls=summary.get("siglino"))
 
-    def unavailable_heads(self) -> dict[str, str]:
-        """Text heads missing because something could not be loaded here (a teacher folder that moved,
-        a dino.txt head that failed), not because the model lacks them: a cell skipped for these is
-        retried by the next run."""
-        self.text_heads  # noqa: B018  (loads the teachers, recording failures)
-        out = {h: f"the {h} teacher could not be loaded: {e}" for h, e in self._teacher_errors.items()}
-        if self.dinotxt_missing and self.dinotxt_missing.startswith("the dino.txt head could not be loaded"):
-            out["dinotxt"] = self.dinotxt_missing
-        return out
-
     @property
     def text_heads(self) -> tuple[str, ...]:
         return ()

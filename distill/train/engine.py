@@ -11,6 +11,7 @@ Per step, on every rank:
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -288,16 +289,15 @@ class Distiller:
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     # ------------------------------------------------------------------ checkpoints
-    def _fingerprinted_config(self) -> dict:
-        d = self.cfg.to_json()
-        for k in _UNFINGERPRINTED:
-            d.pop(k, None)
-        return d
+    def _resumable_settings(self) -> dict:
+        """The RESUME_MAY_CHANGE settings of this run, as flat dotted keys."""
+        return {k: v for k, v in _flat(self.cfg.to_json()).items() if k in RESUME_MAY_CHANGE}
 
     def _config_fingerprint(self) -> str:
-        """What a resume must not change; the keys in RESUME_MAY_CHANGE are left out."""
-        return fingerprint({k: v for k, v in _flat(self._fingerprinted_config()).items()
-                            if k not in RESUME_MAY_CHANGE})
+        """What a resume must not change: everything but steps, checkpoint, logging, description and
+        the RESUME_MAY_CHANGE keys."""
+        d = {k: v for k, v in self.cfg.to_json().items() if k not in _UNFINGERPRINTED}
+        return fingerprint({k: v for k, v in _flat(d).items() if k not in RESUME_MAY_CHANGE})
 
     def save_checkpoint(self) -> None:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -319,8 +319,7 @@ class Distiller:
                        "sampler": self.sampler.state_dict(), "counters": self.counters,
                        "guard": self.guard.state_dict(), "world_size": self.info.world_size,
                        "config_fingerprint": self._config_fingerprint(),
-                       "resumable": {k: v for k, v in _flat(self._fingerprinted_config()).items()
-                                     if k in RESUME_MAY_CHANGE}}
+                       "resumable": self._resumable_settings()}
             if self.phis_state is not None:
                 from distill.train.phis_fit import save_phis
                 save_phis(self, folder / "phis")
@@ -367,7 +366,7 @@ class Distiller:
         """A resume that changed a RESUME_MAY_CHANGE key (e.g. --set optim.lr=1e-4 after an abort):
         the optimiser and schedule take the new values from this step on, and OUT/history.jsonl
         records what changed, when."""
-        now = {k: v for k, v in _flat(self._fingerprinted_config()).items() if k in RESUME_MAY_CHANGE}
+        now = self._resumable_settings()
         changed = {k: [before.get(k), now[k]] for k in now if before.get(k) != now[k]}
         if not changed:
             return
@@ -377,7 +376,6 @@ class Distiller:
             g["initial_lr"] = self.cfg.optim.lr
             g["lr"] = self.cfg.optim.lr * self._lr_factor(self.scheduler.last_epoch)
         if self.info.is_main:
-            import json
             with open(self.out / "history.jsonl", "a") as f:
                 f.write(json.dumps({"event": "resumed_with_changes", "step": self.step, "changed": changed}) + "\n")
             print(f"[amoe distill] resumed at step {self.step} with changed settings: "

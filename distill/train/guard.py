@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -82,8 +83,6 @@ def guarded_step(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor
     Returns (why the step was skipped or None, the pre-clip gradient norm). Every rank of a DDP / FSDP
     run sees the same global norm and loss, so all ranks take the same decision. `timings["guard_s"]`
     accumulates the seconds the guard itself costs (norm and verdict, not the optimiser step)."""
-    import time
-
     t0 = time.perf_counter()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params), clip if clip > 0 else float("inf")))
     reason = guard.verdict(float(loss), grad_norm)
