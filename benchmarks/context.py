@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from distill.encoders.base import Encoder
 from distill.features import Features
 from distill.io import fingerprint
+from distill.stats import ItemScores
 
 from benchmarks.cache import FeatureCache, FeatureKey, items_fingerprint
 
@@ -222,6 +223,12 @@ class HarnessContext:
         self._memo: dict[tuple[str, bool], Features] = {}  # a cell asks for the same role more than once
         self.feature_seconds = 0.0   # wall time inside features()/text_features(): extraction or cache loads
         self.rank, self.world = dist_info()
+        self.items: dict[str, ItemScores] = {}   # per-item scores the task recorded, by metric name
+
+    # -- per-item scores (bootstrap intervals, paired comparisons)
+    def record_items(self, metric: str, scores: ItemScores) -> None:
+        """Let the harness resample the evaluation items of `metric` (see distill.stats)."""
+        self.items[metric] = scores
 
     # -- datasets
     def split_of(self, role: str) -> str:

@@ -79,14 +79,17 @@ def long_frame(records: list[dict]) -> pd.DataFrame:
         if r["status"] != "ok":
             continue
         c = r["cell"]
+        bounds = (r.get("intervals") or {}).get("metrics", {})
         for key, value in r["metrics"].items():
+            low, high = bounds.get(key, (math.nan, math.nan))
             rows.append({"model": c["model"], "model_name": r["model"].get("name", c["model"]),
                          "task": c["task"], "dataset": c["dataset"], "resolution": c["resolution"],
                          "suite": r["config"].get("suite"), "metric_key": key, "value": float(value),
+                         "low": low, "high": high,
                          "params": r["model"].get("params"), "active_params": r["model"].get("active_params"),
                          "task_version": r["task"].get("version"), "created": r["created"]})
     return pd.DataFrame(rows, columns=["model", "model_name", "task", "dataset", "resolution", "suite",
-                                       "metric_key", "value", "params", "active_params", "task_version",
+                                       "metric_key", "value", "low", "high", "params", "active_params", "task_version",
                                        "created"])
 
 
@@ -96,6 +99,8 @@ def _res_label(res) -> str:
 
 # ---------------------------------------------------------------- one suite -> wide table
 
+INTERVAL_NOTE = ("\n`± h`: half the width of the 95 % percentile-bootstrap interval over the evaluation items "
+                 "(results_long.csv has the bounds); family averages carry none.\n")
 LIMITED_MARK = "ᴸ"    # a cell measured on a `--limit` subset
 SETTINGS_MARK = "†"   # a cell whose task settings differ from the rest of its column
 
@@ -144,8 +149,9 @@ def _settings_notes(picked: dict[tuple, dict]) -> dict[tuple, str]:
 
 
 def suite_table(records: list[dict], suite: dict, names: dict[str, str] | None = None,
-                base: Path | None = None, allow_limited: bool = False) -> tuple[pd.DataFrame, dict, dict]:
-    """The paper-shaped table for one suite, the head each value came from, and the cells' marks.
+                base: Path | None = None, allow_limited: bool = False) -> tuple[pd.DataFrame, dict, dict, dict]:
+    """The paper-shaped table for one suite, the head each value came from, the cells' marks and
+    their 95 % intervals ({(model name, resolution, column): (low, high)}, where the result has one).
 
     Rows are named by `names` (spec -> display name; rows keep that order) with the spec (relative to
     `base`) in column `spec`. Columns go task family by family: each dataset's metrics (value of the
@@ -175,6 +181,7 @@ def suite_table(records: list[dict], suite: dict, names: dict[str, str] | None =
     rows: dict[tuple[str, str], dict] = {}
     heads: dict[tuple[str, str], dict] = {}
     marks: dict[tuple, list] = {}
+    intervals: dict[tuple, tuple[float, float]] = {}
     limited_cols: dict[tuple[str, str], set] = {}
     for pick_key, r in picked.items():
         c = r["cell"]
@@ -189,13 +196,18 @@ def suite_table(records: list[dict], suite: dict, names: dict[str, str] | None =
                     if f"{head}/{metric}" not in r["metrics"]:
                         continue
                     row[col] = r["metrics"][f"{head}/{metric}"]
+                    key = f"{head}/{metric}"
                 else:
                     picked_metric = pick_metric(r["metrics"], metric, prefs)
                     if picked_metric is None:
                         continue
                     row[col] = picked_metric[1]
                     heads.setdefault(row_key, {})[col] = picked_metric[0]
+                    key = f"{picked_metric[0]}/{metric}" if picked_metric[0] else metric
                 where = (row["model"], row_key[1], col)
+                bounds = (r.get("intervals") or {}).get("metrics", {}).get(key)
+                if bounds is not None and all(math.isfinite(b) for b in bounds):
+                    intervals[where] = tuple(bounds)
                 if c.get("limit") is not None:
                     marks.setdefault(where, []).append((LIMITED_MARK, f"limited to {c['limit']} items per split"))
                     limited_cols.setdefault(row_key, set()).add(col)
@@ -207,7 +219,7 @@ def suite_table(records: list[dict], suite: dict, names: dict[str, str] | None =
         col_task.setdefault(_column(task, datasets[ds_id], metric, head), task)
     ordered = list(col_task)
     if table.empty:
-        return pd.DataFrame(columns=["model", "spec", "resolution"] + ordered), {}, {}
+        return pd.DataFrame(columns=["model", "spec", "resolution"] + ordered), {}, {}, {}
     present = [c for c in ordered if c in table.columns and table[c].notna().any()]
     # family macro averages: mean over the family's datasets this row has; the count says how complete
     fam_after: dict[str, list[str]] = {}
@@ -238,7 +250,7 @@ def suite_table(records: list[dict], suite: dict, names: dict[str, str] | None =
     order = {n: i for i, n in enumerate(dict.fromkeys(names.values()))}
     table["_order"] = [order.get(m, len(order)) for m in table["model"]]
     table = table.sort_values(["resolution", "_order", "model"]).drop(columns="_order").reset_index(drop=True)
-    return table, heads, marks
+    return table, heads, marks, intervals
 
 
 def _row_notes(marks: dict, model: str, res: str) -> str:
@@ -333,14 +345,24 @@ def compare_with_reported(reproduced: pd.DataFrame, reported: pd.DataFrame,
 
 # ---------------------------------------------------------------- writers
 
-def to_markdown(df: pd.DataFrame, digits: int = 2, marks: dict | None = None) -> str:
+def plus_minus(value: float, bounds: tuple[float, float] | None, digits: int = 2) -> str:
+    """`value ± half-width` of a (possibly asymmetric) percentile interval; the value alone without one."""
+    if bounds is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ± {(bounds[1] - bounds[0]) / 2:.{digits}f}"
+
+
+def to_markdown(df: pd.DataFrame, digits: int = 2, marks: dict | None = None, intervals: dict | None = None) -> str:
     """A GitHub-flavoured Markdown table (no optional dependency); `marks` as from `suite_table`
-    ({(model, resolution, column): [(mark, note)]}) are appended to the marked values."""
-    marks = marks or {}
+    ({(model, resolution, column): [(mark, note)]}) are appended to the marked values, and values with
+    an interval ({(model, resolution, column): (low, high)}) show `± half-width`."""
+    marks, intervals = marks or {}, intervals or {}
 
     def cell(row, col, v) -> str:
-        text = fmt(v)
-        items = marks.get((row.get("model"), row.get("resolution"), col))
+        where = (row.get("model"), row.get("resolution"), col)
+        text = plus_minus(v, intervals[where], digits) if where in intervals and isinstance(v, float) \
+            and not math.isnan(v) else fmt(v)
+        items = marks.get(where)
         return text + "".join(dict.fromkeys(mk for mk, _ in items)) if items else text
 
     def fmt(v) -> str:
@@ -361,10 +383,12 @@ def to_markdown(df: pd.DataFrame, digits: int = 2, marks: dict | None = None) ->
 _LATEX_MARKS = {LIMITED_MARK: r"\textsuperscript{L}", SETTINGS_MARK: r"\textsuperscript{\dag}"}
 
 
-def to_latex(df: pd.DataFrame, caption: str, label: str, marks: dict | None = None) -> str:
-    """A LaTeX table; marked values carry a superscript L (limited) or a dagger (settings differ)."""
-    marks = marks or {}
-    if not marks:
+def to_latex(df: pd.DataFrame, caption: str, label: str, marks: dict | None = None,
+             intervals: dict | None = None) -> str:
+    """A LaTeX table; marked values carry a superscript L (limited) or a dagger (settings differ), values
+    with an interval `$\\pm$ half-width`."""
+    marks, intervals = marks or {}, intervals or {}
+    if not marks and not intervals:
         return df.to_latex(index=False, float_format="%.2f", na_rep="--", caption=caption, label=label,
                            escape=True)
     specials = {c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
@@ -377,9 +401,10 @@ def to_latex(df: pd.DataFrame, caption: str, label: str, marks: dict | None = No
     for col in df.columns:
         values = []
         for i, v in df[col].items():
+            where = (df.at[i, "model"], df.at[i, "resolution"], col) if "model" in df else None
             text = "--" if v is None or (isinstance(v, float) and math.isnan(v)) else \
-                (f"{v:.2f}" if isinstance(v, float) else esc(str(v)))
-            items = marks.get((df.at[i, "model"], df.at[i, "resolution"], col)) if "model" in df else None
+                (plus_minus(v, intervals.get(where)).replace("±", r"$\pm$") if isinstance(v, float) else esc(str(v)))
+            items = marks.get(where) if where else None
             values.append(text + "".join(_LATEX_MARKS[m] for m in dict.fromkeys(m for m, _ in items or [])))
         out[esc(str(col))] = values
     return out.to_latex(index=False, caption=caption, label=label, escape=False)
@@ -478,9 +503,10 @@ def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
     unlisted: list[str] = []
     for suite_name in suite_names:
         try:
-            suite = load_suite(next(r["config"]["suite_file"] for r in records
-                                    if r["config"].get("suite") == suite_name and r["config"].get("suite_file")
-                                    and Path(r["config"]["suite_file"]).is_file()))
+            # suite_file is relative to the results folder (absolute in results written before)
+            files = (Path(results_dir) / r["config"]["suite_file"] for r in records
+                     if r["config"].get("suite") == suite_name and r["config"].get("suite_file"))
+            suite = load_suite(next(f for f in files if f.is_file()))
         except (StopIteration, SuiteError):
             try:
                 suite = load_suite(suite_name)
@@ -488,7 +514,7 @@ def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 unlisted.append(f"- results name the suite `{suite_name}`, which is neither built in nor a file "
                                 "here: they are in results_long.csv only")
                 continue
-        table, heads, marks = suite_table(records, suite, row_names, base, allow_limited=allow_limited)
+        table, heads, marks, intervals = suite_table(records, suite, row_names, base, allow_limited=allow_limited)
         listed = {d["id"] for d in suite["datasets"]}
         strays = sorted({r["cell"]["dataset"] for r in records if r["config"].get("suite") == suite_name
                          and r["cell"]["dataset"] not in listed})
@@ -501,13 +527,15 @@ def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
         tables[suite_name] = table
         shown = shown_columns(table, suite)
         write(f"{suite_name}.csv", table.to_csv(index=False))
-        write(f"{suite_name}.md", f"# {suite_name}\n\n" + to_markdown(shown, marks=marks) + mark_notes(marks))
+        shown_md = to_markdown(shown, marks=marks, intervals=intervals) + mark_notes(marks) + \
+            (INTERVAL_NOTE if intervals else "")
+        write(f"{suite_name}.md", f"# {suite_name}\n\n" + shown_md)
         write(f"{suite_name}.tex", to_latex(shown, caption=f"{suite_name} suite (reproduced with amoe)",
-                                            label=f"tab:{suite_name}", marks=marks))
+                                            label=f"tab:{suite_name}", marks=marks, intervals=intervals))
         head_rows = [{"model": row_names.get(m, m), "resolution": res, "column": col, "head": h}
                      for (m, res), cols in heads.items() for col, h in cols.items()]
         write(f"{suite_name}_heads.csv", pd.DataFrame(head_rows).to_csv(index=False))
-        md_parts += [f"\n## Suite `{suite_name}`\n\n", to_markdown(shown, marks=marks), mark_notes(marks)]
+        md_parts += [f"\n## Suite `{suite_name}`\n\n", shown_md]
         comparisons.append(compare_with_reported(reproduced_metrics(table, suite), reported, names))
 
     comparison = pd.concat(comparisons, ignore_index=True) if comparisons else pd.DataFrame()

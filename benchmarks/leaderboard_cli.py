@@ -17,6 +17,14 @@ def register(subparsers) -> None:
                        help="let family averages mix `--limit` cells with full ones (marked); by default such "
                             "an average is left empty")
     build.set_defaults(func=cmd_build)
+    cmp = sub.add_parser("compare", help="paired-bootstrap differences between two models on the cells they share")
+    cmp.add_argument("--results", required=True, help="folder of result JSONs (searched recursively)")
+    cmp.add_argument("a", help="model spec as recorded in the results (row A)")
+    cmp.add_argument("b", help="model spec as recorded in the results (row B); differences are A - B")
+    cmp.add_argument("--task", default=None)
+    cmp.add_argument("--dataset", default=None)
+    cmp.add_argument("--resamples", type=int, default=1000)
+    cmp.set_defaults(func=cmd_compare)
     lb.set_defaults(func=lambda args: (lb.print_help(), 2)[1])
 
 
@@ -26,4 +34,14 @@ def cmd_build(args) -> int:
     reported = None if (args.reported or "").lower() == "none" else (args.reported or REPORTED_CSV)
     summary = build(args.results, args.out, reported_csv=reported, allow_limited=args.mix_limited)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from benchmarks.compare import compare
+    from distill.results import load_results
+
+    out = compare(load_results(args.results, statuses=("ok",)), args.a, args.b, task=args.task,
+                  dataset=args.dataset, resamples=args.resamples)
+    print(json.dumps(out, indent=2))
     return 0

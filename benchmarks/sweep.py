@@ -31,16 +31,17 @@ from tqdm.auto import tqdm
 
 from distill.encoders.base import Encoder, MissingHeadError
 from distill.errors import AmoeError
+from distill import stats
 from distill.io import fingerprint
 
 from benchmarks.cache import FeatureCache
 from benchmarks.context import HarnessContext, default_device, dist_info
 from distill.results import (DONE_STATUSES, Cell, existing_status, jsonable, make_record, result_path,
                                 settings_digest, write_result)
-from benchmarks.suites import SuiteError, dataset_entry, load_suite
+from benchmarks.suites import SuiteError, dataset_entry, load_suite, portable_suite_ref
 
 SWEEP_FIELDS = ("suite", "vars", "models", "tasks", "datasets", "resolutions", "limit", "batch_size",
-                "num_workers", "device", "task_cfg", "out", "cache_dir", "content_hash")
+                "num_workers", "device", "task_cfg", "out", "cache_dir", "content_hash", "bootstrap")
 
 
 class SweepConfigError(AmoeError, ValueError):
@@ -74,6 +75,8 @@ class Harness:
     variables: dict = field(default_factory=dict)
     show_progress: bool = True
     content_hash: bool = False     # feature-cache keys hash each image's bytes (default: path/size/mtime)
+    # 95 % intervals by resampling the evaluation items (distill.stats); None = no intervals
+    bootstrap: dict | None = field(default_factory=lambda: dict(stats.DEFAULTS))
     encoder_loader: Callable[..., Encoder] | None = None   # None = the encoder registry
     task_lookup: Callable | None = None                   # None = the task registry
     dataset_loader: Callable | None = None                # None = distill.data.load_dataset
@@ -195,10 +198,11 @@ def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s
     task = None
     ds_cfg: dict = {"id": cell.dataset}
     ctx = None
-    config: dict = {"suite": suite["name"], "suite_file": suite.get("_path"), "limit": cell.limit,
+    config: dict = {"suite": suite["name"], "suite_file": portable_suite_ref(suite, h.out_dir), "limit": cell.limit,
                     "batch_size": h.batch_size, "resolution": cell.resolution, "world_size": world}
     task_info: dict = {"name": cell.task}
     status, metrics, reason, error, retry = "ok", {}, None, None, False
+    intervals, bootstrap_s = None, 0.0
     dataset_info: dict = {"id": cell.dataset}
     try:
         ds_cfg = dataset_entry(suite, cell.dataset, h.variables)
@@ -225,6 +229,10 @@ def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s
             bad = {k: v for k, v in metrics.items() if not isinstance(v, (int, float))}
             if bad:
                 raise TypeError(f"task '{cell.task}' returned non-numeric metrics {bad}")
+            if h.bootstrap is not None:
+                t_boot = time.perf_counter()
+                intervals = stats.metric_intervals(metrics, ctx.items, **h.bootstrap)
+                bootstrap_s = time.perf_counter() - t_boot
     except MissingHeadError as e:
         status, reason = "skipped", str(e).strip("'\"")
         here = encoder.unavailable_heads()   # heads this machine failed to load
@@ -236,13 +244,14 @@ def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s
         error = traceback.format_exc()
     total = time.perf_counter() - t_start
     feature_s = ctx.feature_seconds if ctx is not None else 0.0
-    timings = {"total_s": total, "features_s": feature_s, "task_s": max(total - feature_s, 0.0),
-               "model_load_s": model_load_s}
+    timings = {"total_s": total, "features_s": feature_s, "task_s": max(total - feature_s - bootstrap_s, 0.0),
+               "bootstrap_s": bootstrap_s, "model_load_s": model_load_s}
     record = make_record(cell, status, metrics=metrics, config=jsonable(config),
                          model=model_info(cell.model, encoder), dataset=jsonable(dataset_info), task=task_info,
-                         timings=timings, device=h.device, reason=reason, error=error, retry=retry)
+                         timings=timings, device=h.device, reason=reason, error=error, retry=retry,
+                         intervals=intervals)
     if rank == 0:
-        write_result(h.out_dir, record)
+        write_result(h.out_dir, record, items=ctx.items if ctx is not None and status == "ok" else None)
     return record
 
 
@@ -374,12 +383,28 @@ def harness_from_config(cfg: dict, out: str | os.PathLike | None = None, limit: 
     out_dir = Path(out or cfg.get("out") or "results")
     cache_root = cache_dir or cfg.get("cache_dir")
     overrides["content_hash"] = bool(overrides.get("content_hash") or cfg.get("content_hash"))
+    if "bootstrap" in cfg and "bootstrap" not in overrides:   # false/null: no intervals; a dict: settings
+        overrides["bootstrap"] = _bootstrap_settings(cfg["bootstrap"])
     return Harness(out_dir=out_dir, cache=FeatureCache(cache_root),
                    limit=limit if limit is not None else cfg.get("limit"),
                    batch_size=int(cfg.get("batch_size") or 32), num_workers=int(cfg.get("num_workers") or 0),
                    device=cfg.get("device") or default_device(),
                    task_cfg=cfg.get("task_cfg") or {},
                    variables={**(cfg.get("vars") or {}), **(variables or {})}, **overrides)
+
+
+def _bootstrap_settings(value) -> dict | None:
+    if value in (None, False):
+        return None
+    if value is True:
+        return dict(stats.DEFAULTS)
+    if not isinstance(value, dict) or set(value) - set(stats.DEFAULTS):
+        raise SweepConfigError(f"sweep config: 'bootstrap' must be true, false or a dict with keys "
+                               f"{', '.join(stats.DEFAULTS)}, got {value!r}")
+    out = {**stats.DEFAULTS, **value}
+    if not (isinstance(out["resamples"], int) and out["resamples"] >= 1 and 0 < float(out["confidence"]) < 1):
+        raise SweepConfigError("sweep config: bootstrap 'resamples' must be a positive int and 0 < 'confidence' < 1")
+    return out
 
 
 def run_sweep(cfg: dict, h: Harness, force: bool = False) -> SweepSummary:

@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from distill.errors import AmoeError
-from distill.io import fingerprint, write_json_atomic
+from distill.io import file_sha256, fingerprint, write_json_atomic
 
-SCHEMA_VERSION = 2   # 2: the cell carries `limit` and `settings`
+SCHEMA_VERSION = 3   # 2: the cell carries `limit` and `settings`; 3: optional `intervals` and per-item scores
+READABLE_VERSIONS = (2, 3)   # 3 only adds optional fields, so version-2 files still read
 STATUSES = ("ok", "skipped", "failed")
 DONE_STATUSES = ("ok", "skipped")  # a re-run retries failed cells and skips marked `retry`, never the others
 REQUIRED_FIELDS = ("schema_version", "status", "cell", "metrics", "config", "model", "dataset", "task",
@@ -133,7 +135,8 @@ def environment(device: torch.device | str | None = None) -> dict:
 
 def make_record(cell: Cell, status: str, *, metrics: dict[str, float] | None = None, config: dict,
                 model: dict, dataset: dict, task: dict, timings: dict, device=None,
-                reason: str | None = None, error: str | None = None, retry: bool = False) -> dict:
+                reason: str | None = None, error: str | None = None, retry: bool = False,
+                intervals: dict | None = None) -> dict:
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     record = {
@@ -156,6 +159,8 @@ def make_record(cell: Cell, status: str, *, metrics: dict[str, float] | None = N
         record["error"] = error
     if retry:
         record["retry"] = True
+    if intervals:   # {"method", "resamples", "confidence", "seed", "metrics": {m: [lo, hi]}, "missing": {m: why}}
+        record["intervals"] = intervals
     validate(record)
     return record
 
@@ -164,9 +169,9 @@ def validate(record: dict, source: str = "result") -> dict:
     missing = [f for f in REQUIRED_FIELDS if f not in record]
     if missing:
         raise ResultSchemaError(f"{source}: missing field(s) {', '.join(missing)}")
-    if record["schema_version"] != SCHEMA_VERSION:
-        raise ResultSchemaError(f"{source}: schema_version {record['schema_version']} is not "
-                                f"{SCHEMA_VERSION}; re-run the cell with this version of amoe")
+    if record["schema_version"] not in READABLE_VERSIONS:
+        raise ResultSchemaError(f"{source}: schema_version {record['schema_version']} is not one this amoe "
+                                f"reads ({', '.join(map(str, READABLE_VERSIONS))}); re-run the cell with this version")
     if record["status"] not in STATUSES:
         raise ResultSchemaError(f"{source}: status {record['status']!r} not in {STATUSES}")
     if record["status"] == "skipped" and not record.get("reason"):
@@ -180,11 +185,44 @@ def validate(record: dict, source: str = "result") -> dict:
     return record
 
 
-def write_result(out_dir: str | os.PathLike, record: dict) -> Path:
+def items_path(result_file: str | os.PathLike) -> Path:
+    """Where a result's per-item scores live: `<result>.items.npz` beside it."""
+    p = Path(result_file)
+    return p.with_name(p.stem + ".items.npz")
+
+
+def write_result(out_dir: str | os.PathLike, record: dict, items: dict | None = None) -> Path:
+    """Write a result atomically; `items` ({metric: distill.stats.ItemScores}) goes to the sidecar first,
+    so a result file that exists always points at complete per-item scores."""
     validate(record)
     path = result_path(out_dir, Cell(**record["cell"]))
+    if items:
+        side = items_path(path)
+        side.parent.mkdir(parents=True, exist_ok=True)
+        keys = {metric: f"m{i}" for i, metric in enumerate(sorted(items))}
+        tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **{keys[m]: items[m].values for m in keys})
+        os.replace(tmp, side)
+        record["items"] = {"file": side.name, "sha256": file_sha256(side),
+                           "metrics": {m: {"key": keys[m], "reduce": items[m].reduce, "n": len(items[m])}
+                                       for m in keys}}
     write_json_atomic(path, record)
     return path
+
+
+def read_items(record: dict, result_file: str | os.PathLike | None = None) -> dict:
+    """{metric: ItemScores} of a result (empty when it has none); the sidecar's digest is checked."""
+    from distill.stats import ItemScores
+    info = record.get("items")
+    if not info:
+        return {}
+    side = Path(result_file or record["_path"]).with_name(info["file"])
+    if not side.is_file() or file_sha256(side) != info["sha256"]:
+        raise ResultSchemaError(f"{side}: per-item scores missing or changed since the result was written; "
+                                "re-run the cell (amoe bench sweep --force)")
+    with np.load(side, allow_pickle=False) as z:
+        return {m: ItemScores(z[spec["key"]], spec["reduce"]) for m, spec in info["metrics"].items()}
 
 
 def read_result(path: str | os.PathLike) -> dict:

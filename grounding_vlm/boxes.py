@@ -7,8 +7,9 @@ original image, so a box survives a round trip to within half a bin.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -53,16 +54,26 @@ class GroundingScore:
     total: int = 0
     unparsable: int = 0
     iou_sum: float = 0.0
+    ious: list = field(default_factory=list)   # per expression, for bootstrap intervals
+    threshold: float = 0.5
 
-    def add(self, predicted: list[float] | None, truth: list[float], threshold: float = 0.5) -> float:
+    def add(self, predicted: list[float] | None, truth: list[float]) -> float:
         self.total += 1
         if predicted is None:
             self.unparsable += 1
+            self.ious.append(0.0)
             return 0.0
         iou = box_iou(predicted, truth)
+        self.ious.append(iou)
         self.iou_sum += iou
-        self.hits += iou >= threshold
+        self.hits += iou >= self.threshold
         return iou
+
+    def items(self) -> dict:
+        """Per-expression scores behind acc@0.5 and mean_iou (distill.stats)."""
+        from distill.stats import hits
+        ious = np.asarray(self.ious, dtype=np.float64)
+        return {"acc@0.5": hits(ious >= self.threshold), "mean_iou": hits(ious)}
 
     def metrics(self) -> dict[str, float]:
         n = max(self.total, 1)

@@ -72,6 +72,7 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
     under `results_dir` (default RUN/results). Returns the result record. The row is named after the
     run folder (`grounding-vlm:<run folder name>`) unless `model_name` is given."""
     from distill.results import Cell, jsonable, make_record, settings_digest, write_result
+    from distill.stats import DEFAULTS as STATS_DEFAULTS, metric_intervals
 
     from .train import load_run
 
@@ -131,8 +132,9 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
         dataset={"root": cfg["data"].get("root"), "dataset": cfg["data"].get("dataset"), "split": split,
                  "split_by": cfg["data"].get("split_by"), **data.report(), "evaluated": len(examples)},
         task=TASK, timings={"total_s": time.time() - t0, "model_s": model_s,
-                            "ms_per_expression": 1000 * model_s / len(examples)}, device=device)
-    path = write_result(Path(results_dir) if results_dir else run_dir / "results", record)
+                            "ms_per_expression": 1000 * model_s / len(examples)}, device=device,
+        intervals=metric_intervals(m, score.items(), **STATS_DEFAULTS))
+    path = write_result(Path(results_dir) if results_dir else run_dir / "results", record, items=score.items())
     record["_path"] = str(path)
     return record
 

@@ -180,7 +180,7 @@ def _tiny_sets(world: Path, student: Path | None, steps: int) -> list[str]:
 
 def test_train_eval_end_to_end_and_leaderboard(refer_world, student_dir, tmp_path):
     from benchmarks.leaderboard import suite_table
-    from distill.results import load_results
+    from distill.results import load_results, read_items
     from benchmarks.suites import load_suite
     from grounding_vlm.evaluate import evaluate
 
@@ -192,6 +192,10 @@ def test_train_eval_end_to_end_and_leaderboard(refer_world, student_dir, tmp_pat
     rec = evaluate(run, "val", limit=5, results_dir=tmp_path / "results", progress=False)
     m = rec["metrics"]
     assert m["n"] == 5 and 0 <= m["acc@0.5"] <= 100 and m["unparsable"] == 0
+    lo, hi = rec["intervals"]["metrics"]["acc@0.5"]          # over the 5 expressions
+    assert lo <= m["acc@0.5"] <= hi and "n" in rec["intervals"]["missing"]
+    ious = [json.loads(x)["iou"] for x in (run / "eval" / "val.jsonl").read_text().splitlines()]
+    assert read_items(rec)["mean_iou"].metric() == pytest.approx(100 * sum(ious) / 5, abs=0.01)
     preds = (run / "eval" / "val.jsonl").read_text().splitlines()
     assert len(preds) == 5 and all(len(json.loads(p)["pred"]) == 4 for p in preds)
     from amoe.cli import main as amoe_main

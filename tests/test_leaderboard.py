@@ -49,7 +49,7 @@ def test_pick_metric_prefers_heads_in_order():
 def test_suite_table_columns_and_family_averages(tmp_path):
     _write_paper_results(tmp_path)
     records = load_results(tmp_path)
-    table, heads, _ = suite_table(records, load_suite("paper"))
+    table, heads, *_ = suite_table(records, load_suite("paper"))
     a = table[table["model"] == "modelA"].iloc[0]
     assert a["zero-shot ImageNet-1k top1"] == 10.0 and heads[("modelA", "512")]["kNN CUB-200 top1"] == "siglino"
     assert a["image-text avg"] == pytest.approx(40.0) and a["image-text avg n"] == 7   # mean(10..70)

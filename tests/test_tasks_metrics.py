@@ -273,4 +273,6 @@ def test_evaluate_head_perfect_probe_scores_100():
     feats = [torch.tensor([[1.0, 0.0], [0.0, 1.0]])]     # a 1x2 grid: left class 0, right class 1
     mask = np.array([[0, 0, 1, 1]])
     m = evaluate_head(head, feats, [(1, 2)], Labels(_Masks([mask]), 2), 2, "cpu")
+    areas = m.pop("areas")   # one image: [intersect | union | pred | label] per class
     assert m == {"miou": 100.0, "aacc": 100.0, "macc": 100.0}
+    assert areas.tolist() == [[2, 2, 2, 2, 2, 2, 2, 2]]

@@ -300,14 +300,14 @@ def test_limited_cells_are_marked_and_a_full_run_takes_precedence(digits_root, t
     # one spec, a limited and a full run in one folder: one row, the full run's number, no mark
     h_lim, _, _ = sweep(tmp_path, enc, ["knn"], root=digits_root, datasets=["digits"], limit=20)
     h_full, _, _ = sweep(tmp_path, enc, ["knn"], root=digits_root, datasets=["digits"])
-    table, _, marks = suite_table(load_results(tmp_path / "results"), suite)
+    table, _, marks, _ = suite_table(load_results(tmp_path / "results"), suite)
     assert len(table) == 1 and table.loc[0, "kNN digits top1"] == knn_top1(h_full) != knn_top1(h_lim)
     assert not marks
     # two specs, one limited: its cell carries the mark in the Markdown and LaTeX tables, with a note
     cfg = {"suite": str(suite_file(digits_root, tmp_path)), "tasks": ["knn"], "datasets": ["digits"]}
     run_sweep({**cfg, "models": ["limited-model"]}, harness(tmp_path, enc, out="mixed", limit=20))
     run_sweep({**cfg, "models": ["full-model"]}, harness(tmp_path, enc, out="mixed"))
-    _, _, marks = suite_table(load_results(tmp_path / "mixed"), suite)
+    _, _, marks, _ = suite_table(load_results(tmp_path / "mixed"), suite)
     assert marks[("limited-model", "native", "kNN digits top1")][0][0] == LIMITED_MARK
     assert ("full-model", "native", "kNN digits top1") not in marks
     build(tmp_path / "mixed", tmp_path / "lb", reported_csv=None)
@@ -327,9 +327,9 @@ def test_a_family_average_over_limited_and_full_cells_is_refused_unless_asked(di
     run_sweep({**base, "datasets": ["digits"]}, harness(tmp_path, enc))
     run_sweep({**base, "datasets": ["digits-again"]}, harness(tmp_path, enc, limit=20))
     records = load_results(tmp_path / "results")
-    table, _, marks = suite_table(records, load_suite(str(suite_path)))
+    table, _, marks, _ = suite_table(records, load_suite(str(suite_path)))
     assert np.isnan(table.loc[0, "cls avg"]) and "not averaged" in marks[("m", "native", "cls avg")][0][1]
-    table, _, marks = suite_table(records, load_suite(str(suite_path)), allow_limited=True)
+    table, _, marks, _ = suite_table(records, load_suite(str(suite_path)), allow_limited=True)
     assert not np.isnan(table.loc[0, "cls avg"]) and marks[("m", "native", "cls avg")][0][0] == LIMITED_MARK
 
 
@@ -350,7 +350,7 @@ def test_a_changed_task_config_is_a_new_cell_and_the_column_says_so(digits_root,
     run_sweep({**cfg, "models": ["m1"]}, harness(tmp_path, enc, out="two"))
     run_sweep({**cfg, "models": ["m2"]}, harness(tmp_path, enc, out="two"))
     run_sweep({**cfg, "models": ["m3"]}, harness(tmp_path, enc, out="two", task_cfg={"knn": {"k": [5]}}))
-    _, _, marks = suite_table(load_results(tmp_path / "two"), load_suite(cfg["suite"]))
+    _, _, marks, _ = suite_table(load_results(tmp_path / "two"), load_suite(cfg["suite"]))
     (mark, note), = marks[("m3", "native", "kNN digits top1")]
     assert mark == SETTINGS_MARK and "k=[5] (others: [20])" in note
     assert ("m1", "native", "kNN digits top1") not in marks

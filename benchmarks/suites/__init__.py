@@ -35,6 +35,15 @@ def suite_path(name_or_path: str | os.PathLike) -> Path:
                      f"({', '.join(list_suites())})")
 
 
+def portable_suite_ref(suite: dict, relative_to: str | os.PathLike) -> str | None:
+    """How a result names its suite file without this machine's absolute paths: None for a built-in
+    suite (its name finds it), else the file's path relative to `relative_to` (the results folder)."""
+    path = suite.get("_path")
+    if path is None or Path(path).resolve() == (SUITES_DIR / f"{suite['name']}.json").resolve():
+        return None
+    return os.path.relpath(Path(path).resolve(), Path(relative_to).resolve())
+
+
 def load_suite(name_or_path: str | os.PathLike) -> dict:
     path = suite_path(name_or_path)
     try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .base import TaskConfigError, normalize, percent, register_task, select_heads, unknown_keys
-from .metrics import check_targets, topk_accuracy
+from .metrics import check_targets, classification_items, topk_accuracy
 
 
 def knn_topk(test: torch.Tensor, bank: torch.Tensor, k: int, device: torch.device | str = "cpu",
@@ -104,9 +104,12 @@ class KNNTask:
                 scores = knn_vote(sims, idx, ytr, num_classes, k, temperature)
                 top1 = percent(topk_accuracy(scores, yte, 1))
                 top5 = percent(topk_accuracy(scores, yte, 5))
-                out[f"{head}/top1@k{k}"], out[f"{head}/top5@k{k}"] = top1, top5
-                if j == 0:
-                    out[f"{head}/top1"], out[f"{head}/top5"] = top1, top5
+                items = classification_items(scores, yte, num_classes)
+                names = [f"@k{k}"] + ([""] if j == 0 else [])   # the first k is also reported plain
+                for suffix in names:
+                    out[f"{head}/top1{suffix}"], out[f"{head}/top5{suffix}"] = top1, top5
+                    for metric, rows in items.items():
+                        ctx.record_items(f"{head}/{metric}{suffix}", rows)
         return out
 
 

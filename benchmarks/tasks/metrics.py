@@ -31,3 +31,20 @@ def check_targets(targets: torch.Tensor, num_classes: int, where: str) -> None:
         raise ValueError(f"{where}: labels {bad[:10]} are outside 0..{num_classes - 1} ({num_classes} class "
                          "names); the class-name list and the labels disagree -- check the reader's classes "
                          "or the 'classnames' override")
+
+
+def classification_items(scores: torch.Tensor, targets: torch.Tensor, num_classes: int,
+                         metrics: tuple[str, ...] = ("top1", "top5")) -> dict:
+    """Per-image rows behind top-1 / top-5 / mean per-class recall, for bootstrap intervals
+    (distill.stats); top-5 is left out where it is NaN (fewer than 5 classes)."""
+    from distill.stats import class_recall_rows, hits
+    targets = targets.view(-1, 1).to(scores.device)
+    out = {}
+    for name in metrics:
+        if name == "mean_per_class_recall":
+            out[name] = class_recall_rows(scores.argmax(1).cpu().numpy(), targets.view(-1).cpu().numpy(), num_classes)
+            continue
+        k = int(name[3:])
+        if scores.shape[1] >= k:
+            out[name] = hits((scores.topk(k, dim=1).indices == targets).any(1).cpu().numpy())
+    return out

@@ -15,23 +15,31 @@ from __future__ import annotations
 
 import torch
 
+from distill.stats import ItemScores, hits
+
 from .base import TaskConfigError, normalize, percent, register_task, select_heads, unknown_keys
+
+
+def first_hit_ranks(sim: torch.Tensor, positives: torch.Tensor, kmax: int, chunk: int = 4096,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """(Q,) rank (0-based) of each query's first positive among its top-kmax candidates; kmax if none."""
+    kmax = min(kmax, sim.shape[1])
+    out = []
+    for start in range(0, len(sim), chunk):
+        s = sim[start:start + chunk].to(device)
+        top = s.topk(kmax, dim=1).indices
+        pos = positives[start:start + chunk].to(device).gather(1, top)     # (q, kmax): is rank r a positive?
+        out.append(torch.where(pos.any(1), pos.float().argmax(1),
+                               torch.full_like(pos[:, 0], kmax, dtype=torch.long)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 def recall_at_k(sim: torch.Tensor, positives: torch.Tensor, ks: list[int], chunk: int = 4096,
                 device: torch.device | str = "cpu") -> dict[int, float]:
     """sim: (Q, N) query x candidate scores; positives: (Q, N) bool. Share of queries with a positive
     among their top-k candidates, for every k (k capped at N)."""
-    kmax = min(max(ks), sim.shape[1])
-    hits = {k: 0 for k in ks}
-    for start in range(0, len(sim), chunk):
-        s = sim[start:start + chunk].to(device)
-        top = s.topk(kmax, dim=1).indices
-        pos = positives[start:start + chunk].to(device).gather(1, top)     # (q, kmax): is rank r a positive?
-        first_hit = torch.where(pos.any(1), pos.float().argmax(1), torch.full_like(pos[:, 0], kmax, dtype=torch.long))
-        for k in ks:
-            hits[k] += int((first_hit < min(k, kmax)).sum())
-    return {k: hits[k] / len(sim) for k in ks}
+    first = first_hit_ranks(sim, positives, max(ks), chunk, device)
+    return {k: float((first < min(k, sim.shape[1])).float().mean()) for k in ks}
 
 
 def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, ks=(1, 5, 10),
@@ -43,14 +51,24 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor,
 def similarity_metrics(sim: torch.Tensor, owner: torch.Tensor, ks=(1, 5, 10),
                        device: torch.device | str = "cpu") -> dict[str, float]:
     """Recall@k both ways from an (N images, M captions) similarity matrix."""
+    return similarity_scores(sim, owner, ks, device)[0]
+
+
+def similarity_scores(sim: torch.Tensor, owner: torch.Tensor, ks=(1, 5, 10),
+                      device: torch.device | str = "cpu") -> tuple[dict[str, float], dict[str, ItemScores]]:
+    """(metrics, per-query hits): i2t items are the images, t2i items the captions."""
     ks = list(ks)
     sim = sim.to(device)
     pos = owner.to(device).view(1, -1) == torch.arange(len(sim), device=device).view(-1, 1)
-    i2t = recall_at_k(sim, pos, ks, device=device)
-    t2i = recall_at_k(sim.T.contiguous(), pos.T.contiguous(), ks, device=device)
-    out = {f"i2t_r{k}": percent(i2t[k]) for k in ks}
-    out.update({f"t2i_r{k}": percent(t2i[k]) for k in ks})
-    return out
+    metrics, items = {}, {}
+    for name, s, p in (("i2t", sim, pos), ("t2i", sim.T.contiguous(), pos.T.contiguous())):
+        first = first_hit_ranks(s, p, max(ks), device=device)
+        for k in ks:
+            hit = (first < min(k, s.shape[1])).double()
+            metrics[f"{name}_r{k}"] = percent(hit.mean()) if len(hit) else 0.0
+            items[f"{name}_r{k}"] = hits(hit.numpy())
+    order = [f"i2t_r{k}" for k in ks] + [f"t2i_r{k}" for k in ks]
+    return {k: metrics[k] for k in order}, items
 
 
 class RetrievalTask:
@@ -91,16 +109,20 @@ class RetrievalTask:
                 raise ValueError(f"retrieval: head '{head}' gives {img.shape[1]}-d image features but "
                                  f"{txt.shape[1]}-d text embeddings")
             sims.append((img.to(ctx.device) @ txt.to(ctx.device).T).cpu())
-            for k, v in similarity_metrics(sims[-1], owner, ks, device=ctx.device).items():
-                out[f"{head}/{k}"] = v
+            _record(ctx, out, head, *similarity_scores(sims[-1], owner, ks, device=ctx.device))
         if cfg["ensemble"] and len(sims) >= 2:
             from .zeroshot import entropy_weighted_logits
             rows = 1024   # images per fusion chunk: bounds the float64 softmax's memory
             fused = torch.cat([entropy_weighted_logits([s[i:i + rows] for s in sims], float(cfg["ensemble_beta"]))
                                for i in range(0, len(sims[0]), rows)])
-            for k, v in similarity_metrics(fused, owner, ks, device=ctx.device).items():
-                out[f"ensemble/{k}"] = v
+            _record(ctx, out, "ensemble", *similarity_scores(fused, owner, ks, device=ctx.device))
         return out
+
+
+def _record(ctx, out: dict, head: str, metrics: dict, items: dict) -> None:
+    for k, v in metrics.items():
+        out[f"{head}/{k}"] = v
+        ctx.record_items(f"{head}/{k}", items[k])
 
 
 register_task(RetrievalTask())

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distill.stats import ItemScores
+
 from .base import TaskConfigError, register_task, select_heads, unknown_keys
 
 PRESETS_PATH = Path(__file__).resolve().parent / "presets" / "segmentation.json"
@@ -190,19 +192,22 @@ class Labels:
 @torch.no_grad()
 def evaluate_head(head: nn.Module, patches: list[torch.Tensor], grids, labels: Labels, num_classes: int,
                   device, batch_size: int = 16) -> dict[str, float]:
-    """mIoU / aAcc / mAcc (percent) with mmseg's IoUMetric area accounting, at full label resolution."""
+    """mIoU / aAcc / mAcc (percent) with mmseg's IoUMetric area accounting, at full label resolution;
+    "areas": each image's (4C,) areas, from which distill.stats recomputes the three on resamples."""
     from mmseg.evaluation import IoUMetric
     head.eval()
-    areas = [torch.zeros(num_classes, dtype=torch.float64) for _ in range(4)]
+    per_image = []   # (4C,) areas of each image: [intersect | union | pred | label], for bootstrap intervals
     for start in range(0, len(patches), batch_size):
         idx = range(start, min(start + batch_size, len(patches)))
         logits = head_logits(head, [patches[i] for i in idx], [grids[i] for i in idx], device)
         for i, lg in zip(idx, logits):
             label = labels.full(i).long()
             pred = upsample(lg, tuple(label.shape)).argmax(0).cpu()
-            for acc, a in zip(areas, IoUMetric.intersect_and_union(pred, label, num_classes, IGNORE_INDEX)):
-                acc += a.double().cpu()
-    return metrics_from_areas(*areas)
+            areas = IoUMetric.intersect_and_union(pred, label, num_classes, IGNORE_INDEX)
+            per_image.append(torch.cat([a.double().cpu() for a in areas]))
+    rows = torch.stack(per_image) if per_image else torch.zeros(0, 4 * num_classes, dtype=torch.float64)
+    totals = rows.sum(0).view(4, num_classes)
+    return {**metrics_from_areas(*totals), "areas": rows.numpy()}
 
 
 def metrics_from_areas(intersect, union, pred_area, label_area) -> dict[str, float]:
@@ -296,7 +301,9 @@ class SegmentationTask:
                     k, proto, float(lr), ctx.device, int(cfg["seed"]),
                     progress=lambda it, total: ctx.progress(it, f"seg probe {head} lr={lr:g}", total=total))
             best = max(evals, key=lambda e: (e["miou"], -e["lr"]))
-            out.update({f"{head}/miou": best["miou"], f"{head}/aacc": best["aacc"], f"{head}/macc": best["macc"]})
+            for metric in ("miou", "aacc", "macc"):
+                out[f"{head}/{metric}"] = best[metric]
+                ctx.record_items(f"{head}/{metric}", ItemScores(best["areas"], metric))
             if len(evals) > 1:
                 out[f"{head}/best_lr"] = float(best["lr"])
                 if best["epoch"] is not None:

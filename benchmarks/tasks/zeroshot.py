@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from .base import TaskConfigError, normalize, percent, register_task, select_heads, unknown_keys
-from .metrics import check_targets, mean_per_class_recall, topk_accuracy
+from .metrics import check_targets, classification_items, mean_per_class_recall, topk_accuracy
 
 TEMPLATE_SETS = ("openai_imagenet", "simple_imagenet")
 
@@ -143,15 +143,21 @@ class ZeroShotTask:
                                  f"{weights.shape[1]}-d text embeddings; the encoder must project both into "
                                  "one space")
             cos = self._cosines(ctx, img, weights, cfg["batch_size"])
-            for k, v in classification_metrics(cos, targets, len(classes)).items():
-                out[f"{head}/{k}"] = v
+            self._report(ctx, out, head, cos, targets, len(classes))
             scale = 1.0 if cfg["ensemble_logits"] == "cosine" else float(ctx.encoder.logit_scale(head))
             all_logits.append(scale * cos)
         if cfg["ensemble"] and len(all_logits) >= 2:
             ens = entropy_weighted_logits(all_logits, float(cfg["ensemble_beta"]))
-            for k, v in classification_metrics(ens, targets, len(classes)).items():
-                out[f"ensemble/{k}"] = v
+            self._report(ctx, out, "ensemble", ens, targets, len(classes))
         return out
+
+    @staticmethod
+    def _report(ctx, out: dict, head: str, logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> None:
+        items = classification_items(logits, targets, num_classes, ("top1", "top5", "mean_per_class_recall"))
+        for k, v in classification_metrics(logits, targets, num_classes).items():
+            out[f"{head}/{k}"] = v
+            if k in items:
+                ctx.record_items(f"{head}/{k}", items[k])
 
     @staticmethod
     def _cosines(ctx, img: torch.Tensor, weights: torch.Tensor, batch: int) -> torch.Tensor:
