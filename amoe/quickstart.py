@@ -267,13 +267,20 @@ def _leaderboard_done(r: Run) -> bool:
     md = r.leaderboard / "leaderboard.md"
     if not md.is_file() or not r.results.is_dir():
         return False
+    if r.ablations and not (r.leaderboard / "evidence.md").is_file():
+        return False
     newest = max((p.stat().st_mtime for p in r.results.glob("*.json")), default=0.0)
     return md.stat().st_mtime >= newest
 
 
 def _build_leaderboard(r: Run) -> dict:
     from benchmarks.leaderboard import build
-    return build(r.results, r.leaderboard)
+    summary = build(r.results, r.leaderboard)
+    if r.ablations:   # the claims the ablations test, with verdicts from paired intervals
+        from benchmarks.evidence import write_evidence
+        ev = write_evidence(r.results, r.leaderboard, "miniworld", world=r.world)
+        summary["evidence"] = {c["id"]: c["verdict"] for c in ev["claims"]}
+    return summary
 
 
 STEPS: list[Step] = [

@@ -25,6 +25,13 @@ def register(subparsers) -> None:
     cmp.add_argument("--dataset", default=None)
     cmp.add_argument("--resamples", type=int, default=1000)
     cmp.set_defaults(func=cmd_compare)
+    ev = sub.add_parser("evidence", help="test the paper's claims on a results folder (evidence.md, verdicts "
+                                         "from paired bootstrap intervals)")
+    ev.add_argument("--results", required=True, help="folder of result JSONs (with labels.json naming the rows)")
+    ev.add_argument("--out", required=True, help="where evidence.md, evidence.json and the plots go")
+    ev.add_argument("--claims", default="miniworld", help="built-in claims name or a claims JSON file")
+    ev.add_argument("--world", default=None, help="the mini-world folder (for tail-concept subsets)")
+    ev.set_defaults(func=cmd_evidence)
     lb.set_defaults(func=lambda args: (lb.print_help(), 2)[1])
 
 
@@ -44,4 +51,12 @@ def cmd_compare(args) -> int:
     out = compare(load_results(args.results, statuses=("ok",)), args.a, args.b, task=args.task,
                   dataset=args.dataset, resamples=args.resamples)
     print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_evidence(args) -> int:
+    from benchmarks.evidence import write_evidence
+
+    ev = write_evidence(args.results, args.out, args.claims, world=args.world)
+    print(json.dumps({c["id"]: c["verdict"] for c in ev["claims"]}, indent=2))
     return 0

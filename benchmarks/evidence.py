@@ -1,0 +1,251 @@
+"""The evidence page: the paper's claims, tested on a results folder with paired bootstrap intervals.
+
+A claims file (data: benchmarks/suites/claims/<name>.json) lists, per claim, the paper's numbers and
+the comparisons that test it in miniature. A comparison names two leaderboard rows (display names, as
+in labels.json), a task, a dataset and a metric, and what the claim expects of row A against row B:
+
+- ``better``: A - B > 0. Reproduced when the paired 95 % interval of A - B lies above 0, contradicted
+  when it lies below 0, inconclusive otherwise.
+- ``not_worse``: A - B > -margin (the claims file's ``margin``, in points). Reproduced when the
+  interval lies above -margin, contradicted when it lies below -margin, inconclusive otherwise.
+
+A claim is reproduced when all its comparisons are, contradicted when any is, inconclusive otherwise,
+and "not run" when a row it needs is not in the results (the page names the missing rows). The verdict
+is computed from the intervals only; nothing here knows what the paper hoped for beyond `expect`.
+
+A comparison may restrict the items to the rarest concepts of the training pool (``"subset":
+"pool_tail"``): the classes whose (colour, shape) concept has the fewest objects in the mini-world's
+pool (world.json), the bottom ``tail_fraction`` of them; the metric is then top-1 on those items.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from distill import stats
+from distill.errors import AmoeError
+from distill.io import write_json_atomic, write_text_atomic
+from distill.results import load_results, read_items
+
+from benchmarks.leaderboard import LABELS_FILE, display_names, pick_metric
+from benchmarks.suites import load_suite
+
+CLAIMS_DIR = Path(__file__).resolve().parent / "suites" / "claims"
+EXPECTATIONS = ("better", "not_worse")
+VERDICTS = ("reproduced", "contradicted", "inconclusive", "not run")
+
+
+class EvidenceError(AmoeError, ValueError):
+    """A claims file that cannot be used; the message names the field and the fix."""
+
+
+def load_claims(name_or_path: str | os.PathLike) -> dict:
+    p = Path(name_or_path)
+    path = p if p.suffix == ".json" and p.is_file() else CLAIMS_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(x.stem for x in CLAIMS_DIR.glob("*.json")))
+        raise EvidenceError(f"claims file '{name_or_path}' not found (built in: {known})")
+    claims = json.loads(path.read_text())
+    for c in claims.get("claims", []):
+        for t in c.get("tests", []):
+            missing = [k for k in ("a", "b", "task", "dataset", "metric", "expect") if k not in t]
+            if missing or t["expect"] not in EXPECTATIONS:
+                raise EvidenceError(f"{path}: claim '{c.get('id')}': a test lacks {', '.join(missing) or 'a valid'} "
+                                    f"{'' if missing else 'expect'} (expect is one of {', '.join(EXPECTATIONS)})")
+    return claims
+
+
+def verdict(low: float, high: float, expect: str, margin: float) -> str:
+    bound = 0.0 if expect == "better" else -margin
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "inconclusive"
+    if low > bound:
+        return "reproduced"
+    if high < bound:
+        return "contradicted"
+    return "inconclusive"
+
+
+def claim_verdict(verdicts: list[str]) -> str:
+    if not verdicts or "not run" in verdicts:
+        return "not run"
+    if "contradicted" in verdicts:
+        return "contradicted"
+    return "reproduced" if all(v == "reproduced" for v in verdicts) else "inconclusive"
+
+
+def pool_tail_classes(world: Path, classes: list[str], fraction: float) -> list[int]:
+    """Indices (in `classes`) of the classes whose pool concept is rarest: the bottom `fraction`."""
+    from benchmarks.world.vocab import COLOUR_NAMES, SHAPES
+    counts = json.loads((world / "world.json").read_text())["parts"]["pool"]["object_counts_per_concept"]
+    names = {f"{COLOUR_NAMES[c % len(COLOUR_NAMES)]} {SHAPES[c // len(COLOUR_NAMES)]}": n for c, n in enumerate(counts)}
+    order = sorted(range(len(classes)), key=lambda i: (names.get(classes[i], 0), i))
+    return sorted(order[:max(1, int(round(fraction * len(classes))))])
+
+
+def _subset(scores: stats.ItemScores, keep_classes: list[int]) -> stats.ItemScores:
+    """Top-1 hits of the items whose label is in `keep_classes`, from class-recall rows."""
+    c = scores.values.shape[1] // 2
+    label = scores.values[:, c:].argmax(1)
+    hit = scores.values[np.arange(len(label)), label] > 0
+    mask = np.isin(label, keep_classes)
+    return stats.hits(hit[mask].astype(float))
+
+
+class _Rows:
+    """The ok results of a folder, found by display name, task and dataset."""
+
+    def __init__(self, results_dir: Path):
+        self.records = load_results(results_dir, statuses=("ok",))
+        labels_file = results_dir / LABELS_FILE
+        saved = json.loads(labels_file.read_text()) if labels_file.is_file() else []
+        labels = {e["spec"]: e["name"] for e in saved} if isinstance(saved, list) else dict(saved)
+        self.names = display_names(self.records, results_dir.resolve().parent, labels)
+
+    def find(self, row: str, task: str, dataset: str) -> dict | None:
+        """The row's result for (task, dataset): a full run before a `--limit` one, then the newest."""
+        found = [r for r in self.records if self.names.get(r["cell"]["model"], r["cell"]["model"]) == row
+                 and r["cell"]["task"] == task and r["cell"]["dataset"] == dataset]
+        return max(found, key=lambda r: (r["cell"]["limit"] is None, r["created"])) if found else None
+
+
+def _one_test(t: dict, rows: _Rows, prefs: list[str], margin: float, world: Path | None, bootstrap: dict) -> dict:
+    out = {k: t[k] for k in ("a", "b", "task", "dataset", "metric", "expect")}
+    if t.get("subset"):
+        out["subset"] = t["subset"]
+    recs = {side: rows.find(t[side], t["task"], t["dataset"]) for side in ("a", "b")}
+    absent = [t[s] for s, r in recs.items() if r is None]
+    if absent:
+        return {**out, "verdict": "not run", "why": f"no {t['task']} {t['dataset']} result of "
+                                                    f"{' and '.join(absent)} in the results"}
+    limits = {recs[s]["cell"]["limit"] for s in ("a", "b")}
+    if len(limits) > 1:
+        return {**out, "verdict": "not run", "why": f"one row is limited, the other not ({sorted(map(str, limits))})"}
+    if limits != {None}:
+        out["limit"] = limits.pop()
+    scores, values = {}, {}
+    for side, rec in recs.items():
+        base = "mean_per_class_recall" if t.get("subset") else t["metric"]
+        picked = pick_metric(rec["metrics"], base, prefs)
+        items = read_items(rec)
+        key = f"{picked[0]}/{base}" if picked and picked[0] else base
+        if picked is None or key not in items:
+            return {**out, "verdict": "not run", "why": f"{t[side]} has no per-item scores for {t['metric']}"}
+        scores[side] = items[key]
+        out[f"{side}_head"] = picked[0]
+        if t.get("subset") == "pool_tail":
+            if world is None:
+                return {**out, "verdict": "not run", "why": "the tail subset needs the world (--world)"}
+            classes = (world / "classification" / "classnames.txt").read_text().split("\n")
+            tail = pool_tail_classes(world, [c for c in classes if c], float(t.get("tail_fraction", 0.25)))
+            scores[side] = _subset(scores[side], tail)
+            out["tail_classes"] = len(tail)
+        values[side] = scores[side].metric()
+        out[f"{side}_value"] = values[side]
+        out[f"{side}_interval"] = list(stats.bootstrap_interval(scores[side], **bootstrap))
+    if recs["a"]["dataset"].get("fingerprint") != recs["b"]["dataset"].get("fingerprint"):
+        return {**out, "verdict": "not run", "why": "the two rows read different files for this dataset"}
+    d = stats.paired_difference(scores["a"], scores["b"], **bootstrap)
+    out.update(difference=d["difference"], low=d["low"], high=d["high"], items=d["items"],
+               verdict=verdict(d["low"], d["high"], t["expect"], margin))
+    return out
+
+
+def evaluate_claims(results_dir: str | os.PathLike, claims: dict, world: str | os.PathLike | None = None,
+                    **bootstrap) -> dict:
+    bootstrap = {**stats.DEFAULTS, **bootstrap}
+    results_dir = Path(results_dir)
+    rows = _Rows(results_dir)
+    prefs = (load_suite(claims["suite"]).get("leaderboard") or {}).get("head_preference") or []
+    margin = float(claims.get("margin", 1.0))
+    out = {"name": claims.get("name"), "suite": claims["suite"], "margin": margin, "bootstrap": bootstrap,
+           "claims": []}
+    for c in claims["claims"]:
+        tests = [_one_test(t, rows, prefs, margin, Path(world) if world else None, bootstrap)
+                 for t in c.get("tests", [])]
+        entry = {k: c.get(k) for k in ("id", "title", "paper")}
+        entry.update(tests=tests, verdict=claim_verdict([t["verdict"] for t in tests]))
+        if not tests:
+            entry["why"] = c.get("not_run", "no comparison is defined for it")
+        out["claims"].append(entry)
+    return out
+
+
+def _fmt(v, lo=None, hi=None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.2f}" if lo is None else f"{v:.2f} ± {(hi - lo) / 2:.2f}"
+
+
+def _plot(claim: dict, margin: float, path: Path) -> Path | None:
+    tests = [t for t in claim["tests"] if "difference" in t]
+    if not tests:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 0.6 * len(tests) + 1.4))
+    for i, t in enumerate(tests):
+        colour = {"reproduced": "tab:green", "contradicted": "tab:red"}.get(t["verdict"], "tab:grey")
+        ax.errorbar(t["difference"], i, xerr=[[t["difference"] - t["low"]], [t["high"] - t["difference"]]],
+                    fmt="o", color=colour, capsize=4)
+    ax.axvline(0.0, color="black", lw=0.8)
+    if any(t["expect"] == "not_worse" for t in tests):
+        ax.axvline(-margin, color="black", lw=0.8, ls=":")
+    ax.set_yticks(range(len(tests)))
+    ax.set_yticklabels([f"{t['a']} - {t['b']}\n{t['task']} {t['metric']}{' (tail)' if t.get('subset') else ''}"
+                        for t in tests], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("paired difference A - B (points), 95 % bootstrap interval")
+    ax.set_title(claim["title"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_evidence(results_dir: str | os.PathLike, out_dir: str | os.PathLike, claims: str | dict = "miniworld",
+                   world: str | os.PathLike | None = None, **bootstrap) -> dict:
+    """evidence.md (+ evidence.json and one plot per claim) in `out_dir`; returns the evidence dict."""
+    claims = load_claims(claims) if not isinstance(claims, dict) else claims
+    ev = evaluate_claims(results_dir, claims, world, **bootstrap)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Evidence: the paper's claims in miniature\n\n",
+             f"Generated by `amoe leaderboard evidence` from the results in "
+             f"`{os.path.relpath(Path(results_dir).resolve(), out.resolve())}` (relative to this folder). Every "
+             "comparison is a paired difference A - B on the same evaluation items with its 95 % percentile-"
+             f"bootstrap interval ({ev['bootstrap']['resamples']} resamples). `better`: reproduced when the "
+             "interval lies above 0, contradicted below 0; `not_worse`: reproduced when it lies above "
+             f"-{ev['margin']:g} points, contradicted below. Otherwise inconclusive. A claim is reproduced when "
+             "all its comparisons are, contradicted when any is. `ᴸN`: both rows were measured on a `--limit N` "
+             "subset.\n\n",
+             "| claim | verdict |\n|---|---|\n"]
+    lines += [f"| {c['title']} | **{c['verdict']}** |\n" for c in ev["claims"]]
+    for c in ev["claims"]:
+        lines.append(f"\n## {c['title']}\n\nPaper: {c['paper']}\n\nVerdict: **{c['verdict']}**")
+        lines.append(f" ({c['why']})\n" if c.get("why") else "\n")
+        if c["tests"]:
+            lines.append("\n| A | B | task / metric | expect | A | B | A - B [95 %] | verdict |\n"
+                         "|---|---|---|---|---:|---:|---:|---|\n")
+            for t in c["tests"]:
+                what = f"{t['task']} {t['dataset']} {t['metric']}" + (f" ({t['tail_classes']} rarest pool concepts)"
+                                                                      if t.get("tail_classes") else "") + \
+                    (f" ᴸ{t['limit']}" if t.get("limit") else "")
+                if "difference" not in t:
+                    lines.append(f"| {t['a']} | {t['b']} | {what} | {t['expect']} | – | – | – | "
+                                 f"{t['verdict']}: {t['why']} |\n")
+                    continue
+                lines.append(f"| {t['a']} | {t['b']} | {what} | {t['expect']} | "
+                             f"{_fmt(t['a_value'], *t['a_interval'])} | {_fmt(t['b_value'], *t['b_interval'])} | "
+                             f"{t['difference']:+.2f} [{t['low']:+.2f}, {t['high']:+.2f}] | {t['verdict']} |\n")
+            plot = _plot(c, ev["margin"], out / f"evidence_{c['id']}.png")
+            if plot is not None:
+                lines.append(f"\n![{c['id']}]({plot.name})\n")
+    write_text_atomic(out / "evidence.md", "".join(lines))
+    write_json_atomic(out / "evidence.json", ev)
+    return ev
