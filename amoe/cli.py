@@ -29,6 +29,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amoe", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"amoe {_version()}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
+    parser.add_argument("--import", dest="plugins", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first: its encoders, datasets and tasks register themselves "
+                             "(repeatable; see docs/encoders.md, 'Plugins')")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups = GROUPS if only is None else {only: GROUPS[only]}
     for name in groups.values():
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
-    rest = [a for a in argv if a != "--debug"]
+    rest, plugins = _take_imports([a for a in argv if a != "--debug"])
     only = next((a for a in rest[:1] if a in GROUPS), None)
     parser = build_parser(only)
     args = parser.parse_args(rest)
@@ -66,12 +69,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if plugins:
+            from distill.plugins import add_plugin_modules, load_plugins
+            add_plugin_modules(plugins)
+            load_plugins()
         return int(args.func(args) or 0)
     except (AmoeError, FileNotFoundError) as e:
         if debug:
             raise
         print(f"amoe {args.command}: error: {message(e)}", file=sys.stderr)
         return 2
+
+
+def _take_imports(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split the global `--import MODULE` options (before the command) from the rest."""
+    rest, plugins, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--import" and i + 1 < len(argv) and not rest:
+            plugins.append(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith("--import=") and not rest:
+            plugins.append(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+        i += 1
+    return rest, plugins
 
 
 if __name__ == "__main__":

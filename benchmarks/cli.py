@@ -81,10 +81,10 @@ def _quiet_unless_rank0(rank: int, payload: dict) -> None:
 
 
 def cmd_run(args) -> int:
-    from benchmarks.context import init_distributed_from_env
     from benchmarks.suites import load_suite
+    from distill.distributed import setup
 
-    rank, _ = init_distributed_from_env()
+    rank = setup().rank   # joins the torchrun process group when WORLD_SIZE > 1
     from benchmarks.sweep import harness_from_config, run_cells
 
     suite = load_suite(args.suite)
@@ -112,10 +112,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from benchmarks.context import init_distributed_from_env
     from benchmarks.sweep import harness_from_config, load_sweep_config, run_sweep
+    from distill.distributed import setup
 
-    rank, _ = init_distributed_from_env()
+    rank = setup().rank
 
     cfg = load_sweep_config(args.config)
     h = harness_from_config(cfg, out=args.out, limit=args.limit, cache_dir=args.cache_dir,

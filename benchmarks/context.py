@@ -134,20 +134,6 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed_from_env() -> tuple[int, int]:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1); returns (rank, world).
-
-    nccl with one GPU per rank (LOCAL_RANK) when CUDA is available, else gloo.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and dist.is_available() and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    return dist_info()
-
-
 def default_device() -> str:
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if dist_info()[1] > 1 else "cuda"

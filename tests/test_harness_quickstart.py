@@ -88,5 +88,12 @@ def test_fast_quickstart_runs_every_step_end_to_end(tmp_path):
     assert set(evidence) == {"curated", "random"}
     for name in ("miniworld-scratch", "miniworld-student", "miniworld-student-gram"):
         assert f"grounding-vlm:{name}" in table
+    # the ablations' evidence page: every claim gets a verdict; the measured ones have intervals
+    claims = json.loads((run.leaderboard / "evidence.json").read_text())["claims"]
+    assert [c["id"] for c in claims] == ["arkd", "curation", "packing", "agglomerative", "grounding"]
+    assert {c["verdict"] for c in claims} <= {"reproduced", "contradicted", "inconclusive", "not run"}
+    measured = [t for c in claims for t in c["tests"] if "difference" in t]
+    assert len(measured) == 17 and all(t["low"] <= t["difference"] <= t["high"] for t in measured)
+    assert "± " in (run.leaderboard / "miniworld.md").read_text()
     # a second run finds every step complete and does nothing
     assert all(r["status"] == "skipped" for r in run_steps(run))

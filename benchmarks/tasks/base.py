@@ -65,6 +65,8 @@ def register_task(task: Task) -> Task:
 
 def _load_builtin() -> None:
     import benchmarks.tasks  # noqa: F401  (importing the package registers every built-in task)
+    from distill.plugins import load_plugins
+    load_plugins()           # and plugins register theirs (distill/plugins.py)
 
 
 def get_task(name: str) -> Task:

@@ -5,6 +5,8 @@ import os
 from functools import partial
 from typing import Any, Callable
 
+from distill.plugins import load_plugins
+
 from . import classification as cls
 from . import pool, refer, retrieval, segmentation
 
@@ -31,8 +33,21 @@ DATASETS: dict[str, tuple[str, Callable[..., Any], str]] = {
 }
 
 
+KINDS = ("classification", "retrieval", "segmentation", "referring", "pool")
+
+
+def register_dataset(name: str, kind: str, loader: Callable[..., Any], description: str = "") -> None:
+    """Add a reader `loader(root, split, **kw)` under `name` (plugins call this; see distill.plugins)."""
+    if kind not in KINDS:
+        raise ValueError(f"dataset kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if name in DATASETS and DATASETS[name][1] is not loader:
+        raise ValueError(f"a dataset reader named '{name}' is already registered")
+    DATASETS[name] = (kind, loader, description)
+
+
 def list_datasets(kind: str | None = None) -> list[str]:
     """Registered names, optionally of one kind: classification, retrieval, segmentation, referring, pool."""
+    load_plugins()
     return sorted(n for n, (k, _, _) in DATASETS.items() if kind is None or k == kind)
 
 
@@ -41,6 +56,7 @@ def dataset_kind(name: str) -> str:
 
 
 def _entry(name: str):
+    load_plugins()
     try:
         return DATASETS[name]
     except KeyError:

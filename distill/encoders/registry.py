@@ -27,7 +27,7 @@ from distill.errors import AmoeError
 
 # loader modules: importing one runs its @register_loader decorators
 _BUILTIN_MODULES = ("distill.encoders.hf_siglip2", "distill.encoders.openclip", "distill.encoders.dinov3",
-                    "distill.encoders.radio", "distill.encoders.student")
+                    "distill.encoders.radio", "distill.encoders.student", "distill.encoders.timm_backbone")
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,14 @@ def register_loader(kind: str, description: str, requires: tuple[str, ...] = (),
 
 
 def _ensure_builtins() -> None:
+    """The built-in loaders, then any plugin's (distill/plugins.py: entry points, `amoe --import`)."""
     global _builtins_loaded
     if not _builtins_loaded:
         for m in _BUILTIN_MODULES:
             importlib.import_module(m)
         _builtins_loaded = True
+    from distill.plugins import load_plugins
+    load_plugins()
 
 
 def list_loaders() -> list[LoaderInfo]:

@@ -1,0 +1,148 @@
+"""Any timm backbone as an image encoder: `timm:NAME[?pretrained=1|checkpoint=FILE&head=NAME]`.
+
+Where users' CNN and ViT baselines live. `timm:vit_small_patch16_224?pretrained=1` downloads the hub
+weights timm names; `checkpoint=FILE` loads a local state dict instead (timm's own loader); neither
+builds random weights (a baseline that is a baseline). Image-only: no text head, so zero-shot and
+retrieval cells are skipped with the reason and kNN / segmentation run.
+
+- summary: `forward_head(forward_features(x), pre_logits=True)`, the model's own pooling (CLS or
+  average for ViTs, global pool for CNNs);
+- patches: for token models (ViT, DeiT, EVA...) the final tokens without the prefix (CLS, registers)
+  on the patch grid; for CNNs the last feature map's cells (the grid is the map's size, and
+  `patch_size` the network's reduction, e.g. 32 for a ResNet).
+- preprocessing: timm's `resolve_data_config` (mean, std, interpolation, input size); `resolution` R
+  resizes (squash) to R x R, and ViTs resample their position table for that size (dynamic_img_size).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from distill.encoders.common import ModuleEncoder, as_image_list, group_by_size, hub_error, no_grad_encode, resize_normalize
+from distill.encoders.registry import register_loader
+from distill.features import Features
+
+_INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+class TimmEncoder(ModuleEncoder):
+    kind = "timm"
+
+    def __init__(self, model, model_name: str, source: str, head: str = "timm"):
+        from timm.data import resolve_data_config
+
+        self.model = model.eval()
+        self.model_name, self.source = model_name, source
+        self.name = f"timm:{model_name}"
+        self.heads = (head,)
+        self.text_heads = ()
+        cfg = resolve_data_config({}, model=model)
+        self.image_size = tuple(int(v) for v in cfg["input_size"][1:])
+        self.mean, self.std = tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+        self.interpolation = str(cfg.get("interpolation", "bicubic"))
+        self.tokens = hasattr(model, "patch_embed")            # a ViT-style token model
+        if self.tokens:
+            self.patch_size = int(model.patch_embed.patch_size[0])
+        else:
+            reductions = [int(f.get("reduction", 1)) for f in getattr(model, "feature_info", [])]
+            self.patch_size = max(reductions) if reductions else 32
+
+    def preprocess(self, image, resolution=None) -> torch.Tensor:
+        side = (int(resolution),) * 2 if resolution else self.image_size
+        return resize_normalize(image, side, self.mean, self.std, _INTERP.get(self.interpolation, Image.BICUBIC))
+
+    def preprocess_config(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "interpolation": self.interpolation, "resize": "squash",
+                "image_size": self.image_size}
+
+    @no_grad_encode
+    def encode(self, images) -> Features:
+        images = [im.to(self.device, self.dtype) for im in as_image_list(images)]
+        n = len(images)
+        head = self.heads[0]
+        summary, patches, grids = [None] * n, [None] * n, [None] * n
+        for (H, W), idx in group_by_size(images).items():
+            feats = self.model.forward_features(torch.stack([images[i] for i in idx]))
+            pooled = self.model.forward_head(feats, pre_logits=True)
+            if self.tokens:
+                k = int(getattr(self.model, "num_prefix_tokens", 0))
+                grid = (H // self.patch_size, W // self.patch_size)
+                cells = feats[:, k:]
+            else:   # (B, C, h, w) feature map
+                grid = tuple(feats.shape[2:])
+                cells = feats.flatten(2).transpose(1, 2)
+            for j, i in enumerate(idx):
+                summary[i], patches[i], grids[i] = pooled[j], cells[j], grid
+        return Features(summary={head: torch.stack(summary)}, patches={head: patches}, grids=grids)
+
+    @property
+    def active_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def describe(self) -> dict:
+        return {"model": self.model_name, "weights": self.source, "patch_size": self.patch_size}
+
+
+@register_loader("timm", "any timm backbone (CNN or ViT), image-only: summary = the model's pooled features, "
+                 "patches = final tokens or feature-map cells", requires=("timm",),
+                 example="timm:vit_small_patch16_224?pretrained=1",
+                 options={"pretrained": "1 = timm's hub weights for NAME", "checkpoint": "local weights file",
+                          "head": "head name (default timm)"})
+def load_timm(arg: str, pretrained: bool | int = False, checkpoint: str | None = None, head: str = "timm",
+              **unused) -> TimmEncoder:
+    if unused:
+        raise TypeError(f"timm loader got unknown option(s) {sorted(unused)}")
+    import timm
+
+    if not timm.is_model(arg):
+        import difflib
+        close = difflib.get_close_matches(arg, timm.list_models(), n=3, cutoff=0.6)
+        raise ValueError(f"timm has no model '{arg}'" + (f"; did you mean {close}?" if close else "")
+                         + " (see timm.list_models())")
+    if bool(pretrained) == bool(checkpoint):
+        raise ValueError(f"timm:{arg}: give exactly one of ?pretrained=1 (timm's hub weights) and "
+                         "?checkpoint=FILE (a local state dict); random weights are no baseline")
+    kwargs = {"num_classes": 0}
+    try:
+        kwargs["dynamic_img_size"] = True
+        model = timm.create_model(arg, pretrained=bool(pretrained), **kwargs)
+    except TypeError:   # CNNs take no dynamic_img_size
+        kwargs.pop("dynamic_img_size")
+        try:
+            model = timm.create_model(arg, pretrained=bool(pretrained), **kwargs)
+        except (OSError, RuntimeError) as e:
+            raise hub_error("timm", arg, e) from e
+    except (OSError, RuntimeError) as e:
+        raise hub_error("timm", arg, e) from e
+    source = "hub"
+    if checkpoint:
+        _load_checkpoint(model, arg, checkpoint)
+        source = Path(checkpoint).name
+    return TimmEncoder(model.float(), arg, source, head=head)
+
+
+def _load_checkpoint(model, name: str, checkpoint: str) -> None:
+    """Weights from a local file, checked key by key: safetensors, or a torch file read with
+    weights_only=True (never an unchecked pickle). Only the classifier the backbone drops may be extra."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"timm:{name}: checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict_ema", "state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    classifier = str(model.pretrained_cfg.get("classifier", "head"))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(k for k in set(state) - set(own) if not k.startswith(classifier + "."))
+    if missing or extra:
+        raise ValueError(f"timm:{name}: {path.name} does not fit the architecture ({len(missing)} missing keys, "
+                         f"e.g. {missing[:3]}; {len(extra)} unexpected, e.g. {extra[:3]}); is it a {name} checkpoint?")
+    model.load_state_dict({k: v for k, v in state.items() if k in own})
