@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from distill.errors import AmoeError
-from distill.io import file_sha256, fingerprint, write_json_atomic
+from distill.io import atomic_path, file_sha256, fingerprint, write_json_atomic
 
 SCHEMA_VERSION = 3   # 2: the cell carries `limit` and `settings`; 3: optional `intervals` and per-item scores
 READABLE_VERSIONS = (2, 3)   # 3 only adds optional fields, so version-2 files still read
@@ -200,10 +200,8 @@ def write_result(out_dir: str | os.PathLike, record: dict, items: dict | None = 
         side = items_path(path)
         side.parent.mkdir(parents=True, exist_ok=True)
         keys = {metric: f"m{i}" for i, metric in enumerate(sorted(items))}
-        tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(side) as tmp, open(tmp, "wb") as f:
             np.savez(f, **{keys[m]: items[m].values for m in keys})
-        os.replace(tmp, side)
         record["items"] = {"file": side.name, "sha256": file_sha256(side),
                            "metrics": {m: {"key": keys[m], "reduce": items[m].reduce, "n": len(items[m])}
                                        for m in keys}}
