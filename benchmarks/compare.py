@@ -16,14 +16,19 @@ class CompareError(AmoeError, ValueError):
     """Two results that cannot be compared item by item; the message says why."""
 
 
-def _same_items(a: dict, b: dict) -> None:
+def same_items(a: dict, b: dict) -> None:
+    """Refuse two results that may not have scored the same items: another cell, or other data (by the
+    dataset fingerprint, which every harness and grounding result records)."""
     ca, cb = a["cell"], b["cell"]
     differ = [k for k in ("task", "dataset", "resolution", "limit", "settings") if ca.get(k) != cb.get(k)]
     if differ:
         raise CompareError(f"{ca['model']} and {cb['model']} were not run on the same cell (they differ in "
                            f"{', '.join(differ)}); compare results of one task, dataset and settings")
     fa, fb = a["dataset"].get("fingerprint"), b["dataset"].get("fingerprint")
-    if fa and fb and fa != fb:
+    if not (fa and fb):
+        raise CompareError(f"{ca['dataset']}: a result without a dataset fingerprint cannot be paired (written by "
+                           "an older amoe); re-run its cell")
+    if fa != fb:
         raise CompareError(f"{ca['model']} and {cb['model']} read different files for {ca['dataset']} "
                            f"(dataset fingerprints {fa} vs {fb}); re-run both on the same data")
 
@@ -31,7 +36,7 @@ def _same_items(a: dict, b: dict) -> None:
 def paired_metrics(a: dict, b: dict, resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
     """{metric: paired difference a - b} for every metric both results have per-item scores for;
     metrics without them are listed under "missing" with the reason."""
-    _same_items(a, b)
+    same_items(a, b)
     items_a, items_b = read_items(a), read_items(b)
     out: dict = {"a": a["cell"]["model"], "b": b["cell"]["model"], "task": a["cell"]["task"],
                  "dataset": a["cell"]["dataset"], "metrics": {}, "missing": {}}

@@ -31,6 +31,7 @@ from distill.errors import AmoeError
 from distill.io import write_json_atomic, write_text_atomic
 from distill.results import load_results, read_items
 
+from benchmarks.compare import CompareError, same_items
 from benchmarks.leaderboard import LABELS_FILE, display_names, pick_metric
 from benchmarks.suites import load_suite
 
@@ -80,20 +81,21 @@ def claim_verdict(verdicts: list[str]) -> str:
 
 def pool_tail_classes(world: Path, classes: list[str], fraction: float) -> list[int]:
     """Indices (in `classes`) of the classes whose pool concept is rarest: the bottom `fraction`."""
-    from benchmarks.world.vocab import COLOUR_NAMES, SHAPES
+    from benchmarks.world.vocab import concept_name
     counts = json.loads((world / "world.json").read_text())["parts"]["pool"]["object_counts_per_concept"]
-    names = {f"{COLOUR_NAMES[c % len(COLOUR_NAMES)]} {SHAPES[c // len(COLOUR_NAMES)]}": n for c, n in enumerate(counts)}
-    order = sorted(range(len(classes)), key=lambda i: (names.get(classes[i], 0), i))
+    names = {concept_name(c): n for c, n in enumerate(counts)}
+    unknown = [c for c in classes if c not in names]
+    if unknown:
+        raise EvidenceError(f"{world}: classes {unknown[:3]} are no pool concept; the tail subset needs the "
+                            "mini-world's (colour, shape) classes")
+    order = sorted(range(len(classes)), key=lambda i: (names[classes[i]], i))
     return sorted(order[:max(1, int(round(fraction * len(classes))))])
 
 
 def _subset(scores: stats.ItemScores, keep_classes: list[int]) -> stats.ItemScores:
-    """Top-1 hits of the items whose label is in `keep_classes`, from class-recall rows."""
-    c = scores.values.shape[1] // 2
-    label = scores.values[:, c:].argmax(1)
-    hit = scores.values[np.arange(len(label)), label] > 0
-    mask = np.isin(label, keep_classes)
-    return stats.hits(hit[mask].astype(float))
+    """Top-1 hits of the items whose label is in `keep_classes`, from class-recall rows [label, hit]."""
+    label, hit = scores.values[:, 0].astype(int), scores.values[:, 1]
+    return stats.hits(hit[np.isin(label, keep_classes)])
 
 
 class _Rows:
@@ -107,9 +109,11 @@ class _Rows:
         self.names = display_names(self.records, results_dir.resolve().parent, labels)
 
     def find(self, row: str, task: str, dataset: str) -> dict | None:
-        """The row's result for (task, dataset): a full run before a `--limit` one, then the newest."""
+        """The row's native-resolution result for (task, dataset): a full run before a `--limit` one,
+        then the newest."""
         found = [r for r in self.records if self.names.get(r["cell"]["model"], r["cell"]["model"]) == row
-                 and r["cell"]["task"] == task and r["cell"]["dataset"] == dataset]
+                 and r["cell"]["task"] == task and r["cell"]["dataset"] == dataset
+                 and r["cell"]["resolution"] is None]
         return max(found, key=lambda r: (r["cell"]["limit"] is None, r["created"])) if found else None
 
 
@@ -122,11 +126,12 @@ def _one_test(t: dict, rows: _Rows, prefs: list[str], margin: float, world: Path
     if absent:
         return {**out, "verdict": "not run", "why": f"no {t['task']} {t['dataset']} result of "
                                                     f"{' and '.join(absent)} in the results"}
-    limits = {recs[s]["cell"]["limit"] for s in ("a", "b")}
-    if len(limits) > 1:
-        return {**out, "verdict": "not run", "why": f"one row is limited, the other not ({sorted(map(str, limits))})"}
-    if limits != {None}:
-        out["limit"] = limits.pop()
+    try:
+        same_items(recs["a"], recs["b"])
+    except CompareError as e:
+        return {**out, "verdict": "not run", "why": str(e)}
+    if recs["a"]["cell"]["limit"] is not None:
+        out["limit"] = recs["a"]["cell"]["limit"]
     scores, values = {}, {}
     for side, rec in recs.items():
         base = "mean_per_class_recall" if t.get("subset") else t["metric"]
@@ -147,8 +152,8 @@ def _one_test(t: dict, rows: _Rows, prefs: list[str], margin: float, world: Path
         values[side] = scores[side].metric()
         out[f"{side}_value"] = values[side]
         out[f"{side}_interval"] = list(stats.bootstrap_interval(scores[side], **bootstrap))
-    if recs["a"]["dataset"].get("fingerprint") != recs["b"]["dataset"].get("fingerprint"):
-        return {**out, "verdict": "not run", "why": "the two rows read different files for this dataset"}
+    if len(scores["a"]) != len(scores["b"]):
+        return {**out, "verdict": "not run", "why": f"{len(scores['a'])} vs {len(scores['b'])} items"}
     d = stats.paired_difference(scores["a"], scores["b"], **bootstrap)
     out.update(difference=d["difference"], low=d["low"], high=d["high"], items=d["items"],
                verdict=verdict(d["low"], d["high"], t["expect"], margin))

@@ -503,8 +503,8 @@ def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
     unlisted: list[str] = []
     for suite_name in suite_names:
         try:
-            # suite_file is relative to the results folder (absolute in results written before)
-            files = (Path(results_dir) / r["config"]["suite_file"] for r in records
+            # suite_file is relative to the result's own folder (absolute in results written before)
+            files = (Path(r["_path"]).parent / r["config"]["suite_file"] for r in records
                      if r["config"].get("suite") == suite_name and r["config"].get("suite_file"))
             suite = load_suite(next(f for f in files if f.is_file()))
         except (StopIteration, SuiteError):

@@ -402,7 +402,8 @@ def _bootstrap_settings(value) -> dict | None:
         raise SweepConfigError(f"sweep config: 'bootstrap' must be true, false or a dict with keys "
                                f"{', '.join(stats.DEFAULTS)}, got {value!r}")
     out = {**stats.DEFAULTS, **value}
-    if not (isinstance(out["resamples"], int) and out["resamples"] >= 1 and 0 < float(out["confidence"]) < 1):
+    if not (isinstance(out["resamples"], int) and out["resamples"] >= 1
+            and isinstance(out["confidence"], (int, float)) and 0 < out["confidence"] < 1):
         raise SweepConfigError("sweep config: bootstrap 'resamples' must be a positive int and 0 < 'confidence' < 1")
     return out
 

@@ -1,7 +1,7 @@
 """Plugins: encoders, datasets and tasks registered from outside the package, without editing it.
 
-A plugin is a Python module whose import registers things with the usual decorators
-(`distill.encoders.registry.register_loader`, `distill.data.registry.register_reader`,
+A plugin is a Python module whose import registers things with the usual calls
+(`distill.encoders.registry.register_loader`, `distill.data.registry.register_dataset`,
 `benchmarks.tasks.base.register_task`). It is found in two ways:
 - installed packages declaring an entry point in the group `amoe.plugins`
   (pyproject: `[project.entry-points."amoe.plugins"] mine = "my_pkg.amoe_plugin"`);
@@ -21,6 +21,7 @@ from distill.errors import AmoeError
 GROUP = "amoe.plugins"
 ENV = "AMOE_PLUGINS"
 _loaded: set[str] = set()
+_entry_point_modules: list[str] | None = None   # installed plugins do not change while we run
 
 
 class PluginError(AmoeError, ImportError):
@@ -28,7 +29,10 @@ class PluginError(AmoeError, ImportError):
 
 
 def plugin_modules() -> list[str]:
-    names = [ep.value.split(":")[0] for ep in entry_points(group=GROUP)]
+    global _entry_point_modules
+    if _entry_point_modules is None:
+        _entry_point_modules = [ep.value.split(":")[0] for ep in entry_points(group=GROUP)]
+    names = list(_entry_point_modules)
     names += [m.strip() for m in os.environ.get(ENV, "").split(",") if m.strip()]
     return list(dict.fromkeys(names))
 
@@ -46,6 +50,9 @@ def load_plugins() -> list[str]:
             _loaded.discard(name)
             raise PluginError(f"plugin module '{name}' cannot be imported ({e}); check `amoe --import` / "
                               f"${ENV} or the '{GROUP}' entry point, and that the module is on PYTHONPATH") from e
+        except BaseException:
+            _loaded.discard(name)   # a plugin that fails is retried (and fails loudly) next time, never skipped
+            raise
         new.append(name)
     return new
 

@@ -11,6 +11,8 @@ atomically, so a file that exists is complete. Leaderboards are built from these
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import platform
@@ -185,27 +187,30 @@ def validate(record: dict, source: str = "result") -> dict:
     return record
 
 
-def items_path(result_file: str | os.PathLike) -> Path:
-    """Where a result's per-item scores live: `<result>.items.npz` beside it."""
-    p = Path(result_file)
-    return p.with_name(p.stem + ".items.npz")
-
-
 def write_result(out_dir: str | os.PathLike, record: dict, items: dict | None = None) -> Path:
-    """Write a result atomically; `items` ({metric: distill.stats.ItemScores}) goes to the sidecar first,
-    so a result file that exists always points at complete per-item scores."""
+    """Write a result atomically. `items` ({metric: distill.stats.ItemScores}) goes first to a sidecar
+    named by its digest, `<result>.<sha12>.items.npz`; the result then names it, and only after that
+    are older sidecars of the cell removed, so a crash at any point leaves a result whose sidecar
+    matches it."""
     validate(record)
     path = result_path(out_dir, Cell(**record["cell"]))
+    side = None
     if items:
-        side = items_path(path)
-        side.parent.mkdir(parents=True, exist_ok=True)
         keys = {metric: f"m{i}" for i, metric in enumerate(sorted(items))}
-        with atomic_path(side) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **{keys[m]: items[m].values for m in keys})
-        record["items"] = {"file": side.name, "sha256": file_sha256(side),
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **{keys[m]: items[m].values for m in keys})
+        data = buf.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        side = path.with_name(f"{path.stem}.{digest[:12]}.items.npz")
+        with atomic_path(side) as tmp:
+            tmp.write_bytes(data)
+        record["items"] = {"file": side.name, "sha256": digest,
                            "metrics": {m: {"key": keys[m], "reduce": items[m].reduce, "n": len(items[m])}
                                        for m in keys}}
     write_json_atomic(path, record)
+    for old in path.parent.glob(f"{path.stem}.*items.npz"):
+        if old != side:
+            old.unlink(missing_ok=True)
     return path
 
 

@@ -6,15 +6,16 @@ those items drawn with replacement; the 2.5th and 97.5th percentiles of the resa
 so a task hands over one row of numbers per item and a reducer name:
 
 - ``mean``: one column (a hit, a 0/1 or any per-item score); metric = 100 * mean.
-- ``class_recall``: 2C columns, [hit one-hot | label one-hot]; metric = 100 * mean over the classes
-  present of hits / count (scikit-learn's balanced accuracy, the zero-shot ``mean_per_class_recall``).
+- ``class_recall``: 2 columns, [label, hit]; metric = 100 * mean over the classes present of
+  hits / count (scikit-learn's balanced accuracy, the zero-shot ``mean_per_class_recall``). Kept
+  compact (not one-hot) so 50,000 items of 1,000 classes stay small; summed per class sparsely.
 - ``miou`` / ``aacc`` / ``macc``: 4C columns, mmseg's per-image areas [intersect | union | pred | label];
   metric as mmseg's IoUMetric computes it from the summed areas (classes with no union/label left out).
 
-A resample is a row of multinomial counts (how often each item was drawn); column sums are then one
-matrix product, so 1,000 resamples of 50,000 items cost a few hundred milliseconds. Resamples are
-seeded by (seed, number of items): two encoders scored on the same items see the same resamples,
-which is what the paired bootstrap needs, and a re-run gives the same interval.
+A resample is a row of counts (how often each of the N items was drawn in N draws with replacement);
+column sums are then one matrix product. Resamples are seeded by (seed, number of items): two
+encoders scored on the same items see the same resamples, which is what the paired bootstrap needs,
+and a re-run gives the same interval. The cost is measured per result (`timings.bootstrap_s`).
 """
 from __future__ import annotations
 
@@ -35,14 +36,14 @@ class ItemScores:
 
     def __post_init__(self):
         v = np.asarray(self.values, dtype=np.float64)
-        self.values = v.reshape(len(v), -1)
+        self.values = v[:, None] if v.ndim == 1 else v.reshape(v.shape[0], int(np.prod(v.shape[1:])))
         if self.reduce not in REDUCERS:
             raise ValueError(f"unknown reducer '{self.reduce}'; known: {', '.join(REDUCERS)}")
         width = self.values.shape[1]
         if self.reduce == "mean" and width != 1:
             raise ValueError(f"'mean' takes one value per item, got {width}")
-        if self.reduce == "class_recall" and width % 2:
-            raise ValueError("'class_recall' takes [hit one-hot | label one-hot] rows (2C columns)")
+        if self.reduce == "class_recall" and width != 2:
+            raise ValueError("'class_recall' takes [label, hit] rows (2 columns)")
         if self.reduce in ("miou", "aacc", "macc") and width % 4:
             raise ValueError(f"'{self.reduce}' takes [intersect | union | pred | label] area rows (4C columns)")
 
@@ -51,11 +52,26 @@ class ItemScores:
 
     def metric(self) -> float:
         """The metric on all items (equal to what the task reported)."""
-        return float(reduce_sums(self.values.sum(0, keepdims=True), len(self), self.reduce)[0])
+        return float(self.resampled(np.ones((1, len(self))))[0])
+
+    def resampled(self, counts: np.ndarray) -> np.ndarray:
+        """(B, N) draw counts -> (B,) metric values (percent) of the B resamples."""
+        return reduce_sums(self.column_sums(counts), len(self), self.reduce)
+
+    def column_sums(self, counts: np.ndarray) -> np.ndarray:
+        if self.reduce != "class_recall":
+            return counts @ self.values
+        from scipy import sparse
+        label = self.values[:, 0].astype(np.int64)
+        c, rows = int(label.max()) + 1 if len(label) else 1, np.arange(len(label))
+        onehot = sparse.csr_matrix((np.ones(len(label)), (rows, label)), shape=(len(label), c))
+        hits = sparse.csr_matrix((self.values[:, 1], (rows, label)), shape=(len(label), c))
+        return np.hstack([(hits.T @ counts.T).T, (onehot.T @ counts.T).T])
 
 
 def reduce_sums(sums: np.ndarray, n: int, reduce: str) -> np.ndarray:
-    """(B, F) column sums of B resamples of n items -> (B,) metric values (percent)."""
+    """(B, F) column sums of B resamples of n items -> (B,) metric values (percent); class_recall sums
+    are [hits per class | items per class]."""
     with np.errstate(invalid="ignore", divide="ignore"):
         if reduce == "mean":
             return 100.0 * sums[:, 0] / n
@@ -73,12 +89,14 @@ def reduce_sums(sums: np.ndarray, n: int, reduce: str) -> np.ndarray:
 
 
 def resample_counts(n: int, resamples: int, seed: int, chunk: int = 100):
-    """Yields (b, n) count matrices, `resamples` rows in all, fixed by (seed, n)."""
+    """Yields (b, n) count matrices, `resamples` rows in all, fixed by (seed, n): row r counts how often
+    each item was drawn in n uniform draws with replacement."""
     rng = np.random.default_rng([seed, n])
     left = resamples
     while left > 0:
         b = min(chunk, left)
-        yield rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float64)
+        draws = rng.integers(0, n, size=(b, n)) + (np.arange(b) * n)[:, None]
+        yield np.bincount(draws.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
         left -= b
 
 
@@ -104,8 +122,7 @@ def bootstrap_interval(items: ItemScores, resamples: int = 1000, confidence: flo
     n = len(items)
     if n == 0:
         return math.nan, math.nan
-    samples = np.concatenate([reduce_sums(counts @ items.values, n, items.reduce)
-                              for counts in resample_counts(n, resamples, seed)])
+    samples = np.concatenate([items.resampled(counts) for counts in resample_counts(n, resamples, seed)])
     return _percentiles(samples, confidence)
 
 
@@ -113,12 +130,11 @@ def paired_difference(a: ItemScores, b: ItemScores, resamples: int = 1000, confi
                       seed: int = 0) -> dict:
     """Metric(a) - metric(b) on the same items, with the interval of the difference over shared resamples."""
     _check(resamples, confidence)
-    if len(a) != len(b) or a.reduce != b.reduce or a.values.shape[1] != b.values.shape[1]:
+    if len(a) != len(b) or a.reduce != b.reduce or (a.reduce != "class_recall" and a.values.shape[1] != b.values.shape[1]):
         raise ValueError(f"paired bootstrap needs scores of the same items and metric: {len(a)} vs {len(b)} "
                          f"items, '{a.reduce}' vs '{b.reduce}'")
     n = len(a)
-    diffs = np.concatenate([reduce_sums(counts @ a.values, n, a.reduce) - reduce_sums(counts @ b.values, n, b.reduce)
-                            for counts in resample_counts(n, resamples, seed)])
+    diffs = np.concatenate([a.resampled(counts) - b.resampled(counts) for counts in resample_counts(n, resamples, seed)])
     lo, hi = _percentiles(diffs, confidence)
     return {"difference": a.metric() - b.metric(), "low": lo, "high": hi, "items": n,
             "resamples": resamples, "confidence": confidence}
@@ -130,36 +146,46 @@ def hits(correct) -> ItemScores:
     return ItemScores(np.asarray(correct, dtype=np.float64).reshape(-1, 1), "mean")
 
 
-def class_recall_rows(pred, targets, num_classes: int) -> ItemScores:
+def class_recall_rows(pred, targets) -> ItemScores:
     pred, targets = np.asarray(pred).astype(int), np.asarray(targets).astype(int)
-    rows = np.zeros((len(targets), 2 * num_classes))
-    idx = np.arange(len(targets))
-    rows[idx[pred == targets], targets[pred == targets]] = 1.0
-    rows[idx, num_classes + targets] = 1.0
-    return ItemScores(rows, "class_recall")
+    return ItemScores(np.stack([targets, (pred == targets)], axis=1).astype(np.float64), "class_recall")
 
 
 def metric_intervals(metrics: dict[str, float], items: dict[str, ItemScores], resamples: int = 1000,
                      confidence: float = 0.95, seed: int = 0) -> dict:
     """The `intervals` block of a result: an interval for every metric with per-item scores, and for
-    every other metric the reason it has none (it is reported without one, never dropped)."""
+    every other metric the reason it has none (it is reported without one, never dropped). Metrics
+    over the same number of items share one set of resamples (drawn once: the costly part)."""
+    _check(resamples, confidence)
     out: dict = {"method": "percentile bootstrap over evaluation items", "resamples": resamples,
                  "confidence": confidence, "seed": seed, "metrics": {}, "missing": {}}
+    by_size: dict[int, list[str]] = {}
     for name, value in metrics.items():
         scores = items.get(name)
         if not math.isfinite(value):
             out["missing"][name] = "the metric is undefined here (NaN)"
-            continue
-        if scores is None:
+        elif scores is None:
             out["missing"][name] = "the task gives no per-item scores for it (not an average over items)"
-            continue
-        if len(scores) < 2:
+        elif len(scores) < 2:
             out["missing"][name] = f"{len(scores)} item(s): too few to resample"
-            continue
-        if not abs(scores.metric() - value) <= 1e-3:   # percent; float32 means differ in the 6th digit
+        elif not abs(scores.metric() - value) <= 1e-3:   # percent; float32 means differ in the 6th digit
             # per-item rows that do not reproduce the reported number would give a wrong interval
             out["missing"][name] = f"its per-item scores give {scores.metric():.4f}, not the reported {value:.4f}"
-            continue
-        lo, hi = bootstrap_interval(scores, resamples, confidence, seed)
-        out["metrics"][name] = [lo, hi]
+        else:
+            by_size.setdefault(len(scores), []).append(name)
+    for n, names in by_size.items():
+        samples: dict[str, list] = {name: [] for name in names}
+        failed: dict[str, str] = {}
+        for counts in resample_counts(n, resamples, seed):
+            for name in names:
+                if name in failed:
+                    continue
+                try:
+                    samples[name].append(items[name].resampled(counts))
+                except Exception as e:   # an interval that cannot be computed must not cost the cell its numbers
+                    failed[name] = f"bootstrap failed: {type(e).__name__}: {e}"
+        out["missing"].update(failed)
+        for name in names:
+            if name not in failed:
+                out["metrics"][name] = list(_percentiles(np.concatenate(samples[name]), confidence))
     return out

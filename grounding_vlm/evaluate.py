@@ -115,6 +115,7 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
     write_text_atomic(run_dir / "eval" / f"{split}.jsonl", "".join(line + "\n" for line in lines))
 
     m = score.metrics()
+    items = score.items()
     m["missing_images"] = float(data.missing_images)
     name = model_name or f"grounding-vlm:{run_dir.resolve().name}"
     ordered = bool(ecfg.get("ordered_boxes", True))
@@ -130,11 +131,13 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
                "init": cfg["init"].get("kind"), "fingerprint": fingerprint(json.loads(
                    (latest / "trainer.json").read_text()) | {"run": str(run_dir)})},
         dataset={"root": cfg["data"].get("root"), "dataset": cfg["data"].get("dataset"), "split": split,
+                 # what was scored, item by item: paired comparisons of two runs check it
+                 "fingerprint": fingerprint([[e.ref_id, e.image_id, e.expression] for e in examples])[:16],
                  "split_by": cfg["data"].get("split_by"), **data.report(), "evaluated": len(examples)},
         task=TASK, timings={"total_s": time.time() - t0, "model_s": model_s,
                             "ms_per_expression": 1000 * model_s / len(examples)}, device=device,
-        intervals=metric_intervals(m, score.items(), **STATS_DEFAULTS))
-    path = write_result(Path(results_dir) if results_dir else run_dir / "results", record, items=score.items())
+        intervals=metric_intervals(m, items, **STATS_DEFAULTS))
+    path = write_result(Path(results_dir) if results_dir else run_dir / "results", record, items=items)
     record["_path"] = str(path)
     return record
 

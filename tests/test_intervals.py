@@ -48,7 +48,7 @@ def test_mean_interval_equals_a_hand_bootstrap_over_the_same_draws():
 def test_reducers_reproduce_the_tasks_metrics():
     rng = np.random.default_rng(0)
     pred, target = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
-    rows = stats.class_recall_rows(pred, target, 5)
+    rows = stats.class_recall_rows(pred, target)
     want = 100 * mean_per_class_recall(torch.tensor(pred), torch.tensor(target), 5)
     assert rows.metric() == pytest.approx(want)
     areas = rng.integers(0, 50, size=(30, 4, 6)).astype(float)
@@ -185,3 +185,22 @@ def test_sweep_config_bootstrap_setting_is_checked(tmp_path):
     with pytest.raises(SweepConfigError, match="bootstrap"):
         harness_from_config({**cfg, "bootstrap": {"resample": 200}}, out=tmp_path)
     json.dumps(harness_from_config(cfg, out=tmp_path).bootstrap)   # defaults are plain data
+
+
+def test_no_items_gives_no_interval_not_a_crash():
+    empty = stats.hits(np.zeros(0))
+    assert np.isnan(empty.metric())
+    assert all(np.isnan(v) for v in stats.bootstrap_interval(empty))
+    out = stats.metric_intervals({"h/top1": 0.0}, {"h/top1": empty})
+    assert out["metrics"] == {} and "too few" in out["missing"]["h/top1"]
+
+
+def test_class_recall_rows_stay_compact_and_pair():
+    rng = np.random.default_rng(2)
+    target = rng.integers(0, 1000, 5000)
+    good = np.where(rng.random(5000) < 0.7, target, (target + 1) % 1000)
+    bad = np.where(rng.random(5000) < 0.5, target, (target + 1) % 1000)
+    a, b = stats.class_recall_rows(good, target), stats.class_recall_rows(bad, target)
+    assert a.values.shape == (5000, 2)       # not 5000 x 2000 one-hot columns
+    d = stats.paired_difference(a, b, resamples=200)
+    assert d["low"] > 0 and d["difference"] == pytest.approx(a.metric() - b.metric())

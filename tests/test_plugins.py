@@ -40,8 +40,9 @@ class CountTask:
 register_task(CountTask())
 ''')
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delenv(plugins.ENV, raising=False)
+    monkeypatch.setenv(plugins.ENV, "")      # recorded, so the CLI's own additions are undone afterwards
     monkeypatch.setattr(plugins, "_loaded", set())
+    monkeypatch.setattr(plugins, "_entry_point_modules", None)   # rescanned under the test's entry points
     return tmp_path
 
 

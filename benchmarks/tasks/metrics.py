@@ -42,7 +42,7 @@ def classification_items(scores: torch.Tensor, targets: torch.Tensor, num_classe
     out = {}
     for name in metrics:
         if name == "mean_per_class_recall":
-            out[name] = class_recall_rows(scores.argmax(1).cpu().numpy(), targets.view(-1).cpu().numpy(), num_classes)
+            out[name] = class_recall_rows(scores.argmax(1).cpu().numpy(), targets.view(-1).cpu().numpy())
             continue
         k = int(name[3:])
         if scores.shape[1] >= k:

@@ -65,7 +65,7 @@ def similarity_scores(sim: torch.Tensor, owner: torch.Tensor, ks=(1, 5, 10),
         first = first_hit_ranks(s, p, max(ks), device=device)
         for k in ks:
             hit = (first < min(k, s.shape[1])).double()
-            metrics[f"{name}_r{k}"] = percent(hit.mean()) if len(hit) else 0.0
+            metrics[f"{name}_r{k}"] = percent(hit.mean()) if len(hit) else float("nan")
             items[f"{name}_r{k}"] = hits(hit.numpy())
     order = [f"i2t_r{k}" for k in ks] + [f"t2i_r{k}" for k in ks]
     return {k: metrics[k] for k in order}, items

@@ -8,8 +8,8 @@ retrieval cells are skipped with the reason and kNN / segmentation run.
 - summary: `forward_head(forward_features(x), pre_logits=True)`, the model's own pooling (CLS or
   average for ViTs, global pool for CNNs);
 - patches: for token models (ViT, DeiT, EVA...) the final tokens without the prefix (CLS, registers)
-  on the patch grid; for CNNs the last feature map's cells (the grid is the map's size, and
-  `patch_size` the network's reduction, e.g. 32 for a ResNet).
+  on the patch grid; for feature-map models (CNNs, Swin) the last map's cells (the grid is the map's
+  size, and `patch_size` the network's reduction, e.g. 32 for a ResNet).
 - preprocessing: timm's `resolve_data_config` (mean, std, interpolation, input size); `resolution` R
   resizes (squash) to R x R, and ViTs resample their position table for that size (dynamic_img_size).
 """
@@ -42,12 +42,14 @@ class TimmEncoder(ModuleEncoder):
         self.image_size = tuple(int(v) for v in cfg["input_size"][1:])
         self.mean, self.std = tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
         self.interpolation = str(cfg.get("interpolation", "bicubic"))
-        self.tokens = hasattr(model, "patch_embed")            # a ViT-style token model
-        if self.tokens:
+        # the stride of the last features: a ViT's patch size, a CNN's or Swin's total reduction
+        reductions = [int(f.get("reduction", 1)) for f in getattr(model, "feature_info", []) or []]
+        if reductions:
+            self.patch_size = max(reductions)
+        elif hasattr(model, "patch_embed"):
             self.patch_size = int(model.patch_embed.patch_size[0])
         else:
-            reductions = [int(f.get("reduction", 1)) for f in getattr(model, "feature_info", [])]
-            self.patch_size = max(reductions) if reductions else 32
+            self.patch_size = 32
 
     def preprocess(self, image, resolution=None) -> torch.Tensor:
         side = (int(resolution),) * 2 if resolution else self.image_size
@@ -66,12 +68,14 @@ class TimmEncoder(ModuleEncoder):
         for (H, W), idx in group_by_size(images).items():
             feats = self.model.forward_features(torch.stack([images[i] for i in idx]))
             pooled = self.model.forward_head(feats, pre_logits=True)
-            if self.tokens:
+            if feats.ndim == 3:   # tokens (ViT, DeiT, EVA...): drop the prefix (CLS, registers)
                 k = int(getattr(self.model, "num_prefix_tokens", 0))
                 grid = (H // self.patch_size, W // self.patch_size)
                 cells = feats[:, k:]
-            else:   # (B, C, h, w) feature map
-                grid = tuple(feats.shape[2:])
+            else:                 # a feature map: (B, C, h, w), or (B, h, w, C) for NHWC models (Swin)
+                if str(getattr(self.model, "output_fmt", "NCHW")) == "NHWC":
+                    feats = feats.permute(0, 3, 1, 2)
+                grid = tuple(int(v) for v in feats.shape[2:])
                 cells = feats.flatten(2).transpose(1, 2)
             for j, i in enumerate(idx):
                 summary[i], patches[i], grids[i] = pooled[j], cells[j], grid
