@@ -155,8 +155,11 @@ def _student_done(r: Run) -> bool:
 def _export_random_student(r: Run) -> None:
     from distill.encoders.student import export_random_student
     s = r.settings["random_student"]
-    export_random_student(r.random_student, config=s.get("config", "tiny-moe"), seed=int(s.get("seed", 0)),
-                          teachers=r.teachers)
+    config = s.get("config")
+    if config is None:   # the distilled student's own architecture: the baseline differs only in training
+        from distill.train.config import load_config
+        config = load_config(r.settings["distill"]["recipe"]).student.config
+    export_random_student(r.random_student, config=config, seed=int(s.get("seed", 0)), teachers=r.teachers)
 
 
 SAMPLINGS = ("curated", "random")   # the curation ablation's two pool samples of equal size
