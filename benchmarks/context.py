@@ -301,7 +301,8 @@ class HarnessContext:
                           for i in range(0, len(texts), 256)]
             return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
-        emb = self.cache.get_or_compute_text(self.encoder.fingerprint(), head, list(texts), compute,
+        # keyed by the text tower's identity: students share their teachers' text embeddings
+        emb = self.cache.get_or_compute_text(self.encoder.text_fingerprint(head), head, list(texts), compute,
                                              write=self.rank == 0, refresh=self.refresh)
         self.feature_seconds += time.perf_counter() - t0
         return emb

@@ -103,6 +103,12 @@ def test_student_borrows_both_text_branches(teachers, tmp_path):
     ref = enc.dinotxt.image_embedding(f.summary["dinov3"], f.patches["dinov3"])
     torch.testing.assert_close(f.summary["dinotxt"], ref)
     assert enc.encode_text(["a red circle"], "dinotxt").shape == (1, 96)
+    # the borrowed towers keep their identity, so the harness caches their text embeddings once
+    teacher = load_encoder(f"dinov3:{teachers / 'dinov3'}")
+    assert enc.text_fingerprint("dinotxt") == teacher.text_fingerprint("dinotxt") != teacher.fingerprint()
+    assert enc.text_fingerprint("siglip2") == load_encoder(f"siglip2:{teachers / 'siglip2'}").fingerprint()
+    other = export_random_student(tmp_path / "s2", config="tiny-moe", seed=1, teachers=teachers)
+    assert load_encoder(f"student:{other}").text_fingerprint("siglip2") == enc.text_fingerprint("siglip2")
 
 
 def test_student_whose_teacher_lacks_the_head_runs_with_siglip2_only(tmp_path):

@@ -56,6 +56,12 @@ class Encoder(ABC):
         """Identifies weights + preprocessing; part of every feature-cache key."""
         return self.name
 
+    def text_fingerprint(self, head: str) -> str:
+        """Identifies the text tower behind `head` (text-embedding cache keys). An encoder that borrows
+        another model's tower (a student uses its teachers') returns that model's, so the embeddings
+        of a suite's prompts and captions are computed once for all of them."""
+        return self.fingerprint()
+
     def preprocess_config(self) -> dict:
         """Preprocessing settings, hashed into feature-cache keys."""
         return {}

@@ -156,6 +156,13 @@ class DinoTxtBranch:
         self.head = model.visual_model.head
         self.width = int(self.head.ln_final.normalized_shape[0])
 
+    def fingerprint(self) -> str:
+        """The text tower's identity (its weights), the same whichever encoder carries the branch."""
+        if getattr(self, "_fingerprint", None) is None:
+            from distill.encoders.common import weights_digest
+            self._fingerprint = "dinotxt-" + weights_digest(self.model)
+        return self._fingerprint
+
     def to(self, device, dtype=None) -> "DinoTxtBranch":
         self.model.to(device=device, dtype=dtype) if dtype is not None else self.model.to(device)
         return self

@@ -94,6 +94,9 @@ class DINOv3Encoder(ModuleEncoder):
     def logit_scale(self, head: str) -> float:
         return self.dinotxt.logit_scale() if head == "dinotxt" and self.dinotxt is not None else super().logit_scale(head)
 
+    def text_fingerprint(self, head: str) -> str:
+        return self.dinotxt.fingerprint() if head == "dinotxt" and self.dinotxt is not None else self.fingerprint()
+
     def modules(self):
         return [self.model] + ([self.dinotxt.model] if self.dinotxt is not None else [])
 

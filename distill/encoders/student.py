@@ -210,6 +210,14 @@ class SiglinoEncoder(ModuleEncoder):
             teacher.to(self.device)
         return teacher.encode_text(texts, t_head).to(self.device, self.dtype)
 
+    def text_fingerprint(self, head: str) -> str:
+        """The borrowed tower's own identity: a student's prompts share the teacher's cache entries."""
+        if head == "dinotxt" and self.dinotxt is not None:
+            return self.dinotxt.fingerprint()
+        if head in self.teacher_specs:
+            return self._teacher(head).text_fingerprint(self.teacher_specs[head].get("head", head))
+        return self.fingerprint()
+
     def logit_scale(self, head: str) -> float:
         if head == "dinotxt" and self.dinotxt is not None:
             return self.dinotxt.logit_scale()
