@@ -19,7 +19,8 @@ import pandas as pd
 from distill.results import load_results
 from benchmarks.suites import SuiteError, load_suite
 
-REPORTED_CSV = Path(__file__).resolve().parents[1] / "leaderboards" / "reported.csv"
+# package data, so an installed amoe (not only a checkout) compares against the papers' numbers
+REPORTED_CSV = Path(__file__).resolve().parent / "suites" / "reported.csv"
 TASK_ORDER = ("zeroshot", "knn", "retrieval", "segmentation")
 TASK_LABELS = {"zeroshot": "zero-shot", "knn": "kNN", "retrieval": "retrieval", "segmentation": "seg"}
 LABELS_FILE = "labels.json"   # optional [{"spec", "name"}, ...] beside the result JSONs (rows in that order)

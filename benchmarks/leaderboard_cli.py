@@ -12,7 +12,7 @@ def register(subparsers) -> None:
     build.add_argument("--out", default="leaderboards", help="output folder (default: leaderboards/)")
     build.add_argument("--reported", default=None,
                        help="CSV of numbers reported by the papers (default: the repository's "
-                            "leaderboards/reported.csv); 'none' to leave the comparison out")
+                            "benchmarks/suites/reported.csv, shipped with the package); 'none' to leave the comparison out")
     build.add_argument("--mix-limited", action="store_true",
                        help="let family averages mix `--limit` cells with full ones (marked); by default such "
                             "an average is left empty")
