@@ -126,9 +126,11 @@ class FileLock:
             self._fd = None
 
 
-def lock_run_folder(folder: str | os.PathLike, what: str) -> FileLock:
-    """Hold `folder`'s run lock (FOLDER/.lock) or raise LockHeld naming the process that has it."""
-    lock = FileLock(Path(folder) / ".lock", what)
+def lock_run_folder(folder: str | os.PathLike, what: str, name: str = ".lock") -> FileLock:
+    """Hold `folder`'s run lock (FOLDER/.lock, or FOLDER/`name` for one output among several in a folder)
+    or raise LockHeld naming the process that has it."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(Path(folder) / name, what)
     if not lock.acquire():
         h = lock.holder()
         raise LockHeld(f"{folder} is in use by a {h.get('what', 'process')} (pid {h.get('pid', '?')} on "

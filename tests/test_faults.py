@@ -368,3 +368,22 @@ def test_an_image_too_long_for_the_token_budget_is_narrowed_not_refused(world, t
     wide = [it for it in pool.items if it.entry.width == 4000]
     assert wide and all(it.tokens <= (it.resolution // 16) ** 2 for it in wide)
     run_distillation(tiny_recipe(w, steps=2), tmp_path / "run", teachers=make_teachers())
+
+
+def test_teacher_training_and_world_generation_take_a_lock(tmp_path):
+    """A second writer of the same world or teacher is refused naming the holder, never interleaved."""
+    from benchmarks.world import make_world
+    from distill.io import LockHeld, lock_run_folder
+    from distill.teachers import train_teachers
+    from test_tasks_e2e import WORLD
+
+    held = lock_run_folder(tmp_path, "test", name=".w.lock")
+    with pytest.raises(LockHeld, match="in use by a test"):
+        make_world(tmp_path / "w", size=WORLD, workers=1, progress=False)
+    held.release()
+    make_world(tmp_path / "w", size=WORLD, workers=1, progress=False)   # free again: it runs
+    held = lock_run_folder(tmp_path / "t", "test", name=".siglip2.lock")
+    with pytest.raises(LockHeld, match="in use by a test"):
+        train_teachers(tmp_path / "w", tmp_path / "t", fast=True, only=["siglip2"], progress=False)
+    held.release()
+    assert not (tmp_path / "t" / ".siglip2.partial").exists()   # refused before touching the folder

@@ -239,6 +239,16 @@ def make_world(out: str | os.PathLike, size: str | dict = "small", seed: int = 0
         raise FileExistsError(f"{out} exists, is not empty and is not a finished mini-world (no world.json); "
                               "choose another --out or remove it yourself")
 
+    # one writer per world: a second `world make` of the same --out is refused (LockHeld), not interleaved
+    from distill.io import lock_run_folder   # here, not at the top: render workers never import torch
+    lock = lock_run_folder(out.parent, "mini-world generation", name=f".{out.name}.lock")
+    try:
+        return _build(out, identity, seed, cfg, workers, progress)
+    finally:
+        lock.release()
+
+
+def _build(out: Path, identity: dict, seed: int, cfg: dict, workers: int | None, progress: bool) -> dict:
     tmp = out.parent / f".{out.name}.partial"
     if tmp.exists():
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from distill.io import write_json_atomic
+from distill.io import lock_run_folder, write_json_atomic
 
 from .common import (LOG, MARKER, TEACHERS, TeacherError, fresh_partial, finish_dir, is_complete, load_recipe,
                      machine, teacher_fingerprint)
@@ -68,21 +68,31 @@ def _train_serial(world, out: Path, names: list[str], recipe: dict, world_id: di
         if is_complete(final, fp):
             report[name] = {"status": "skipped (complete)"}
             continue
-        partial = fresh_partial(out, name)
-        t0, c0 = time.perf_counter(), time.process_time()
-        if name == "siglip2":
-            from . import siglip2 as trainer
-        else:
-            from . import dinov3 as trainer
-        info = trainer.train(data, recipe[name], partial, seed=seed, progress=progress)
-        info.update({"teacher": name, "fast": fast, "seed": seed, "recipe": recipe[name], "world": str(world),
-                     "world_id": world_id, "machine": machine(), "wall_seconds": round(time.perf_counter() - t0, 2),
-                     "cpu_seconds": round(time.process_time() - c0, 2),  # honest under a shared CPU
-                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        write_json_atomic(partial / LOG, info)
-        finish_dir(partial, final, {"teacher": name, "fingerprint": fp, "finished": info["finished"]})
-        report[name] = info
+        # one writer per teacher: a second `teachers train` on this folder is refused, not interleaved
+        lock = lock_run_folder(out, f"{name} teacher training", name=f".{name}.lock")
+        try:
+            report[name] = _train_one(data, name, recipe, partial=fresh_partial(out, name), final=final, fp=fp,
+                                      world=world, world_id=world_id, fast=fast, seed=seed, progress=progress)
+        finally:
+            lock.release()
     return report
+
+
+def _train_one(data, name: str, recipe: dict, partial: Path, final: Path, fp: str, world, world_id: dict,
+               fast: bool, seed: int, progress: bool) -> dict:
+    t0, c0 = time.perf_counter(), time.process_time()
+    if name == "siglip2":
+        from . import siglip2 as trainer
+    else:
+        from . import dinov3 as trainer
+    info = trainer.train(data, recipe[name], partial, seed=seed, progress=progress)
+    info.update({"teacher": name, "fast": fast, "seed": seed, "recipe": recipe[name], "world": str(world),
+                 "world_id": world_id, "machine": machine(), "wall_seconds": round(time.perf_counter() - t0, 2),
+                 "cpu_seconds": round(time.process_time() - c0, 2),  # honest under a shared CPU
+                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    write_json_atomic(partial / LOG, info)
+    finish_dir(partial, final, {"teacher": name, "fingerprint": fp, "finished": info["finished"]})
+    return info
 
 
 def _train_parallel(world, out: Path, names: list[str], todo: list[str], fast: bool, seed: int, progress: bool,
