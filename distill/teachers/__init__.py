@@ -80,6 +80,7 @@ def _train_serial(world, out: Path, names: list[str], recipe: dict, world_id: di
 
 def _train_one(data, name: str, recipe: dict, partial: Path, final: Path, fp: str, world, world_id: dict,
                fast: bool, seed: int, progress: bool) -> dict:
+    """Train teacher `name` into `partial`, log it, and move it into place (marker last)."""
     t0, c0 = time.perf_counter(), time.process_time()
     if name == "siglip2":
         from . import siglip2 as trainer
