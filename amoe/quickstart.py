@@ -75,6 +75,11 @@ class Run:
         return [d["relational"]] + extra
 
     @property
+    def padded_student(self) -> Path:
+        """The packing ablation's student: the main recipe with padded instead of packed batches."""
+        return self.out / "students" / "distilled-padded" / "export"
+
+    @property
     def results(self) -> Path:
         return self.out / "results"
 
@@ -92,7 +97,8 @@ class Run:
         return [f"siglip2:{self.teachers / 'siglip2'}", f"dinov3:{self.teachers / 'dinov3'}",
                 f"student:{self.random_student}"] + [f"student:{self.distilled(k)}"
                                                      for k in self.relational_variants()] + \
-            ([f"student:{self.data_student(k)}" for k in SAMPLINGS] if self.ablations else [])
+            ([f"student:{self.data_student(k)}" for k in SAMPLINGS] + [f"student:{self.padded_student}"]
+             if self.ablations else [])
 
     def labels(self) -> dict[str, str]:
         """Display names of the leaderboard rows (the specs stay in the CSVs)."""
@@ -103,6 +109,7 @@ class Run:
         names.update({f"student:{self.distilled(k)}": f"student ({relational.get(k, k)})"
                       for k in self.relational_variants()})
         names.update({f"student:{self.data_student(k)}": f"student ({k} data)" for k in SAMPLINGS})
+        names[f"student:{self.padded_student}"] = "student (padded batches)"
         names.update({f"grounding-vlm:miniworld-{k}": f"grounding ({k.replace('-', ' + ')})"
                       for k in ("scratch", "student", "student-gram")})
         return names
@@ -165,7 +172,8 @@ def _export_random_student(r: Run) -> None:
 SAMPLINGS = ("curated", "random")   # the curation ablation's two pool samples of equal size
 
 
-def _distill_one(r: Run, relational: str, export: Path, manifest: Path | None = None) -> None:
+def _distill_one(r: Run, relational: str, export: Path, manifest: Path | None = None,
+                 extra: dict | None = None) -> None:
     from distill.train import run_distillation
     from distill.train.config import load_config
     d = r.settings["distill"]
@@ -174,6 +182,7 @@ def _distill_one(r: Run, relational: str, export: Path, manifest: Path | None = 
                  "name": f"{d['recipe']}-{export.parent.name}", **(d.get("overrides") or {})}
     if manifest is not None:
         overrides["data.sources.0.manifest"] = str(manifest)
+    overrides.update(extra or {})
     cfg = load_config(d["recipe"], overrides)
     run_distillation(cfg.to_json(), export.parent)
 
@@ -227,6 +236,17 @@ def _curation_ablation(r: Run) -> dict:
         if not student_export_complete(r.data_student(k)):
             _distill_one(r, main, r.data_student(k), manifest=manifests[k])
     return {"target": c["target"]}
+
+
+def _packing_done(r: Run) -> bool:
+    from distill.encoders.student import student_export_complete
+    return student_export_complete(r.padded_student)
+
+
+def _packing_ablation(r: Run) -> None:
+    """The main recipe, relational term and steps with padded batches instead of token-balanced packing."""
+    _distill_one(r, r.settings["distill"]["relational"], r.padded_student,
+                 extra=r.settings["packing"]["overrides"])
 
 
 def _grounding_done(r: Run) -> bool:
@@ -300,11 +320,13 @@ STEPS: list[Step] = [
     Step("ablation-curation", "curate the pool (hierarchical k-means, balanced sampling) and distil on the "
          "curated vs a random sample of equal size", _curation_done, _curation_ablation,
          requires=("world", "teachers"), ablation=True),
+    Step("ablation-packing", "distil the main recipe with padded batches instead of token-balanced packing",
+         _packing_done, _packing_ablation, requires=("world", "teachers"), ablation=True),
     Step("grounding", "RefCOCO-style grounding VLM: scratch vs student init vs student + Gram anchoring",
          _grounding_done, _grounding_ablation, requires=("world", "distill"), ablation=True),
     Step("bench", "run the mini-world suite on every encoder (zero-shot, kNN, retrieval, segmentation)",
          _bench_done, _run_bench, requires=("world", "teachers", "random-student", "distill", "ablation-relational",
-                                            "ablation-curation")),
+                                            "ablation-curation", "ablation-packing")),
     Step("leaderboard", "build the leaderboard tables and plot from the result JSONs",
          _leaderboard_done, _build_leaderboard, requires=("bench",)),
 ]

@@ -172,7 +172,7 @@ def evaluate_claims(results_dir: str | os.PathLike, claims: dict, world: str | o
     for c in claims["claims"]:
         tests = [_one_test(t, rows, prefs, margin, Path(world) if world else None, bootstrap)
                  for t in c.get("tests", [])]
-        entry = {k: c.get(k) for k in ("id", "title", "paper")}
+        entry = {k: c.get(k) for k in ("id", "title", "paper", "note")}
         entry.update(tests=tests, verdict=claim_verdict([t["verdict"] for t in tests]))
         if not tests:
             entry["why"] = c.get("not_run", "no comparison is defined for it")
@@ -232,7 +232,8 @@ def write_evidence(results_dir: str | os.PathLike, out_dir: str | os.PathLike, c
              "| claim | verdict |\n|---|---|\n"]
     lines += [f"| {c['title']} | **{c['verdict']}** |\n" for c in ev["claims"]]
     for c in ev["claims"]:
-        lines.append(f"\n## {c['title']}\n\nPaper: {c['paper']}\n\nVerdict: **{c['verdict']}**")
+        lines.append(f"\n## {c['title']}\n\nPaper: {c['paper']}\n\n" + (f"{c['note']}\n\n" if c.get("note") else "")
+                     + f"Verdict: **{c['verdict']}**")
         lines.append(f" ({c['why']})\n" if c.get("why") else "\n")
         if c["tests"]:
             lines.append("\n| A | B | task / metric | expect | A | B | A - B [95 %] | verdict |\n"

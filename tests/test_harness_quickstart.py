@@ -51,7 +51,7 @@ def test_only_unknown_step_is_rejected(tmp_path):
 
 def test_pipeline_shape_and_settings(tmp_path):
     assert [s.name for s in STEPS] == ["world", "teachers", "random-student", "distill", "ablation-relational",
-                                       "ablation-curation", "grounding", "bench", "leaderboard"]
+                                       "ablation-curation", "ablation-packing", "grounding", "bench", "leaderboard"]
     fast, full = load_settings(fast=True), load_settings()
     assert fast["sweep"]["limit"] and full["sweep"]["limit"] is None
     assert fast["sweep"]["tasks"] == full["sweep"]["tasks"]   # fast overrides only what it names
@@ -64,8 +64,8 @@ def test_pipeline_shape_and_settings(tmp_path):
     assert not full["ablations"] and fast["ablations"]
     ablating = Run(tmp_path / "qs", {**full, "ablations": True})
     assert ablating.relational_variants() == ["arkd", "none", "rkd"]   # the main student comes first
-    assert ablating.sweep_config()["models"][-2:] == [f"student:{ablating.data_student(k)}"
-                                                      for k in ("curated", "random")]
+    assert ablating.sweep_config()["models"][-3:] == [f"student:{ablating.data_student(k)}"
+                                                      for k in ("curated", "random")] + [f"student:{ablating.padded_student}"]
 
 
 def test_ablation_steps_run_only_when_selected(tmp_path):
@@ -82,7 +82,7 @@ def test_fast_quickstart_runs_every_step_end_to_end(tmp_path):
     report = run_steps(run)
     assert [r["status"] for r in report] == ["done"] * len(STEPS)
     table = (run.leaderboard / "miniworld.csv").read_text()
-    for k in ("distilled-arkd", "distilled-none", "distilled-rkd", "data-curated", "data-random"):
+    for k in ("distilled-arkd", "distilled-none", "distilled-rkd", "data-curated", "data-random", "distilled-padded"):
         assert f"{k}/export" in table
     evidence = json.loads((run.curation / "evidence.json").read_text())
     assert set(evidence) == {"curated", "random"}
