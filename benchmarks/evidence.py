@@ -32,7 +32,7 @@ from distill.io import write_json_atomic, write_text_atomic
 from distill.results import load_results, read_items
 
 from benchmarks.compare import CompareError, same_items
-from benchmarks.leaderboard import LABELS_FILE, display_names, pick_metric
+from benchmarks.leaderboard import display_names, pick_metric, read_labels
 from benchmarks.suites import load_suite
 
 CLAIMS_DIR = Path(__file__).resolve().parent / "suites" / "claims"
@@ -103,10 +103,7 @@ class _Rows:
 
     def __init__(self, results_dir: Path):
         self.records = load_results(results_dir, statuses=("ok",))
-        labels_file = results_dir / LABELS_FILE
-        saved = json.loads(labels_file.read_text()) if labels_file.is_file() else []
-        labels = {e["spec"]: e["name"] for e in saved} if isinstance(saved, list) else dict(saved)
-        self.names = display_names(self.records, results_dir.resolve().parent, labels)
+        self.names = display_names(self.records, results_dir.resolve().parent, read_labels(results_dir))
 
     def find(self, row: str, task: str, dataset: str) -> dict | None:
         """The row's native-resolution result for (task, dataset): a full run before a `--limit` one,
@@ -132,25 +129,24 @@ def _one_test(t: dict, rows: _Rows, prefs: list[str], margin: float, world: Path
         return {**out, "verdict": "not run", "why": str(e)}
     if recs["a"]["cell"]["limit"] is not None:
         out["limit"] = recs["a"]["cell"]["limit"]
-    scores, values = {}, {}
+    tail = None
+    if t.get("subset") == "pool_tail":
+        if world is None:
+            return {**out, "verdict": "not run", "why": "the tail subset needs the world (--world)"}
+        classes = [c for c in (world / "classification" / "classnames.txt").read_text().split("\n") if c]
+        tail = pool_tail_classes(world, classes, float(t.get("tail_fraction", 0.25)))
+        out["tail_classes"] = len(tail)
+    scores = {}
     for side, rec in recs.items():
-        base = "mean_per_class_recall" if t.get("subset") else t["metric"]
+        base = "mean_per_class_recall" if tail is not None else t["metric"]   # tail rows carry the labels
         picked = pick_metric(rec["metrics"], base, prefs)
         items = read_items(rec)
         key = f"{picked[0]}/{base}" if picked and picked[0] else base
         if picked is None or key not in items:
             return {**out, "verdict": "not run", "why": f"{t[side]} has no per-item scores for {t['metric']}"}
-        scores[side] = items[key]
+        scores[side] = items[key] if tail is None else _subset(items[key], tail)
         out[f"{side}_head"] = picked[0]
-        if t.get("subset") == "pool_tail":
-            if world is None:
-                return {**out, "verdict": "not run", "why": "the tail subset needs the world (--world)"}
-            classes = (world / "classification" / "classnames.txt").read_text().split("\n")
-            tail = pool_tail_classes(world, [c for c in classes if c], float(t.get("tail_fraction", 0.25)))
-            scores[side] = _subset(scores[side], tail)
-            out["tail_classes"] = len(tail)
-        values[side] = scores[side].metric()
-        out[f"{side}_value"] = values[side]
+        out[f"{side}_value"] = scores[side].metric()
         out[f"{side}_interval"] = list(stats.bootstrap_interval(scores[side], **bootstrap))
     if len(scores["a"]) != len(scores["b"]):
         return {**out, "verdict": "not run", "why": f"{len(scores['a'])} vs {len(scores['b'])} items"}

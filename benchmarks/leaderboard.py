@@ -41,6 +41,16 @@ def relative_spec(spec: str, base: Path) -> str:
     return f"{kind}{sep}{arg}{q}{query}"
 
 
+def read_labels(results_dir: str | os.PathLike) -> dict[str, str]:
+    """{spec: display name} from `results_dir/labels.json` (a list of {"spec", "name"} in row order, or a
+    {spec: name} dict); empty when there is none."""
+    path = Path(results_dir) / LABELS_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else []
+    if isinstance(saved, dict):
+        return dict(saved)
+    return {e["spec"]: e["name"] for e in saved}
+
+
 def display_names(records: list[dict], base: Path, labels: dict[str, str]) -> dict[str, str]:
     """spec -> row name: the given label, else the spec relative to the run folder; labelled rows first,
     in the labels' order (the quickstart lists teachers, then students, then grounding runs)."""
@@ -465,11 +475,8 @@ def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
     unreadable: list = []
     records = load_results(results_dir, unreadable=unreadable)
     base = Path(results_dir).resolve().parent
-    labels_file = Path(results_dir) / LABELS_FILE
-    saved = json.loads(labels_file.read_text()) if labels_file.is_file() else []
-    if isinstance(saved, dict):   # {spec: name} also works; the list form keeps the row order
-        saved = [{"spec": k, "name": v} for k, v in saved.items()]
-    labels = {**(labels or {}), **{e["spec"]: e["name"] for e in saved if e["spec"] not in (labels or {})}}
+    given = labels or {}   # given names win and keep their order; labels.json fills in the rest
+    labels = {**given, **{k: v for k, v in read_labels(results_dir).items() if k not in given}}
     row_names = display_names(records, base, labels)
     if not records:
         raise ValueError(f"no result JSONs under {results_dir}; run `amoe bench sweep` first")

@@ -67,6 +67,33 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torc
     return load_file(str(path), device=device)
 
 
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a `.safetensors` file or a torch file read with weights_only=True (an unsafe
+    pickle is refused, never run). A checkpoint dict wrapping it ("state_dict_ema", "state_dict",
+    "model") is unwrapped, and a 'module.' / 'model.' prefix on every key is stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # an unsafe pickle (code objects etc.) is refused here
+            raise ValueError(f"{path} is not a plain tensor state_dict loadable with weights_only=True: {e}") from e
+        for key in ("state_dict_ema", "state_dict", "model"):
+            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                sd = sd[key]
+                break
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    sd = dict(sd)
+    for prefix in ("module.", "model."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -23,6 +23,7 @@ from PIL import Image
 from distill.encoders.common import ModuleEncoder, as_image_list, group_by_size, hub_error, no_grad_encode, resize_normalize
 from distill.encoders.registry import register_loader
 from distill.features import Features
+from distill.io import load_state_dict_file
 
 _INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
@@ -30,11 +31,11 @@ _INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Imag
 class TimmEncoder(ModuleEncoder):
     kind = "timm"
 
-    def __init__(self, model, model_name: str, source: str, head: str = "timm"):
+    def __init__(self, model, model_name: str, head: str = "timm"):
         from timm.data import resolve_data_config
 
         self.model = model.eval()
-        self.model_name, self.source = model_name, source
+        self.model_name = model_name
         self.name = f"timm:{model_name}"
         self.heads = (head,)
         self.text_heads = ()
@@ -81,12 +82,8 @@ class TimmEncoder(ModuleEncoder):
                 summary[i], patches[i], grids[i] = pooled[j], cells[j], grid
         return Features(summary={head: torch.stack(summary)}, patches={head: patches}, grids=grids)
 
-    @property
-    def active_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def describe(self) -> dict:
-        return {"model": self.model_name, "weights": self.source, "patch_size": self.patch_size}
+    def describe(self) -> dict:   # part of the fingerprint: architecture facts, never a file name
+        return {"model": self.model_name, "patch_size": self.patch_size}
 
 
 @register_loader("timm", "any timm backbone (CNN or ViT), image-only: summary = the model's pooled features, "
@@ -120,28 +117,18 @@ def load_timm(arg: str, pretrained: bool | int = False, checkpoint: str | None =
             raise hub_error("timm", arg, e) from e
     except (OSError, RuntimeError) as e:
         raise hub_error("timm", arg, e) from e
-    source = "hub"
     if checkpoint:
         _load_checkpoint(model, arg, checkpoint)
-        source = Path(checkpoint).name
-    return TimmEncoder(model.float(), arg, source, head=head)
+    return TimmEncoder(model.float(), arg, head=head)
 
 
 def _load_checkpoint(model, name: str, checkpoint: str) -> None:
-    """Weights from a local file, checked key by key: safetensors, or a torch file read with
-    weights_only=True (never an unchecked pickle). Only the classifier the backbone drops may be extra."""
+    """Weights from a local file (distill.io.load_state_dict_file: safetensors, or torch with
+    weights_only=True), checked key by key: only the classifier the backbone drops may be extra."""
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"timm:{name}: checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict_ema", "state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-                break
+    state = load_state_dict_file(path)
     classifier = str(model.pretrained_cfg.get("classifier", "head"))
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

@@ -433,29 +433,7 @@ def _check_float(t, name):
 
 
 def load_official_checkpoint(path) -> dict[str, torch.Tensor]:
-    """State dict of an official release `.pt` (plain torch.save of a state_dict; loaded with
-    weights_only=True, so no arbitrary pickled code runs) or a `.safetensors` file. A leading
-    'model.' / 'module.' prefix on every key is stripped."""
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # an unsafe pickle (code objects etc.) is refused here
-            raise ValueError(f"{path} is not a plain tensor state_dict loadable with weights_only=True: {e}") from e
-        if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-            sd = sd["state_dict"]
-        if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise ValueError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
-    sd = dict(sd)
-    for prefix in ("module.", "model."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
+    """State dict of an official release `.pt` or a `.safetensors` file (distill.io.load_state_dict_file:
+    weights_only=True, so no arbitrary pickled code runs; a 'model.' / 'module.' prefix is stripped)."""
+    from distill.io import load_state_dict_file
+    return load_state_dict_file(path)
