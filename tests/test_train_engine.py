@@ -3,6 +3,7 @@ non-finite losses, width checks, export, target cache. Real tiny Student, stand-
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -72,6 +73,44 @@ def test_two_processes_equal_one_process(world, tmp_path, parallel):
         # Adam turns round-off-sized gradients (e.g. the MAP key bias, whose true gradient is 0 by
         # softmax shift invariance) into lr-sized steps, so weights agree to a fraction of lr = 3e-3
         assert torch.allclose(w1[k], w2[k], atol=2e-4), k
+
+
+
+def _ddp_worker_rank1_decodes_nothing(rank: int, world_size: int, port: int, recipe: dict, out: str) -> None:
+    if rank == 1:   # every training read fails on this rank (the start-up width probe still reads)
+        import distill.train.engine as engine
+
+        def unreadable(entry):
+            raise OSError("image file is truncated")
+        load = engine.Distiller._load_images
+
+        def load_nothing(self, plan):
+            engine.read_image, saved = unreadable, engine.read_image
+            try:
+                return load(self, plan)
+            finally:
+                engine.read_image = saved
+        engine.Distiller._load_images = load_nothing
+    _ddp_worker(rank, world_size, port, recipe, out)
+
+
+def test_a_rank_that_decodes_nothing_takes_part_with_zero_images(world, tmp_path):
+    """Reproduced: a DDP rank with no decodable image crashed the step (`TypeError: 'NoneType' object is
+    not subscriptable`). Now it runs a placeholder whose rows are sliced away: the step is rank 0's
+    images alone, on both ranks, and the run exports finite weights."""
+    steps = 2
+    recipe = tiny_recipe(world, steps=steps, batching__seqs_per_rank=2, engine__parallel="ddp")
+    mp.start_processes(_ddp_worker_rank1_decodes_nothing, args=(2, _free_port(), recipe, str(tmp_path / "r")),
+                       nprocs=2, join=True, start_method="spawn")
+    full = tiny_recipe(world, steps=steps, batching__seqs_per_rank=4)
+    run_distillation(full, tmp_path / "full", teachers=make_teachers())
+    m, f = read_metrics(tmp_path / "r"), read_metrics(tmp_path / "full")
+    assert [r["step"] for r in m] == list(range(1, steps + 1))
+    for half, whole in zip(m, f):
+        assert 0 < half["images"] < whole["images"]        # rank 1's images are missing, rank 0's count
+        assert math.isfinite(half["loss/total"]) and math.isfinite(half["grad_norm"]) and not half["skipped"]
+    w = load_tensors(tmp_path / "r" / "export" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in w.values())
 
 
 DRIVER = """

@@ -428,12 +428,19 @@ class Distiller:
             targets[name] = runner.targets(raws, grids, self.device, self.cfg.phis.exclude_registers) \
                 if local_n else None
         images = [student_tensor(li.image, li.item.size).to(self.device) for li in loaded]
+        if not local_n:
+            # This rank decoded nothing, but the others did: it still takes part in the step (DDP's
+            # gradient all-reduce, FSDP's gathers and the relational gather are collectives), by running
+            # one blank placeholder image whose predictions are all sliced away below, so it adds
+            # nothing to any loss and a zero gradient (its 4 tokens do enter the experts' load counts).
+            side = 2 * self.cfg.data.patch_size
+            images, sequences = [torch.zeros(3, side, side, device=self.device)], [[0]]
         t_data = time.perf_counter()
 
         self.model.train()
         with self._autocast():
             out = self.model(images, sequences, self.cfg.batching.max_tokens,
-                             self.cfg.batching.max_images_per_seq) if local_n else None
+                             self.cfg.batching.max_images_per_seq)
         total = torch.zeros((), device=self.device)
         terms: dict[str, torch.Tensor] = {}
         for t in self.cfg.teachers:
@@ -443,6 +450,11 @@ class Distiller:
                                         registers=out["registers"].get(t.name)
                                         if w.register > 0 else None)
             tgt = targets[t.name]
+            if tgt is None:   # the placeholder of a rank without images: no rows on either side
+                pred = L.StudentPredictions(summary=pred.summary[:0], patches=[],
+                                            registers=None if pred.registers is None else pred.registers[:0])
+                tgt = L.TeacherTargets(summary=pred.summary.detach(), patches=[],
+                                       registers=None if pred.registers is None else pred.registers.detach())
             gathered = None
             if w.relational != "none" and self.info.distributed:
                 gathered = (L.gather_variable_rows(pred.summary), L.gather_variable_rows(tgt.summary))
