@@ -84,7 +84,11 @@ def guarded_step(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor
     run sees the same global norm and loss, so all ranks take the same decision. `timings["guard_s"]`
     accumulates the seconds the guard itself costs (norm and verdict, not the optimiser step)."""
     t0 = time.perf_counter()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params), clip if clip > 0 else float("inf")))
+    params = list(params)
+    if clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    else:   # the norm alone: clip_grad_norm_ with an infinite max would still rescale every gradient by 1
+        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     reason = guard.verdict(float(loss), grad_norm)
     if timings is not None:
         timings["guard_s"] = timings.get("guard_s", 0.0) + time.perf_counter() - t0
