@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from distill.data.base import UnreadableImageError
 from distill.encoders.base import Encoder
 from distill.features import Features
 from distill.io import fingerprint
@@ -34,23 +36,26 @@ from benchmarks.cache import FeatureCache, FeatureKey, items_fingerprint
 LIMIT_SEED = 0   # the subset `--limit` takes is fixed: the same N items on every run and machine
 
 
-def limited_indices(base: Dataset, limit: int | None, seed: int = LIMIT_SEED) -> tuple[list[int], str | None]:
+def limited_indices(base: Dataset, limit: int | None, seed: int = LIMIT_SEED,
+                    candidates: list[int] | None = None) -> tuple[list[int], str | None]:
     """The items `--limit N` keeps, in dataset order, and the rule that chose them.
 
     Labelled datasets (`targets`) are stratified: the classes take turns, each giving its next item
     from a seeded shuffle of its own, so N >= the class count keeps every class (a kNN bank of one
     class would measure nothing). Other datasets get a seeded uniform sample. The first N items of a
-    sorted split are never the rule: they are one or two classes."""
+    sorted split are never the rule: they are one or two classes. `candidates` (default: every item)
+    are the items to choose from, e.g. the readable ones."""
     n = len(base)
-    if limit is None or limit >= n:
-        return list(range(n)), None
+    pool = list(range(n)) if candidates is None else sorted(candidates)
+    if limit is None or limit >= len(pool):
+        return pool, None
     import random
     rng = random.Random(seed)
     targets = getattr(base, "targets", None)
     if isinstance(targets, (list, tuple)) and len(targets) == n:
         by_class: dict[int, list[int]] = {}
-        for i, t in enumerate(targets):
-            by_class.setdefault(int(t), []).append(i)
+        for i in pool:
+            by_class.setdefault(int(targets[i]), []).append(i)
         queues = []
         for c in sorted(by_class):
             items = by_class[c]
@@ -64,7 +69,18 @@ def limited_indices(base: Dataset, limit: int | None, seed: int = LIMIT_SEED) ->
                     chosen.append(q[depth])
             depth += 1
         return sorted(chosen), "stratified"
-    return sorted(rng.sample(range(n), int(limit))), "random"
+    return sorted(rng.sample(pool, int(limit))), "random"
+
+
+def item_files(base: Dataset, i: int) -> list[str]:
+    """The files item `i` is read from (its image, and its label map for segmentation); [] when the
+    dataset does not list its files (then its unreadable items cannot be left out, only named)."""
+    out = []
+    for name in ("image_paths", "label_paths"):
+        paths = getattr(base, name, None)
+        if isinstance(paths, (list, tuple)) and len(paths) == len(base):
+            out.append(str(paths[i]))
+    return out
 
 
 class LimitedDataset(Dataset):
@@ -76,10 +92,21 @@ class LimitedDataset(Dataset):
     """
 
     _PER_ITEM = ("targets", "captions", "image_paths", "label_paths", "samples", "imgs", "labels", "image_ids")
+    _PER_ITEM_READERS = ("load_label", "load_image")
 
-    def __init__(self, base: Dataset, limit: int | None):
+    def __init__(self, base: Dataset, limit: int | None, leave_out: frozenset[str] = frozenset()):
         self.base = base
-        self.indices, self.limit_rule = limited_indices(base, limit)
+        candidates = None
+        self.left_out: list[str] = []     # the unreadable files whose items are not evaluated
+        if leave_out:
+            candidates = []
+            for i in range(len(base)):
+                bad = [f for f in item_files(base, i) if f in leave_out]
+                if bad:
+                    self.left_out += bad
+                else:
+                    candidates.append(i)
+        self.indices, self.limit_rule = limited_indices(base, limit, candidates=candidates)
         self.n = len(self.indices)
         for name in self._PER_ITEM:
             value = getattr(base, name, None)
@@ -95,10 +122,14 @@ class LimitedDataset(Dataset):
         return self.base[self.indices[i]]
 
     def __getattr__(self, name: str) -> Any:
-        # only reached for attributes not set on self: forward per-dataset attributes
-        if name in ("base", "indices"):
+        # only reached for attributes not set on self: forward per-dataset attributes, and per-item
+        # readers (`load_label(i)`) with the index mapped to the base dataset's
+        if name in ("base", "indices", "left_out"):
             raise AttributeError(name)
-        return getattr(self.base, name)
+        value = getattr(self.base, name)
+        if name in self._PER_ITEM_READERS:
+            return lambda i: value(self.indices[i])
+        return value
 
 
 def image_of(item) -> Any:
@@ -107,6 +138,13 @@ def image_of(item) -> Any:
         return item[0]
     image = getattr(item, "image", None)
     return image if image is not None else item
+
+
+@dataclass
+class _Unreadable:
+    """What `_Preprocessed` yields for an item whose file does not decode."""
+
+    files: list[str]
 
 
 class _Preprocessed(Dataset):
@@ -118,8 +156,12 @@ class _Preprocessed(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.preprocess(image_of(self.ds[self.indices[i]]), resolution=self.resolution)
+    def __getitem__(self, i: int) -> torch.Tensor | _Unreadable:
+        try:
+            item = self.ds[self.indices[i]]
+        except UnreadableImageError as e:   # finish the pass, so one run names every bad file
+            return _Unreadable(e.files)
+        return self.preprocess(image_of(item), resolution=self.resolution)
 
 
 def _as_list(batch: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -161,14 +203,24 @@ def encode_dataset(encoder: Encoder, ds: Dataset, resolution: int | None, batch_
     parts: list[Features] = []
     bar = tqdm(total=len(indices), desc=desc, unit="img", disable=not show_progress or rank != 0,
                dynamic_ncols=True, leave=False)
+    unreadable: list[str] = []
     with torch.inference_mode():
         for batch in loader:
-            f = encoder.encode([x.to(encoder.device, encoder.dtype) for x in batch])
-            if not patches:
-                f = Features(summary=f.summary, cls=f.cls, registers=f.registers)
-            parts.append(f.to("cpu", torch.float32))
+            unreadable += [f for x in batch if isinstance(x, _Unreadable) for f in x.files]
+            batch = [x for x in batch if not isinstance(x, _Unreadable)]
+            if batch:
+                f = encoder.encode([x.to(encoder.device, encoder.dtype) for x in batch])
+                if not patches:
+                    f = Features(summary=f.summary, cls=f.cls, registers=f.registers)
+                parts.append(f.to("cpu", torch.float32))
             bar.update(len(batch))
     bar.close()
+    if world > 1:   # every rank raises together, naming every rank's files
+        every: list[list[str] | None] = [None] * world
+        dist.all_gather_object(every, unreadable)
+        unreadable = [f for files in every for f in files or []]
+    if unreadable:
+        raise UnreadableImageError(getattr(ds, "name", desc), unreadable)
     local = Features.concat(parts) if parts else None
     if world == 1:
         if local is None:
@@ -191,7 +243,7 @@ class HarnessContext:
                  limit: int | None = None, cache: FeatureCache | None = None, batch_size: int = 32,
                  num_workers: int = 0, show_progress: bool = True,
                  load_dataset: Callable[..., Dataset] | None = None, refresh: bool = False,
-                 content_hash: bool = False):
+                 content_hash: bool = False, leave_out: Iterable[str] = ()):
         self.encoder = encoder
         self.dataset_cfg = dataset_cfg
         self.resolution = resolution
@@ -210,6 +262,7 @@ class HarnessContext:
         self.feature_seconds = 0.0   # wall time inside features()/text_features(): extraction or cache loads
         self.rank, self.world = dist_info()
         self.items: dict[str, ItemScores] = {}   # per-item scores the task recorded, by metric name
+        self.leave_out = frozenset(str(f) for f in leave_out)   # unreadable files: their items are skipped
 
     # -- per-item scores (bootstrap intervals, paired comparisons)
     def record_items(self, metric: str, scores: ItemScores) -> None:
@@ -231,8 +284,32 @@ class HarnessContext:
                 from distill.data import load_dataset as loader  # the dataset registry (distill.data)
             cfg = self.dataset_cfg
             base = loader(cfg["reader"], cfg["root"], self.split_of(role), **(cfg.get("reader_kwargs") or {}))
-            self._datasets[role] = LimitedDataset(base, self.limit)
+            self._datasets[role] = LimitedDataset(base, self.limit, self.leave_out)
         return self._datasets[role]
+
+    def skip_unreadable(self, files: Iterable[str]) -> bool:
+        """Leave the items of these unreadable files out from now on; False when they belong to no
+        item this context can leave out (a dataset that does not list its files). The datasets and
+        features are read again, so no task ever sees the old item list."""
+        files = {str(f) for f in files} - self.leave_out
+        known = {f for ds in self._datasets.values() for i in range(len(ds.base)) for f in item_files(ds.base, i)}
+        if not files or not files <= known:
+            return False
+        self.leave_out = self.leave_out | files
+        self._datasets.clear()
+        self._memo.clear()
+        self._items.clear()
+        return True
+
+    def unreadable_report(self, roles: Iterable[str]) -> dict[str, list[str]]:
+        """{role: the left-out files, relative to the dataset root} for the roles that lost any."""
+        root = Path(self.dataset_cfg.get("root") or ".").expanduser()
+        out = {}
+        for role in roles:
+            left = self.dataset(role).left_out
+            if left:
+                out[role] = sorted(os.path.relpath(os.path.abspath(f), os.path.abspath(root)) for f in left)
+        return out
 
     def check_label_space(self) -> None:
         """Before any number: every declared split of a labelled dataset lists the same classes in the

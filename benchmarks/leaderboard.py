@@ -114,6 +114,7 @@ INTERVAL_NOTE = ("\n`± h`: half the width of the 95 % percentile-bootstrap inte
                  "(results_long.csv has the bounds); family averages carry none.\n")
 LIMITED_MARK = "ᴸ"    # a cell measured on a `--limit` subset
 SETTINGS_MARK = "†"   # a cell whose task settings differ from the rest of its column
+UNREADABLE_MARK = "ᵁ"  # a cell whose dataset had images that do not decode (their items left out)
 
 
 def _pick_records(records: list[dict], suite_name: str) -> dict[tuple, dict]:
@@ -224,6 +225,11 @@ def suite_table(records: list[dict], suite: dict, names: dict[str, str] | None =
                     limited_cols.setdefault(row_key, set()).add(col)
                 if pick_key in settings_notes:
                     marks.setdefault(where, []).append((SETTINGS_MARK, settings_notes[pick_key]))
+                unreadable = r["dataset"].get("unreadable")
+                if unreadable:
+                    marks.setdefault(where, []).append((UNREADABLE_MARK, "; ".join(
+                        f"{len(files)} unreadable {role} image(s) left out ({', '.join(files[:3])}"
+                        + (", ..." if len(files) > 3 else "") + ")" for role, files in unreadable.items())))
     table = pd.DataFrame(list(rows.values()))
     col_task = {}   # column -> its task, in column order
     for task, ds_id, metric, head in col_specs:
@@ -279,6 +285,9 @@ def mark_notes(marks: dict) -> str:
         lines.append(f"{LIMITED_MARK} measured on a `--limit` subset (stratified per class), not the whole split.  \n")
     if SETTINGS_MARK in used:
         lines.append(f"{SETTINGS_MARK} run with task settings unlike the rest of its column.  \n")
+    if UNREADABLE_MARK in used:
+        lines.append(f"{UNREADABLE_MARK} images that do not decode were left out of the split (named in the "
+                     "result file).  \n")
     for (model, res, col), items in marks.items():
         for mk, note in items:
             lines.append(f"- {mk} {model} ({res}), {col}: {note}\n")
@@ -391,7 +400,8 @@ def to_markdown(df: pd.DataFrame, digits: int = 2, marks: dict | None = None, in
     return "\n".join([header, sep, *body]) + "\n"
 
 
-_LATEX_MARKS = {LIMITED_MARK: r"\textsuperscript{L}", SETTINGS_MARK: r"\textsuperscript{\dag}"}
+_LATEX_MARKS = {LIMITED_MARK: r"\textsuperscript{L}", SETTINGS_MARK: r"\textsuperscript{\dag}",
+                UNREADABLE_MARK: r"\textsuperscript{U}"}
 
 
 def to_latex(df: pd.DataFrame, caption: str, label: str, marks: dict | None = None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from distill.data.base import UnreadableImageError
 from distill.encoders.base import Encoder, MissingHeadError
 from distill.errors import AmoeError
 from distill import stats
@@ -80,6 +82,8 @@ class Harness:
     encoder_loader: Callable[..., Encoder] | None = None   # None = the encoder registry
     task_lookup: Callable | None = None                   # None = the task registry
     dataset_loader: Callable | None = None                # None = distill.data.load_dataset
+    # dataset id -> files found unreadable in this sweep: later cells leave their items out up front
+    unreadable: dict = field(default_factory=dict)
 
     def load_encoder(self, spec: str) -> Encoder:
         return (self.encoder_loader or default_encoder_loader)(spec, device=self.device)
@@ -214,14 +218,16 @@ def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s
         task_info.update({"version": task.version, "roles": list(task.roles), "needs_patches": task.needs_patches})
         ctx = HarnessContext(encoder, ds_cfg, resolution=cell.resolution, limit=cell.limit, cache=h.cache,
                              batch_size=h.batch_size, num_workers=h.num_workers, show_progress=h.show_progress,
-                             load_dataset=h.dataset_loader, refresh=force, content_hash=h.content_hash)
+                             load_dataset=h.dataset_loader, refresh=force, content_hash=h.content_hash,
+                             leave_out=h.unreadable.get(cell.dataset, ()))
         ctx.check_label_space()
-        # Every rank extracts (its shard of) the features a task needs up front, so the task itself
-        # runs on rank 0 alone without collective calls inside it.
-        for role in task.roles:
-            ctx.features(role, patches=task.needs_patches)
+        _extract_features(ctx, task)
+        unreadable = ctx.unreadable_report(task.roles)
+        if ctx.leave_out:
+            h.unreadable[cell.dataset] = set(ctx.leave_out)
         dataset_info.update({"fingerprint": ctx.dataset_fingerprint(task.roles),
-                             "sizes": {r: len(ctx.dataset(r)) for r in task.roles}})
+                             "sizes": {r: len(ctx.dataset(r)) for r in task.roles},
+                             **({"unreadable": unreadable} if unreadable else {})})
         if cell.limit is not None:
             config["limit_rule"] = {r: ctx.dataset(r).limit_rule for r in task.roles}
         if rank == 0:
@@ -253,6 +259,24 @@ def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s
     if rank == 0:
         write_result(h.out_dir, record, items=ctx.items if ctx is not None and status == "ok" else None)
     return record
+
+
+def _extract_features(ctx: HarnessContext, task) -> None:
+    """Every rank extracts (its shard of) the features a task needs up front, so the task itself runs
+    on rank 0 alone without collective calls inside it. Bad data is data: a pass that finds images
+    that do not decode names them, leaves their items out (for every later cell on this dataset too)
+    and runs again; the result records them (`dataset.unreadable`) and the leaderboard notes them."""
+    try:
+        for role in task.roles:
+            ctx.features(role, patches=task.needs_patches)
+    except UnreadableImageError as e:
+        if not ctx.skip_unreadable(e.files):
+            raise
+        shown = ", ".join(e.files[:5]) + (f" and {len(e.files) - 5} more" if len(e.files) > 5 else "")
+        print(f"[amoe bench] {ctx.dataset_cfg.get('id')}: {len(e.files)} unreadable image(s) left out "
+              f"({shown})", file=sys.stderr, flush=True)
+        for role in task.roles:
+            ctx.features(role, patches=task.needs_patches)
 
 
 def _failed_load_record(cell: Cell, suite: dict, h: Harness, exc: BaseException) -> dict:

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_standins import make_teachers, tiny_recipe, write_pool  # noqa: E402
+from test_trustworthy_numbers import digits_root  # noqa: E402,F401 (fixture)
 
 from distill.data.safe_pickle import UnsafePickleError, safe_loads  # noqa: E402
 from distill.io import load_tensors  # noqa: E402
@@ -387,3 +388,63 @@ def test_teacher_training_and_world_generation_take_a_lock(tmp_path):
         train_teachers(tmp_path / "w", tmp_path / "t", fast=True, only=["siglip2"], progress=False)
     held.release()
     assert not (tmp_path / "t" / ".siglip2.partial").exists()   # refused before touching the folder
+
+
+# ---------------------------------------------------------------- benchmarks: bad data is data
+
+def test_unreadable_evaluation_images_are_left_out_named_and_noted(tmp_path, capsys, digits_root):
+    """Before: one undecodable image failed every cell of its dataset. Now the harness names the files,
+    leaves their items out (every later cell on that dataset too, without another failed pass), records
+    them in the result and the leaderboard notes them; the numbers equal those of the data without them."""
+    import shutil
+
+    from test_trustworthy_numbers import pixel_encoder, sweep
+    from benchmarks.leaderboard import build
+
+    clean, broken = tmp_path / "clean", tmp_path / "broken"
+    shutil.copytree(digits_root, clean)
+    shutil.copytree(digits_root, broken)
+    val = broken / "folder" / "val"
+    truncated, garbage = sorted((val / "3").glob("*.png"))[0], sorted((val / "7").glob("*.png"))[1]
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    garbage.write_bytes(b"not an image")
+    ade_val = sorted((broken / "ade" / "ADEChallengeData2016" / "images" / "validation").iterdir())[0]
+    ade_val.write_bytes(ade_val.read_bytes()[:30])
+    # the reference: the same data with those files removed
+    for f in (truncated, garbage, ade_val):
+        (clean / f.relative_to(broken)).unlink()
+    (clean / "ade" / "ADEChallengeData2016" / "annotations" / "validation" / (ade_val.stem + ".png")).unlink()
+    tasks = ["knn", "zeroshot", "segmentation"]
+    enc = pixel_encoder(clean)
+    for run in ("ref", "got"):
+        (tmp_path / run).mkdir()
+    _, _, ref = sweep(tmp_path / "ref", enc, tasks, root=clean)
+    _, _, got = sweep(tmp_path / "got", enc, tasks, root=broken)
+    for key in ref:
+        assert got[key]["status"] == "ok", got[key].get("reason")
+        assert got[key]["metrics"] == pytest.approx(ref[key]["metrics"], abs=1e-9), key
+    assert got[("knn", "digits")]["dataset"]["unreadable"] == {"test": ["val/3/" + truncated.name,
+                                                                        "val/7/" + garbage.name]}
+    assert got[("segmentation", "digit-strokes")]["dataset"]["unreadable"] == {
+        "test": ["ADEChallengeData2016/images/validation/" + ade_val.name]}
+    # found once per dataset: the zero-shot cell left them out up front
+    assert capsys.readouterr().err.count("[amoe bench] digits: 2 unreadable image(s) left out") == 1
+    build(tmp_path / "got" / "results", tmp_path / "lb", reported_csv=None)
+    notes = (tmp_path / "lb" / "digits.md").read_text()
+    assert "2 unreadable test image(s) left out (val/3/" in notes
+
+
+def test_a_limited_segmentation_split_reads_the_labels_of_its_own_items(digits_root):
+    """Found with the case above: `LimitedDataset` forwarded `load_label(i)` to the whole split with the
+    subset's index, so a `--limit` segmentation cell scored its images against other images' labels."""
+    import numpy as np
+
+    from benchmarks.context import LimitedDataset
+    from distill.data import load_dataset
+
+    full = load_dataset("ade20k", str(digits_root / "ade"), "validation")
+    subset = LimitedDataset(full, 7)
+    assert subset.indices != list(range(7))
+    for i in range(len(subset)):
+        assert np.array_equal(subset.load_label(i), subset[i][1])
+        assert np.array_equal(subset.load_label(i), full.load_label(subset.indices[i]))

@@ -15,7 +15,6 @@ listing the keys: it would poison every centroid it touches.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distill.data.base import decode_rgb
 from distill.data.pool import sample_key, tar_members
 from distill.encoders.base import Encoder
 from distill.errors import AmoeError
@@ -95,9 +95,7 @@ def unit_images(unit: Unit) -> Iterator[tuple[str, Image.Image | None]]:
     """(key, RGB image or None when it does not decode), in `unit_keys` order."""
     def decode(data_or_path) -> Image.Image | None:
         try:
-            src = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
-            with Image.open(src) as im:
-                return im.convert("RGB")
+            return decode_rgb(data_or_path)
         except Exception:  # any decode failure: the row is kept and marked invalid
             return None
 

@@ -9,6 +9,7 @@ The contract (see docs/datasets.md):
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,8 @@ class UnreadableImageError(AmoeError, OSError):
         more = f"\n  ... and {len(self.files) - 20} more" if len(self.files) > 20 else ""
         super().__init__(
             f"{dataset}: {len(self.files)} unreadable image(s){': ' + reason if reason else ''}\n  {shown}{more}\n"
-            "Evaluation data must be complete: re-extract or re-download these files.")
+            "Re-extract or re-download these files (the benchmark harness leaves such items out and "
+            "records them).")
 
 
 class AnnotationError(AmoeError, ValueError):
@@ -85,12 +87,20 @@ def require(condition: bool, dataset: str, root, problem: str, expected: str, so
         raise DatasetLayoutError(dataset, root, problem, expected, source)
 
 
+def decode_rgb(source: bytes | str | os.PathLike) -> Image.Image:
+    """The toolkit's one image reader: a file's path or its bytes (a tar member) -> the fully decoded
+    RGB image. It raises on bad data; its callers skip and count (training, curation, teachers' pool)
+    or leave the item out and record it (`load_rgb`, then the benchmark harness)."""
+    src = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    with Image.open(src) as im:
+        return im.convert("RGB")
+
+
 def load_rgb(path: str | os.PathLike, dataset: str) -> Image.Image:
-    """Open an image fully as RGB; a decode failure names the file (evaluation data never skips)."""
+    """`decode_rgb` of an evaluation image; a decode failure is an `UnreadableImageError` naming the file."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return decode_rgb(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UnreadableImageError(dataset, [path], reason=f"{type(e).__name__}: {e}") from e
 
 

@@ -5,17 +5,15 @@ Training data is allowed to be dirty: a sample whose image does not decode is sk
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from PIL import Image
 from torch.utils.data import IterableDataset
 
-from .base import PoolSample, require
+from .base import PoolSample, decode_rgb, require
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +116,7 @@ class WebDatasetPool(IterableDataset):
                 self._skip(key, "no image member")
                 continue
             try:
-                with Image.open(io.BytesIO(blob)) as im:
-                    image = im.convert("RGB")
+                image = decode_rgb(blob)
             except Exception as e:  # any decode failure: training data is skipped, counted, reported
                 self._skip(key, f"{type(e).__name__}")
                 continue

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from distill.data.base import decode_rgb
 from distill.data.pool import sample_key, tar_members
 from distill.io import write_json_atomic
 from distill.student.processor import smart_resize
@@ -83,8 +84,7 @@ def read_image(entry: PoolEntry) -> Image.Image:
     with open(entry.shard, "rb") as f:
         f.seek(entry.offset)
         data = f.read(entry.size)
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
+    return decode_rgb(data)
 
 
 def fit_token_budget(h: int, w: int, patch: int, max_tokens: int) -> tuple[int, int]:
