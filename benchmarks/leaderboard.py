@@ -581,7 +581,8 @@ def build(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def data_notes(records: list[dict], row_names: dict[str, str]) -> list[str]:
-    """What a score does not show: evaluation items skipped because their files are missing."""
+    """What a score does not show: grounding expressions skipped because their image files are missing
+    or do not decode."""
     out = []
     for r in records:
         missing = r["dataset"].get("missing_images")
@@ -590,4 +591,10 @@ def data_notes(records: list[dict], row_names: dict[str, str]) -> list[str]:
             out.append(f"- {row_names.get(c['model'], c['model'])}, {c['task']} {c['dataset']}: "
                        f"{int(missing)} refs skipped because their image files are missing "
                        f"(scored over {r['dataset'].get('evaluated', '?')} expressions)")
+        unreadable = r["dataset"].get("unreadable_images")
+        if r["status"] == "ok" and unreadable:
+            c = r["cell"]
+            out.append(f"- {row_names.get(c['model'], c['model'])}, {c['task']} {c['dataset']}: the expressions of "
+                       f"{len(unreadable)} image(s) that do not decode were left out ({', '.join(unreadable[:3])}"
+                       + (", ..." if len(unreadable) > 3 else "") + ")")
     return out

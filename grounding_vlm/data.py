@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
+from distill.data.base import UnreadableImageError, load_rgb
 from distill.data.refer import load_refer
 from distill.errors import AmoeError
 from distill.student import ImageProcessor
@@ -120,15 +121,20 @@ class ImageCache:
     def __init__(self, processor: ImageProcessor, capacity: int = 512):
         self.processor, self.capacity = processor, capacity
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.unreadable: set[str] = set()   # images that did not decode: their expressions are skipped
 
     def get(self, path: str) -> torch.Tensor:
+        """The processed image; `UnreadableImageError` (remembered, never decoded again) when it fails."""
         if path in self._items:
             self._items.move_to_end(path)
             return self._items[path]
-        from PIL import Image
-
-        with Image.open(path) as im:
-            t = self.processor.to_tensor(im.convert("RGB"))
+        if path in self.unreadable:
+            raise UnreadableImageError("refer", [path])
+        try:
+            t = self.processor.to_tensor(load_rgb(path, "refer"))
+        except UnreadableImageError:
+            self.unreadable.add(path)
+            raise
         self._items[path] = t
         if len(self._items) > self.capacity:
             self._items.popitem(last=False)
@@ -142,16 +148,22 @@ def processor_from(data_cfg: Mapping[str, Any], patch_size: int) -> ImageProcess
 
 def encode_batch(examples: list[GroundingExample], tok: GroundingTokenizer, cache: ImageCache,
                  with_target: bool = True):
-    """-> (images, token id lists, prompt lengths). With the target, ids = prompt + 4 locs + eos."""
-    images, ids, prompt_lens = [], [], []
+    """-> (images, token id lists, prompt lengths, the examples kept). With the target, ids = prompt +
+    4 locs + eos. Bad data is data: an example whose image does not decode is left out (and counted in
+    `cache.unreadable`)."""
+    images, ids, prompt_lens, kept = [], [], [], []
     for e in examples:
-        images.append(cache.get(e.image_path))
+        try:
+            images.append(cache.get(e.image_path))
+        except UnreadableImageError:
+            continue
+        kept.append(e)
         prompt = tok.encode_prompt(e.expression)
         prompt_lens.append(len(prompt))
         if with_target:
             prompt = prompt + tok.encode_target(quantise_box(e.box_xyxy, e.width, e.height, tok.bins))
         ids.append(prompt)
-    return images, ids, prompt_lens
+    return images, ids, prompt_lens, kept
 
 
 def target_loss(logits: list[torch.Tensor], ids: list[list[int]], prompt_lens: list[int]) -> tuple[torch.Tensor, int]:

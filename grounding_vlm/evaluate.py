@@ -13,6 +13,7 @@ Referring segmentation is not implemented as a second head: this evaluation is b
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -97,11 +98,14 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
         from tqdm import tqdm
         bar = tqdm(total=len(examples), desc=f"ground eval {split}", unit="expr")
     t_model = time.time()
+    scored = []   # the expressions scored: all but those whose image does not decode
     for start in range(0, len(examples), bs):
         chunk = examples[start: start + bs]
-        images, prompts, _ = encode_batch(chunk, tok, cache, with_target=False)
-        gen = greedy_box_tokens(model, tok, images, prompts, ordered=bool(ecfg.get("ordered_boxes", True)))
-        for e, g in zip(chunk, gen):
+        images, prompts, _, kept = encode_batch(chunk, tok, cache, with_target=False)
+        gen = greedy_box_tokens(model, tok, images, prompts, ordered=bool(ecfg.get("ordered_boxes", True))) \
+            if images else []
+        scored += kept
+        for e, g in zip(kept, gen):
             bins = tok.decode_box(g)
             box = None if bins is None else dequantise_box(bins, e.width, e.height, tok.bins)
             iou = score.add(box, list(e.box_xyxy))
@@ -117,6 +121,7 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
     m = score.metrics()
     items = score.items()
     m["missing_images"] = float(data.missing_images)
+    m["unreadable_images"] = float(len(cache.unreadable))
     name = model_name or f"grounding-vlm:{run_dir.resolve().name}"
     ordered = bool(ecfg.get("ordered_boxes", True))
     cell = Cell(model=name, task="grounding", dataset=dataset_id, resolution=None, limit=limit,
@@ -132,8 +137,10 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
                    (latest / "trainer.json").read_text()) | {"run": str(run_dir)})},
         dataset={"root": cfg["data"].get("root"), "dataset": cfg["data"].get("dataset"), "split": split,
                  # what was scored, item by item: paired comparisons of two runs check it
-                 "fingerprint": fingerprint([[e.ref_id, e.image_id, e.expression] for e in examples])[:16],
-                 "split_by": cfg["data"].get("split_by"), **data.report(), "evaluated": len(examples)},
+                 "fingerprint": fingerprint([[e.ref_id, e.image_id, e.expression] for e in scored])[:16],
+                 "split_by": cfg["data"].get("split_by"), **data.report(), "evaluated": len(scored),
+                 "unreadable_images": sorted(os.path.relpath(os.path.abspath(f), os.path.abspath(cfg["data"].get("root") or "."))
+                                             for f in cache.unreadable)},
         task=TASK, timings={"total_s": time.time() - t0, "model_s": model_s,
                             "ms_per_expression": 1000 * model_s / len(examples)}, device=device,
         intervals=metric_intervals(m, items, **STATS_DEFAULTS))

@@ -258,7 +258,10 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
     end = total if stop_after is None else min(total, int(stop_after))
     while step < end:
         examples = batch_for(step)
-        images, ids, prompt_lens = encode_batch(examples, tok, cache)
+        images, ids, prompt_lens, _ = encode_batch(examples, tok, cache)
+        if not images:
+            raise TrainingAborted(f"no image of step {step + 1}'s batch decodes (first: {examples[0].image_path}); "
+                                  f"{len(cache.unreadable)} unreadable so far: check the refer images")
         factor = lr_factor(step, total, int(oc["warmup_steps"]), float(oc["min_lr_ratio"]))
         for g in optim.param_groups:
             g["lr"] = g["base_lr"] * factor
@@ -302,7 +305,8 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
             dt = time.time() - t_log
             last = {"step": step, "loss": red["ce"] / info.world_size + w * red["gram"] / info.world_size,
                     "ce": red["ce"] / info.world_size, "gram": red["gram"] / info.world_size, "gram_weight": w,
-                    "lr": oc["lr"] * factor, "grad_norm": float(gnorm), "tokens_per_s": red["tokens"] / max(dt, 1e-9)}
+                    "lr": oc["lr"] * factor, "grad_norm": float(gnorm), "tokens_per_s": red["tokens"] / max(dt, 1e-9),
+                    "count/unreadable_images": len(cache.unreadable)}
             metrics.write(last)
             t_log, tokens_log = time.time(), 0
         if (step % int(tc["checkpoint_every"]) == 0 or step == end) and not guard.in_a_row:
@@ -311,7 +315,8 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
         bar.close()
     metrics.close()
     summary = {"run": str(out), "steps": step, "last": last, "wall_s": round(time.time() - t_start, 2),
-               "train": train_data.report(), "init": init_report}
+               "train": {**train_data.report(), "unreadable_images": sorted(cache.unreadable)[:20]},
+               "init": init_report}
     if info.is_main:
         write_json_atomic(out / "train_summary.json", summary)
     return summary

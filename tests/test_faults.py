@@ -448,3 +448,22 @@ def test_a_limited_segmentation_split_reads_the_labels_of_its_own_items(digits_r
     for i in range(len(subset)):
         assert np.array_equal(subset.load_label(i), subset[i][1])
         assert np.array_equal(subset.load_label(i), full.load_label(subset.indices[i]))
+
+
+def test_the_teachers_skip_and_count_an_unreadable_training_image(tmp_path, capsys):
+    """Before: one undecodable classification-train image stopped teacher training
+    (`UnreadableImageError` from the imagefolder reader)."""
+    from PIL import Image
+
+    from distill.teachers.data import WorldData
+
+    train = tmp_path / "classification" / "train"
+    for c, colour in (("red_circle", (200, 30, 30)), ("blue_square", (30, 30, 200))):
+        (train / c).mkdir(parents=True)
+        for k in range(3):
+            Image.new("RGB", (16, 16), colour).save(train / c / f"{k}.jpg")
+    (train / "blue_square" / "1.jpg").write_bytes(b"\xff\xd8 cut short")
+    data = WorldData(tmp_path, progress=False)
+    pairs = data.pairs(use_pool=False)
+    assert len(pairs) == 5 and [Path(f).name for f in data.unreadable] == ["1.jpg"]
+    assert "1 unreadable image(s) skipped" in capsys.readouterr().err

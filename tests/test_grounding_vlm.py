@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -342,3 +343,30 @@ def test_a_diverging_grounding_run_stops_and_never_saves_nan_weights(refer_world
     assert [e["event"] for e in events] == ["step_skipped"] * 2
     for folder in (tmp_path / "run" / "checkpoints").glob("step_*"):
         assert all(torch.isfinite(v).all() for v in load_tensors(folder / "model.safetensors").values())
+
+
+def test_an_image_that_does_not_decode_is_skipped_counted_and_noted(refer_world, student_dir, tmp_path):
+    """Before: one truncated refer image stopped grounding training and evaluation (an `OSError` from
+    PIL in the image cache). Now its expressions are left out and counted, in training and evaluation,
+    and the leaderboard says so."""
+    from benchmarks.leaderboard import build
+    from distill.results import load_results
+    from grounding_vlm.data import load_split
+    from grounding_vlm.evaluate import evaluate
+
+    data = _user_refer(refer_world, tmp_path)
+    root = data / "refer"
+    train_split = load_split({"root": str(root), "dataset": "refcoco"}, "train")
+    val = load_split({"root": str(root), "dataset": "refcoco"}, "val")
+    for victim in (train_split.examples[0].image_path, val.examples[0].image_path):
+        Path(victim).write_bytes(Path(victim).read_bytes()[:200])
+    sets = [s.replace(str(refer_world), str(data)) for s in _tiny_sets(refer_world, student_dir, 4)]
+    summary = train("miniworld-student", tmp_path / "run", sets)
+    assert summary["steps"] == 4 and summary["last"]["count/unreadable_images"] >= 1
+    evaluate(tmp_path / "run", "val", results_dir=tmp_path / "results", progress=False)
+    (rec,) = load_results(tmp_path / "results")
+    lost = sum(e.image_path == val.examples[0].image_path for e in val.examples)
+    assert rec["status"] == "ok" and rec["dataset"]["evaluated"] == len(val.examples) - lost
+    assert rec["dataset"]["unreadable_images"] == [os.path.relpath(val.examples[0].image_path, root)]
+    build(tmp_path / "results", tmp_path / "lb", reported_csv=None)
+    assert "1 image(s) that do not decode were left out" in (tmp_path / "lb" / "leaderboard.md").read_text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from distill.data import load_dataset
+from distill.data import UnreadableImageError, load_dataset
 
 from .common import TeacherError
 
@@ -52,6 +53,7 @@ class WorldData:
     root: Path
     progress: bool = True
     _pool: list = field(default_factory=list, repr=False)
+    unreadable: list = field(default_factory=list)   # classification train files that did not decode
 
     @cached_property
     def pool(self) -> list:
@@ -73,10 +75,19 @@ class WorldData:
         if use_classification_train:
             ds = self.classification
             templates = ds.templates or ["a photo of a {}."]
+            unreadable: list[str] = []
             for i in tqdm(range(len(ds)), desc="read classification train", disable=not self.progress,
                           leave=False):
-                image, label = ds[i]
+                try:
+                    image, label = ds[i]
+                except UnreadableImageError as e:   # training data: skipped, counted, named
+                    unreadable += e.files
+                    continue
                 pairs += [Pair(image, [t.format(ds.classes[label]) for t in templates], label)] * classification_repeat
+            if unreadable:
+                print(f"[amoe teachers] classification train: {len(unreadable)} unreadable image(s) skipped: "
+                      + ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else ""), file=sys.stderr)
+            self.unreadable = unreadable
         offset = len(pairs) + 10_000  # pool samples are each their own group
         if use_pool:
             for j, s in enumerate(self.pool):
