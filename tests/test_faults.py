@@ -100,6 +100,25 @@ def test_a_refused_resume_leaves_config_json_as_it_was(world, tmp_path):
     assert (out / "config.json").read_bytes() == before
 
 
+def test_a_resume_with_another_world_size_is_a_one_line_user_error(world, tmp_path):
+    """Reproduced: a resume on another number of ranks was refused correctly, but as a traceback. It is
+    now a `ResumeRefused` (an AmoeError, which the CLI prints as one line with exit code 2)."""
+    from distill.errors import AmoeError, message
+    from distill.train.engine import ResumeRefused
+
+    out = tmp_path / "run"
+    run_distillation(tiny_recipe(world, steps=2), out, teachers=make_teachers())
+    trainer = sorted((out / "checkpoints").glob("step_*"))[-1] / "trainer.json"
+    state = json.loads(trainer.read_text())
+    state["world_size"] = 2       # as if written by a 2-rank run; this process is one rank
+    trainer.write_text(json.dumps(state))
+    with pytest.raises(ResumeRefused) as refused:
+        run_distillation(tiny_recipe(world, steps=4), out, teachers=make_teachers())
+    assert isinstance(refused.value, AmoeError)
+    line = message(refused.value)
+    assert "\n" not in line and "written with 2 ranks, this run has 1" in line and "use a new --out" in line
+
+
 # ---------------------------------------------------------------- untrusted pickles
 
 def test_a_tiny_pickle_cannot_allocate_memory_it_does_not_hold():
