@@ -92,9 +92,9 @@ class Run:
         return self.out / "leaderboard"
 
     def models(self) -> list[str]:
-        """Every encoder the mini-world suite runs on: both teachers, the random-init student and the
-        distilled students (the main one and the relational-ablation variants)."""
-        return [f"siglip2:{self.teachers / 'siglip2'}", f"dinov3:{self.teachers / 'dinov3'}",
+        """Every encoder the mini-world suite runs on: raw pixels (the floor), both teachers, the
+        random-init student and the distilled students (the main one and the relational-ablation variants)."""
+        return [RAW_PIXELS, f"siglip2:{self.teachers / 'siglip2'}", f"dinov3:{self.teachers / 'dinov3'}",
                 f"student:{self.random_student}"] + [f"student:{self.distilled(k)}"
                                                      for k in self.relational_variants()] + \
             ([f"student:{self.data_student(k)}" for k in SAMPLINGS] + [f"student:{self.padded_student}"]
@@ -103,7 +103,7 @@ class Run:
     def labels(self) -> dict[str, str]:
         """Display names of the leaderboard rows (the specs stay in the CSVs)."""
         relational = {"arkd": "ARKD", "rkd": "RKD", "none": "no relational"}
-        names = {f"siglip2:{self.teachers / 'siglip2'}": "SigLIP2 teacher",
+        names = {RAW_PIXELS: "raw pixels", f"siglip2:{self.teachers / 'siglip2'}": "SigLIP2 teacher",
                  f"dinov3:{self.teachers / 'dinov3'}": "DINOv3 teacher",
                  f"student:{self.random_student}": "student (random init)"}
         names.update({f"student:{self.distilled(k)}": f"student ({relational.get(k, k)})"
@@ -170,6 +170,7 @@ def _export_random_student(r: Run) -> None:
 
 
 SAMPLINGS = ("curated", "random")   # the curation ablation's two pool samples of equal size
+RAW_PIXELS = "pixels:24"   # the floor row: kNN on 24-px images, the segmentation probe on raw 16-px patches
 
 
 def _distill_one(r: Run, relational: str, export: Path, manifest: Path | None = None,

@@ -1,4 +1,5 @@
-"""`amoe bench run | sweep | perf`: benchmark cells, resumable sweeps, harness performance figures."""
+"""`amoe bench run | sweep | teachers | perf`: benchmark cells, resumable sweeps, the mini-world teachers'
+scores, harness performance figures."""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +64,15 @@ def register(subparsers) -> None:
     _common(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
+    teachers = sub.add_parser("teachers", help="the mini-world teachers through the benchmark tasks: zero-shot, "
+                                               "kNN, retrieval, segmentation probe (prints JSON)")
+    teachers.add_argument("--world", required=True, help="mini-world folder (made by `amoe world make`)")
+    teachers.add_argument("--teachers", required=True, help="folder holding siglip2/ and dinov3/")
+    teachers.add_argument("--out", default=None, help="results folder (default: TEACHERS/eval)")
+    teachers.add_argument("--json", default=None, help="also write the metrics JSON here")
+    _common(teachers)
+    teachers.set_defaults(func=cmd_teachers)
+
     perf = sub.add_parser("perf", help="measure harness overhead and cache effectiveness (prints JSON)")
     perf.add_argument("--json", action="store_true", help="print only the JSON figures")
     perf.add_argument("--model", default=None, help="encoder spec to time (default: a random-init student)")
@@ -123,6 +133,43 @@ def cmd_sweep(args) -> int:
                             content_hash=args.content_hash)
     summary = run_sweep(cfg, h, force=args.force)
     _quiet_unless_rank0(rank, {"out": str(h.out_dir), **summary.as_dict()})
+    return 0 if summary.failed == 0 else 1
+
+
+TEACHER_TASKS = ["zeroshot", "knn", "retrieval", "segmentation"]
+
+
+def cmd_teachers(args) -> int:
+    """A sweep of the two teachers on the miniworld suite: the same cells, protocols and result files
+    as every other encoder's (the teachers are registry encoders), then their metrics per teacher."""
+    from benchmarks.sweep import harness_from_config, run_sweep
+    from distill.errors import AmoeError
+    from distill.io import write_json_atomic
+    from distill.results import load_results
+
+    teachers = Path(args.teachers)
+    missing = [n for n in ("siglip2", "dinov3") if not (teachers / n / "COMPLETE.json").is_file()]
+    if missing:
+        raise AmoeError(f"{teachers} has no complete {' or '.join(missing)} teacher; train them with "
+                        f"`amoe teachers train --world WORLD --out {teachers}`")
+    models = {f"siglip2:{teachers / 'siglip2'}": "siglip2", f"dinov3:{teachers / 'dinov3'}": "dinov3"}
+    cfg = {"suite": "miniworld", "vars": {"world": str(args.world)}, "models": list(models),
+           "tasks": TEACHER_TASKS, "datasets": ["mw-cls", "mw-ret", "mw-seg"]}
+    h = harness_from_config(cfg, out=args.out or teachers / "eval", limit=args.limit, cache_dir=args.cache_dir,
+                            variables=_parse_vars(args.var), show_progress=not args.no_progress,
+                            content_hash=args.content_hash)
+    summary = run_sweep(cfg, h, force=args.force)
+    metrics: dict = {name: {} for name in models.values()}
+    for r in load_results(h.out_dir):
+        name = models.get(r["cell"]["model"])
+        if name is not None and r["cell"]["limit"] == h.limit:
+            cell = f"{r['cell']['task']}/{r['cell']['dataset']}"
+            metrics[name][cell] = r["metrics"] if r["status"] == "ok" else {"status": r["status"],
+                                                                          "reason": r.get("reason")}
+    payload = {"results": str(h.out_dir), **metrics, "failed": summary.failed}
+    if args.json:
+        write_json_atomic(args.json, payload)
+    print(json.dumps(payload, indent=2))
     return 0 if summary.failed == 0 else 1
 
 

@@ -58,9 +58,9 @@ def test_pipeline_shape_and_settings(tmp_path):
     run = Run(tmp_path / "qs", full)
     cfg = run.sweep_config()
     assert cfg["vars"]["world"] == str(tmp_path / "qs" / "world")
-    # without ablations: teachers, random-init student and the distilled (ARKD) student
-    assert [m.split(":")[0] for m in cfg["models"]] == ["siglip2", "dinov3", "student", "student"]
-    assert cfg["models"][3].endswith("distilled-arkd/export")
+    # without ablations: raw pixels, teachers, random-init student and the distilled (ARKD) student
+    assert [m.split(":")[0] for m in cfg["models"]] == ["pixels", "siglip2", "dinov3", "student", "student"]
+    assert cfg["models"][4].endswith("distilled-arkd/export")
     assert not full["ablations"] and fast["ablations"]
     ablating = Run(tmp_path / "qs", {**full, "ablations": True})
     assert ablating.relational_variants() == ["arkd", "none", "rkd"]   # the main student comes first

@@ -27,7 +27,8 @@ from distill.errors import AmoeError
 
 # loader modules: importing one runs its @register_loader decorators
 _BUILTIN_MODULES = ("distill.encoders.hf_siglip2", "distill.encoders.openclip", "distill.encoders.dinov3",
-                    "distill.encoders.radio", "distill.encoders.student", "distill.encoders.timm_backbone")
+                    "distill.encoders.radio", "distill.encoders.student", "distill.encoders.timm_backbone",
+                    "distill.encoders.pixels")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`amoe teachers train|eval|ceiling`: the mini-world teachers."""
+"""`amoe teachers train|ceiling`: the mini-world teachers (their scores: `amoe bench teachers`)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from .common import TeacherError
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("teachers", help="train / evaluate the mini-world SigLIP2 and DINOv3 teachers")
+    p = subparsers.add_parser("teachers", help="train the mini-world SigLIP2 and DINOv3 teachers; their budget's ceiling")
     sub = p.add_subparsers(dest="teachers_command", metavar="SUBCOMMAND")
     t = sub.add_parser("train", help="train both teachers on a mini-world (resumable per teacher)")
     t.add_argument("--world", required=True, help="mini-world folder (made by `amoe world make`)")
@@ -20,13 +20,6 @@ def register(subparsers) -> None:
     t.add_argument("--set", action="append", default=[], metavar="TEACHER.KEY=JSON",
                    help="recipe override, e.g. --set siglip2.steps=200 --set threads=2")
     t.set_defaults(func=cmd_train)
-    e = sub.add_parser("eval", help="zero-shot / kNN / retrieval / segmentation-probe check of trained teachers")
-    e.add_argument("--world", required=True)
-    e.add_argument("--teachers", required=True, help="folder holding siglip2/ and dinov3/")
-    e.add_argument("--limit", type=int, default=None, help="at most this many images per split")
-    e.add_argument("--probe-steps", type=int, default=300)
-    e.add_argument("--out", default=None, help="also write the metrics JSON here")
-    e.set_defaults(func=cmd_eval)
     c = sub.add_parser("ceiling", help="raw-pixel floors and supervised ceilings in the teachers' CPU budget")
     c.add_argument("--world", required=True)
     c.add_argument("--seconds", type=float, default=240.0, help="wall seconds per supervised model (default 240)")
@@ -65,21 +58,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     for name, info in report.items():
         status = info.get("status") or f"trained in {info['seconds']:.1f}s, final loss {info['losses'][-1]:.4f}"
         print(f"{name}: {status} -> {args.out}/{name}")
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from distill.io import write_json_atomic
-
-    from .evaluate import evaluate_teachers
-    try:
-        metrics = evaluate_teachers(args.world, args.teachers, limit=args.limit, probe_steps=args.probe_steps)
-    except TeacherError as e:
-        print(f"amoe teachers eval: error: {e}", file=sys.stderr)
-        return 2
-    if args.out:
-        write_json_atomic(args.out, metrics)
-    print(json.dumps(metrics, indent=2))
     return 0
 
 
