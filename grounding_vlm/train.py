@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +30,7 @@ from distill.student import update_expert_bias
 from distill.train import checkpoint as ckpt
 from distill.train.guard import StepGuard, TrainingAborted, guarded_step, require_finite
 from distill.train.metrics import MetricsWriter
+from distill.train.schedule import warmup_cosine
 
 from .data import (ImageCache, build_tokenizer, check_text_lengths, encode_batch, load_split, processor_from,
                    require_data_root, target_loss)
@@ -100,14 +100,6 @@ def load_config(spec: str | Path | Mapping, sets: list[str] | None = None) -> di
     if unknown:
         raise ValueError(f"unknown config section(s) {unknown}; known: {sorted(DEFAULTS)}")
     return apply_overrides(_merge(DEFAULTS, {k: v for k, v in raw.items() if k != "_comment"}), sets or [])
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup, then cosine decay to min_ratio."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 # ----------------------------------------------------------------------------- model set-up
@@ -262,7 +254,7 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
         if not images:
             raise TrainingAborted(f"no image of step {step + 1}'s batch decodes (first: {examples[0].image_path}); "
                                   f"{len(cache.unreadable)} unreadable so far: check the refer images")
-        factor = lr_factor(step, total, int(oc["warmup_steps"]), float(oc["min_lr_ratio"]))
+        factor = warmup_cosine(step, total, int(oc["warmup_steps"]), float(oc["min_lr_ratio"]))
         for g in optim.param_groups:
             g["lr"] = g["base_lr"] * factor
         out_ = ddp(images, ids)

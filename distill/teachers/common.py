@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import platform
 import shutil
@@ -82,14 +81,6 @@ def fresh_partial(out: Path, name: str) -> Path:
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     return partial
-
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """LR multiplier: linear warm-up, then cosine to 0."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    t = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 def optimizer_step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, params, clip: float,

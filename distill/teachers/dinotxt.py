@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 from distill.encoders.dinotxt import SUBFOLDER, MiniDinoTxt, contrastive_loss, save_mini_dinotxt
 from distill.train.guard import StepGuard, require_finite
 
-from .common import optimizer_step, warmup_cosine
+from distill.train.schedule import warmup_cosine
+
+from .common import optimizer_step
 from .data import WorldData
 from .tokenizer import encode, train_tokenizer
 

@@ -33,7 +33,9 @@ from transformers import DINOv3ViTConfig, DINOv3ViTImageProcessor, DINOv3ViTMode
 
 from distill.train.guard import StepGuard, require_finite
 
-from .common import optimizer_step, warmup_cosine
+from distill.train.schedule import warmup_cosine
+
+from .common import optimizer_step
 from .data import WorldData
 from .probe import check_roundtrip, probe_outputs
 

@@ -19,7 +19,9 @@ from transformers import (Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Si
 
 from distill.train.guard import StepGuard, require_finite
 
-from .common import optimizer_step, warmup_cosine
+from distill.train.schedule import warmup_cosine
+
+from .common import optimizer_step
 from .data import WorldData
 from .probe import check_roundtrip, probe_outputs
 from .tokenizer import encode, train_tokenizer

@@ -12,7 +12,6 @@ Per step, on every rank:
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from distill.train.checkpoint import ResumeRefused
 from distill.train.config import TrainConfig
 from distill.train.guard import StepGuard, TrainingAborted, guarded_step, require_finite
 from distill.train.metrics import MetricsWriter
+from distill.train.schedule import warmup_cosine
 from distill.train.pool import PlannedImage, TrainingPool, read_image
 
 
@@ -281,12 +281,7 @@ class Distiller:
 
     def _lr_factor(self, step: int) -> float:
         o = self.cfg.optim
-        if step < o.warmup_steps:
-            return (step + 1) / max(1, o.warmup_steps)
-        if o.schedule == "constant":
-            return 1.0
-        t = (step - o.warmup_steps) / max(1, self.cfg.steps - o.warmup_steps)
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return warmup_cosine(step, self.cfg.steps, o.warmup_steps, o.min_lr_ratio, constant=o.schedule == "constant")
 
     # ------------------------------------------------------------------ checkpoints
     def _resumable_settings(self) -> dict:
