@@ -13,7 +13,6 @@ uninterrupted run would have seen.
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ from distill.train import checkpoint as ckpt
 from distill.train.guard import StepGuard, TrainingAborted, guarded_step, require_finite
 from distill.train.metrics import MetricsWriter
 from distill.train.schedule import warmup_cosine
+from distill.config import apply_overrides as apply_dotted
+from distill.config import merge, read_config_file
 
 from .data import (ImageCache, build_tokenizer, check_text_lengths, encode_batch, load_split, processor_from,
                    require_data_root, target_loss)
@@ -58,48 +59,17 @@ DEFAULTS: dict[str, Any] = {
 
 
 # ----------------------------------------------------------------------------- config
-def _merge(base: dict, over: Mapping) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def apply_overrides(cfg: dict, sets: list[str]) -> dict:
-    """`key.sub=value` overrides; the value is parsed as JSON when it can be (numbers, null, lists)."""
-    from distill.train.config import parse_override  # the one `--set key=value` syntax
-
-    cfg = copy.deepcopy(cfg)
-    for item in sets or []:
-        parts, value = parse_override(item)
-        key = ".".join(parts)
-        node = cfg
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict):
-                raise KeyError(f"--set {key}: '{p}' is not a section of the config (sections: {sorted(cfg)})")
-            node = node[p]
-        if parts[-1] not in node:
-            raise KeyError(f"--set {key}: unknown key '{parts[-1]}'; known here: {sorted(node)}")
-        node[parts[-1]] = value
-    return cfg
+    """`--set section.key=value` (distill.config's syntax); an unknown key is refused, naming the nearest."""
+    return apply_dotted(cfg, sets, strict=True, where="the grounding config")
 
 
 def load_config(spec: str | Path | Mapping, sets: list[str] | None = None) -> dict:
-    """A config file, a built-in config name (grounding_vlm/configs/<name>.json) or a dict, over DEFAULTS."""
-    if isinstance(spec, Mapping):
-        raw = dict(spec)
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            path = CONFIGS_DIR / f"{spec}.json"
-        if not path.is_file():
-            known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
-            raise FileNotFoundError(f"grounding config {spec!r} not found (a JSON path or one of {known})")
-        raw = json.loads(path.read_text())
-    unknown = sorted(set(raw) - set(DEFAULTS) - {"_comment"})
-    if unknown:
-        raise ValueError(f"unknown config section(s) {unknown}; known: {sorted(DEFAULTS)}")
-    return apply_overrides(_merge(DEFAULTS, {k: v for k, v in raw.items() if k != "_comment"}), sets or [])
+    """A config file, a built-in config name (grounding_vlm/configs/<name>.json) or a dict, over DEFAULTS
+    (strict at every depth: a key DEFAULTS lacks is a typo, not a silent no-op)."""
+    raw = dict(spec) if isinstance(spec, Mapping) else read_config_file(spec, CONFIGS_DIR, "grounding config")[0]
+    raw = {k: v for k, v in raw.items() if k != "_comment"}
+    return apply_overrides(merge(DEFAULTS, raw, strict=True, where="the grounding config"), sets or [])
 
 
 # ----------------------------------------------------------------------------- model set-up

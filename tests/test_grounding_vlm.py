@@ -162,7 +162,8 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="one text per image"):
         vlm([torch.randn(3, 32, 32)], [[1], [2]])
     cfg = load_config("miniworld-scratch")
-    with pytest.raises(KeyError, match="unknown key 'stepz'"):
+    from distill.config import ConfigError
+    with pytest.raises(ConfigError, match=r"unknown key 'stepz' .*did you mean 'steps'"):
         apply_overrides(cfg, ["train.stepz=3"])
     with pytest.raises(ValueError, match="data.root is not set"):
         train(cfg, "/nonexistent/never-written")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distill.config import ConfigError
 from distill.teachers import MARKER, TeacherError, load_recipe, teachers_complete, train_teachers
 from distill.teachers.common import RECIPES_FILE
 from distill.teachers.probe import PROBE_TEXT, probe_image, probe_outputs
@@ -114,9 +115,9 @@ def test_bad_world_and_bad_recipe_give_clear_errors(tmp_path, world):
     (tmp_path / "not-a-world").mkdir()
     with pytest.raises(TeacherError, match="world.json"):
         train_teachers(tmp_path / "not-a-world", tmp_path / "out", fast=True)
-    with pytest.raises(TeacherError, match="unknown 'siglip2' setting"):
+    with pytest.raises(ConfigError, match=r"unknown key 'stepz' in 'siglip2' of the teacher recipe \(did you mean 'steps'"):
         train_teachers(world, tmp_path / "out", fast=True, siglip2={"stepz": 3})
-    with pytest.raises(TeacherError, match="unknown teacher recipe key"):
+    with pytest.raises(ConfigError, match=r"unknown key 'siglip3' in the teacher recipe \(did you mean 'siglip2'"):
         load_recipe(fast=True, siglip3={})
     assert not (tmp_path / "out" / "siglip2").exists()
 

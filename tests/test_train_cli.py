@@ -14,7 +14,7 @@ from distill.train.perf import run_perf  # noqa: E402
 def test_unknown_key_exits_2_naming_it(capsys):
     assert main(["distill", "miniworld", "--set", "optim.lrr=1", "world=/w", "teachers=/t"]) == 2
     err = capsys.readouterr().err
-    assert "'lrr'" in err and "optim" in err and "allowed keys" in err
+    assert "'lrr'" in err and "optim" in err and "did you mean 'lr'" in err
 
 
 def test_missing_recipe_is_named(capsys):

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from distill.config import apply_overrides
+
 from .common import TeacherError
 
 
@@ -30,21 +32,9 @@ def register(subparsers) -> None:
 
 
 def parse_sets(items: list[str]) -> dict:
-    overrides: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise TeacherError(f"--set takes KEY=JSON (e.g. siglip2.steps=200), got '{item}'")
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            parsed = value  # bare strings need no quotes
-        head, _, rest = key.partition(".")
-        if rest:
-            overrides.setdefault(head, {})[rest] = parsed
-        else:
-            overrides[head] = parsed
-    return overrides
+    """`--set siglip2.steps=200 --set threads=2` -> {"siglip2": {"steps": 200}, "threads": 2}, in
+    distill.config's syntax; `load_recipe` refuses unknown keys."""
+    return apply_overrides({}, items)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -1,7 +1,6 @@
 """Shared plumbing of the teacher trainers: recipes, completion markers, schedules, machine info."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from distill.config import merge
 from distill.errors import AmoeError
 from distill.io import fingerprint, write_json_atomic
 from distill.train.guard import StepGuard, TrainingAborted, guarded_step
@@ -25,27 +25,13 @@ class TeacherError(AmoeError, ValueError):
 
 
 def load_recipe(fast: bool = False, path: str | os.PathLike = RECIPES_FILE, **overrides) -> dict:
-    """`default`, then `fast` (if asked), then keyword overrides; each merged per teacher key.
-
-    Overrides look like `siglip2={"steps": 10}` or `threads=1`; an unknown key is an error so a typo
-    never trains silently with the defaults."""
+    """`default`, then `fast` (if asked), then keyword overrides, merged strictly at every depth
+    (distill.config): an unknown key is an error naming the nearest known ones, so a typo never trains
+    silently with the defaults. Overrides look like `siglip2={"steps": 10}` or `threads=1`."""
     data = json.loads(Path(path).read_text())
-    recipe = copy.deepcopy(data["default"])
-    layers = [data.get("fast", {})] if fast else []
-    layers.append(overrides)
-    for layer in layers:
-        for k, v in layer.items():
-            if k not in recipe:
-                raise TeacherError(f"unknown teacher recipe key '{k}'; known: {', '.join(sorted(recipe))}")
-            if isinstance(recipe[k], dict):
-                if not isinstance(v, dict):
-                    raise TeacherError(f"recipe key '{k}' takes a dict of settings, got {v!r}")
-                unknown = sorted(set(v) - set(recipe[k]))
-                if unknown:
-                    raise TeacherError(f"unknown '{k}' setting(s) {unknown}; known: {', '.join(sorted(recipe[k]))}")
-                recipe[k] = {**recipe[k], **copy.deepcopy(v)}
-            else:
-                recipe[k] = v
+    recipe = data["default"]
+    for layer in ([data.get("fast", {})] if fast else []) + [overrides]:
+        recipe = merge(recipe, layer, strict=True, where="the teacher recipe")
     return recipe
 
 

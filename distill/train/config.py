@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.errors import AmoeError
+from distill.config import ConfigError, read_config_file, unknown_keys_error
+from distill.config import apply_overrides as apply_dotted
+from distill.config import parse_override
 from distill.losses import RELATIONAL_KINDS
 
-
-class ConfigError(AmoeError, ValueError):
-    """A recipe is malformed: unknown key, wrong type or invalid value (the message names it)."""
+__all__ = ["ConfigError", "TrainConfig", "load_config", "apply_overrides", "parse_override"]
 
 
 @dataclass
@@ -236,11 +235,9 @@ def _parse_dataclass(cls, raw: Any, where: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'}: expected an object, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = set(raw) - set(fields)
     if unknown:
-        section = where or "top level"
-        raise ConfigError(f"unknown config key(s) {', '.join(repr(k) for k in unknown)} in {section}; "
-                          f"allowed keys: {', '.join(sorted(fields))}")
+        raise unknown_keys_error(unknown, fields, where or "the recipe's top level")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, f in fields.items():
@@ -301,56 +298,23 @@ def parse_config(raw: dict) -> TrainConfig:
     return cfg
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key=value (e.g. optim.lr=1e-4)")
-    key, value = text.split("=", 1)
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value          # bare strings (paths) need no quotes
-    return key.strip().split("."), parsed
-
-
 # top-level shorthands accepted by --set (the brief's `--set world=DIR teachers=DIR`)
 _ALIASES = {"teachers": "teachers_dir"}
 
 
 def apply_overrides(raw: dict, overrides: list[str] | dict | None) -> dict:
-    """Dotted `key=value` overrides; a path through a list takes an index (`teachers.0.relational`).
-    A path that does not exist in the recipe's shape (an index past the end, a key below a number)
-    is refused naming the override, never an IndexError or TypeError; unknown keys are left to
-    `parse_config`, which names them."""
-    raw = copy.deepcopy(raw)
+    """`distill.config.apply_overrides` with the recipe's shorthands (`--set teachers=DIR`); unknown keys
+    are left to `parse_config`, which names them."""
     if not overrides:
-        return raw
+        return copy.deepcopy(raw)
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides]
+    aliased = {}
     for key, value in items:
         path = key.split(".") if isinstance(key, str) else list(key)
         if len(path) == 1 and path[0] in _ALIASES and not isinstance(value, list):
             path = [_ALIASES[path[0]]]
-        shown = ".".join(map(str, path))
-        node = raw
-        for j, part in enumerate(path):
-            last = j == len(path) - 1
-            here = ".".join(map(str, path[:j])) or "the recipe"
-            if isinstance(node, list):
-                if not str(part).isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"--set {shown}: {here} is a list of {len(node)}; '{part}' is not an index "
-                                      f"into it (0..{len(node) - 1})")
-                part = int(part)
-                if last:
-                    node[part] = value
-                else:
-                    node = node[part]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = value
-                else:
-                    node = node.setdefault(part, {})
-            else:
-                raise ConfigError(f"--set {shown}: {here} is the value {node!r}, which has no key '{part}'")
-    return raw
+        aliased[".".join(map(str, path))] = value
+    return apply_dotted(raw, aliased, where="the recipe")
 
 
 def load_config(source: str | os.PathLike | dict, overrides: list[str] | dict | None = None) -> TrainConfig:
@@ -364,16 +328,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 def read_recipe(source: str | os.PathLike) -> dict:
     """A recipe file by path, or by name from distill/recipes/ (raw JSON, `base` not yet resolved)."""
-    path = Path(source)
-    if not path.exists():
-        alt = RECIPES / (path.name if path.suffix else path.name + ".json")
-        if not alt.exists():
-            raise ConfigError(f"recipe {source} not found (also looked in {RECIPES})")
-        path = alt
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON: {e}") from e
+    return read_config_file(source, RECIPES, "recipe")[0]
 
 
 def resolve_base(raw: dict, _seen: tuple[str, ...] = ()) -> dict:

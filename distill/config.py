@@ -1,0 +1,119 @@
+"""The one config mechanism: JSON config files by name or path, deep merges, and `--set key=value`.
+
+Every configurable part of amoe (distillation recipes, teacher recipes, grounding configs) reads its
+files and applies its overrides through these functions, so they all share one syntax and one kind
+of error:
+- `--set a.b.c=VALUE`: VALUE is parsed as JSON when it can be (numbers, true/false/null, lists,
+  objects), else taken as a string (paths need no quotes); a path through a list takes an index
+  (`teachers.0.relational=rkd`).
+- strict: a key the config does not have is refused, naming the nearest known keys.
+- every error is a `ConfigError` (one line, exit code 2 on the CLI).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from distill.errors import AmoeError
+
+
+class ConfigError(AmoeError, ValueError):
+    """A config is malformed: unknown key, wrong type or invalid value (the message names it)."""
+
+
+def unknown_keys_error(unknown: Iterable[str], known: Iterable[str], where: str) -> ConfigError:
+    """`unknown key 'stepz' in where (did you mean 'steps'?); known: ...`"""
+    unknown, known = sorted(unknown), sorted(map(str, known))
+    hints = [m for u in unknown for m in difflib.get_close_matches(u, known, n=1, cutoff=0.6)]
+    hint = f" (did you mean {', '.join(repr(h) for h in dict.fromkeys(hints))}?)" if hints else ""
+    keys = ", ".join(repr(k) for k in unknown)
+    return ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {keys} in {where}{hint}; "
+                       f"known: {', '.join(known)}")
+
+
+def read_config_file(spec: str | os.PathLike, builtin_dir: Path, what: str) -> tuple[dict, Path]:
+    """A JSON config by path, or by name from `builtin_dir` (`NAME` or `NAME.json`). -> (raw, path)."""
+    path = Path(spec)
+    if not path.is_file():
+        alt = builtin_dir / (path.name if path.suffix == ".json" else path.name + ".json")
+        if not alt.is_file():
+            known = sorted(p.stem for p in builtin_dir.glob("*.json"))
+            raise ConfigError(f"{what} {str(spec)!r} not found: give a JSON path or one of {', '.join(known)}")
+        path = alt
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a {what} is a JSON object, got {type(raw).__name__}")
+    return raw, path
+
+
+def merge(base: Mapping, over: Mapping, strict: bool = False, where: str = "the config") -> dict:
+    """`over` merged into a copy of `base`, dicts merged key by key at every depth. With `strict`, a
+    key `base` does not have is refused (`ConfigError` naming the nearest known keys)."""
+    out = copy.deepcopy(dict(base))
+    if strict:
+        unknown = set(over) - set(out)
+        if unknown:
+            raise unknown_keys_error(unknown, out, where)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v, strict, f"'{k}' of {where}")
+        elif strict and isinstance(out.get(k), dict) and v is not None:
+            raise ConfigError(f"{where}: '{k}' takes an object of settings, got {v!r}")
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=VALUE` -> (["a", "b"], parsed VALUE)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. optim.lr=1e-4)")
+    key, value = text.split("=", 1)
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value          # bare strings (paths) need no quotes
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: Mapping, overrides: list[str] | Mapping | None, strict: bool = False,
+                    where: str = "the config") -> dict:
+    """Dotted `key=value` overrides (strings, or a {dotted key: value} mapping) on a copy of `raw`.
+    A path that does not exist in the config's shape (an index past the end of a list, a key below a
+    number) is refused naming the override; with `strict`, so is a key the config does not have."""
+    raw = copy.deepcopy(dict(raw))
+    if not overrides:
+        return raw
+    items = overrides.items() if isinstance(overrides, Mapping) else [parse_override(o) for o in overrides]
+    for key, value in items:
+        path = key.split(".") if isinstance(key, str) else list(key)
+        shown = ".".join(map(str, path))
+        node: Any = raw
+        for j, part in enumerate(path):
+            last = j == len(path) - 1
+            here = ".".join(map(str, path[:j])) or where
+            if isinstance(node, list):
+                if not str(part).isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {shown}: {here} is a list of {len(node)}; '{part}' is not an index "
+                                      f"into it (0..{len(node) - 1})")
+                part = int(part)
+            elif isinstance(node, dict):
+                if strict and part not in node:
+                    raise unknown_keys_error([part], node, f"--set {shown}: {here}")
+                if not last:
+                    node = node.setdefault(part, {})
+                    continue
+            else:
+                raise ConfigError(f"--set {shown}: {here} is the value {node!r}, which has no key '{part}'")
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
+    return raw
