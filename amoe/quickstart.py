@@ -336,12 +336,11 @@ STEPS: list[Step] = [
 # ---------------------------------------------------------------- runner
 
 def load_settings(fast: bool = False, path: str | Path = SETTINGS_FILE) -> dict:
+    """`default`, deep-merged with `fast` when asked (distill.config)."""
+    from distill.config import merge
+
     data = json.loads(Path(path).read_text())
-    settings = copy.deepcopy(data["default"])
-    if fast:
-        for k, v in data.get("fast", {}).items():
-            settings[k] = {**settings.get(k, {}), **v} if isinstance(v, dict) else v
-    return settings
+    return merge(data["default"], data.get("fast", {})) if fast else copy.deepcopy(data["default"])
 
 
 def run_steps(run: Run, steps: list[Step] | None = None, only: list[str] | None = None) -> list[dict]:

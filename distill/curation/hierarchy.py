@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill.config import ConfigError, read_config_file, unknown_keys_error
 from distill.io import fingerprint, load_tensors, save_tensors_atomic, write_json_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -53,11 +54,10 @@ class ClusterConfig:
 
 def _strict(cls, raw: dict, where: str):
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a JSON object")
+        raise ConfigError(f"{where}: expected a JSON object")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    if set(raw) - names:
+        raise unknown_keys_error(set(raw) - names, names, where)
     return raw
 
 
@@ -88,14 +88,7 @@ def load_cluster_config(source: str | os.PathLike | dict) -> ClusterConfig:
     """A dict, a JSON path, or a bundled config name ('paper', 'miniworld')."""
     if isinstance(source, dict):
         return parse_cluster_config(source)
-    path = Path(source)
-    if not path.exists():
-        alt = CONFIG_DIR / f"{path.stem}.json"
-        if not alt.exists():
-            bundled = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-            raise FileNotFoundError(f"clustering config {source} not found; bundled configs: {bundled}")
-        path = alt
-    return parse_cluster_config(json.loads(path.read_text()))
+    return parse_cluster_config(read_config_file(source, CONFIG_DIR, "clustering config")[0])
 
 
 # ----------------------------------------------------------------------------- resampling k-means
