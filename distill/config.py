@@ -7,6 +7,8 @@ of error:
   objects), else taken as a string (paths need no quotes); a path through a list takes an index
   (`teachers.0.relational=rkd`).
 - strict: a key the config does not have is refused, naming the nearest known keys.
+- `${NAME}` in a string is the one interpolation syntax (recipes' `${world}`, suites' `${AMOE_DATA}`):
+  filled from the given variables, then the environment.
 - every error is a `ConfigError` (one line, exit code 2 on the CLI).
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import copy
 import difflib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -117,3 +120,24 @@ def apply_overrides(raw: Mapping, overrides: list[str] | Mapping | None, strict:
             else:
                 node = node[part]
     return raw
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def interpolate(text: str, variables: Mapping[str, Any] | None = None, where: str = "",
+                how_to_set: str = "pass --var {name}=VALUE or export {name}=VALUE",
+                environment: bool = True, error: type[ConfigError] = ConfigError) -> str:
+    """Fill every `${NAME}` in `text` from `variables`, then (when `environment`) the environment;
+    a variable set nowhere is an `error` (a ConfigError) naming it and `how_to_set` (`{name}` filled)."""
+    variables = variables or {}
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if variables.get(name) is not None:
+            return str(variables[name])
+        if environment and name in os.environ:
+            return os.environ[name]
+        raise error(f"{where or text}: ${{{name}}} is not set; {how_to_set.format(name=name)}")
+
+    return _VAR.sub(sub, text)

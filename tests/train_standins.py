@@ -107,7 +107,7 @@ def tiny_recipe(world: Path, steps: int = 4, **changes) -> dict:
             {"name": "siglip2", "spec": "standin", "relational": "arkd"},
             {"name": "dinov3", "spec": "standin", "relational": "arkd", "register_weight": 1.0},
         ],
-        "data": {"patch_size": 16, "sources": [{"path": "{world}/pool/shards", "resolutions": [48, 64],
+        "data": {"patch_size": 16, "sources": [{"path": "${world}/pool/shards", "resolutions": [48, 64],
                                                 "min_resolution": 32}]},
         "phis": {"enabled": False, "fit_images": 32},
         "batching": {"mode": "packed", "max_tokens": 64, "max_images_per_seq": 4, "seqs_per_rank": 2,

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
-from distill.errors import AmoeError
+from distill.config import ConfigError, interpolate
 
 SUITES_DIR = Path(__file__).resolve().parent
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-class SuiteError(AmoeError, ValueError):
+class SuiteError(ConfigError):
     """A suite file is missing, malformed, or names a dataset / variable that is not there."""
 
 
@@ -66,19 +64,9 @@ def load_suite(name_or_path: str | os.PathLike) -> dict:
 
 
 def expand_vars(text: str, variables: dict[str, str] | None = None, where: str = "") -> str:
-    """Fill `${NAME}` from `variables`, then the environment; a missing one names how to set it."""
-    variables = variables or {}
-
-    def sub(m: re.Match) -> str:
-        name = m.group(1)
-        if name in variables and variables[name] is not None:
-            return str(variables[name])
-        if name in os.environ:
-            return os.environ[name]
-        raise SuiteError(f"{where or text}: variable ${{{name}}} is not set; pass --var {name}=PATH, add "
-                         f"\"vars\": {{\"{name}\": PATH}} to the sweep config, or export {name}=PATH")
-
-    return _VAR.sub(sub, text)
+    """Fill `${NAME}` from `variables`, then the environment (distill.config.interpolate)."""
+    return interpolate(text, variables, where, how_to_set="pass --var {name}=PATH, add \"vars\": "
+                       "{{\"{name}\": PATH}} to the sweep config, or export {name}=PATH", error=SuiteError)
 
 
 def dataset_entry(suite: dict, dataset_id: str, variables: dict[str, str] | None = None) -> dict:

@@ -3,7 +3,7 @@
 Every hyper-parameter lives in a recipe file (distill/recipes/*.json). Parsing is strict: an unknown
 key anywhere raises ConfigError naming the key, its section and the keys that section accepts.
 Overrides use dotted paths (``optim.lr=1e-4``, ``teachers.0.relational=rkd``) with JSON values.
-String fields may reference ``{world}``, ``{teachers}`` and ``{out}``, filled from the top-level keys
+String fields may reference ``${world}``, ``${teachers}`` and ``${out}``, filled from the top-level keys
 ``world``/``teachers_dir`` and the output directory.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.config import ConfigError, read_config_file, unknown_keys_error
+from distill.config import ConfigError, interpolate, read_config_file, unknown_keys_error
 from distill.config import apply_overrides as apply_dotted
 from distill.config import parse_override
 from distill.losses import RELATIONAL_KINDS
@@ -146,8 +146,8 @@ class TrainConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
-    world: str | None = None                # mini-world directory ({world} in paths)
-    teachers_dir: str | None = None         # trained teacher directory ({teachers} in paths)
+    world: str | None = None                # mini-world directory (${world} in paths)
+    teachers_dir: str | None = None         # trained teacher directory (${teachers} in paths)
     phis: PhisConfig = field(default_factory=PhisConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -164,19 +164,18 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def resolve_paths(self, out: str | os.PathLike | None = None) -> "TrainConfig":
-        """A copy with {world}, {teachers} and {out} substituted in every string field."""
+        """A copy with ${world}, ${teachers} and ${out} filled in every string field (distill.config's
+        one interpolation syntax; recipes do not read the environment)."""
         values = {"world": self.world, "teachers": self.teachers_dir, "out": None if out is None else str(out)}
 
         def sub(x, where):
             if isinstance(x, str):
-                for k, v in values.items():
-                    if "{" + k + "}" in x:
-                        if v is None:
-                            key = "teachers_dir" if k == "teachers" else k
-                            raise ConfigError(f"{where} uses {{{k}}} but '{key}' is not set; pass "
-                                              f"--set {key}=DIR")
-                        x = x.replace("{" + k + "}", v)
-                return x
+                for k in values:
+                    if "{" + k + "}" in x.replace("${" + k + "}", ""):
+                        raise ConfigError(f"{where}: {x!r} uses {{{k}}}; recipes write ${{{k}}} (one syntax with the "
+                                          "suites' ${AMOE_DATA})")
+                return interpolate(x, values, where, environment=False,
+                                   how_to_set="pass --set {name}=DIR")
             if isinstance(x, list):
                 return [sub(v, f"{where}.{i}") for i, v in enumerate(x)]
             if isinstance(x, dict):
