@@ -18,7 +18,6 @@ recorded as "failed" with its traceback and the sweep goes on (failed cells are 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -30,9 +29,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from distill.config import ConfigError, read_config_file
 from distill.data.base import UnreadableImageError
 from distill.encoders.base import Encoder, MissingHeadError
-from distill.errors import AmoeError
 from distill import stats
 from distill.io import fingerprint
 
@@ -46,7 +45,7 @@ SWEEP_FIELDS = ("suite", "vars", "models", "tasks", "datasets", "resolutions", "
                 "num_workers", "device", "task_cfg", "out", "cache_dir", "content_hash", "bootstrap")
 
 
-class SweepConfigError(AmoeError, ValueError):
+class SweepConfigError(ConfigError):
     """A sweep config is malformed; the message names the field and the fix."""
 
 
@@ -108,15 +107,13 @@ class Harness:
 
 # ---------------------------------------------------------------- configs
 
+SWEEPS_DIR = Path(__file__).resolve().parent / "suites" / "sweeps"
+
+
 def load_sweep_config(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SweepConfigError(f"sweep config {path} not found")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SweepConfigError(f"sweep config {path} is not valid JSON: {e}") from e
-    return validate_sweep_config(cfg, str(path))
+    """A sweep config by path, or by name from benchmarks/suites/sweeps/."""
+    cfg, found = read_config_file(path, SWEEPS_DIR, "sweep config", error=SweepConfigError)
+    return validate_sweep_config(cfg, str(found))
 
 
 def validate_sweep_config(cfg: dict, where: str = "sweep config") -> dict:

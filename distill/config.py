@@ -38,21 +38,24 @@ def unknown_keys_error(unknown: Iterable[str], known: Iterable[str], where: str)
                        f"known: {', '.join(known)}")
 
 
-def read_config_file(spec: str | os.PathLike, builtin_dir: Path, what: str) -> tuple[dict, Path]:
-    """A JSON config by path, or by name from `builtin_dir` (`NAME` or `NAME.json`). -> (raw, path)."""
+def read_config_file(spec: str | os.PathLike, builtin_dir: Path, what: str,
+                     error: type[ConfigError] | None = None) -> tuple[dict, Path]:
+    """The one "name or path" resolver: a JSON config by path, or by name from `builtin_dir` (`NAME` or
+    `NAME.json`). -> (raw, path). Problems are an `error` (default ConfigError) naming the file."""
+    error = error or ConfigError
     path = Path(spec)
     if not path.is_file():
         alt = builtin_dir / (path.name if path.suffix == ".json" else path.name + ".json")
         if not alt.is_file():
             known = sorted(p.stem for p in builtin_dir.glob("*.json"))
-            raise ConfigError(f"{what} {str(spec)!r} not found: give a JSON path or one of {', '.join(known)}")
+            raise error(f"{what} {str(spec)!r} not found: give a JSON path or one of {', '.join(known)}")
         path = alt
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON: {e}") from e
+        raise error(f"{path}: invalid JSON: {e}") from e
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a {what} is a JSON object, got {type(raw).__name__}")
+        raise error(f"{path}: a {what} is a JSON object, got {type(raw).__name__}")
     return raw, path
 
 

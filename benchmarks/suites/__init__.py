@@ -5,11 +5,10 @@ dataset root is filled from the sweep's vars, then the environment, when the dat
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from distill.config import ConfigError, interpolate
+from distill.config import ConfigError, interpolate, read_config_file
 
 SUITES_DIR = Path(__file__).resolve().parent
 
@@ -22,17 +21,6 @@ def list_suites() -> list[str]:
     return sorted(p.stem for p in SUITES_DIR.glob("*.json"))
 
 
-def suite_path(name_or_path: str | os.PathLike) -> Path:
-    p = Path(name_or_path)
-    if p.suffix == ".json" and p.is_file():
-        return p
-    builtin = SUITES_DIR / f"{name_or_path}.json"
-    if builtin.is_file():
-        return builtin
-    raise SuiteError(f"unknown suite '{name_or_path}': not a JSON file and not one of the built-in suites "
-                     f"({', '.join(list_suites())})")
-
-
 def portable_suite_ref(suite: dict, relative_to: str | os.PathLike) -> str | None:
     """How a result names its suite file without this machine's absolute paths: None for a built-in
     suite (its name finds it), else the file's path relative to `relative_to` (the results folder)."""
@@ -43,11 +31,7 @@ def portable_suite_ref(suite: dict, relative_to: str | os.PathLike) -> str | Non
 
 
 def load_suite(name_or_path: str | os.PathLike) -> dict:
-    path = suite_path(name_or_path)
-    try:
-        suite = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SuiteError(f"suite {path} is not valid JSON: {e}") from e
+    suite, path = read_config_file(name_or_path, SUITES_DIR, "suite", error=SuiteError)
     for field in ("name", "datasets"):
         if field not in suite:
             raise SuiteError(f"suite {path} lacks '{field}'")
