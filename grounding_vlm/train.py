@@ -29,6 +29,7 @@ from distill.student import update_expert_bias
 from distill.train import checkpoint as ckpt
 from distill.train.guard import StepGuard, TrainingAborted, guarded_step, require_finite
 from distill.train.metrics import MetricsWriter
+from distill.train.parallelize import data_parallel
 from distill.train.schedule import warmup_cosine
 from distill.config import apply_overrides as apply_dotted
 from distill.config import merge, read_config_file
@@ -162,9 +163,7 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
               {"params": [p for p in model.parameters() if id(p) not in vision_ids], "lr": oc["lr"],
                "base_lr": oc["lr"]}]
     optim = torch.optim.AdamW(groups, betas=tuple(oc["betas"]), weight_decay=oc["weight_decay"])
-    ddp = model
-    if info.distributed:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    ddp = data_parallel(model, info, "ddp")
 
     step = 0
     guard = StepGuard(max_in_a_row=int(cfg["robustness"]["max_skipped_in_a_row"]),

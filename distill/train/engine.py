@@ -31,6 +31,7 @@ from distill.train.checkpoint import ResumeRefused
 from distill.train.config import TrainConfig
 from distill.train.guard import StepGuard, TrainingAborted, guarded_step, require_finite
 from distill.train.metrics import MetricsWriter
+from distill.train.parallelize import apply_activation_checkpointing, data_parallel
 from distill.train.schedule import warmup_cosine
 from distill.train.pool import PlannedImage, TrainingPool, read_image
 
@@ -215,17 +216,12 @@ class Distiller:
         self._make_sampler()
         model = PackedStudent(self.student, [t.name for t in self.cfg.teachers])
         e = self.cfg.engine
+        blocks = list(self.student.layers.values()) if hasattr(self.student, "layers") else []
         if e.activation_checkpointing:
-            _apply_activation_checkpointing(self.student)
+            apply_activation_checkpointing(self.student, blocks)
         if e.compile:
             self.student.forward_packed = torch.compile(self.student.forward_packed, dynamic=True)
-        if self.info.distributed and e.parallel == "ddp":
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)
-        elif self.info.distributed and e.parallel == "fsdp":
-            model = _fully_shard(model)
-        self.model = model
+        self.model = data_parallel(model, self.info, e.parallel, blocks)
 
     def _load_init(self, student: nn.Module, path: str) -> None:
         from distill.io import load_tensors
@@ -572,24 +568,3 @@ def _accepts_generator(fn: Callable) -> bool:
         return False
 
 
-def _apply_activation_checkpointing(student: nn.Module) -> None:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
-                                                                             checkpoint_wrapper)
-
-    blocks = set(student.layers.values()) if hasattr(student, "layers") else set()
-    apply_activation_checkpointing(student, checkpoint_wrapper_fn=checkpoint_wrapper,
-                                   check_fn=lambda m: m in blocks)
-
-
-def _fully_shard(model: nn.Module) -> nn.Module:
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError as e:  # torch < 2.6
-        raise RuntimeError("engine.parallel=fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6); "
-                           "use engine.parallel=ddp") from e
-    student = model.student
-    if hasattr(student, "layers"):
-        for block in student.layers.values():
-            fully_shard(block)
-    fully_shard(model)
-    return model
