@@ -166,6 +166,7 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
     ddp = data_parallel(model, info, "ddp")
 
     step = 0
+    writer = ckpt.writer_token()
     guard = StepGuard(max_in_a_row=int(cfg["robustness"]["max_skipped_in_a_row"]),
                       spike_factor=cfg["robustness"]["grad_spike_factor"])
     metrics = MetricsWriter(out, enabled=info.is_main, tensorboard=False)
@@ -271,7 +272,7 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
             metrics.write(last)
             t_log, tokens_log = time.time(), 0
         if (step % int(tc["checkpoint_every"]) == 0 or step == end) and not guard.in_a_row:
-            _save(out, step, model, optim, cfg_fp, info, int(tc["keep"]), guard)
+            _save(out, step, model, optim, cfg_fp, info, int(tc["keep"]), guard, writer)
     if bar is not None:
         bar.close()
     metrics.close()
@@ -283,20 +284,20 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
     return summary
 
 
-def _save(out: Path, step: int, model, optim, cfg_fp: str, info, keep: int, guard: StepGuard) -> None:
+def _save(out: Path, step: int, model, optim, cfg_fp: str, info, keep: int, guard: StepGuard, writer: str) -> None:
     if info.is_main:
         last = ckpt.latest_checkpoint(out)
         require_finite(model.state_dict(), f"the step-{step} checkpoint", str(last) if last else None)
-        ckpt.prepare_staging(out, step)
+        ckpt.prepare_staging(out, step, writer)
     barrier()
-    folder = ckpt.staging_dir(out, step)
+    folder = ckpt.staging_dir(out, step, writer)
     ckpt.write_rank_files(folder, info.rank)
     barrier()
     if info.is_main:
         ckpt.write_main_files(folder, model.state_dict(), optim.state_dict(),
                               {"step": step, "config_fingerprint": cfg_fp, "world_size": info.world_size,
                                "guard": guard.state_dict()})
-        ckpt.publish(out, step, keep)
+        ckpt.publish(out, step, keep, writer)
     barrier()
 
 

@@ -61,10 +61,13 @@ def finish_dir(partial: Path, final: Path, marker: dict) -> None:
 
 
 def fresh_partial(out: Path, name: str) -> Path:
-    """An empty work dir beside the final one; leftovers of a killed run are discarded."""
-    partial = out / f".{name}.partial"
-    if partial.exists():
-        shutil.rmtree(partial)
+    """An empty work folder for teacher `name`, named for this writer (pid + random); work folders of
+    a writer that died are removed (the teacher's lock says no other writer is alive)."""
+    import secrets
+
+    for stale in out.glob(f".{name}.*partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = out / f".{name}.{os.getpid()}-{secrets.token_hex(4)}.partial"
     partial.mkdir(parents=True)
     return partial
 

@@ -113,10 +113,22 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return complete[-1]
 
 
-def staging_dir(out_dir: str | os.PathLike, step: int) -> Path:
-    """A fresh temporary folder every rank writes into (shared filesystem assumed)."""
-    tmp = checkpoint_root(out_dir) / f".step_{step:08d}.partial"
-    return tmp
+def writer_token() -> str:
+    """A name for this run's writer, the same on every rank (rank 0's, broadcast): staging folders
+    carry it, so two writers never stage into one folder even if the run lock were bypassed."""
+    import secrets
+
+    import torch.distributed as dist
+
+    token = [f"{os.getpid()}-{secrets.token_hex(4)}"]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
+def staging_dir(out_dir: str | os.PathLike, step: int, writer: str) -> Path:
+    """The temporary folder every rank of `writer` writes step `step` into (shared filesystem assumed)."""
+    return checkpoint_root(out_dir) / f".step_{step:08d}.{writer}.partial"
 
 
 def write_rank_files(folder: Path, rank: int) -> None:
@@ -134,10 +146,10 @@ def write_main_files(folder: Path, model_sd: dict[str, torch.Tensor], optim_sd: 
     write_json_atomic(folder / "trainer.json", trainer)   # written last inside the folder
 
 
-def publish(out_dir: str | os.PathLike, step: int, keep: int) -> Path:
+def publish(out_dir: str | os.PathLike, step: int, keep: int, writer: str) -> Path:
     """Rename the staged folder into place, point latest.json at it, prune old checkpoints."""
     root = checkpoint_root(out_dir)
-    tmp = staging_dir(out_dir, step)
+    tmp = staging_dir(out_dir, step, writer)
     final = root / f"step_{step:08d}"
     if final.exists():
         shutil.rmtree(final)
@@ -149,10 +161,12 @@ def publish(out_dir: str | os.PathLike, step: int, keep: int) -> Path:
     return final
 
 
-def prepare_staging(out_dir: str | os.PathLike, step: int) -> Path:
-    tmp = staging_dir(out_dir, step)
-    if tmp.exists():
-        shutil.rmtree(tmp)
+def prepare_staging(out_dir: str | os.PathLike, step: int, writer: str) -> Path:
+    """A fresh staging folder; partial folders left by a writer that died (the run lock says no other
+    writer is alive) are removed."""
+    for stale in checkpoint_root(out_dir).glob(".step_*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = staging_dir(out_dir, step, writer)
     tmp.mkdir(parents=True)
     return tmp
 

@@ -116,6 +116,7 @@ class Distiller:
         self.cfg = cfg.resolve_paths(self.out)
         self.info = info or setup(self.cfg.engine.device, self.cfg.engine.backend)
         self.device = self.info.device
+        self.writer = ckpt.writer_token()   # names this run's checkpoint staging folders
         torch.manual_seed(self.cfg.seed + 1000 * self.info.rank)
         self.out.mkdir(parents=True, exist_ok=True)
         self.counters = {"corrupt_images": 0, "skipped_steps": 0}
@@ -300,9 +301,9 @@ class Distiller:
         if self.info.is_main:
             last = ckpt.latest_checkpoint(self.out)
             require_finite(model_sd, f"the step-{self.step} checkpoint", str(last) if last else None)
-            folder = ckpt.prepare_staging(self.out, self.step)
+            folder = ckpt.prepare_staging(self.out, self.step, self.writer)
         barrier()
-        folder = ckpt.staging_dir(self.out, self.step)
+        folder = ckpt.staging_dir(self.out, self.step, self.writer)
         ckpt.write_rank_files(folder, self.info.rank)
         barrier()
         if self.info.is_main:
@@ -315,7 +316,7 @@ class Distiller:
                 from distill.train.phis_fit import save_phis
                 save_phis(self, folder / "phis")
             ckpt.write_main_files(folder, model_sd, optim_sd, trainer)
-            ckpt.publish(self.out, self.step, self.cfg.checkpoint.keep)
+            ckpt.publish(self.out, self.step, self.cfg.checkpoint.keep, self.writer)
         barrier()
 
     def _maybe_resume(self) -> None:
