@@ -217,12 +217,13 @@ class Distiller:
         self._make_sampler()
         model = PackedStudent(self.student, [t.name for t in self.cfg.teachers])
         e = self.cfg.engine
-        blocks = list(self.student.layers.values()) if hasattr(self.student, "layers") else []
+        def blocks() -> list[nn.Module]:   # after activation checkpointing: the wrapped blocks
+            return list(self.student.layers.values()) if hasattr(self.student, "layers") else []
         if e.activation_checkpointing:
-            apply_activation_checkpointing(self.student, blocks)
+            apply_activation_checkpointing(self.student, blocks())
         if e.compile:
             self.student.forward_packed = torch.compile(self.student.forward_packed, dynamic=True)
-        self.model = data_parallel(model, self.info, e.parallel, blocks)
+        self.model = data_parallel(model, self.info, e.parallel, blocks())
 
     def _load_init(self, student: nn.Module, path: str) -> None:
         from distill.io import load_tensors
