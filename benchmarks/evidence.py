@@ -224,7 +224,9 @@ def write_evidence(results_dir: str | os.PathLike, out_dir: str | os.PathLike, c
              "interval lies above 0, contradicted below 0; `not_worse`: reproduced when it lies above "
              f"-{ev['margin']:g} points, contradicted below. Otherwise inconclusive. A claim is reproduced when "
              "all its comparisons are, contradicted when any is. `ᴸN`: both rows were measured on a `--limit N` "
-             "subset.\n\n",
+             "subset. The intervals resample evaluation items for fixed weights: they do not cover training "
+             "noise, and another seed or another CPU retrains every row (on the mini-world that moved a "
+             "teacher's kNN by 3 points and flipped verdicts; docs/teachers.md, \"Reproducibility\").\n\n",
              "| claim | verdict |\n|---|---|\n"]
     lines += [f"| {c['title']} | **{c['verdict']}** |\n" for c in ev["claims"]]
     for c in ev["claims"]:
