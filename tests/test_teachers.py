@@ -45,6 +45,11 @@ def test_fast_training_writes_complete_hf_dirs(trained):
         assert all(torch.isfinite(torch.tensor(log["losses"])))
         assert log["seconds"] > 0 and log["machine"]["cpu_count"]
         assert report[name]["losses"] == log["losses"]
+        # the per-step losses also in the trainers' shared format (metrics.jsonl)
+        from distill.train.metrics import read_metrics
+        metrics = read_metrics(d)
+        assert [m["step"] for m in metrics] == list(range(1, log["steps"] + 1))
+        assert [m["loss"] for m in metrics] == log["losses"]
     assert not list(out.glob(".*.partial"))  # work dirs are moved into place
     # the sigmoid loss goes down on the mini-world even in the short fast run
     sig = report["siglip2"]["losses"]

@@ -92,8 +92,22 @@ def _train_one(data, name: str, recipe: dict, partial: Path, final: Path, fp: st
                  "cpu_seconds": round(time.process_time() - c0, 2),  # honest under a shared CPU
                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     write_json_atomic(partial / LOG, info)
+    _write_metrics(partial, info)
     finish_dir(partial, final, {"teacher": name, "fingerprint": fp, "finished": info["finished"]})
     return info
+
+
+def _write_metrics(folder: Path, info: dict) -> None:
+    """The per-step losses as every trainer logs them (`metrics.jsonl`, read with
+    `distill.train.metrics.read_metrics`): one line per step, one key per loss term."""
+    from distill.train.metrics import MetricsWriter
+
+    series = {("loss" if k == "losses" else k[:-len("_losses")]): v for k, v in info.items()
+              if k.endswith("losses") and isinstance(v, list)}
+    writer = MetricsWriter(folder, tensorboard=False)
+    for i in range(max((len(v) for v in series.values()), default=0)):
+        writer.write({"step": i + 1, **{k: v[i] for k, v in series.items() if i < len(v)}})
+    writer.close()
 
 
 def _train_parallel(world, out: Path, names: list[str], todo: list[str], fast: bool, seed: int, progress: bool,
