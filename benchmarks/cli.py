@@ -147,12 +147,14 @@ def cmd_teachers(args) -> int:
     from distill.io import write_json_atomic
     from distill.results import load_results
 
+    from distill.teachers.common import TEACHERS, is_complete
+
     teachers = Path(args.teachers)
-    missing = [n for n in ("siglip2", "dinov3") if not (teachers / n / "COMPLETE.json").is_file()]
+    missing = [n for n in TEACHERS if not is_complete(teachers / n)]
     if missing:
         raise AmoeError(f"{teachers} has no complete {' or '.join(missing)} teacher; train them with "
                         f"`amoe teachers train --world WORLD --out {teachers}`")
-    models = {f"siglip2:{teachers / 'siglip2'}": "siglip2", f"dinov3:{teachers / 'dinov3'}": "dinov3"}
+    models = {f"{n}:{teachers / n}": n for n in TEACHERS}   # encoder kinds are the teachers' names
     cfg = {"suite": "miniworld", "vars": {"world": str(args.world)}, "models": list(models),
            "tasks": TEACHER_TASKS, "datasets": ["mw-cls", "mw-ret", "mw-seg"]}
     h = harness_from_config(cfg, out=args.out or teachers / "eval", limit=args.limit, cache_dir=args.cache_dir,

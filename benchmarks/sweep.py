@@ -263,17 +263,19 @@ def _extract_features(ctx: HarnessContext, task) -> None:
     on rank 0 alone without collective calls inside it. Bad data is data: a pass that finds images
     that do not decode names them, leaves their items out (for every later cell on this dataset too)
     and runs again; the result records them (`dataset.unreadable`) and the leaderboard notes them."""
-    try:
+    def extract() -> None:
         for role in task.roles:
             ctx.features(role, patches=task.needs_patches)
+
+    try:
+        extract()
     except UnreadableImageError as e:
         if not ctx.skip_unreadable(e.files):
             raise
         shown = ", ".join(e.files[:5]) + (f" and {len(e.files) - 5} more" if len(e.files) > 5 else "")
         print(f"[amoe bench] {ctx.dataset_cfg.get('id')}: {len(e.files)} unreadable image(s) left out "
               f"({shown})", file=sys.stderr, flush=True)
-        for role in task.roles:
-            ctx.features(role, patches=task.needs_patches)
+        extract()
 
 
 def _failed_load_record(cell: Cell, suite: dict, h: Harness, exc: BaseException) -> dict:

@@ -63,18 +63,20 @@ def merge(base: Mapping, over: Mapping, strict: bool = False, where: str = "the 
     """`over` merged into a copy of `base`, dicts merged key by key at every depth. With `strict`, a
     key `base` does not have is refused (`ConfigError` naming the nearest known keys)."""
     out = copy.deepcopy(dict(base))
-    if strict:
-        unknown = set(over) - set(out)
-        if unknown:
-            raise unknown_keys_error(unknown, out, where)
+    _merge_into(out, over, strict, where)
+    return out
+
+
+def _merge_into(out: dict, over: Mapping, strict: bool, where: str) -> None:
+    if strict and set(over) - set(out):
+        raise unknown_keys_error(set(over) - set(out), out, where)
     for k, v in over.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v, strict, f"'{k}' of {where}")
+            _merge_into(out[k], v, strict, f"'{k}' of {where}")
         elif strict and isinstance(out.get(k), dict) and v is not None:
             raise ConfigError(f"{where}: '{k}' takes an object of settings, got {v!r}")
         else:
             out[k] = copy.deepcopy(v)
-    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -12,6 +12,7 @@ skipped, counted and reported rather than failing the run.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,10 @@ class ImageCache:
         self.processor, self.capacity = processor, capacity
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.unreadable: set[str] = set()   # images that did not decode: their expressions are skipped
+
+    def unreadable_report(self, root: str | None) -> list[str]:
+        """The images that did not decode, relative to the data root (no machine paths in results)."""
+        return sorted(os.path.relpath(os.path.abspath(f), os.path.abspath(root or ".")) for f in self.unreadable)
 
     def get(self, path: str) -> torch.Tensor:
         """The processed image; `UnreadableImageError` (remembered, never decoded again) when it fails."""

@@ -13,7 +13,6 @@ Referring segmentation is not implemented as a second head: this evaluation is b
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -139,8 +138,7 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
                  # what was scored, item by item: paired comparisons of two runs check it
                  "fingerprint": fingerprint([[e.ref_id, e.image_id, e.expression] for e in scored])[:16],
                  "split_by": cfg["data"].get("split_by"), **data.report(), "evaluated": len(scored),
-                 "unreadable_images": sorted(os.path.relpath(os.path.abspath(f), os.path.abspath(cfg["data"].get("root") or "."))
-                                             for f in cache.unreadable)},
+                 "unreadable_images": cache.unreadable_report(cfg["data"].get("root"))},
         task=TASK, timings={"total_s": time.time() - t0, "model_s": model_s,
                             "ms_per_expression": 1000 * model_s / len(examples)}, device=device,
         intervals=metric_intervals(m, items, **STATS_DEFAULTS))

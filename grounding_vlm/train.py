@@ -277,7 +277,7 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
         bar.close()
     metrics.close()
     summary = {"run": str(out), "steps": step, "last": last, "wall_s": round(time.time() - t_start, 2),
-               "train": {**train_data.report(), "unreadable_images": sorted(cache.unreadable)[:20]},
+               "train": {**train_data.report(), "unreadable_images": cache.unreadable_report(cfg["data"]["root"])[:20]},
                "init": init_report}
     if info.is_main:
         write_json_atomic(out / "train_summary.json", summary)

@@ -364,6 +364,7 @@ def test_an_image_that_does_not_decode_is_skipped_counted_and_noted(refer_world,
     sets = [s.replace(str(refer_world), str(data)) for s in _tiny_sets(refer_world, student_dir, 4)]
     summary = train("miniworld-student", tmp_path / "run", sets)
     assert summary["steps"] == 4 and summary["last"]["count/unreadable_images"] >= 1
+    assert summary["train"]["unreadable_images"] == [os.path.relpath(train_split.examples[0].image_path, root)]
     evaluate(tmp_path / "run", "val", results_dir=tmp_path / "results", progress=False)
     (rec,) = load_results(tmp_path / "results")
     lost = sum(e.image_path == val.examples[0].image_path for e in val.examples)

@@ -13,7 +13,7 @@ from benchmarks.compare import CompareError, compare
 from benchmarks.leaderboard import build
 from benchmarks.sweep import run_sweep
 from benchmarks.tasks.metrics import mean_per_class_recall
-from benchmarks.tasks.segmentation import metrics_from_areas
+from distill.seg_metrics import metrics_from_areas
 from distill import stats
 from distill.results import load_results, read_items
 

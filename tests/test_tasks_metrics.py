@@ -13,7 +13,8 @@ from benchmarks.tasks import TaskConfigError, UnknownTaskError, get_task, list_t
 from benchmarks.tasks.knn import knn_topk, knn_topk_reference, knn_vote
 from benchmarks.tasks.metrics import check_targets, mean_per_class_recall, topk_accuracy
 from benchmarks.tasks.retrieval import recall_at_k, retrieval_metrics
-from benchmarks.tasks.segmentation import (Labels, evaluate_head, lr_at, metrics_from_areas, resolve_protocol,
+from distill.seg_metrics import metrics_from_areas
+from benchmarks.tasks.segmentation import (Labels, evaluate_head, lr_at, resolve_protocol,
                                            train_and_evaluate, load_presets)
 from benchmarks.tasks.zeroshot import (class_weights, entropy_weighted_logits, resolve_classnames,
                                        resolve_templates)

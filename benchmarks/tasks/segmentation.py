@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distill.data.base import IGNORE_INDEX
+from distill.seg_metrics import image_areas, metrics_from_areas
 from distill.stats import ItemScores
 
 from .base import TaskConfigError, register_task, select_heads, unknown_keys
@@ -37,7 +39,6 @@ from .base import TaskConfigError, register_task, select_heads, unknown_keys
 PRESETS_PATH = Path(__file__).resolve().parent / "presets" / "segmentation.json"
 PROTOCOL_FIELDS = ("epochs", "iterations", "batch_size", "lrs", "weight_decay", "warmup_iters",
                    "warmup_start_factor", "poly_power", "min_lr", "train_loss_at", "select", "dropout")
-IGNORE_INDEX = 255
 
 
 # ---------------------------------------------------------------- protocol presets
@@ -194,7 +195,6 @@ def evaluate_head(head: nn.Module, patches: list[torch.Tensor], grids, labels: L
                   device, batch_size: int = 16) -> dict[str, float]:
     """mIoU / aAcc / mAcc (percent) with mmseg's IoUMetric area accounting, at full label resolution;
     "areas": each image's (4C,) areas, from which distill.stats recomputes the three on resamples."""
-    from mmseg.evaluation import IoUMetric
     head.eval()
     per_image = []   # (4C,) areas of each image: [intersect | union | pred | label], for bootstrap intervals
     for start in range(0, len(patches), batch_size):
@@ -203,20 +203,10 @@ def evaluate_head(head: nn.Module, patches: list[torch.Tensor], grids, labels: L
         for i, lg in zip(idx, logits):
             label = labels.full(i).long()
             pred = upsample(lg, tuple(label.shape)).argmax(0).cpu()
-            areas = IoUMetric.intersect_and_union(pred, label, num_classes, IGNORE_INDEX)
-            per_image.append(torch.cat([a.double().cpu() for a in areas]))
+            per_image.append(image_areas(pred, label, num_classes))
     rows = torch.stack(per_image) if per_image else torch.zeros(0, 4 * num_classes, dtype=torch.float64)
     totals = rows.sum(0).view(4, num_classes)
     return {**metrics_from_areas(*totals), "areas": rows.numpy()}
-
-
-def metrics_from_areas(intersect, union, pred_area, label_area) -> dict[str, float]:
-    """IoUMetric's totals -> percent; classes absent from both prediction and labels are left out (NaN)."""
-    from mmseg.evaluation import IoUMetric
-    m = IoUMetric.total_area_to_metrics(intersect, union, pred_area, label_area, ["mIoU"])
-    return {"miou": 100.0 * float(np.nanmean(np.asarray(m["IoU"], dtype=np.float64))),
-            "aacc": 100.0 * float(m["aAcc"]),
-            "macc": 100.0 * float(np.nanmean(np.asarray(m["Acc"], dtype=np.float64)))}
 
 
 # ---------------------------------------------------------------- training

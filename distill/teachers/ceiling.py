@@ -25,6 +25,7 @@ import torchvision.transforms.v2.functional as TF
 from tqdm.auto import tqdm
 
 from distill.data import load_dataset
+from distill.seg_metrics import image_areas, metrics_from_areas
 
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -174,13 +175,9 @@ def supervised_segmentation(world: Path, seconds: float, side: int = 128, batch:
 
 
 def seg_scores(pred: torch.Tensor, target: torch.Tensor, classes: int) -> dict:
-    """mIoU and pixel accuracy (percent) by mmseg's IoUMetric, the benchmark's own mIoU."""
-    from mmseg.evaluation import IoUMetric
-
-    areas = [IoUMetric.intersect_and_union(p, t, classes, 255) for p, t in zip(pred, target.long())]
-    totals = [torch.stack([a[k] for a in areas]).sum(0) for k in range(4)]
-    m = IoUMetric.total_area_to_metrics(*totals, ["mIoU"])
-    return {"miou": 100.0 * float(np.nanmean(np.asarray(m["IoU"], dtype=np.float64))), "aacc": 100.0 * float(m["aAcc"])}
+    """mIoU and pixel accuracy (percent) of predicted label maps, by the benchmark's own mIoU."""
+    rows = torch.stack([image_areas(p, t, classes) for p, t in zip(pred, target)])
+    return metrics_from_areas(*rows.sum(0).view(4, classes))
 
 
 def raw_pixel_floors(world: Path, seed: int = 0) -> dict:
