@@ -267,7 +267,8 @@ def _bench_done(r: Run) -> bool:
     from benchmarks.sweep import harness_from_config, plan_cells
     cfg = r.sweep_config()
     h = harness_from_config(cfg)
-    cells = [h.identify(c) for c in plan_cells(cfg, load_suite(cfg["suite"]))]
+    suite = load_suite(cfg["suite"])
+    cells = [h.identify(c, suite) for c in plan_cells(cfg, suite)]
     return all(existing_status(r.results, c) in DONE_STATUSES for c in cells)
 
 

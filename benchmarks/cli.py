@@ -104,7 +104,7 @@ def cmd_run(args) -> int:
     h = harness_from_config(cfg, out=args.out, limit=args.limit, cache_dir=args.cache_dir,
                             variables=_parse_vars(args.var), show_progress=not args.no_progress,
                             content_hash=args.content_hash)
-    cell = h.identify(Cell(args.model, args.task, args.dataset, resolution))
+    cell = h.identify(Cell(args.model, args.task, args.dataset, resolution), suite)
     # validate the dataset id and task pairing before loading a model
     from benchmarks.suites import dataset_entry
     entry = dataset_entry(suite, args.dataset, h.variables)

@@ -84,7 +84,7 @@ def measure(model: str | None, world: str | None, work: Path, limit: int | None 
     _bare_forward(encoder, datasets[1], None, batch_size)  # warm-up: page cache, allocator, kernels
     bare_s = sum(_bare_forward(encoder, d, None, batch_size) for d in datasets)
     h = harness("overhead")
-    cell = h.identify(Cell(spec, "knn", "mw-cls", None))
+    cell = h.identify(Cell(spec, "knn", "mw-cls", None), suite)
     t0 = time.perf_counter()
     run_cells([cell], suite, h)
     cell_wall = time.perf_counter() - t0

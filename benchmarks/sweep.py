@@ -90,18 +90,23 @@ class Harness:
     def get_task(self, name: str):
         return (self.task_lookup or default_task_lookup)(name)
 
-    def task_settings(self, task, name: str) -> dict:
-        """The config a task runs with: its defaults, then this sweep's overrides."""
-        return {**jsonable(task.defaults), **(self.task_cfg.get(name) or {})}
+    def task_settings(self, task, name: str, dataset: dict | None = None) -> dict:
+        """The config a task runs with: its defaults, then the suite's settings for this dataset (its
+        entry's `task_cfg`, e.g. the segmentation protocol a dataset is scored with), then this sweep's
+        overrides."""
+        per_dataset = ((dataset or {}).get("task_cfg") or {}).get(name) or {}
+        return {**jsonable(task.defaults), **per_dataset, **(self.task_cfg.get(name) or {})}
 
-    def identify(self, cell: Cell) -> Cell:
-        """`cell` with its whole identity: this harness's `limit` and the digest of the task's settings,
-        so a smoke run, a full run and a run with other settings never take each other's place."""
+    def identify(self, cell: Cell, suite: dict | None = None) -> Cell:
+        """`cell` with its whole identity: this harness's `limit` and the digest of the task's settings
+        (with the suite's settings for the cell's dataset, when `suite` is given), so a smoke run, a full
+        run and a run with other settings never take each other's place."""
         try:
             task = self.get_task(cell.task)
         except KeyError:   # an unknown task: the cell fails in run_cell, where that is recorded
             return replace(cell, limit=self.limit, settings=None)
-        settings = settings_digest(task.version, self.task_settings(task, cell.task))
+        dataset = next((d for d in (suite or {}).get("datasets", ()) if d["id"] == cell.dataset), None)
+        settings = settings_digest(task.version, self.task_settings(task, cell.task, dataset))
         return replace(cell, limit=self.limit, settings=settings)
 
 
@@ -210,7 +215,7 @@ def run_cell(cell: Cell, encoder: Encoder, suite: dict, h: Harness, model_load_s
         config["dataset_cfg"] = ds_cfg
         dataset_info.update({"reader": ds_cfg["reader"], "root": ds_cfg["root"], "roles": ds_cfg["roles"]})
         task = h.get_task(cell.task)
-        task_cfg = h.task_settings(task, cell.task)
+        task_cfg = h.task_settings(task, cell.task, ds_cfg)
         config["task_cfg"] = task_cfg
         task_info.update({"version": task.version, "roles": list(task.roles), "needs_patches": task.needs_patches})
         ctx = HarnessContext(encoder, ds_cfg, resolution=cell.resolution, limit=cell.limit, cache=h.cache,
@@ -309,7 +314,7 @@ def run_cells(cells: list[Cell], suite: dict, h: Harness, force: bool = False,
     t0 = time.perf_counter()
     rank, world = dist_info()
     summary = SweepSummary(total=len(cells))
-    cells = [h.identify(c) for c in cells]
+    cells = [h.identify(c, suite) for c in cells]
     done = [not force and existing_status(h.out_dir, c) in DONE_STATUSES for c in cells]
     if world > 1:
         # rank 0 decides: every rank must walk the same cells or the feature gathers would deadlock

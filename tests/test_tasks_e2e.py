@@ -118,8 +118,9 @@ def test_every_task_on_the_mini_world_through_the_real_readers(world, tmp_path):
     results = {}
     for ds_id, task in (("mw-cls", "zeroshot"), ("mw-cls", "knn"), ("mw-ret", "retrieval"),
                         ("mw-seg", "segmentation")):
-        ctx = _ctx(tmp_path, FakeEncoder(), dataset_entry(suite, ds_id, {"world": str(world)}), loader=None)
-        results[task] = get_task(task).run(ctx, {})
+        entry = dataset_entry(suite, ds_id, {"world": str(world)})
+        ctx = _ctx(tmp_path, FakeEncoder(), entry, loader=None)
+        results[task] = get_task(task).run(ctx, (entry.get("task_cfg") or {}).get(task, {}))
     assert set(results["zeroshot"]) == {"a/top1", "a/top5", "a/mean_per_class_recall"}
     assert {"a/top1", "b/top1", "a/top5", "b/top5", "a/top1@k20"} <= set(results["knn"])
     assert set(results["retrieval"]) == {f"a/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
@@ -128,7 +129,7 @@ def test_every_task_on_the_mini_world_through_the_real_readers(world, tmp_path):
         assert all(math.isnan(v) or 0.0 <= v <= 100.0 for v in metrics.values())
     # a probe trained on the same cached features with the same seed gives the same numbers
     ctx = _ctx(tmp_path, FakeEncoder(), dataset_entry(suite, "mw-seg", {"world": str(world)}), loader=None)
-    assert get_task("segmentation").run(ctx, {}) == results["segmentation"]
+    assert get_task("segmentation").run(ctx, {"preset": "miniworld"}) == results["segmentation"]
 
 
 def test_sweep_with_the_real_task_registry_feeds_the_leaderboard(world, tmp_path):

@@ -50,7 +50,7 @@ def load_presets(path: str | Path = PRESETS_PATH) -> dict[str, dict]:
 def resolve_protocol(cfg: dict) -> dict:
     """The preset named by cfg["preset"], with every non-null protocol field of cfg overriding it."""
     presets = load_presets()
-    name = cfg.get("preset") or "miniworld"
+    name = cfg.get("preset") or "amoe"
     if name not in presets:
         raise TaskConfigError(f"segmentation: unknown preset '{name}'; known: {', '.join(sorted(presets))} "
                               f"({PRESETS_PATH})")
@@ -260,7 +260,7 @@ class SegmentationTask:
     version = "1"
     roles = ("train", "test")
     needs_patches = True
-    defaults = {"preset": "miniworld", "heads": None, "seed": 0, "label_cache_mb": 2048,
+    defaults = {"preset": "amoe", "heads": None, "seed": 0, "label_cache_mb": 2048,
                 **{k: None for k in PROTOCOL_FIELDS}}   # null = the preset's value
 
     def run(self, ctx, cfg: dict) -> dict[str, float]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,12 +170,30 @@ def detect_kind(path: str | Path) -> str:
                             "checkpoint here; point at the model directory itself")
 
 
+def spec_options(info: LoaderInfo) -> list[str]:
+    """The option names a loader takes from a spec's query string (its named keyword parameters)."""
+    params = inspect.signature(info.fn).parameters.values()
+    return [p.name for p in params if p.name != "arg" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def resolve_spec(spec: str) -> tuple[LoaderInfo, str, dict[str, Any]]:
+    """What `load_encoder(spec)` would call, checked without loading anything: the loader, its
+    argument and the spec's options. Unknown kinds and option names the loader does not take raise
+    (a loader ignores extra keyword arguments, so a misspelt option would otherwise go unnoticed)."""
+    kind, arg, spec_kwargs = parse_spec(spec)
+    info = get_loader(kind if kind is not None else detect_kind(arg))
+    known = spec_options(info)
+    unknown = sorted(set(spec_kwargs) - set(known))
+    if unknown:
+        raise ValueError(f"encoder spec '{spec}': option(s) {', '.join(unknown)} are not taken by the "
+                         f"'{info.kind}' loader; it takes: {', '.join(known) or 'none'}")
+    return info, arg, spec_kwargs
+
+
 def load_encoder(spec: str, **kwargs) -> Encoder:
     """An Encoder from a spec (see the module docstring); kwargs go to the loader."""
-    kind, arg, spec_kwargs = parse_spec(spec)
-    if kind is None:
-        kind = detect_kind(arg)
-    info = get_loader(kind)
+    info, arg, spec_kwargs = resolve_spec(spec)
+    kind = info.kind
     missing = info.missing_packages()
     if missing:
         raise ImportError(f"encoder kind '{kind}' needs the Python package(s) {missing}; install them "
