@@ -2,6 +2,7 @@
 2-process gloo all-reduce == 1 process, and the trainer's fit / checkpoint / resume path."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -284,8 +285,10 @@ def _ddp_trainer_worker(rank: int, port: int, recipe: dict, out: str) -> None:
 
 @pytest.mark.distributed
 def test_two_rank_trainer_standardises_like_one_rank(tmp_path):
-    """Rank 0 fits PHI-S, rank 1 waits and loads the files: both standardise with the same statistics,
-    so the losses and gradient norms of 2 ranks equal those of 1 rank on the same global batch."""
+    """Each rank streams its half of the fit images, the sums are all-reduced, rank 0 writes the files
+    and both ranks load them: the statistics equal one rank's fit (to float64 round-off: the sums add
+    in another order), so the losses and gradient norms of 2 ranks equal those of 1 rank on the same
+    global batch."""
     from train_standins import make_teachers, tiny_recipe, write_pool
 
     from distill.io import load_tensors
@@ -300,10 +303,73 @@ def test_two_rank_trainer_standardises_like_one_rank(tmp_path):
     mp.start_processes(_ddp_trainer_worker, args=(_free_port(), two, str(tmp_path / "two")), nprocs=2,
                        join=True, start_method="spawn")
     for f in (tmp_path / "one" / "phis").iterdir():
-        a, b = load_tensors(f), load_tensors(tmp_path / "two" / "phis" / f.name)
-        assert all(torch.equal(a[k], b[k]) for k in a), f.name
+        a, b = PhiS.load(f), PhiS.load(tmp_path / "two" / "phis" / f.name)
+        assert a.n == b.n, f.name
+        for name in ("mean", "eigvals", "alpha"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-9, rtol=1e-9)
+        # eigenvectors of (near-)equal eigenvalues may rotate among themselves: compare the maps
+        x = _features(16, a.width, seed=3)
+        torch.testing.assert_close(a.transform(x.double()), b.transform(x.double()), atol=1e-6, rtol=1e-6)
     m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(m1) == len(m2) == 2
     for a, b in zip(m1, m2):
         for k in ("loss/total", "loss/siglip2/patch", "loss/dinov3/register", "grad_norm"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+
+
+def test_the_streamed_fit_equals_a_fit_on_every_teacher_output(tmp_path):
+    """The trainer never holds the raw outputs: its streamed, accumulated fit equals PhiS.fit on the
+    concatenated outputs of the same images, computed here by hand."""
+    from train_standins import make_teachers, tiny_recipe, write_pool
+
+    from distill.train.config import load_config
+    from distill.train.engine import Distiller
+    from distill.train.phis_fit import fit_order
+    from distill.train.pool import read_image
+
+    world = tmp_path / "world"
+    write_pool(world, n_images=40)
+    cfg = load_config(tiny_recipe(world, phis__enabled=True, phis__fit_images=20))
+    trainer = Distiller(cfg, tmp_path / "run", teachers=make_teachers())
+    items = [trainer.pool.items[i] for i in fit_order(trainer)]
+    assert len(items) == 20
+    runner = trainer.teachers["dinov3"]
+    raws = runner.raw([read_image(it.entry) for it in items], [it.entry.key for it in items],
+                      [it.resolution for it in items])
+    by_hand = {"summary": torch.stack([r.summary for r in raws]), "patches": torch.cat([r.patches for r in raws]),
+               "registers": torch.cat([r.registers[[0, 2, 3]] for r in raws])}   # register 1 stays raw
+    for kind, x in by_hand.items():
+        got, want = runner.standardizers[kind], PhiS.fit(x)
+        assert got.n == want.n == x.shape[0], kind
+        torch.testing.assert_close(got.mean, want.mean, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(got.eigvals, want.eigvals, atol=1e-9, rtol=1e-9)
+    trainer.close()
+
+
+def test_stage2_carries_the_stage1_phis_unless_told_to_refit(tmp_path):
+    """A run started from an export (student.init_from) standardises with the export's PHI-S: its heads
+    were trained against that basis. phis.refit=true fits afresh (here: on another seed's sample)."""
+    from train_standins import make_teachers, tiny_recipe, write_pool
+
+    from distill.io import load_tensors
+    from distill.train import run_distillation
+
+    world = tmp_path / "world"
+    write_pool(world, n_images=40)
+    run_distillation(tiny_recipe(world, steps=2, phis__enabled=True), tmp_path / "s1", teachers=make_teachers())
+    export = tmp_path / "s1" / "export"
+    stage2 = lambda **kw: tiny_recipe(world, steps=1, seed=5, phis__enabled=True,  # noqa: E731
+                                      student__init_from=str(export), **kw)
+    run_distillation(stage2(), tmp_path / "s2", teachers=make_teachers())
+    files = sorted(p.name for p in (export / "phis").iterdir())
+    assert files and files == sorted(p.name for p in (tmp_path / "s2" / "phis").iterdir())
+    for f in files:
+        a, b = load_tensors(export / "phis" / f), load_tensors(tmp_path / "s2" / "phis" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    events = [json.loads(line) for line in (tmp_path / "s2" / "events.jsonl").read_text().splitlines()]
+    origin = next(e["origin"] for e in events if e.get("event") == "phis")
+    assert origin == {"siglip2": "carried from student.init_from", "dinov3": "carried from student.init_from"}
+    run_distillation(stage2(phis__refit=True), tmp_path / "refit", teachers=make_teachers())
+    a = load_tensors(export / "phis" / "siglip2.patches.safetensors")
+    b = load_tensors(tmp_path / "refit" / "phis" / "siglip2.patches.safetensors")
+    assert not torch.equal(a["mean"], b["mean"])

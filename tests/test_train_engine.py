@@ -91,15 +91,19 @@ def _ddp_worker_rank1_decodes_nothing(rank: int, world_size: int, port: int, rec
             finally:
                 engine.read_image = saved
         engine.Distiller._load_images = load_nothing
+        import distill.train.phis_fit as phis_fit
+        phis_fit.read_image = unreadable     # its share of the PHI-S fit images too
     _ddp_worker(rank, world_size, port, recipe, out)
 
 
 def test_a_rank_that_decodes_nothing_takes_part_with_zero_images(world, tmp_path):
     """Reproduced: a DDP rank with no decodable image crashed the step (`TypeError: 'NoneType' object is
     not subscriptable`). Now it runs a placeholder whose rows are sliced away: the step is rank 0's
-    images alone, on both ranks, and the run exports finite weights."""
+    images alone, on both ranks, and the run exports finite weights. Its share of the PHI-S fit is
+    unreadable too: it still joins the all-reduce, and the statistics are rank 0's images alone."""
     steps = 2
-    recipe = tiny_recipe(world, steps=steps, batching__seqs_per_rank=2, engine__parallel="ddp")
+    recipe = tiny_recipe(world, steps=steps, batching__seqs_per_rank=2, engine__parallel="ddp",
+                         phis__enabled=True)
     mp.start_processes(_ddp_worker_rank1_decodes_nothing, args=(2, _free_port(), recipe, str(tmp_path / "r")),
                        nprocs=2, join=True, start_method="spawn")
     full = tiny_recipe(world, steps=steps, batching__seqs_per_rank=4)
@@ -111,6 +115,9 @@ def test_a_rank_that_decodes_nothing_takes_part_with_zero_images(world, tmp_path
         assert math.isfinite(half["loss/total"]) and math.isfinite(half["grad_norm"]) and not half["skipped"]
     w = load_tensors(tmp_path / "r" / "export" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in w.values())
+    from distill.phis import PhiS
+    fit_images = recipe["phis"]["fit_images"]
+    assert 0 < PhiS.load(tmp_path / "r" / "phis" / "dinov3.summary.safetensors").n <= (fit_images + 1) // 2
 
 
 DRIVER = """

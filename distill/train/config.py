@@ -51,6 +51,7 @@ class PhisConfig:
     enabled: bool = True
     fit_images: int = 256                   # images streamed through each teacher to fit PHI-S
     exclude_registers: list[int] = field(default_factory=lambda: [1])   # DINOv3 register kept raw
+    refit: bool = False                     # with student.init_from: fit afresh instead of carrying its PHI-S
 
 
 @dataclass

@@ -132,6 +132,8 @@ class Distiller:
         self._build_optimizer()
         self.metrics = MetricsWriter(self.out, enabled=self.info.is_main,
                                      tensorboard=self.cfg.logging.tensorboard)
+        if self.phis_origin:
+            self.metrics.event({"step": self.step, "event": "phis", "origin": self.phis_origin})
         if resume:
             self._maybe_resume()
         if self.info.is_main:   # only now: a refused resume leaves the run's config.json as it was
@@ -261,6 +263,7 @@ class Distiller:
         from distill.train.phis_fit import fit_or_load_phis
 
         self.phis_state = None
+        self.phis_origin: dict[str, str] = {}   # teacher -> fitted / carried from the init / reused
         if not self.cfg.phis.enabled:
             return
         fit_or_load_phis(self)
