@@ -61,8 +61,7 @@ def test_the_paper_recipes_name_registered_teacher_kinds():
 
 
 def test_a_misspelt_or_unknown_spec_option_is_named():
-    with pytest.raises(ValueError, match=r"option\(s\) adaptor are not taken by the 'radio' loader; "
-                                         r"it takes: .*adaptors"):
+    with pytest.raises(TypeError, match=r"the radio loader got unknown option\(s\) adaptor; it takes: .*adaptors"):
         resolve_spec("radio:radio_v2.5-h?adaptor=siglip")
     with pytest.raises(KeyError, match="unknown encoder kind 'hf'.*Known kinds: .*dinov3"):
         resolve_spec("hf:google/siglip2-so400m-patch16-naflex")

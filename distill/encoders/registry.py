@@ -178,15 +178,15 @@ def spec_options(info: LoaderInfo) -> list[str]:
 
 def resolve_spec(spec: str) -> tuple[LoaderInfo, str, dict[str, Any]]:
     """What `load_encoder(spec)` would call, checked without loading anything: the loader, its
-    argument and the spec's options. Unknown kinds and option names the loader does not take raise
-    (a loader ignores extra keyword arguments, so a misspelt option would otherwise go unnoticed)."""
+    argument and the spec's options. Unknown kinds and option names the loader does not take raise,
+    as the loader itself would, but before any weights are fetched (a config is checked in CI)."""
     kind, arg, spec_kwargs = parse_spec(spec)
     info = get_loader(kind if kind is not None else detect_kind(arg))
     known = spec_options(info)
     unknown = sorted(set(spec_kwargs) - set(known))
     if unknown:
-        raise ValueError(f"encoder spec '{spec}': option(s) {', '.join(unknown)} are not taken by the "
-                         f"'{info.kind}' loader; it takes: {', '.join(known) or 'none'}")
+        raise TypeError(f"encoder spec '{spec}': the {info.kind} loader got unknown option(s) "
+                        f"{', '.join(unknown)}; it takes: {', '.join(known) or 'none'}")
     return info, arg, spec_kwargs
 
 
