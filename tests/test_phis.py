@@ -291,7 +291,6 @@ def test_two_rank_trainer_standardises_like_one_rank(tmp_path):
     global batch."""
     from train_standins import make_teachers, tiny_recipe, write_pool
 
-    from distill.io import load_tensors
     from distill.train import run_distillation
     from distill.train.metrics import read_metrics
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from distill.distributed import barrier
+from distill.io import atomic_path
 from distill.train.pool import read_image
 
 KINDS = ("summary", "patches", "registers")
@@ -99,16 +100,18 @@ def _all_reduce(accs: dict) -> dict:
     return out
 
 
-def _carry_from_init(trainer, folder: Path) -> list[str]:
-    """Copy the init export's PHI-S files of every teacher it has into OUT/phis (rank 0); -> names."""
+def _carry_from_init(trainer, folder: Path, names: list[str]) -> list[str]:
+    """Copy the init export's PHI-S files of those `names` it has into OUT/phis (rank 0; each file
+    atomically, so a kill mid-copy never leaves a file that looks complete); -> the names carried."""
     src = Path(trainer.cfg.student.init_from) / "phis"
     carried = []
-    for name in trainer.teachers:
+    for name in names:
         if _complete(src, name):
+            folder.mkdir(parents=True, exist_ok=True)
             for kind in KINDS:
                 if _file(src, name, kind).exists():
-                    folder.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(_file(src, name, kind), _file(folder, name, kind))
+                    with atomic_path(_file(folder, name, kind)) as tmp:
+                        shutil.copyfile(_file(src, name, kind), tmp)
             carried.append(name)
     return carried
 
@@ -119,14 +122,13 @@ def fit_or_load_phis(trainer) -> None:
     import torch.distributed as dist
     from tqdm import tqdm
 
-    PhiS, _ = _phis_classes()
     folder = trainer.out / "phis"
     plan = [None]
     if trainer.info.is_main:
         todo = [n for n in trainer.teachers if not _complete(folder, n)]
         carried = []
         if todo and trainer.cfg.student.init_from and not trainer.cfg.phis.refit:
-            carried = [n for n in _carry_from_init(trainer, folder) if n in todo]
+            carried = _carry_from_init(trainer, folder, todo)
         plan = [{"fit": [n for n in todo if n not in carried], "carried": carried}]
     if trainer.info.distributed:
         dist.broadcast_object_list(plan, src=0)
