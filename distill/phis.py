@@ -377,24 +377,21 @@ def run_perf(n: int = 65536, width: int = 1152, repeats: int = 3, seed: int = 0,
             "roundtrip_max_abs_err": float((back - x).abs().max())}
 
 
-def _peak_rss_bytes() -> int:
-    import resource
-    import sys
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024      # bytes on macOS, KiB on Linux
-
-
 def run_stream_perf(n: int = 1_000_000, width: int = 1152, block: int = 16384, seed: int = 0) -> dict:
     """Peak memory of a streamed fit: N x C float32 features arrive in blocks of `block` rows (as a
     teacher's batches do) and go into a PhiSAccumulator that keeps nothing but its float64 sums.
     The blocks are written into one buffer allocated before the measurement starts, so the peak-RSS
     growth is the fit's own: statistics, float64 chunk copies, BLAS buffers and the final eigh. Run it
-    in a fresh process (the CLI does): the high-water mark only ever rises."""
+    in a fresh process (the CLI does), so that nothing before it has raised the peak where the kernel's
+    peak mark cannot be reset."""
+    from distill.memory import peak_rss_mib, reset_peak_rss
+
     g = torch.Generator().manual_seed(seed)
     scale = torch.logspace(-2, 1, width)
     buf = torch.empty(block, width)
     buf.normal_(generator=g)                       # touched: its pages are resident before the baseline
-    base = _peak_rss_bytes()
+    reset_peak_rss()
+    base = peak_rss_mib()
     t0 = time.perf_counter()
     acc = PhiSAccumulator(width)
     done = 0
@@ -405,15 +402,15 @@ def run_stream_perf(n: int = 1_000_000, width: int = 1152, block: int = 16384, s
         acc.update(x)
         done += rows
     t_acc = time.perf_counter() - t0
-    peak_acc = _peak_rss_bytes() - base
+    peak_acc = (peak_rss_mib() - base) * 2**20
     phis = acc.finish()
     t_fit = time.perf_counter() - t0
-    peak_all = _peak_rss_bytes() - base
+    peak_all = (peak_rss_mib() - base) * 2**20
     stats_bytes = (width * width + width) * 8          # the float64 sums: outer and sum
     return {"n": n, "width": width, "block_rows": block, "threads": torch.get_num_threads(),
             "accumulate_s": round(t_acc, 2), "fit_s": round(t_fit, 2), "fitted_n": phis.n,
             "statistics_bytes": stats_bytes, "input_block_bytes": block * width * 4,
-            "peak_rss_growth_accumulate_bytes": peak_acc, "peak_rss_growth_with_finish_bytes": peak_all,
+            "peak_rss_growth_accumulate_bytes": round(peak_acc), "peak_rss_growth_with_finish_bytes": round(peak_all),
             "accumulate_peak_over_statistics": round(peak_acc / stats_bytes, 2),
             "fit_peak_over_statistics": round(peak_all / stats_bytes, 2),
             "goal_over_statistics": 2.0}
@@ -429,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--stream", action="store_true",
-                   help="peak memory of a streamed fit of N rows arriving in --block-row blocks (default N 1M)")
+                   help="peak memory of a streamed fit of --n rows arriving in blocks of --block rows")
     p.add_argument("--block", type=int, default=16384)
     h = sub.add_parser("hadamard", help="which Hadamard construction a width uses")
     h.add_argument("widths", type=int, nargs="+")

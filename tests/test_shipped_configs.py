@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.suites import SUITES_DIR, list_suites, load_suite
+from benchmarks.suites import list_suites, load_suite
 from benchmarks.sweep import SWEEPS_DIR, Harness, load_sweep_config, plan_cells
 from benchmarks.tasks.base import get_task, list_tasks, unknown_keys
 from benchmarks.tasks.segmentation import resolve_protocol
@@ -129,4 +129,3 @@ def test_the_other_shipped_configs_load():
         assert load_grounding_config(p.stem)["init"]["kind"]
     for p in sorted(CLAIMS_DIR.glob("*.json")):
         assert load_claims(p.stem)["claims"]
-    assert SUITES_DIR.is_dir()

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from distill.memory import peak_rss_mib, reset_peak_rss, status_mib
+
 DEFAULT_SIZES = (50_000, 200_000, 1_000_000)
 DEFAULT_LEVELS = [{"k": 1000, "niter": 10, "resampling_steps": 2, "sample_size": 10, "resample_niter": 5},
                   {"k": 100, "niter": 20, "resampling_steps": 2, "sample_size": 3, "resample_niter": 5},
@@ -36,26 +38,6 @@ def synthetic_points(n: int, dim: int, seed: int = 0, modes: int = 2000) -> np.n
     return x
 
 
-def _status_mb(field: str) -> float | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024   # kB
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) so the peak covers only what follows (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -70,14 +52,14 @@ def measure_one(n: int, dim: int, engine: str, levels: list[dict], seed: int = 0
     cfg = parse_cluster_config({"name": "perf", "engine": engine, "normalize": False, "seed": seed,
                                 "levels": levels})
     eng = make_engine(engine)
-    before = _status_mb("VmRSS")
-    exact = _reset_peak()
+    before = status_mib("VmRSS")
+    exact = reset_peak_rss()
     with tempfile.TemporaryDirectory() as tmp:
         t0, c0 = time.perf_counter(), _cpu_s()
         out = run_hierarchy(x, n, cfg, tmp, eng, source={"synthetic": n}, progress=False)
         wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
     # VmHWM after a reset = the clustering's own peak; otherwise the process peak (ru_maxrss, KiB)
-    peak = _status_mb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     return {"points": n, "dim": dim, "engine": engine, "levels": [lv["k"] for lv in levels],
             "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
             "peak_rss_mb": round(peak, 1), "peak_is_clustering_only": exact,

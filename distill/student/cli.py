@@ -8,7 +8,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -71,8 +70,8 @@ def mixed_resolution_images(n: int, seed: int, min_side: int, max_side: int, pat
 def _peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is KiB on Linux; process-wide high-water mark (monotone over the run)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from distill.memory import peak_rss_mib
+    return peak_rss_mib()          # process-wide high-water mark (monotone: this command never resets it)
 
 
 def _sync(device):
