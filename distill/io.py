@@ -12,6 +12,7 @@ import os
 import socket
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -116,12 +117,17 @@ class LockHeld(AmoeError, RuntimeError):
 class FileLock:
     """An exclusive, non-blocking lock on `path` (POSIX `flock`), released when this process ends,
     however it ends: the lock of a killed process is simply free again, so a stale lock is taken
-    over without asking. The file holds the holder's pid, host and start time, for the message."""
+    over without asking. The file holds the holder's pid, host and start time, for the message.
+
+    A forked child (a DataLoader worker, a pool process) closes its copy of the descriptor at once:
+    `flock` belongs to the open file, so a child that outlived a killed holder would otherwise keep
+    the folder locked until it noticed its parent was gone."""
 
     def __init__(self, path: str | os.PathLike, what: str = "process"):
         self.path = Path(path)
         self.what = what          # who holds it, for the message another process gets
         self._fd: int | None = None
+        _LOCKS.add(self)
 
     def acquire(self) -> bool:
         """True if this process now holds the lock; False if another live process does."""
@@ -151,6 +157,20 @@ class FileLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+_LOCKS: "weakref.WeakSet[FileLock]" = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    # close, never LOCK_UN: unlocking here would free the parent's lock too
+    for lock in list(_LOCKS):
+        if lock._fd is not None:
+            os.close(lock._fd)
+            lock._fd = None
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def lock_run_folder(folder: str | os.PathLike, what: str, name: str = ".lock") -> FileLock:

@@ -6,7 +6,9 @@ asserts the outcome now: skipped and counted, refused with a message naming the 
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import signal
 import sys
 from pathlib import Path
 
@@ -161,6 +163,29 @@ def _hold(path: Path, kind: str = "run"):
     proc = subprocess.Popen([sys.executable, "-c", code, str(path), kind], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
+
+
+def test_a_forked_child_does_not_keep_a_killed_holders_lock(tmp_path):
+    """Reproduced: a trainer killed with SIGKILL left its DataLoader workers alive for a few seconds,
+    and their inherited descriptor kept the run folder locked: the resume was refused."""
+    import subprocess
+
+    code = ("import os, sys, time; from distill.io import lock_run_folder\n"
+            "l = lock_run_folder(sys.argv[1], 'test')\n"
+            "if os.fork() == 0:\n"
+            "    time.sleep(120); os._exit(0)\n"
+            "print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        from distill.io import FileLock
+        assert not FileLock(tmp_path / ".lock").acquire()     # the parent holds it
+        proc.kill()
+        proc.wait()                                            # the forked child lives on
+        assert FileLock(tmp_path / ".lock").acquire()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_two_distillations_on_one_folder_the_second_is_refused(world, tmp_path):
@@ -355,8 +380,8 @@ def test_a_shard_cut_mid_member_gives_its_good_members(world, tmp_path):
     shard = sorted((w / "pool" / "shards").glob("*.tar"))[-1]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.warns(TruncatedShardWarning, match=rf"{shard.name}: the shard ends early"):
-        entries, _ = build_index(w / "pool" / "shards")
-    assert 32 < len(entries) < 48      # two whole shards and the first part of the cut one
+        index = build_index(w / "pool" / "shards")
+    assert 32 < len(index) < 48      # two whole shards and the first part of the cut one
     unit = next(u for u in pool_units(str(w / "pool" / "shards")) if u.path == str(shard))
     with pytest.warns(TruncatedShardWarning):
         keys, images = unit_keys(unit), [k for k, _ in unit_images(unit)]
@@ -385,7 +410,7 @@ def test_an_image_too_long_for_the_token_budget_is_narrowed_not_refused(world, t
     _rewrite_first_image(sorted((w / "pool" / "shards").glob("*.tar"))[0], banner)
     cfg = load_config(tiny_recipe(w, steps=2)).resolve_paths(tmp_path / "run")
     pool = TrainingPool(cfg.data.sources, cfg.data.patch_size, cfg.seed)
-    wide = [it for it in pool.items if it.entry.width == 4000]
+    wide = [it for it in map(pool.item, range(len(pool))) if it.entry.width == 4000]
     assert wide and all(it.tokens <= (it.resolution // 16) ** 2 for it in wide)
     run_distillation(tiny_recipe(w, steps=2), tmp_path / "run", teachers=make_teachers())
 
