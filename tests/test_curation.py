@@ -223,7 +223,7 @@ def test_sample_manifest_and_trainer_consumes_it(tmp_path, embedded):
     side = json.loads((tmp_path / "m.parquet.json").read_text())
     assert side["samples"] == 17
     tp = TrainingPool([DataSource(path=str(pool), manifest=str(tmp_path / "m.parquet"))], 16, 0)
-    assert [(Path(it.entry.shard).name, it.entry.key) for it in tp.items] == list(zip(df["shard"], df["key"]))
+    assert [(Path(it.entry.shard).name, it.entry.key) for it in map(tp.item, range(len(tp)))] == list(zip(df["shard"], df["key"]))
     # a manifest naming a shard the source lacks fails before training, naming the shard
     df.loc[0, "shard"] = "pool-000099.tar"
     df.to_parquet(tmp_path / "bad.parquet", index=False)

@@ -330,7 +330,7 @@ def test_the_streamed_fit_equals_a_fit_on_every_teacher_output(tmp_path):
     write_pool(world, n_images=40)
     cfg = load_config(tiny_recipe(world, phis__enabled=True, phis__fit_images=20))
     trainer = Distiller(cfg, tmp_path / "run", teachers=make_teachers())
-    items = [trainer.pool.items[i] for i in fit_order(trainer)]
+    items = [trainer.pool.item(i) for i in fit_order(trainer)]
     assert len(items) == 20
     runner = trainer.teachers["dinov3"]
     raws = runner.raw([read_image(it.entry) for it in items], [it.entry.key for it in items],

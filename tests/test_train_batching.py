@@ -6,6 +6,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -149,18 +150,20 @@ def test_pool_index_skips_and_counts_corrupt(tmp_path):
     shards.mkdir()
     _write_shard(shards / "pool-000000.tar", [(64, 48), (100, 200), (30, 30)], corrupt_at=(1,))
     _write_shard(shards / "pool-000001.tar", [(300, 150)])
-    entries, corrupt = build_index(shards, tmp_path / "idx.json")
-    assert corrupt == 1 and len(entries) == 3
-    assert (entries[0].width, entries[0].height) == (64, 48)
-    assert read_image(entries[2]).size == (300, 150)
-    again, c2 = build_index(shards, tmp_path / "idx.json")   # from the cache file
-    assert again == entries and c2 == 1
+    index = build_index(shards, tmp_path / "idx")
+    assert index.corrupt == 1 and len(index) == 3
+    assert (index.entry(0).width, index.entry(0).height) == (64, 48)
+    assert read_image(index.entry(2)).size == (300, 150)
+    again = build_index(shards, tmp_path / "idx")   # from the memory-mapped files
+    assert isinstance(again.entries, np.memmap) and again.corrupt == 1
+    assert [again.entry(i) for i in range(3)] == [index.entry(i) for i in range(3)]
+    assert build_index(shards).entry(1) == index.entry(1)   # in memory, no index folder
 
     from distill.train.config import DataSource
     pool = TrainingPool([DataSource(path=str(shards), resolutions=[64, 128], min_resolution=32)],
                         patch_size=16, seed=0)
     assert len(pool) == 3 and pool.corrupt_at_index == 1
-    for it in pool.items:
+    for it in map(pool.item, range(len(pool))):
         h, w = it.size
         assert h % 16 == 0 and w % 16 == 0 and h * w <= it.resolution ** 2
         assert it.tokens == (h // 16) * (w // 16)

@@ -11,10 +11,10 @@ from distill.curation.evaluate import evaluate_manifest
 from distill.curation.hierarchy import (ClusterConfig, LevelConfig, cluster_embeddings, load_cluster_config,
                                         load_hierarchy, run_hierarchy)
 from distill.curation.kmeans import ClusterCountError, FaissEngine, TorchEngine, make_engine
-from distill.curation.manifest import ManifestError, read_manifest, restrict_to_manifest
+from distill.curation.manifest import ManifestError, read_manifest, manifest_rows
 from distill.curation.sample import hierarchical_sample, random_manifest, sample_manifest, water_fill
 
 __all__ = ["EmbeddingSet", "NonFiniteEmbeddingError", "embed_pool", "evaluate_manifest", "ClusterConfig",
            "LevelConfig", "cluster_embeddings", "load_cluster_config", "load_hierarchy", "run_hierarchy",
            "ClusterCountError", "FaissEngine", "TorchEngine", "make_engine", "ManifestError", "read_manifest",
-           "restrict_to_manifest", "hierarchical_sample", "random_manifest", "sample_manifest", "water_fill"]
+           "manifest_rows", "hierarchical_sample", "random_manifest", "sample_manifest", "water_fill"]

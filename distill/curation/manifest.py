@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence, TypeVar
+
+import numpy as np
+import pandas as pd
 
 from distill.errors import AmoeError
-
-T = TypeVar("T")
 
 
 class ManifestError(AmoeError, ValueError):
@@ -20,8 +20,6 @@ class ManifestError(AmoeError, ValueError):
 
 
 def read_manifest(path: str | os.PathLike):
-    import pandas as pd
-
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest {path} not found; make one with `amoe curate sample --out {path}`")
@@ -32,23 +30,39 @@ def read_manifest(path: str | os.PathLike):
     return df
 
 
-def restrict_to_manifest(entries: Sequence[T], manifest: str | os.PathLike, source: str = "") -> list[T]:
-    """Keep the pool entries (objects with ``.shard`` path and ``.key``) listed in the manifest, in the
-    manifest's order. Raises ManifestError on shards or keys the pool lacks."""
+def manifest_rows(index, manifest: str | os.PathLike, source: str = "") -> np.ndarray:
+    """Rows of a `distill.train.pool.PoolIndex` listed in the manifest, in the manifest's order. Raises
+    ManifestError on shards or keys the pool lacks.
+
+    Matched shard by shard on the index's columns (sorted keys, binary search), so no Python object
+    is made per pool image: a 13M-sample manifest of a 200M-image pool is a search, not a dict."""
     df = read_manifest(manifest)
-    by_id = {(Path(e.shard).name, e.key): e for e in entries}
-    have_shards = {s for s, _ in by_id}
-    want_shards = set(df["shard"].astype(str))
-    absent = sorted(want_shards - have_shards)
+    names = {Path(s).name: i for i, s in enumerate(index.shards)}
+    shard_col = df["shard"].astype(str).to_numpy()
+    key_col = df["key"].astype(str).to_numpy()
+    absent = sorted(set(shard_col) - set(names))
     if absent:
         raise ManifestError(
             f"manifest {manifest} references {len(absent)} shard(s) missing from data source {source or '?'}: "
             f"{absent[:10]}{' ...' if len(absent) > 10 else ''}; point the source at the pool the manifest was "
             f"sampled from")
-    ids = list(zip(df["shard"].astype(str), df["key"].astype(str)))
-    lost = [f"{s}/{k}" for s, k in ids if (s, k) not in by_id]
+    starts = index.shard_rows()
+    rows = np.full(len(df), -1, dtype=np.int64)
+    for shard, at in pd.Series(np.arange(len(df))).groupby(shard_col, sort=False).indices.items():
+        lo, hi = int(starts[names[shard]]), int(starts[names[shard] + 1])
+        if hi == lo:
+            continue
+        want = np.char.encode(key_col[at].astype(str), "utf-8")
+        width = max(want.dtype.itemsize, index.keys.dtype.itemsize)   # compare at one width: no truncation
+        have = np.asarray(index.keys[lo:hi]).astype(f"S{width}")
+        want = want.astype(f"S{width}")
+        order = np.argsort(have, kind="stable")
+        pos = np.minimum(np.searchsorted(have[order], want), len(order) - 1)
+        found = have[order][pos] == want
+        rows[at[found]] = lo + order[pos[found]]
+    lost = [f"{s}/{k}" for s, k in zip(shard_col[rows < 0], key_col[rows < 0])]
     if lost:
         raise ManifestError(
             f"manifest {manifest}: {len(lost)} sample(s) not found (or not decodable) in their shards: "
             f"{lost[:10]}{' ...' if len(lost) > 10 else ''}; the shards changed since the manifest was made")
-    return [by_id[i] for i in ids]
+    return rows

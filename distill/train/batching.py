@@ -12,14 +12,15 @@ The padded-per-image baseline (``mode="padded"``) is kept as a switch for ablati
 longest image of the step.
 
 The plan is a pure function of (token counts, seed, sampler state), so every rank computes the same
-plan and takes its own part; the state (epoch, cursor, pending images) goes into checkpoints.
+plan and takes its own part; the state (epoch, cursor, pending images) goes into checkpoints. The
+counts and each epoch's permutation are int32 arrays (8 bytes per image: stage 2 has 213M images).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
+import numpy as np
 
 
 @dataclass
@@ -46,6 +47,13 @@ class StepPlan:
         return self.real_tokens(rank) / reserved if reserved else 0.0
 
 
+SHUFFLE_VERSION = 2   # 2: numpy PCG64 permutations of int32 (1: torch.randperm)
+
+
+class SamplerStateError(ValueError):
+    """A checkpoint's sampler state was made by another shuffle: resuming would not be exact."""
+
+
 @dataclass
 class SamplerState:
     epoch: int = 0
@@ -55,10 +63,15 @@ class SamplerState:
 
     def to_json(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "pending": list(self.pending),
-                "steps": self.steps}
+                "steps": self.steps, "shuffle": SHUFFLE_VERSION}
 
     @staticmethod
     def from_json(d: dict) -> "SamplerState":
+        if d.get("shuffle", 1) != SHUFFLE_VERSION:
+            raise SamplerStateError(
+                f"the checkpoint's sampler state uses shuffle version {d.get('shuffle', 1)}, this amoe uses "
+                f"{SHUFFLE_VERSION}: the resumed run would not see the same images; finish it with the amoe "
+                "that started it or use a new --out directory")
         return SamplerState(int(d["epoch"]), int(d["cursor"]), [int(i) for i in d["pending"]],
                             int(d.get("steps", 0)))
 
@@ -77,14 +90,14 @@ class TokenBalancedSampler:
                  seqs_per_rank: int = 1, images_per_rank: int = 8, lookahead: int = 64):
         if mode not in ("packed", "padded"):
             raise ValueError(f"batching mode must be 'packed' or 'padded', got {mode!r}")
-        self.counts = [int(c) for c in token_counts]
-        if not self.counts:
+        self.counts = np.asarray(token_counts, dtype=np.int32)
+        if not len(self.counts):
             raise ValueError("the dataset is empty: nothing to sample")
-        too_big = [i for i, c in enumerate(self.counts) if c > max_tokens] if mode == "packed" else []
-        if too_big:
+        too_big = np.flatnonzero(self.counts > max_tokens) if mode == "packed" else []
+        if len(too_big):
             raise ValueError(
                 f"{len(too_big)} image(s) have more tokens than max_tokens={max_tokens} (largest "
-                f"{max(self.counts[i] for i in too_big)}); raise batching.max_tokens or lower the "
+                f"{int(self.counts[too_big].max())}); raise batching.max_tokens or lower the "
                 "maximum resolution")
         if max_images_per_seq < 1 or seqs_per_rank < 1 or images_per_rank < 1 or world_size < 1:
             raise ValueError("max_images_per_seq, seqs_per_rank, images_per_rank and world_size must be >= 1")
@@ -96,16 +109,17 @@ class TokenBalancedSampler:
         self._perm = self._permutation(0)
 
     # ------------------------------------------------------------------ stream of shuffled indices
-    def _permutation(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.counts), generator=g).tolist()
+    def _permutation(self, epoch: int) -> np.ndarray:
+        order = np.arange(len(self.counts), dtype=np.int32)
+        np.random.default_rng(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
 
     def _draw(self) -> int:
         if self.state.cursor >= len(self._perm):
             self.state.epoch += 1
             self.state.cursor = 0
             self._perm = self._permutation(self.state.epoch)
-        i = self._perm[self.state.cursor]
+        i = int(self._perm[self.state.cursor])
         self.state.cursor += 1
         return i
 
@@ -118,10 +132,11 @@ class TokenBalancedSampler:
         self._refill(self.lookahead)
         seq, room = [], self.max_tokens
         keep = []
-        for i in self.state.pending:
-            if len(seq) < self.max_images and self.counts[i] <= room:
+        counts = self.counts[self.state.pending].tolist()
+        for i, c in zip(self.state.pending, counts):
+            if len(seq) < self.max_images and c <= room:
                 seq.append(i)
-                room -= self.counts[i]
+                room -= c
             else:
                 keep.append(i)
         self.state.pending = keep
@@ -142,10 +157,14 @@ class TokenBalancedSampler:
                 take, self.state.pending = (self.state.pending[:self.images_per_rank],
                                             self.state.pending[self.images_per_rank:])
                 ranks.append([[i] for i in take])
-            capacity = max(self.counts[seq[0]] for r in ranks for seq in r)
+            capacity = max(int(self.counts[seq[0]]) for r in ranks for seq in r)
         self.state.steps += 1
-        tokens = [[[self.counts[i] for i in seq] for seq in r] for r in ranks]
+        tokens = [[[int(self.counts[i]) for i in seq] for seq in r] for r in ranks]
         return StepPlan(ranks=ranks, capacity=capacity, tokens=tokens)
+
+    def nbytes(self) -> int:
+        """Bytes of the per-image arrays (token counts, the epoch's permutation)."""
+        return self.counts.nbytes + self._perm.nbytes
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:

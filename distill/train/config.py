@@ -69,6 +69,8 @@ class DataSource:
 class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
     patch_size: int = 16
+    workers: int = 2                        # input-pipeline processes per rank (0: in the training process)
+    prefetch: int = 2                       # steps each worker prepares ahead
 
 
 @dataclass
@@ -275,6 +277,10 @@ def _validate(cfg: TrainConfig) -> None:
     need(len(cfg.data.sources) >= 1, "data.sources needs at least one shard directory")
     need(isinstance(cfg.data.patch_size, int) and cfg.data.patch_size >= 1,
          f"data.patch_size must be a positive int (the student's patch, e.g. 16), got {cfg.data.patch_size!r}")
+    need(isinstance(cfg.data.workers, int) and cfg.data.workers >= 0,
+         f"data.workers must be an int >= 0 (0 decodes in the training process), got {cfg.data.workers!r}")
+    need(isinstance(cfg.data.prefetch, int) and cfg.data.prefetch >= 1,
+         f"data.prefetch must be an int >= 1, got {cfg.data.prefetch!r}")
     need(cfg.batching.max_tokens >= 1, "batching.max_tokens must be >= 1")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1")

@@ -2,7 +2,8 @@
 
 Per step, on every rank:
   1. the token-balanced sampler plans this rank's sequences (same plan computed on every rank);
-  2. images are decoded (corrupt ones dropped and counted), resized to their planned native size;
+  2. images are decoded (corrupt ones dropped and counted), resized to their planned native size and
+     preprocessed for each teacher, ahead of time in DataLoader workers (distill.train.inputs);
   3. frozen teachers produce targets (PHI-S standardised, patch grids aligned to the student's);
   4. the student runs packed (images of a sequence attend only to themselves), per-teacher losses are
      computed with global normalisation (distill.losses), backward, clip, AdamW step, LR schedule;
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,19 +26,21 @@ from distill import losses as L
 from distill.distributed import DistInfo, all_reduce_sum, barrier, setup, teardown
 from distill.io import fingerprint, write_json_atomic
 from distill.train import checkpoint as ckpt
-from distill.train.batching import StepPlan, TokenBalancedSampler
+from distill.train.batching import SamplerStateError, TokenBalancedSampler
 from distill.train.checkpoint import ResumeRefused
 from distill.train.config import TrainConfig
 from distill.train.guard import StepGuard, TrainingAborted, guarded_step, require_finite
+from distill.train.inputs import StepInputs, step_inputs
 from distill.train.metrics import MetricsWriter
 from distill.train.parallelize import apply_activation_checkpointing, data_parallel
 from distill.train.schedule import warmup_cosine
-from distill.train.pool import PlannedImage, TrainingPool, read_image
+from distill.train.pool import TrainingPool, read_image
 
 
 # keys a resume may change (recorded in OUT/history.jsonl): what the abort message suggests changing
 RESUME_MAY_CHANGE = ("optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.schedule", "optim.grad_clip",
-                     "robustness.max_skipped_in_a_row", "robustness.grad_spike_factor")
+                     "robustness.max_skipped_in_a_row", "robustness.grad_spike_factor",
+                     "data.workers", "data.prefetch")
 _UNFINGERPRINTED = ("steps", "checkpoint", "logging", "description")
 
 
@@ -83,25 +85,6 @@ class PackedStudent(nn.Module):
         return self.student.config.spatial_patch_size
 
 
-# ----------------------------------------------------------------------------- image loading
-def student_tensor(image, size: tuple[int, int]) -> torch.Tensor:
-    """PIL image -> (3, H, W) float32 in [-1, 1] at the planned size (bicubic; SigLino normalisation)."""
-    from PIL import Image
-
-    h, w = size
-    if image.size != (w, h):
-        image = image.resize((w, h), Image.BICUBIC)
-    t = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(h, w, 3)
-    return ((t.permute(2, 0, 1).float() / 255.0) - 0.5) / 0.5
-
-
-@dataclass
-class LoadedImage:
-    index: int
-    item: PlannedImage
-    image: Any
-
-
 # ----------------------------------------------------------------------------- the trainer
 class Distiller:
     """Owns model, teachers, optimiser, sampler and outputs of one run in `out_dir`.
@@ -142,17 +125,34 @@ class Distiller:
     # ------------------------------------------------------------------ construction
     def _build_data(self) -> None:
         c = self.cfg
-        self.pool = TrainingPool(c.data.sources, c.data.patch_size, c.seed, index_dir=self.out / "index")
+        self.pool = TrainingPool(c.data.sources, c.data.patch_size, c.seed, index_dir=self.out / "index",
+                                 rank=self.info.rank, world_size=self.info.world_size, barrier=barrier)
         self.counters["corrupt_images"] += self.pool.corrupt_at_index
         self._prefix = None  # set once the student is known (CLS + registers per image)
 
     def _make_sampler(self) -> None:
         c = self.cfg.batching
-        counts = [it.tokens + self._prefix for it in self.pool.items]
         self.sampler = TokenBalancedSampler(
-            counts, world_size=self.info.world_size, seed=self.cfg.seed, mode=c.mode,
+            self.pool.tokens + self._prefix, world_size=self.info.world_size, seed=self.cfg.seed, mode=c.mode,
             max_tokens=c.max_tokens, max_images_per_seq=c.max_images_per_seq,
             seqs_per_rank=c.seqs_per_rank, images_per_rank=c.images_per_rank, lookahead=c.lookahead)
+        self._reset_inputs()
+
+    def _reset_inputs(self) -> None:
+        """Restart the input pipeline from the sampler's state (at start and after a resume). The
+        pipeline plans ahead; checkpoints save the state of the last step consumed, in `_consumed`."""
+        self._inputs = None
+        self._consumed = self.sampler.state_dict()
+
+    def _next_inputs(self) -> StepInputs:
+        if self._inputs is None:
+            d = self.cfg.data
+            self._inputs = iter(step_inputs(self.pool, self.sampler, self.info.rank,
+                                            {n: r.prepare for n, r in self.teachers.items()},
+                                            workers=d.workers, prefetch=d.prefetch))
+        inputs = next(self._inputs)
+        self._consumed = inputs.ticket.state
+        return inputs
 
     def _build_teachers(self, injected: dict | None) -> None:
         from distill.train.targets import TeacherRunner, load_teacher
@@ -176,7 +176,8 @@ class Distiller:
     def _teacher_widths(self) -> dict[str, int]:
         """Probe each teacher once on an image of the pool to learn its output width (the first one that
         decodes: a corrupt first image is skipped and counted like any other)."""
-        for item in self.pool.items[:256]:
+        for i in range(min(256, len(self.pool))):
+            item = self.pool.item(i)
             try:
                 img = read_image(item.entry)
                 break
@@ -312,7 +313,7 @@ class Distiller:
         barrier()
         if self.info.is_main:
             trainer = {"step": self.step, "scheduler": self.scheduler.state_dict(),
-                       "sampler": self.sampler.state_dict(), "counters": self.counters,
+                       "sampler": self._consumed, "counters": self.counters,
                        "guard": self.guard.state_dict(), "world_size": self.info.world_size,
                        "config_fingerprint": self._config_fingerprint(),
                        "resumable": self._resumable_settings()}
@@ -344,7 +345,11 @@ class Distiller:
         set_model_state_dict(self.model, data["model"], options=opts)
         set_optimizer_state_dict(self.model, self.optimizer, data["optimizer"], options=opts)
         self.scheduler.load_state_dict(tr["scheduler"])
-        self.sampler.load_state_dict(tr["sampler"])
+        try:
+            self.sampler.load_state_dict(tr["sampler"])
+        except SamplerStateError as e:
+            raise ResumeRefused(f"{self.out}: {e}") from None
+        self._reset_inputs()
         self.counters = dict(tr["counters"])
         self.guard.load_state_dict(tr.get("guard") or {})
         self.step = int(tr["step"])
@@ -378,25 +383,6 @@ class Distiller:
                   + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), flush=True)
 
     # ------------------------------------------------------------------ one step
-    def _load_images(self, plan: StepPlan) -> tuple[list[LoadedImage], list[list[int]]]:
-        """Decode this rank's images; corrupt ones are dropped (and counted), sequences re-indexed."""
-        loaded: list[LoadedImage] = []
-        sequences: list[list[int]] = []
-        for seq in plan.ranks[self.info.rank]:
-            s = []
-            for idx in seq:
-                item = self.pool.items[idx]
-                try:
-                    img = read_image(item.entry)
-                except Exception:  # undecodable despite a valid header: skip and count
-                    self.counters["corrupt_images"] += 1
-                    continue
-                s.append(len(loaded))
-                loaded.append(LoadedImage(idx, item, img))
-            if s:
-                sequences.append(s)
-        return loaded, sequences
-
     def _autocast(self):
         p = self.cfg.engine.precision
         if self.device.type == "cuda" and p in ("auto", "bf16"):
@@ -407,23 +393,23 @@ class Distiller:
 
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
-        plan = self.sampler.next_step()
-        loaded, sequences = self._load_images(plan)
-        local_n = len(loaded)
+        inputs = self._next_inputs()
+        t_wait = time.perf_counter()
+        self.counters["corrupt_images"] += inputs.corrupt
+        sequences, local_n = inputs.sequences, len(inputs.items)
         batch = L.GlobalBatch.from_local(local_n, self.device)
         if batch.global_images == 0:
             raise TrainingAborted("a whole step had no decodable image; check the pool shards")
-        pil = [li.image for li in loaded]
-        keys = [li.item.entry.key for li in loaded]
-        res = [li.item.resolution for li in loaded]
-        grids = [(li.item.size[0] // self.cfg.data.patch_size, li.item.size[1] // self.cfg.data.patch_size)
-                 for li in loaded]
+        keys = [it.entry.key for it in inputs.items]
+        res = [it.resolution for it in inputs.items]
+        p = self.cfg.data.patch_size
+        grids = [(it.size[0] // p, it.size[1] // p) for it in inputs.items]
         targets = {}
         for name, runner in self.teachers.items():
-            raws = runner.raw(pil, keys, res) if local_n else []
+            raws = runner.raw_prepared(inputs.teacher_pixels[name], keys, res) if local_n else []
             targets[name] = runner.targets(raws, grids, self.device, self.cfg.phis.exclude_registers) \
                 if local_n else None
-        images = [student_tensor(li.image, li.item.size).to(self.device) for li in loaded]
+        images = [px.to(self.device) for px in inputs.pixels]
         if not local_n:
             # This rank decoded nothing, but the others did: it still takes part in the step (DDP's
             # gradient all-reduce, FSDP's gathers and the relational gather are collectives), by running
@@ -484,10 +470,11 @@ class Distiller:
         load = self._balance_experts(update=applied)
         self.step += 1
         dt = time.perf_counter() - t0
-        tokens = plan.real_tokens()
+        tokens = inputs.ticket.real_tokens
         rec = {"step": self.step, **reduced, "lr": self.optimizer.param_groups[0]["lr"],
-               "grad_norm": grad_norm, "fill_ratio": plan.fill_ratio(), "images": batch.global_images,
-               "tokens": tokens, "tokens_per_s": tokens / dt, "step_s": dt, "data_s": t_data - t0,
+               "grad_norm": grad_norm, "fill_ratio": inputs.fill_ratio, "images": batch.global_images,
+               "tokens": tokens, "tokens_per_s": tokens / dt, "step_s": dt,
+               "data_wait_s": t_wait - t0, "targets_s": t_data - t_wait,
                "skipped": not applied, **({"skip_reason": why_skipped} if why_skipped else {}),
                **{f"count/{k}": v for k, v in self.counters.items()}, **load}
         return rec
@@ -561,6 +548,7 @@ class Distiller:
         return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
     def close(self) -> None:
+        self._inputs = None     # stops the input pipeline's workers
         teardown(self.info)
 
 

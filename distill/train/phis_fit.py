@@ -47,9 +47,13 @@ def _complete(folder: Path, teacher: str) -> bool:
 
 def fit_order(trainer) -> list[int]:
     """The pool indices PHI-S is fitted on: a seeded permutation's first `fit_images` (every rank
-    computes the same list and takes every world_size-th entry from its rank on)."""
-    g = torch.Generator().manual_seed(trainer.cfg.seed + 4242)
-    return torch.randperm(len(trainer.pool), generator=g).tolist()[:trainer.cfg.phis.fit_images]
+    computes the same list and takes every world_size-th entry from its rank on). Drawn without
+    permuting the whole pool, which at the paper's 213M images would be gigabytes."""
+    import numpy as np
+
+    n = len(trainer.pool)
+    rng = np.random.default_rng(trainer.cfg.seed + 4242)
+    return rng.choice(n, size=min(trainer.cfg.phis.fit_images, n), replace=False).tolist()
 
 
 @torch.no_grad()
@@ -62,9 +66,10 @@ def _accumulate(trainer, runner, indices: list[int], progress) -> dict:
     for s in range(0, len(indices), _CHUNK):
         items, imgs = [], []
         for i in indices[s:s + _CHUNK]:
+            item = pool.item(i)
             try:
-                imgs.append(read_image(pool.items[i].entry))
-                items.append(pool.items[i])
+                imgs.append(read_image(item.entry))
+                items.append(item)
             except Exception:
                 trainer.counters["corrupt_images"] += 1
         progress(len(indices[s:s + _CHUNK]))

@@ -1,36 +1,50 @@
-"""Random-access view of webdataset pool shards for the trainer.
+"""Random-access view of webdataset pool shards for the trainer, stored as columns.
 
 Token-balanced batching must know each image's token count before it plans a step, and resuming
 must reach any sample without replaying the stream. So the trainer indexes the shards once: for
-every image member of every ``*.tar`` it records (shard, byte offset, size, key, width, height) by
-reading only the image header. Images whose header does not parse are skipped and counted; an image
-that fails to decode later, at training time, is dropped from its step and counted too.
+every image member of every ``*.tar`` it records (shard, byte offset, size, width, height) and the
+sample key by reading only the image header. Images whose header does not parse are skipped and
+counted; an image that fails to decode later, at training time, is dropped from its step and counted.
 
-The index is a JSON file (``pool_index.json``) keyed by the shards' names, sizes and mtimes, rebuilt
-when a shard changes.
+At the paper's scale (213M images in stage 2) one Python object per image would take ~90 GB per rank,
+so everything here is numpy columns:
+- the index of a source is two ``.npy`` files memory-mapped from ``INDEX_DIR/source_<i>/``
+  (``entries.npy``: a 24-byte record per image; ``keys.npy``: fixed-width key bytes). A rank pages in
+  only the rows of the images it reads.
+- the plan of the pool (which index row each item is, its side budget, its target size and token
+  count) is 18 bytes per item in memory; the sampler adds its 4-byte token counts and its 4-byte
+  permutation: 26 bytes per item resident (`amoe distill pool-perf` measures it).
+
+Under torchrun each rank indexes every world-size-th shard into ``parts/`` (one file per shard, so an
+interrupted indexing resumes where it stopped), rank 0 joins the parts, and every rank maps the result.
+``meta.json`` (written last) names the shards by file name, size and mtime; a changed shard rebuilds.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-import torch
+import numpy as np
 from PIL import Image
 
 from distill.data.base import decode_rgb
 from distill.data.pool import sample_key, tar_members
-from distill.io import write_json_atomic
+from distill.io import atomic_path, write_json_atomic
 from distill.student.processor import smart_resize
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-INDEX_VERSION = 2   # 2: sample keys by webdataset's rule (first dot of the file name)
+INDEX_VERSION = 3   # 3: columnar (entries.npy + keys.npy); 2: sample keys by webdataset's rule
+ENTRY_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<i8"), ("size", "<u4"),
+                        ("width", "<u4"), ("height", "<u4")])
 
 
 @dataclass(frozen=True)
 class PoolEntry:
+    """One indexed image, made on demand from the columns (never held for the whole pool)."""
     shard: str
     offset: int
     size: int
@@ -50,33 +64,109 @@ def list_shards(path: str | os.PathLike) -> list[Path]:
     return [Path(s) for s in resolve_shards(path)]
 
 
-def build_index(path: str | os.PathLike, cache_file: str | os.PathLike | None = None) -> tuple[list[PoolEntry], int]:
-    """Index every image in the shards under `path`. Returns (entries, corrupt_count)."""
-    import json
+class PoolIndex:
+    """The images of one data source: `entries` (ENTRY_DTYPE records) and `keys` (bytes), row-aligned."""
 
+    def __init__(self, shards: list[Path], entries: np.ndarray, keys: np.ndarray, corrupt: int):
+        self.shards, self.entries, self.keys, self.corrupt = shards, entries, keys, int(corrupt)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def entry(self, row: int) -> PoolEntry:
+        e = self.entries[row]
+        return PoolEntry(str(self.shards[int(e["shard"])]), int(e["offset"]), int(e["size"]),
+                         self.keys[row].decode("utf-8"), int(e["width"]), int(e["height"]))
+
+    def shard_rows(self) -> np.ndarray:
+        """Row where each shard's entries start, plus len(self) at the end (rows are in shard order)."""
+        return np.searchsorted(self.entries["shard"], np.arange(len(self.shards) + 1), side="left")
+
+
+def _index_shard(shard_id: int, shard: Path) -> tuple[np.ndarray, list[bytes], int]:
+    rows, keys, corrupt = [], [], 0
+    for m, data in tar_members(shard, IMAGE_EXTS):
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                im.verify()
+        except Exception:  # any parse failure = unusable image: skip and count
+            corrupt += 1
+            continue
+        rows.append((shard_id, m.offset_data, m.size, w, h))
+        keys.append(sample_key(m.name).encode("utf-8"))
+    return np.array(rows, dtype=ENTRY_DTYPE), keys, corrupt
+
+
+def _keys_array(keys: list[bytes]) -> np.ndarray:
+    return np.array(keys, dtype=f"S{max([len(k) for k in keys] + [1])}")
+
+
+def _join(parts: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, int]:
+    width = max([k.dtype.itemsize for _, k, _ in parts] + [1])
+    entries = np.concatenate([e for e, _, _ in parts]) if parts else np.zeros(0, ENTRY_DTYPE)
+    keys = np.concatenate([k.astype(f"S{width}") for _, k, _ in parts]) if parts else np.zeros(0, "S1")
+    return entries, keys, sum(c for _, _, c in parts)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def build_index(path: str | os.PathLike, index_dir: str | os.PathLike | None = None, *, rank: int = 0,
+                world_size: int = 1, barrier: Callable[[], None] = lambda: None) -> PoolIndex:
+    """Index every image in the shards under `path`; with `index_dir`, keep it there (memory-mapped,
+    reused while the shards are unchanged, built by all ranks together). Every rank must call it."""
     shards = list_shards(path)
     sig = _shard_signature(shards)
-    if cache_file is not None and Path(cache_file).exists():
-        cached = json.loads(Path(cache_file).read_text())
-        if cached.get("version") == INDEX_VERSION and cached.get("shards") == sig:
-            return [PoolEntry(**e) for e in cached["entries"]], int(cached["corrupt"])
-    entries: list[PoolEntry] = []
-    corrupt = 0
-    for shard in shards:
-        for m, data in tar_members(shard, IMAGE_EXTS):
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    w, h = im.size
-                    im.verify()
-            except Exception:  # any parse failure = unusable image: skip and count
-                corrupt += 1
-                continue
-            key = sample_key(m.name)
-            entries.append(PoolEntry(str(shard), m.offset_data, m.size, key, w, h))
-    if cache_file is not None:
-        write_json_atomic(cache_file, {"version": INDEX_VERSION, "shards": sig, "corrupt": corrupt,
-                                       "entries": [e.__dict__ for e in entries]})
-    return entries, corrupt
+    if index_dir is None:
+        parts = []
+        for i, s in enumerate(shards):
+            e, k, c = _index_shard(i, s)
+            parts.append((e, _keys_array(k), c))
+        return PoolIndex(shards, *_join(parts))
+    folder = Path(index_dir)
+    meta_file = folder / "meta.json"
+
+    def current() -> dict | None:
+        if not meta_file.exists():
+            return None
+        meta = json.loads(meta_file.read_text())
+        return meta if meta.get("version") == INDEX_VERSION and meta.get("shards") == sig else None
+
+    if current() is None:
+        # each rank indexes its share of the shards, one part file per shard (resumable)
+        part_dir = folder / "parts"
+        part_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(rank, len(shards), world_size):
+            part = part_dir / f"{i:07d}.{sig[i][1]}.{sig[i][2]}.npz"
+            if not part.exists():
+                e, k, c = _index_shard(i, shards[i])
+                with atomic_path(part) as tmp:
+                    with open(tmp, "wb") as f:
+                        np.savez(f, entries=e, keys=_keys_array(k), corrupt=np.array(c))
+        barrier()
+        if rank == 0:
+            parts = []
+            for i in range(len(shards)):
+                with np.load(part_dir / f"{i:07d}.{sig[i][1]}.{sig[i][2]}.npz") as z:
+                    parts.append((z["entries"], z["keys"], int(z["corrupt"])))
+            entries, keys, corrupt = _join(parts)
+            _save_npy(folder / "entries.npy", entries)
+            _save_npy(folder / "keys.npy", keys)
+            write_json_atomic(meta_file, {"version": INDEX_VERSION, "shards": sig, "corrupt": corrupt,
+                                          "images": len(entries)})
+            for f in part_dir.iterdir():
+                f.unlink()
+            part_dir.rmdir()
+        barrier()
+    meta = current()
+    if meta is None:
+        raise RuntimeError(f"pool index {folder} was not written; is another run indexing the same folder?")
+    return PoolIndex(shards, np.load(folder / "entries.npy", mmap_mode="r"),
+                     np.load(folder / "keys.npy", mmap_mode="r"), meta["corrupt"])
 
 
 def read_image(entry: PoolEntry) -> Image.Image:
@@ -101,6 +191,26 @@ def fit_token_budget(h: int, w: int, patch: int, max_tokens: int) -> tuple[int, 
     return gh * patch, gw * patch
 
 
+def planned_size(height: int, width: int, resolution: int, min_resolution: int, patch: int) -> tuple[int, int]:
+    """The student's (H, W) for an image of this size at this side budget."""
+    hw = smart_resize(height, width, patch, min_resolution ** 2, resolution ** 2, strict=False)
+    return fit_token_budget(*hw, patch, (resolution // patch) ** 2)
+
+
+def plan_sizes(heights: np.ndarray, widths: np.ndarray, resolutions: np.ndarray, min_resolution: int,
+               patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """`planned_size` for many images at once: computed once per distinct (height, width, budget),
+    which a real pool has far fewer of than images."""
+    # one int64 per image: height, width and budget in 21 bits each (sides up to 2M px)
+    packed = (heights.astype(np.int64) << 42) | (widths.astype(np.int64) << 21) | resolutions.astype(np.int64)
+    uniq, inverse = np.unique(packed, return_inverse=True)
+    mask = (1 << 21) - 1
+    sizes = np.array([planned_size(int(u >> 42), int((u >> 21) & mask), int(u & mask), min_resolution, patch)
+                      for u in uniq], dtype=np.uint16).reshape(-1, 2)
+    inverse = inverse.reshape(-1)
+    return sizes[inverse, 0], sizes[inverse, 1]
+
+
 @dataclass(frozen=True)
 class PlannedImage:
     entry: PoolEntry
@@ -115,42 +225,64 @@ class TrainingPool:
     A source's ``weight`` sets its share of the list (entries repeated or subsampled deterministically);
     each listed image gets one side budget drawn from the source's ``resolutions`` with
     ``resolution_weights`` (fixed per image and seed, so resuming sees the same plan).
+
+    Columns, one value per item: ``row`` (int64, into the concatenated source indexes), ``resolution``,
+    ``height``/``width`` (the student's target size; uint16) and ``tokens`` (int32).
     """
 
-    def __init__(self, sources, patch_size: int, seed: int, index_dir: str | os.PathLike | None = None):
-        self.items: list[PlannedImage] = []
+    def __init__(self, sources, patch_size: int, seed: int, index_dir: str | os.PathLike | None = None,
+                 *, rank: int = 0, world_size: int = 1, barrier: Callable[[], None] = lambda: None):
+        self.indexes: list[PoolIndex] = []
         self.corrupt_at_index = 0
-        g = torch.Generator().manual_seed(seed + 17)
-        per_source = []
+        selected = []
         for i, src in enumerate(sources):
-            cache = None if index_dir is None else Path(index_dir) / f"pool_index_{i}.json"
-            entries, corrupt = build_index(src.path, cache)
-            self.corrupt_at_index += corrupt
+            folder = None if index_dir is None else Path(index_dir) / f"source_{i}"
+            index = build_index(src.path, folder, rank=rank, world_size=world_size, barrier=barrier)
+            self.corrupt_at_index += index.corrupt
+            rows = np.arange(len(index), dtype=np.int64)
             if src.manifest:
-                from distill.curation.manifest import restrict_to_manifest
+                from distill.curation.manifest import manifest_rows
 
-                entries = restrict_to_manifest(entries, src.manifest, src.path)
+                rows = manifest_rows(index, src.manifest, src.path)
             if src.limit is not None:
-                entries = entries[:src.limit]
-            if not entries:
+                rows = rows[:src.limit]
+            if not len(rows):
                 raise ValueError(f"data source {src.path} has no readable images")
-            per_source.append(entries)
-        total = sum(len(e) for e in per_source)
+            self.indexes.append(index)
+            selected.append(rows)
+        self._starts = np.cumsum([0] + [len(ix) for ix in self.indexes])
+        total = sum(len(r) for r in selected)
         weights = [s.weight for s in sources]
-        for src, entries, wgt in zip(sources, per_source, weights):
-            share = max(1, round(total * wgt / sum(weights)))
-            reps = [entries[j % len(entries)] for j in range(share)]
-            res_w = torch.tensor(src.resolution_weights or [1.0] * len(src.resolutions), dtype=torch.float)
-            choice = torch.multinomial(res_w, len(reps), replacement=True, generator=g).tolist()
-            for e, c in zip(reps, choice):
-                res = src.resolutions[c]
-                hw = smart_resize(e.height, e.width, patch_size, src.min_resolution ** 2, res ** 2, strict=False)
-                h, w = fit_token_budget(*hw, patch_size, (res // patch_size) ** 2)
-                self.items.append(PlannedImage(e, res, (h, w), (h // patch_size) * (w // patch_size)))
+        rng = np.random.default_rng(seed + 17)
+        rows, res, hs, ws = [], [], [], []
+        for k, (src, picked) in enumerate(zip(sources, selected)):
+            share = max(1, round(total * weights[k] / sum(weights)))
+            mine = picked[np.arange(share) % len(picked)]
+            p = np.asarray(src.resolution_weights or [1.0] * len(src.resolutions), dtype=np.float64)
+            choice = np.searchsorted(np.cumsum(p / p.sum()), rng.random(share), side="right")
+            r = np.asarray(src.resolutions, dtype=np.uint16)[np.minimum(choice, len(p) - 1)]
+            e = self.indexes[k].entries
+            h, w = plan_sizes(e["height"][mine], e["width"][mine], r, src.min_resolution, patch_size)
+            rows.append(mine + self._starts[k])
+            res.append(r)
+            hs.append(h)
+            ws.append(w)
+        self.row = np.concatenate(rows)
+        self.resolution = np.concatenate(res)
+        self.height, self.width = np.concatenate(hs), np.concatenate(ws)
+        self.tokens = ((self.height // patch_size).astype(np.int32) * (self.width // patch_size)).astype(np.int32)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.row)
 
-    @property
-    def token_counts(self) -> list[int]:
-        return [it.tokens for it in self.items]
+    def entry_of_row(self, row: int) -> PoolEntry:
+        k = int(np.searchsorted(self._starts, row, side="right")) - 1
+        return self.indexes[k].entry(int(row - self._starts[k]))
+
+    def item(self, i: int) -> PlannedImage:
+        return PlannedImage(self.entry_of_row(int(self.row[i])), int(self.resolution[i]),
+                            (int(self.height[i]), int(self.width[i])), int(self.tokens[i]))
+
+    def nbytes(self) -> int:
+        """Bytes this pool holds in memory (the columns; the indexes are memory-mapped files)."""
+        return sum(a.nbytes for a in (self.row, self.resolution, self.height, self.width, self.tokens))

@@ -46,25 +46,35 @@ class TeacherRunner:
         h = hashlib.sha1(f"{self._fingerprint}|{key}|{resolution}".encode()).hexdigest()
         return self.cache_dir / h[:2] / f"{h}.safetensors"
 
+    def prepare(self, image, key: str, resolution: int) -> torch.Tensor | None:
+        """The teacher's preprocessed pixels for one PIL image, or None when its output is cached. Pure
+        CPU work on picklable inputs: the input pipeline runs it in DataLoader workers."""
+        res = self.resolution or resolution
+        if self.cache_dir is not None and self._cache_file(key, res).exists():
+            return None
+        return self.encoder.preprocess(image, resolution=res)
+
     @torch.no_grad()
-    def raw(self, images, keys: list[str], resolutions: list[int]) -> list[RawTeacherOutput]:
-        """PIL images -> raw outputs (cached when a cache dir is set)."""
-        out: list[RawTeacherOutput | None] = [None] * len(images)
+    def raw_prepared(self, pixels: list[torch.Tensor | None], keys: list[str],
+                     resolutions: list[int]) -> list[RawTeacherOutput]:
+        """Raw outputs from `prepare`d pixels (None = read the cache); new outputs are cached."""
+        out: list[RawTeacherOutput | None] = [None] * len(pixels)
         todo = []
-        for i, (k, r) in enumerate(zip(keys, resolutions)):
+        for i, (px, k, r) in enumerate(zip(pixels, keys, resolutions)):
             res = self.resolution or r
             f = self._cache_file(k, res) if self.cache_dir is not None else None
-            if f is not None and f.exists():
+            if px is None:
+                if f is None or not f.exists():
+                    raise FileNotFoundError(f"teacher {self.name}: no cached output for {k} at {res} px and no "
+                                            "pixels to compute it (was the target cache deleted during the run?)")
                 t = load_tensors(f)
-                regs = t.get("registers")
-                out[i] = RawTeacherOutput(t["summary"], t["patches"], tuple(t["grid"].tolist()), regs)
+                out[i] = RawTeacherOutput(t["summary"], t["patches"], tuple(t["grid"].tolist()), t.get("registers"))
             else:
-                todo.append((i, res, f))
+                todo.append((i, px, f))
         if todo:
             enc = self.encoder
-            batch = [enc.preprocess(images[i], resolution=res).to(enc.device, enc.dtype) for i, res, _ in todo]
-            feats = enc.encode(batch)
-            for j, (i, res, f) in enumerate(todo):
+            feats = enc.encode([px.to(enc.device, enc.dtype) for _, px, _ in todo])
+            for j, (i, _, f) in enumerate(todo):
                 regs = None if feats.registers is None else feats.registers[j].float().cpu()
                 o = RawTeacherOutput(feats.summary[self.head][j].float().cpu(),
                                      feats.patches[self.head][j].float().cpu(),
@@ -76,6 +86,11 @@ class TeacherRunner:
                         t["registers"] = regs
                     save_tensors_atomic(f, t)
         return out  # type: ignore[return-value]
+
+    def raw(self, images, keys: list[str], resolutions: list[int]) -> list[RawTeacherOutput]:
+        """PIL images -> raw outputs (cached when a cache dir is set): `prepare` then `raw_prepared`."""
+        return self.raw_prepared([self.prepare(im, k, r) for im, k, r in zip(images, keys, resolutions)],
+                                 keys, resolutions)
 
     # ------------------------------------------------------------------ standardised targets
     def _std(self, kind: str, x: torch.Tensor) -> torch.Tensor:

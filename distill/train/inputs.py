@@ -1,0 +1,116 @@
+"""The trainer's input pipeline: decode, resize and preprocess each step's images in DataLoader workers.
+
+The token-balanced sampler stays in the main process: it plans whole steps (cheap, and the same on
+every rank). Each plan becomes a `StepTicket` (this rank's sequences plus the sampler state *after*
+the step); a `torch.utils.data.DataLoader` hands tickets to `workers` processes, which decode the
+images, resize them to the planned size for the student and run every teacher's preprocessing, and
+gives the results back in plan order, `prefetch` tickets ahead per worker.
+
+Resume stays exact although the sampler runs ahead of training: the trainer checkpoints the state
+carried by the last step it *consumed*, not the sampler's own. An image that fails to decode is left
+out of its step and counted (`corrupt`); a step whose images all fail on this rank comes back empty
+and the trainer runs its placeholder. `workers=0` does the same work in the main process (the
+reference path the tests compare against).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from distill.train.batching import TokenBalancedSampler
+from distill.train.pool import PlannedImage, TrainingPool, read_image
+
+
+def student_tensor(image, size: tuple[int, int]) -> torch.Tensor:
+    """PIL image -> (3, H, W) float32 in [-1, 1] at the planned size (bicubic; SigLino normalisation)."""
+    from PIL import Image
+
+    h, w = size
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.BICUBIC)
+    t = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(h, w, 3)
+    return ((t.permute(2, 0, 1).float() / 255.0) - 0.5) / 0.5
+
+
+@dataclass
+class StepTicket:
+    """What a worker needs to load one step of one rank (small: it crosses a process boundary)."""
+    sequences: list[list[int]]        # this rank's sequences of pool item indices
+    real_tokens: int                  # of the whole step, all ranks
+    reserved_tokens: int
+    state: dict                       # sampler state after this step: what a checkpoint saves
+
+
+@dataclass
+class StepInputs:
+    """One rank's decoded step: student pixels, every teacher's preprocessed pixels, the layout."""
+    items: list[PlannedImage]                          # the images that decoded, in plan order
+    sequences: list[list[int]]                         # positions in `items`, one list per sequence
+    pixels: list[torch.Tensor]                         # student inputs (3, H, W) at the planned sizes
+    teacher_pixels: dict[str, list[torch.Tensor | None]]   # None: the teacher's output is cached
+    corrupt: int                                       # images of this step that did not decode
+    ticket: StepTicket
+
+    @property
+    def fill_ratio(self) -> float:
+        t = self.ticket
+        return t.real_tokens / t.reserved_tokens if t.reserved_tokens else 0.0
+
+
+class StepTickets(Sampler):
+    """An endless stream of tickets from the sampler (advances it: only the loader may iterate this)."""
+
+    def __init__(self, sampler: TokenBalancedSampler, rank: int):
+        self.sampler, self.rank = sampler, rank
+
+    def __iter__(self) -> Iterator[StepTicket]:
+        while True:
+            plan = self.sampler.next_step()
+            yield StepTicket(plan.ranks[self.rank], plan.real_tokens(), plan.reserved_tokens(),
+                             self.sampler.state_dict())
+
+
+Prepare = Callable[[object, str, int], "torch.Tensor | None"]
+
+
+class StepDataset(Dataset):
+    """`dataset[ticket]` -> `StepInputs`. `prepare` maps a teacher name to its `TeacherRunner.prepare`."""
+
+    def __init__(self, pool: TrainingPool, prepare: dict[str, Prepare]):
+        self.pool, self.prepare = pool, prepare
+
+    def __getitem__(self, ticket: StepTicket) -> StepInputs:
+        items, sequences, pixels, corrupt = [], [], [], 0
+        teacher_pixels: dict[str, list] = {name: [] for name in self.prepare}
+        for seq in ticket.sequences:
+            positions = []
+            for idx in seq:
+                item = self.pool.item(idx)
+                try:
+                    image = read_image(item.entry)
+                except Exception:  # undecodable despite a valid header: skip and count
+                    corrupt += 1
+                    continue
+                positions.append(len(items))
+                items.append(item)
+                pixels.append(student_tensor(image, item.size))
+                for name, prep in self.prepare.items():
+                    teacher_pixels[name].append(prep(image, item.entry.key, item.resolution))
+            if positions:
+                sequences.append(positions)
+        return StepInputs(items, sequences, pixels, teacher_pixels, corrupt, ticket)
+
+
+def _as_is(x):
+    return x
+
+
+def step_inputs(pool: TrainingPool, sampler: TokenBalancedSampler, rank: int, prepare: dict[str, Prepare],
+                workers: int = 2, prefetch: int = 2) -> DataLoader:
+    """The loader of one rank's steps, from the sampler's current state on; iterate it once."""
+    return DataLoader(StepDataset(pool, prepare), sampler=StepTickets(sampler, rank), batch_size=None,
+                      collate_fn=_as_is, num_workers=workers,
+                      prefetch_factor=prefetch if workers > 0 else None)
