@@ -182,3 +182,21 @@ def test_variant_recipes_apply_overrides_to_their_base(tmp_path):
     loop.write_text('{"base": "%s", "overrides": {}}' % loop)
     with pytest.raises(ConfigError, match="cycle"):
         load_config(loop)
+
+
+def test_vectorised_plan_sizes_agree_with_the_scalar_rule_exactly():
+    """`plan_sizes` (numpy, for 200M-image pools) gives what `planned_size` (smart_resize + token
+    budget) gives for every image: web sizes, tiny sides, banners, both budgets' edges."""
+    import numpy as np
+
+    from distill.train.pool import plan_sizes, planned_size
+
+    rng = np.random.default_rng(0)
+    h = np.concatenate([rng.integers(1, 5000, 4000), [1, 15, 16, 17, 20, 4000, 128, 136, 200, 256, 255]])
+    w = np.concatenate([rng.integers(1, 5000, 4000), [4000, 15, 16, 9, 4000, 20, 128, 200, 136, 256, 257]])
+    for res in (256, 512, 768):
+        for min_res in (32, 128, 256):
+            r = np.full(len(h), res, np.uint16)
+            gh, gw = plan_sizes(h, w, r, min_res, 16)
+            want = [planned_size(int(a), int(b), res, min_res, 16) for a, b in zip(h, w)]
+            assert list(zip(gh.tolist(), gw.tolist())) == want, (res, min_res)

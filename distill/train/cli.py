@@ -22,12 +22,21 @@ def register(subparsers) -> None:
                         "teachers.0.relational=rkd world=DIR teachers=DIR)")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run in --out")
     perf = p.add_argument_group("perf options (amoe distill perf)")
+    perf.add_argument("--bench", default="step", choices=["step", "inputs", "pool"],
+                      help="perf: what to measure: packed vs padded training steps (step), the input pipeline "
+                           "on real JPEG shards (inputs), or the pool index and sampler at scale (pool)")
     perf.add_argument("--json", action="store_true", help="perf: print the result as JSON")
     perf.add_argument("--student", default="moe-cpu-small", help="perf: student config name")
     perf.add_argument("--max-tokens", type=int, default=1024, help="perf: C_max per sequence")
     perf.add_argument("--seqs", type=int, default=2, help="perf: sequences per step (token budget)")
     perf.add_argument("--steps", type=int, default=4, help="perf: timed steps per mode")
     perf.add_argument("--device", default="cpu", help="perf: cpu or cuda")
+    perf.add_argument("--workers", type=int, default=2, help="perf --bench inputs: loader worker processes")
+    perf.add_argument("--step-s", type=float, default=0.25,
+                      help="perf --bench inputs: the stand-in accelerator step the workers feed, seconds")
+    perf.add_argument("--images", type=int, default=None,
+                      help="perf: images (--bench inputs: per side budget, default 96; --bench pool: index "
+                           "size, default 20,000,000)")
     perf.add_argument("--mix", default="range", choices=["range", "paper"],
                       help="perf: image sides 64-256 px (range) or the paper's stage-2 mix 256/384/512/768 px "
                            "(paper; C_max grows to fit the largest image)")
@@ -35,6 +44,15 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.config == "perf" and args.bench != "step":
+        from distill.train.input_perf import run_input_perf, run_pool_perf
+
+        if args.bench == "inputs":
+            res = run_input_perf(images=args.images or 96, workers=args.workers, step_s=args.step_s)
+        else:
+            res = run_pool_perf(n=args.images or 20_000_000)
+        print(json.dumps(res, indent=2 if args.json else None))
+        return 0
     if args.config == "perf":
         from distill.train.perf import run_perf
 

@@ -14,9 +14,11 @@ reference path the tests compare against).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -31,8 +33,42 @@ def student_tensor(image, size: tuple[int, int]) -> torch.Tensor:
     h, w = size
     if image.size != (w, h):
         image = image.resize((w, h), Image.BICUBIC)
-    t = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(h, w, 3)
-    return ((t.permute(2, 0, 1).float() / 255.0) - 0.5) / 0.5
+    # (x / 255 - 0.5) / 0.5 in float32, in place on a contiguous CHW copy (cheaper than on the permuted view)
+    t = torch.from_numpy(np.array(image.convert("RGB") if image.mode != "RGB" else image, dtype=np.uint8))
+    return t.permute(2, 0, 1).contiguous().float().div_(255.0).sub_(0.5).div_(0.5)
+
+
+class PackedTensors:
+    """A list of tensors (or None) stored as one flat buffer: a step crosses from a worker to the
+    trainer as one shared-memory segment per stream instead of one per image (at 34 images and
+    three streams a step, the per-tensor hand-over cost more than a tenth of a 0.5 s step)."""
+
+    def __init__(self, tensors: list[torch.Tensor | None]):
+        self.shapes = [None if t is None else tuple(t.shape) for t in tensors]
+        real = [t.reshape(-1) for t in tensors if t is not None]
+        self.flat = torch.cat(real) if real else torch.zeros(0)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def views(self, flat: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+        flat = self.flat if flat is None else flat
+        out, at = [], 0
+        for shape in self.shapes:
+            if shape is None:
+                out.append(None)
+                continue
+            n = math.prod(shape)
+            out.append(flat[at:at + n].view(shape))
+            at += n
+        return out
+
+    def __iter__(self):
+        return iter(self.views())
+
+    def to(self, device) -> list[torch.Tensor | None]:
+        """The tensors on `device`, moved in one copy."""
+        return self.views(self.flat.to(device))
 
 
 @dataclass
@@ -49,8 +85,8 @@ class StepInputs:
     """One rank's decoded step: student pixels, every teacher's preprocessed pixels, the layout."""
     items: list[PlannedImage]                          # the images that decoded, in plan order
     sequences: list[list[int]]                         # positions in `items`, one list per sequence
-    pixels: list[torch.Tensor]                         # student inputs (3, H, W) at the planned sizes
-    teacher_pixels: dict[str, list[torch.Tensor | None]]   # None: the teacher's output is cached
+    pixels: PackedTensors                              # student inputs (3, H, W) at the planned sizes
+    teacher_pixels: dict[str, PackedTensors]           # per image; None: the teacher's output is cached
     corrupt: int                                       # images of this step that did not decode
     ticket: StepTicket
 
@@ -101,7 +137,8 @@ class StepDataset(Dataset):
                     teacher_pixels[name].append(prep(image, item.entry.key, item.resolution))
             if positions:
                 sequences.append(positions)
-        return StepInputs(items, sequences, pixels, teacher_pixels, corrupt, ticket)
+        return StepInputs(items, sequences, PackedTensors(pixels),
+                          {name: PackedTensors(px) for name, px in teacher_pixels.items()}, corrupt, ticket)
 
 
 def _as_is(x):

@@ -13,7 +13,7 @@ so everything here is numpy columns:
   only the rows of the images it reads.
 - the plan of the pool (which index row each item is, its side budget, its target size and token
   count) is 18 bytes per item in memory; the sampler adds its 4-byte token counts and its 4-byte
-  permutation: 26 bytes per item resident (`amoe distill pool-perf` measures it).
+  permutation: 26 bytes per item resident (`amoe distill perf --bench pool` measures it).
 
 Under torchrun each rank indexes every world-size-th shard into ``parts/`` (one file per shard, so an
 interrupted indexing resumes where it stopped), rank 0 joins the parts, and every rank maps the result.
@@ -38,6 +38,7 @@ from distill.student.processor import smart_resize
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 INDEX_VERSION = 3   # 3: columnar (entries.npy + keys.npy); 2: sample keys by webdataset's rule
+PLAN_CHUNK = 1 << 20      # images planned at a time when a pool is built
 ENTRY_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<i8"), ("size", "<u4"),
                         ("width", "<u4"), ("height", "<u4")])
 
@@ -199,16 +200,34 @@ def planned_size(height: int, width: int, resolution: int, min_resolution: int, 
 
 def plan_sizes(heights: np.ndarray, widths: np.ndarray, resolutions: np.ndarray, min_resolution: int,
                patch: int) -> tuple[np.ndarray, np.ndarray]:
-    """`planned_size` for many images at once: computed once per distinct (height, width, budget),
-    which a real pool has far fewer of than images."""
-    # one int64 per image: height, width and budget in 21 bits each (sides up to 2M px)
-    packed = (heights.astype(np.int64) << 42) | (widths.astype(np.int64) << 21) | resolutions.astype(np.int64)
-    uniq, inverse = np.unique(packed, return_inverse=True)
-    mask = (1 << 21) - 1
-    sizes = np.array([planned_size(int(u >> 42), int((u >> 21) & mask), int(u & mask), min_resolution, patch)
-                      for u in uniq], dtype=np.uint16).reshape(-1, 2)
-    inverse = inverse.reshape(-1)
-    return sizes[inverse, 0], sizes[inverse, 1]
+    """`planned_size` for many images at once, in numpy: the same float64 operations and roundings
+    (`np.rint` is Python's half-to-even `round`), so the sizes agree exactly (tested). A web pool has
+    millions of distinct image sizes, so neither a Python loop nor a memo of them would scale."""
+    f = float(patch)
+    h0, w0 = heights.astype(np.float64), widths.astype(np.float64)
+    small = (h0 < f) | (w0 < f)                       # a side under one patch: scaled up to one first
+    if small.any():
+        s = f / np.minimum(h0, w0)
+        h0 = np.where(small, np.maximum(f, np.rint(h0 * s)), h0)
+        w0 = np.where(small, np.maximum(f, np.rint(w0 * s)), w0)
+    h, w = np.rint(h0 / f) * f, np.rint(w0 / f) * f
+    max_px, min_px = resolutions.astype(np.float64) ** 2, float(min_resolution) ** 2
+    area = h0 * w0
+    over = h * w > max_px
+    beta = np.sqrt(area / max_px)
+    h = np.where(over, np.maximum(f, np.floor(h0 / beta / f) * f), h)
+    w = np.where(over, np.maximum(f, np.floor(w0 / beta / f) * f), w)
+    under = ~over & (h * w < min_px)
+    beta = np.sqrt(min_px / area)
+    h = np.where(under, np.ceil(h0 * beta / f) * f, h)
+    w = np.where(under, np.ceil(w0 * beta / f) * f, w)
+    # fit_token_budget: narrow the long side of what still exceeds the budget (extreme aspects)
+    gh, gw = (h // f).astype(np.int64), (w // f).astype(np.int64)
+    budget = (resolutions.astype(np.int64) // patch) ** 2
+    exceed, tall = gh * gw > budget, gh >= gw
+    gh, gw = (np.where(exceed & tall, np.maximum(1, budget // np.maximum(gw, 1)), gh),
+              np.where(exceed & ~tall, np.maximum(1, budget // np.maximum(gh, 1)), gw))
+    return (gh * patch).astype(np.uint16), (gw * patch).astype(np.uint16)
 
 
 @dataclass(frozen=True)
@@ -254,23 +273,29 @@ class TrainingPool:
         total = sum(len(r) for r in selected)
         weights = [s.weight for s in sources]
         rng = np.random.default_rng(seed + 17)
-        rows, res, hs, ws = [], [], [], []
-        for k, (src, picked) in enumerate(zip(sources, selected)):
-            share = max(1, round(total * weights[k] / sum(weights)))
-            mine = picked[np.arange(share) % len(picked)]
+        shares = [max(1, round(total * w / sum(weights))) for w in weights]
+        n = sum(shares)
+        self.row = np.empty(n, np.int64)
+        self.resolution = np.empty(n, np.uint16)
+        self.height, self.width = np.empty(n, np.uint16), np.empty(n, np.uint16)
+        at = 0
+        for k, (src, picked, share) in enumerate(zip(sources, selected, shares)):
             p = np.asarray(src.resolution_weights or [1.0] * len(src.resolutions), dtype=np.float64)
-            choice = np.searchsorted(np.cumsum(p / p.sum()), rng.random(share), side="right")
-            r = np.asarray(src.resolutions, dtype=np.uint16)[np.minimum(choice, len(p) - 1)]
+            cum, budgets = np.cumsum(p / p.sum()), np.asarray(src.resolutions, dtype=np.uint16)
             e = self.indexes[k].entries
-            h, w = plan_sizes(e["height"][mine], e["width"][mine], r, src.min_resolution, patch_size)
-            rows.append(mine + self._starts[k])
-            res.append(r)
-            hs.append(h)
-            ws.append(w)
-        self.row = np.concatenate(rows)
-        self.resolution = np.concatenate(res)
-        self.height, self.width = np.concatenate(hs), np.concatenate(ws)
-        self.tokens = ((self.height // patch_size).astype(np.int32) * (self.width // patch_size)).astype(np.int32)
+            # in chunks: the temporaries of planning stay a few bytes per item of one chunk, not of the pool
+            for lo in range(0, share, PLAN_CHUNK):
+                hi = min(share, lo + PLAN_CHUNK)
+                mine = picked[np.arange(lo, hi) % len(picked)]
+                r = budgets[np.minimum(np.searchsorted(cum, rng.random(hi - lo), side="right"), len(p) - 1)]
+                out = slice(at + lo, at + hi)
+                self.row[out] = mine + self._starts[k]
+                self.resolution[out] = r
+                self.height[out], self.width[out] = plan_sizes(e["height"][mine], e["width"][mine], r,
+                                                               src.min_resolution, patch_size)
+            at += share
+        self.tokens = (self.height // patch_size).astype(np.int32)
+        self.tokens *= self.width // patch_size
 
     def __len__(self) -> int:
         return len(self.row)
