@@ -190,6 +190,7 @@ def model_info(spec: str, encoder: Encoder) -> dict:
             "heads": list(encoder.heads), "text_heads": list(encoder.text_heads),
             "patch_size": encoder.patch_size, "dtype": str(encoder.dtype),
             "preprocess": jsonable(encoder.preprocess_config()), **count_params(encoder),
+            "runtime": jsonable(encoder.runtime_info()),
             # a text branch a model lacks, and why (e.g. a DINOv3 teacher without its dino.txt head)
             **({"missing_text_heads": {"dinotxt": encoder.dinotxt_missing}}
                if getattr(encoder, "dinotxt_missing", None) else {})}

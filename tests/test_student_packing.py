@@ -232,3 +232,40 @@ def test_bf16_packed_close_to_fp32(conformance):
         cos = torch.nn.functional.cosine_similarity(l.patch_features["siglino"].float(),
                                                     r.patch_features["siglino"], dim=-1)
         assert cos.min() > 0.98
+
+
+def test_flex_is_compiled_by_default_on_cuda_and_the_path_is_reported():
+    """On CUDA the flex path compiles flex_attention at its first use (eager flex is the slow reference
+    there); `attention_path` names what runs. torch.compile is lazy: nothing is compiled here."""
+    from distill.student import Student
+
+    model = Student("tiny-moe")
+    assert model.attention_path("cpu") == "segments"
+    assert model.attention_path("cuda") == "flex-compiled"
+    assert model._compiled_flex is None
+    assert model._backend(None, "cuda") == "flex" and model._compiled_flex is not None
+    assert Student("tiny-moe", compile_flex=False).attention_path("cuda") == "flex-eager"
+    eager = Student("tiny-moe", attention_backend="flex")
+    assert eager.attention_path("cpu") == "flex-eager"
+    eager._backend(None, "cpu")
+    assert eager._compiled_flex is None          # CPU: compiled flex has no lse output, stays eager
+    assert Student("tiny-moe", attention_backend="sdpa").attention_path("cuda") == "sdpa"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention needs CUDA")
+def test_compiled_flex_matches_sdpa_forward_and_backward_on_cuda(conformance):
+    """The default CUDA path (compiled flex) against the SDPA reference, fp32, forward and gradients."""
+    model = load_golden_model(conformance, "tiny-moe").cuda()
+    imgs = [im.cuda() for im in _images(3)[:4]]
+    outs = {}
+    for backend in ("flex", "sdpa"):
+        model.zero_grad(set_to_none=True)
+        out = model.forward_packed(imgs, max_tokens=64, attention_backend=backend)
+        sum(o.summary_features["siglino"].square().sum() for o in out).backward()
+        outs[backend] = ([o.patch_features["siglino"].detach() for o in out],
+                         {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert model._compiled_flex is not None
+    for a, b in zip(outs["flex"][0], outs["sdpa"][0]):
+        assert (a - b).abs().max() <= 1e-4
+    for n, g in outs["sdpa"][1].items():
+        assert torch.allclose(outs["flex"][1][n], g, atol=1e-4, rtol=1e-3), n

@@ -184,7 +184,8 @@ def test_nonfinite_losses_skip_then_abort(world, tmp_path):
     with pytest.raises(TrainingAborted, match=r"3 skipped steps in a row \(last at step 3: non-finite loss"):
         run_distillation(recipe, tmp_path / "nan", teachers=teachers)
     events = [json.loads(x) for x in (tmp_path / "nan" / "events.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events] == ["step_skipped"] * 3
+    assert [e["event"] for e in events] == ["runtime"] + ["step_skipped"] * 3
+    assert events[0]["attention"] == "segments" and events[0]["data_workers"] == 2   # CPU: no flex
 
 
 def test_teacher_width_mismatch_fails_before_step_one(world, tmp_path):

@@ -52,6 +52,10 @@ class Encoder(ABC):
         """Temperature used to turn cosine similarities into logits (zero-shot ensembles)."""
         return 100.0
 
+    def runtime_info(self) -> dict:
+        """How this encoder runs here (device, kernels): recorded in result files, never in cache keys."""
+        return {"device": str(self.device)}
+
     def fingerprint(self) -> str:
         """Identifies weights + preprocessing; part of every feature-cache key."""
         return self.name

@@ -96,6 +96,12 @@ class SiglinoEncoder(ModuleEncoder):
         self._dinotxt = None
         self.dinotxt_missing = dinotxt_missing
 
+    def runtime_info(self) -> dict:
+        info = {"device": str(self.device)}
+        if isinstance(self.model, Student):
+            info["attention"] = self.model.attention_path(self.device)
+        return info
+
     @property
     def dinotxt(self):
         """The DINOv3 text branch, loaded on first use; None (with `dinotxt_missing` saying why) if absent."""

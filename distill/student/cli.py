@@ -34,7 +34,8 @@ def register(subparsers) -> None:
                       help="auto: bf16 on CUDA, fp32 on CPU")
     perf.add_argument("--attention-backend", default="auto", choices=["auto", "flex", "segments", "sdpa"])
     perf.add_argument("--expert-backend", default="auto", choices=["auto", "loop", "grouped"])
-    perf.add_argument("--compile", action="store_true", help="use torch.compile'd flex_attention (CUDA)")
+    perf.add_argument("--eager-flex", action="store_true",
+                      help="keep flex_attention eager on CUDA (it is compiled by default there)")
     perf.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up; the median "
                       "is reported [3]")
     perf.add_argument("--seed", type=int, default=0)
@@ -126,11 +127,10 @@ def run_perf(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(args.seed)
-    model = Student(args.config, attention_backend=args.attention_backend, expert_backend=args.expert_backend)
+    model = Student(args.config, attention_backend=args.attention_backend, expert_backend=args.expert_backend,
+                    compile_flex=not args.eager_flex)
     model.init_weights(torch.Generator().manual_seed(args.seed))
     model.to(device=device, dtype=dtype)
-    if args.compile:
-        model.enable_compiled_flex()
     patch = model.config.spatial_patch_size
     images = [im.to(device=device, dtype=dtype)
               for im in mixed_resolution_images(args.images, args.seed, args.min_side, args.max_side, patch,
@@ -216,7 +216,7 @@ def run_perf(args) -> int:
         "dtype": str(dtype).replace("torch.", ""),
         "attention_backend": model._backend(None, device),
         "expert_backend": moe[0].resolve_backend(pixel_values.new_zeros(1, model.config.dim)) if moe else "dense",
-        "compile": bool(args.compile),
+        "attention_path": model.attention_path(device),
         "images": len(images),
         "image_sizes_px": [list(im.shape[1:]) for im in images],
         "real_tokens": real_tokens,

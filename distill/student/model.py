@@ -96,7 +96,7 @@ class TransformerBlock(nn.Module):
 
 class Student(nn.Module):
     def __init__(self, config: "StudentConfig | str | Mapping", attention_backend: str = "auto",
-                 expert_backend: str = "auto"):
+                 expert_backend: str = "auto", compile_flex: bool = True):
         super().__init__()
         cfg = get_config(config)
         self.config = cfg
@@ -119,6 +119,9 @@ class Student(nn.Module):
         self.siglip2_multihead_attention_pooling_head = MAPHead(t_sig)
         self.attention_backend = attention_backend
         self.set_expert_backend(expert_backend)
+        # the flex path on CUDA compiles flex_attention at its first use (eager flex is a slow reference
+        # there); False keeps it eager. The SDPA / segments paths are the references it is tested against.
+        self.compile_flex = bool(compile_flex)
         self._compiled_flex = None
         # the release leaves this to the caller; doing it here means no parameter is ever left
         # uninitialised (the stacked expert weights are created with torch.empty)
@@ -250,7 +253,21 @@ class Student(nn.Module):
         return self.norm(x)
 
     def _backend(self, override: str | None, device) -> str:
-        return resolve_backend(override or self.attention_backend, torch.device(device))
+        device = torch.device(device)
+        backend = resolve_backend(override or self.attention_backend, device)
+        if backend == "flex" and device.type == "cuda" and self.compile_flex and self._compiled_flex is None:
+            self.enable_compiled_flex()
+        return backend
+
+    def attention_path(self, device) -> str:
+        """What attention runs on `device`: 'flex-compiled', 'flex-eager', 'segments' or 'sdpa' (for logs
+        and result files)."""
+        device = torch.device(device)
+        backend = resolve_backend(self.attention_backend, device)
+        if backend != "flex":
+            return backend
+        compiled = self._compiled_flex is not None or (device.type == "cuda" and self.compile_flex)
+        return "flex-compiled" if compiled else "flex-eager"
 
     def _param_dtype(self):
         return self.img_projector.weight.dtype
@@ -352,11 +369,12 @@ class Student(nn.Module):
         elif sorted(i for s in plan.sequences for i in s) != list(range(len(images))):
             raise ValueError("the given packing plan does not cover every image exactly once")
         device = patch_lists[0].device
+        backend = self._backend(attention_backend, device)
         dtype = self._param_dtype()
         projected = self.img_projector(torch.cat(patch_lists).to(dtype)).split([c - P for c in counts])
         prefix = self._prefix_tokens(projected[0].dtype)
         S = max(sum(counts[i] for i in seq) for seq in plan.sequences)
-        if self._compiled_flex is not None:
+        if backend == "flex" and self._compiled_flex is not None:
             # a compiled kernel wants few distinct shapes: always use the full, block-aligned length
             S = -(-max(plan.max_tokens, S) // 128) * 128
         B = len(plan.sequences)
@@ -382,7 +400,7 @@ class Student(nn.Module):
         segment_ids, y, xc = (t.to(device) for t in (segment_ids, y, xc))
         # assemble without in-place writes into a leaf-derived tensor, so autograd stays simple
         x = torch.stack([F.pad(r, (0, 0, 0, S - r.shape[0])) for r in rows])
-        z = self._backbone(x, y, xc, segment_ids, self._backend(attention_backend, device))
+        z = self._backbone(x, y, xc, segment_ids, backend)
 
         per_image = [z[where[i][0], where[i][1]: where[i][1] + counts[i]] for i in range(len(images))]
         # adapters on all tokens at once, MAP head per image (batched with a key mask)

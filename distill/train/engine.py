@@ -406,10 +406,10 @@ class Distiller:
         grids = [(it.size[0] // p, it.size[1] // p) for it in inputs.items]
         targets = {}
         for name, runner in self.teachers.items():
-            raws = runner.raw_prepared(inputs.teacher_pixels[name], keys, res) if local_n else []
+            raws = runner.raw_prepared(list(inputs.teacher_pixels[name]), keys, res) if local_n else []
             targets[name] = runner.targets(raws, grids, self.device, self.cfg.phis.exclude_registers) \
                 if local_n else None
-        images = [px.to(self.device) for px in inputs.pixels]
+        images = inputs.pixels.to(self.device)
         if not local_n:
             # This rank decoded nothing, but the others did: it still takes part in the step (DDP's
             # gradient all-reduce, FSDP's gathers and the relational gather are collectives), by running
@@ -502,6 +502,10 @@ class Distiller:
         c = self.cfg
         bar = tqdm(total=c.steps, initial=self.step, disable=not (c.logging.progress and self.info.is_main),
                    desc=f"distill {c.name}", dynamic_ncols=True)
+        # which kernels this run uses, for whoever reads its numbers later (events.jsonl)
+        self.metrics.event({"step": self.step, "event": "runtime", "device": str(self.device),
+                            "attention": self.student.attention_path(self.device),
+                            "precision": c.engine.precision, "data_workers": c.data.workers})
         try:
             while self.step < c.steps:
                 rec = self.train_step()
