@@ -7,6 +7,7 @@ Under torchrun `embed` splits the pool's shards over ranks and `cluster --engine
 from __future__ import annotations
 
 import json
+import sys
 
 
 def register(subparsers) -> None:
@@ -58,6 +59,17 @@ def register(subparsers) -> None:
     f.add_argument("--engine", default="faiss", choices=("faiss", "torch"))
     f.add_argument("--json", action="store_true", help="print JSON (the default output is a table)")
     f.set_defaults(func=_perf)
+
+    q = sub.add_parser("plan", help="per-rank memory of each clustering level at a given scale (no data needed)")
+    q.add_argument("config", help="clustering config JSON or bundled name (paper, miniworld)")
+    q.add_argument("--world-size", type=int, required=True, help="number of ranks")
+    q.add_argument("--points", type=int, required=True, help="embeddings in the pool (the paper: 2300000000)")
+    q.add_argument("--dim", type=int, default=768, help="embedding width (DINOv3 ViT-B: 768)")
+    q.add_argument("--device-gib", type=float, default=80.0, help="accelerator memory per rank, GiB")
+    q.add_argument("--host-gib-per-rank", type=float, default=128.0, help="host memory per rank, GiB")
+    q.add_argument("--json", action="store_true", help="print the plan as JSON")
+    q.add_argument("--plan-out", default=None, help="also write the plan JSON to this file")
+    q.set_defaults(func=_plan)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 
@@ -122,6 +134,24 @@ def _evaluate(args) -> int:
         universe = list(zip(idx["shard"].astype(str), idx["key"].astype(str)))
     print(json.dumps(evaluate_manifest(args.manifest, args.pool, seeds=args.seeds, universe=universe), indent=2))
     return 0
+
+
+def _plan(args) -> int:
+    from distill.curation.hierarchy import load_cluster_config
+    from distill.config import ConfigError
+    from distill.curation.plan import format_plan, plan_levels
+    from distill.io import write_json_atomic
+
+    try:
+        plan = plan_levels(load_cluster_config(args.config), args.world_size, args.points, args.dim,
+                           args.device_gib, args.host_gib_per_rank)
+    except (ValueError, ConfigError) as e:
+        print(f"amoe curate plan: {e}", file=sys.stderr)
+        return 2
+    if args.plan_out:
+        write_json_atomic(args.plan_out, plan)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0 if plan["fits_device"] and plan["fits_host"] else 1
 
 
 def _perf(args) -> int:

@@ -21,11 +21,19 @@ def register(subparsers) -> None:
                    help="override recipe values: dotted keys, JSON values (optim.lr=1e-4 "
                         "teachers.0.relational=rkd world=DIR teachers=DIR)")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run in --out")
+    plan = p.add_argument_group("memory plan (amoe distill RECIPE --plan --world-size N)")
+    plan.add_argument("--plan", action="store_true",
+                      help="print the per-rank memory plan of the recipe instead of training (no GPU, no weights)")
+    plan.add_argument("--world-size", type=int, default=1, help="plan: number of ranks")
+    plan.add_argument("--pool-images", type=int, default=0, help="plan: images in the training pool")
+    plan.add_argument("--gpu-gib", type=float, default=80.0, help="plan: accelerator memory per rank, GiB")
+    plan.add_argument("--host-gib-per-rank", type=float, default=128.0, help="plan: host memory per rank, GiB")
+    plan.add_argument("--plan-out", default=None, help="plan: also write the plan JSON to this file")
     perf = p.add_argument_group("perf options (amoe distill perf)")
     perf.add_argument("--bench", default="step", choices=["step", "inputs", "pool"],
                       help="perf: what to measure: packed vs padded training steps (step), the input pipeline "
                            "on real JPEG shards (inputs), or the pool index and sampler at scale (pool)")
-    perf.add_argument("--json", action="store_true", help="perf: print the result as JSON")
+    perf.add_argument("--json", action="store_true", help="perf / plan: print the result as JSON")
     perf.add_argument("--student", default="moe-cpu-small", help="perf: student config name")
     perf.add_argument("--max-tokens", type=int, default=1024, help="perf: C_max per sequence")
     perf.add_argument("--seqs", type=int, default=2, help="perf: sequences per step (token budget)")
@@ -80,6 +88,19 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"amoe distill: {e}", file=sys.stderr)
         return 2
+    if args.plan:
+        from distill.train.memory_plan import format_plan, plan_recipe, write_plan
+
+        try:
+            plan = plan_recipe(cfg, args.world_size, pool_images=args.pool_images, gpu_gib=args.gpu_gib,
+                               host_gib_per_rank=args.host_gib_per_rank)
+        except ValueError as e:
+            print(f"amoe distill --plan: {e}", file=sys.stderr)
+            return 2
+        if args.plan_out:
+            write_plan(plan, args.plan_out)
+        print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+        return 0 if plan["fits_device"] and plan["fits_host"] else 1
     out = Path(args.out or Path("runs") / cfg.name)
     if args.no_resume and (out / "checkpoints" / "latest.json").exists():
         print(f"amoe distill: {out} already holds a run ({latest_checkpoint(out)}); "

@@ -1,0 +1,63 @@
+"""`amoe curate plan CONFIG --world-size N --points N --dim D`: per-rank memory of each clustering level.
+
+Counted from what `run_hierarchy` and the torch k-means engine allocate today (float32 points, float32
+centroids, float64 centroid sums, int64 labels and float32 distances), for the `torch` engine across
+N ranks on accelerators; sizes are exact array sizes, so the plan scales to any configuration without
+running it. Per level, device: this rank's fit points moved to the device, the centroids (current
+and next), the float64 sums and their counts, labels and distances of this rank's points, and one
+distance block; host: this rank's slice of the points (float32), the fit subsample's copy, the
+float64 sums copied to the host for the all-reduce, and the labels and distances of *all* points,
+which every rank gathers after each level. `per_rank_peak_bytes` is the largest level's device total.
+"""
+from __future__ import annotations
+
+from distill.curation.hierarchy import ClusterConfig
+from distill.curation.kmeans import DISTANCE_BLOCK
+
+GiB = 2 ** 30
+
+
+def plan_levels(cfg: ClusterConfig, world_size: int, points: int, dim: int, device_gib: float = 80.0,
+                host_gib_per_rank: float = 128.0) -> dict:
+    if world_size < 1 or points < 1 or dim < 1:
+        raise ValueError("--world-size, --points and --dim must be >= 1")
+    N, d = world_size, dim
+    levels, n_in = [], points
+    for i, lv in enumerate(cfg.levels, 1):
+        local = -(-n_in // N)                                   # this rank's slice of the level's input
+        fit = local if i > 1 or not cfg.fit_points or cfg.fit_points >= n_in else -(-cfg.fit_points // N)
+        k = lv.k
+        device = {"fit_points": fit * d * 4, "centroids": 2 * k * d * 4, "sums_float64": k * d * 8,
+                  "counts": 2 * k * 8, "labels_and_distances": local * 12, "distance_block": DISTANCE_BLOCK * 4}
+        host = {"points_slice": local * d * 4, "fit_copy": fit * d * 4 if fit != local else 0,
+                "sums_for_all_reduce": k * d * 8, "gathered_labels_and_distances": n_in * 12}
+        dev, hst = sum(device.values()), sum(host.values())
+        levels.append({"level": i, "k": k, "n_in": n_in, "points_per_rank": local, "fit_points_per_rank": fit,
+                       "device_bytes": device, "device_total_bytes": dev, "host_bytes": host,
+                       "host_total_bytes": hst, "fits_device": dev <= device_gib * GiB,
+                       "fits_host": hst <= host_gib_per_rank * GiB})
+        n_in = k
+    peak = max(lv["device_total_bytes"] for lv in levels)
+    host_peak = max(lv["host_total_bytes"] for lv in levels)
+    return {"config": cfg.name, "engine": "torch", "world_size": N, "points": points, "dim": d,
+            "levels": levels, "per_rank_peak_bytes": int(peak), "host_per_rank_peak_bytes": int(host_peak),
+            "device_budget_bytes": int(device_gib * GiB), "device_headroom_bytes": int(device_gib * GiB - peak),
+            "host_budget_bytes": int(host_gib_per_rank * GiB),
+            "fits_device": peak <= device_gib * GiB, "fits_host": host_peak <= host_gib_per_rank * GiB}
+
+
+def format_plan(plan: dict) -> str:
+    g = lambda v: f"{v / GiB:10.1f} GiB"  # noqa: E731
+    out = [f"curation memory plan: {plan['config']} on {plan['world_size']} ranks, {plan['points']:,} points of "
+           f"dim {plan['dim']}"]
+    for lv in plan["levels"]:
+        out.append(f"level {lv['level']}: k={lv['k']:,}  n_in={lv['n_in']:,}  device {g(lv['device_total_bytes'])}"
+                   f"{'' if lv['fits_device'] else ' (DOES NOT FIT)'}  host {g(lv['host_total_bytes'])}"
+                   f"{'' if lv['fits_host'] else ' (DOES NOT FIT)'}")
+        biggest = max(lv["device_bytes"].items(), key=lambda kv: kv[1])
+        out.append(f"  largest on the device: {biggest[0]} {g(biggest[1]).strip()}")
+    out.append(f"peak per rank: device {g(plan['per_rank_peak_bytes']).strip()} of "
+               f"{g(plan['device_budget_bytes']).strip()}, host {g(plan['host_per_rank_peak_bytes']).strip()} of "
+               f"{g(plan['host_budget_bytes']).strip()}: "
+               + ("fits" if plan["fits_device"] and plan["fits_host"] else "DOES NOT FIT"))
+    return "\n".join(out)
