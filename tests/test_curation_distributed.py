@@ -63,3 +63,45 @@ def test_two_ranks_equal_one_process(tmp_path):
         np.testing.assert_allclose(a.centroids, b.centroids, atol=1e-5)
         np.testing.assert_array_equal(a.assignments, b.assignments)
         np.testing.assert_allclose(a.distances, b.distances, atol=1e-5)
+
+
+_SPLIT_WORKER = """
+import json, sys
+import numpy as np
+import torch.distributed as dist
+from pathlib import Path
+from distill.curation.hierarchy import _rank_slice, load_cluster_config, run_hierarchy
+from distill.curation.kmeans import make_engine
+
+tmp = Path({tmp!r})
+dist.init_process_group("gloo", init_method="file://" + str(tmp / "rendezvous"), rank=int(sys.argv[1]), world_size=2)
+x = np.load(tmp / "x.npy")
+run_hierarchy(x[_rank_slice(len(x))], len(x), load_cluster_config(json.loads({cfg!r})), tmp / "two",
+              make_engine("torch", "cpu"), progress=False)
+dist.destroy_process_group()
+"""
+
+SPLIT_CFG = {"engine": "torch", "seed": 0, "fit_points": 1500,
+             "levels": [{"k": 30, "n_splits": 6, "niter": 6}, {"k": 5, "niter": 4}]}
+
+
+@pytest.mark.distributed
+def test_split_level_two_ranks_equal_one_process(tmp_path):
+    """The split-based level across 2 gloo ranks (coarse sums, per-rank member counts for the seeded
+    draws, group sums all-reduced; fit on a subsample, every point assigned) equals one process."""
+    from distill.curation.hierarchy import load_cluster_config, run_hierarchy
+    from distill.curation.kmeans import make_engine
+    from distill.io import load_tensors
+
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(40, 6))[rng.integers(0, 40, 3001)] * 4 + rng.normal(size=(3001, 6))).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = tmp_path / "split_worker.py"
+    script.write_text(_SPLIT_WORKER.format(tmp=str(tmp_path), cfg=json.dumps(SPLIT_CFG)))
+    run_two_ranks(script)
+    single = run_hierarchy(x, len(x), load_cluster_config(SPLIT_CFG), tmp_path / "one", make_engine("torch", "cpu"),
+                           progress=False)
+    for i, a in enumerate(single, 1):
+        b = load_tensors(tmp_path / "two" / f"level_{i}" / "clusters.safetensors")
+        np.testing.assert_allclose(a.centroids, b["centroids"].numpy(), atol=1e-5)
+        np.testing.assert_array_equal(a.assignments, b["assignments"].numpy())

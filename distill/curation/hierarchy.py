@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from distill.config import ConfigError, read_config_file, unknown_keys_error
+from distill.curation.split import split_assign, split_fit
 from distill.io import fingerprint, load_tensors, save_tensors_atomic, write_json_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -38,6 +39,7 @@ class LevelConfig:
     sample_size: int = 10          # points closest to each centroid kept per resampling round
     resample_niter: int = 5        # k-means iterations on the resampled points
     init: str = "random"           # random | kmeans++ (seeded from a subsample of 32 points per centroid)
+    n_splits: int = 1              # > 1: k-means at k / n_splits, then each cluster split (distill.curation.split)
 
 
 @dataclass
@@ -78,6 +80,9 @@ def parse_cluster_config(raw: dict) -> ClusterConfig:
         if lv.k < 1 or lv.niter < 1 or lv.resampling_steps < 0 or lv.sample_size < 1 or lv.resample_niter < 1:
             raise ValueError(f"level {i}: need k >= 1, niter >= 1, resampling_steps >= 0, sample_size >= 1, "
                              f"resample_niter >= 1 (got {dataclasses.asdict(lv)})")
+        if lv.n_splits < 1 or (lv.n_splits > 1 and lv.resampling_steps):
+            raise ValueError(f"level {i}: n_splits must be >= 1, and a split level has no resampling rounds "
+                             f"(got n_splits={lv.n_splits}, resampling_steps={lv.resampling_steps})")
         if i > 1 and lv.k > levels[i - 2].k:
             raise ValueError(f"level {i} has k={lv.k} > level {i - 1}'s k={levels[i - 2].k}: "
                              f"each level clusters the previous level's centroids, so k must shrink")
@@ -208,11 +213,17 @@ def run_hierarchy(x_local: np.ndarray, n_points: int, cfg: ClusterConfig, out_di
             t = load_tensors(ldir / "clusters.safetensors")
             level = Level(t["centroids"].numpy(), t["assignments"].numpy(), t["distances"].numpy())
         else:
+            fit_x = inputs
             if i == 1 and cfg.fit_points is not None and cfg.fit_points < n_points:
                 # fit on a seeded uniform subsample (about fit_points points), assign every point
                 mine = _rank_slice(n_points)
-                keep = subsample_mask(mine.start, mine.stop, cfg.fit_points / n_points, cfg.seed)
-                c, _, _ = kmeans_resampled(engine, inputs[keep], lv, cfg.seed + 1000 * i, where)
+                fit_x = inputs[subsample_mask(mine.start, mine.stop, cfg.fit_points / n_points, cfg.seed)]
+            if lv.n_splits > 1:
+                c, coarse, offsets = split_fit(engine, fit_x, lv.k, lv.n_splits, lv.niter, cfg.seed + 1000 * i,
+                                               where)
+                labels, dists = split_assign(inputs, coarse, c, offsets, engine)
+            elif fit_x is not inputs:
+                c, _, _ = kmeans_resampled(engine, fit_x, lv, cfg.seed + 1000 * i, where)
                 labels, dists = engine.assign(inputs, c)
             else:
                 c, labels, dists = kmeans_resampled(engine, inputs, lv, cfg.seed + 1000 * i, where)

@@ -3,16 +3,19 @@
 Counted from what `run_hierarchy` and the torch k-means engine allocate today (float32 points, float32
 centroids, float64 centroid sums, int64 labels and float32 distances), for the `torch` engine across
 N ranks on accelerators; sizes are exact array sizes, so the plan scales to any configuration without
-running it. Per level, device: this rank's fit points moved to the device, the centroids (current
-and next), the float64 sums and their counts, labels and distances of this rank's points, and one
-distance block; host: this rank's slice of the points (float32), the fit subsample's copy, the
+running it. Per level, device: the blocks of points in flight (points stay on the host), the centroids (current
+and next), the float64 sums and their counts, and one distance block; host: this rank's slice of the
+points (float32), the fit subsample's copy, this rank's labels and distances, the
 float64 sums copied to the host for the all-reduce, and the labels and distances of *all* points,
-which every rank gathers after each level. `per_rank_peak_bytes` is the largest level's device total.
+which every rank gathers after each level. A split level (`n_splits` > 1) holds the coarse tables on
+the device, one group of sub-clusters at a time, and the final (k, d) table on the host.
+`per_rank_peak_bytes` is the largest level's device total.
 """
 from __future__ import annotations
 
 from distill.curation.hierarchy import ClusterConfig
-from distill.curation.kmeans import DISTANCE_BLOCK
+from distill.curation.kmeans import DISTANCE_BLOCK, SUM_BLOCK
+from distill.curation.split import GROUP_CENTROIDS
 
 GiB = 2 ** 30
 
@@ -27,10 +30,17 @@ def plan_levels(cfg: ClusterConfig, world_size: int, points: int, dim: int, devi
         local = -(-n_in // N)                                   # this rank's slice of the level's input
         fit = local if i > 1 or not cfg.fit_points or cfg.fit_points >= n_in else -(-cfg.fit_points // N)
         k = lv.k
-        device = {"fit_points": fit * d * 4, "centroids": 2 * k * d * 4, "sums_float64": k * d * 8,
-                  "counts": 2 * k * 8, "labels_and_distances": local * 12, "distance_block": DISTANCE_BLOCK * 4}
+        table = -(-k // lv.n_splits)         # a split level's engine k-means runs at the coarse k
+        device = {"point_blocks": (DISTANCE_BLOCK // max(table, 1) + SUM_BLOCK) * d * 12, "centroids": 2 * table * d * 4, "sums_float64": table * d * 8,
+                  "counts": 2 * table * 8, "distance_block": DISTANCE_BLOCK * 4}
         host = {"points_slice": local * d * 4, "fit_copy": fit * d * 4 if fit != local else 0,
-                "sums_for_all_reduce": k * d * 8, "gathered_labels_and_distances": n_in * 12}
+                "labels_and_distances": local * 12,
+                "sums_for_all_reduce": table * d * 8, "gathered_labels_and_distances": n_in * 12}
+        if lv.n_splits > 1:   # one group of sub-clusters at a time: float64 sums and init, float32 centroids
+            group = min(k, GROUP_CENTROIDS)
+            device["split_group"] = group * d * (8 + 4) + group * 8
+            host["split_group_all_reduce"] = group * d * 8 * 2
+            host["centroid_table"] = k * d * 4
         dev, hst = sum(device.values()), sum(host.values())
         levels.append({"level": i, "k": k, "n_in": n_in, "points_per_rank": local, "fit_points_per_rank": fit,
                        "device_bytes": device, "device_total_bytes": dev, "host_bytes": host,
