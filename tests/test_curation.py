@@ -281,6 +281,11 @@ def test_perf_measure_one_reports_time_and_memory():
     r = measure_one(3000, 16, "faiss", [{"k": 40, "niter": 5, "resampling_steps": 1}, {"k": 5, "niter": 5}])
     assert r["points"] == 3000 and r["levels"] == [40, 5]
     assert r["wall_s"] > 0 and r["peak_rss_mb"] > r["data_mb"] > 0
+    from distill.curation.perf import split_levels
+    levels = split_levels(10)
+    assert levels[0]["n_splits"] == 10 and levels[0]["resampling_steps"] == 0
+    s = measure_one(3000, 16, "torch", [{**levels[0], "k": 40, "n_splits": 4}, {"k": 5, "niter": 5}])
+    assert s["levels"] == [40, 5] and s["wall_s"] > 0
 
 
 def test_fit_on_subsample_assigns_every_point(tmp_path, embedded):

@@ -112,3 +112,20 @@ def test_curate_plan_cli_exit_codes(tmp_path):
     run = subprocess.run(base + ["nosuch", "--world-size", "2", "--points", "10"], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "not found" in run.stderr
+
+
+def test_a_plan_that_does_not_fit_names_the_overflow_and_the_settings():
+    from distill.curation.hierarchy import load_cluster_config
+    from distill.curation.plan import advice as curate_advice
+    from distill.curation.plan import plan_levels
+    from distill.train.memory_plan import advice
+
+    plan = plan_recipe(_recipe(ckpt=False), 2, gpu_gib=1e-3)
+    assert not plan["fits_device"]
+    lines = advice(plan)
+    assert lines[0].startswith("device overflows by") and "activations" in lines[0]
+    assert any("engine.activation_checkpointing=true" in x for x in lines)
+    assert any("batching.max_tokens" in x for x in lines)
+    assert advice(plan_recipe(_recipe(), 2)) == []
+    cur = curate_advice(plan_levels(load_cluster_config("paper"), 32, 2_300_000_000, 768))
+    assert cur[0].startswith("level 1 host overflows by") and "points_slice" in cur[0]

@@ -57,6 +57,8 @@ def register(subparsers) -> None:
     f.add_argument("--sizes", default="50000,200000,1000000", help="comma-separated point counts")
     f.add_argument("--dim", type=int, default=128)
     f.add_argument("--engine", default="faiss", choices=("faiss", "torch"))
+    f.add_argument("--split", type=int, default=None, metavar="N",
+                   help="compare a level 1 split N ways against the flat engine at the same k")
     f.add_argument("--json", action="store_true", help="print JSON (the default output is a table)")
     f.set_defaults(func=_perf)
 
@@ -139,7 +141,7 @@ def _evaluate(args) -> int:
 def _plan(args) -> int:
     from distill.curation.hierarchy import load_cluster_config
     from distill.config import ConfigError
-    from distill.curation.plan import format_plan, plan_levels
+    from distill.curation.plan import advice, format_plan, plan_levels
     from distill.io import write_json_atomic
 
     try:
@@ -148,9 +150,12 @@ def _plan(args) -> int:
     except (ValueError, ConfigError) as e:
         print(f"amoe curate plan: {e}", file=sys.stderr)
         return 2
+    plan["advice"] = advice(plan)
     if args.plan_out:
         write_json_atomic(args.plan_out, plan)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    for line in plan["advice"]:
+        print(f"amoe curate plan: {line}", file=sys.stderr)
     return 0 if plan["fits_device"] and plan["fits_host"] else 1
 
 
@@ -158,6 +163,18 @@ def _perf(args) -> int:
     from distill.curation.perf import run_perf
 
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    if args.split:
+        from distill.curation.perf import run_split_perf
+
+        res = run_split_perf(sizes, args.split, dim=args.dim, engine=args.engine)
+        if args.json:
+            print(json.dumps(res, indent=2))
+        else:
+            for kind in ("flat", "split"):
+                for r in res[kind]["runs"]:
+                    print(f"{kind:5s} {r['points']:>9d} points x {r['dim']}: {r['wall_s']:8.2f} s  "
+                          f"peak RSS {r['peak_rss_mb']:8.1f} MB")
+        return 0
     res = run_perf(sizes, dim=args.dim, engine=args.engine)
     if args.json:
         print(json.dumps(res, indent=2))

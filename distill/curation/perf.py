@@ -68,6 +68,18 @@ def measure_one(n: int, dim: int, engine: str, levels: list[dict], seed: int = 0
             "level1_largest_cluster": int(np.bincount(out[0].assignments).max())}
 
 
+def split_levels(n_splits: int) -> list[dict]:
+    """DEFAULT_LEVELS with level 1 split `n_splits` ways (and, as a split level must, no resampling)."""
+    first = {**DEFAULT_LEVELS[0], "resampling_steps": 0, "n_splits": n_splits}
+    return [first] + DEFAULT_LEVELS[1:]
+
+
+def run_split_perf(sizes, n_splits: int, dim: int = 128, engine: str = "torch") -> dict:
+    """The split-based level 1 against the flat engine at the same k (both without level-1 resampling)."""
+    return {"n_splits": n_splits, "flat": run_perf(sizes, dim, engine, split_levels(1)),
+            "split": run_perf(sizes, dim, engine, split_levels(n_splits))}
+
+
 def run_perf(sizes=DEFAULT_SIZES, dim: int = 128, engine: str = "faiss", levels: list[dict] | None = None,
              threads: int | None = None) -> dict:
     levels = levels or DEFAULT_LEVELS

@@ -53,7 +53,24 @@ def plan_levels(cfg: ClusterConfig, world_size: int, points: int, dim: int, devi
             "levels": levels, "per_rank_peak_bytes": int(peak), "host_per_rank_peak_bytes": int(host_peak),
             "device_budget_bytes": int(device_gib * GiB), "device_headroom_bytes": int(device_gib * GiB - peak),
             "host_budget_bytes": int(host_gib_per_rank * GiB),
-            "fits_device": peak <= device_gib * GiB, "fits_host": host_peak <= host_gib_per_rank * GiB}
+            "fits_device": peak <= device_gib * GiB, "fits_host": host_peak <= host_gib_per_rank * GiB,
+            "advice": []}
+
+
+def advice(plan: dict) -> list[str]:
+    """Which level overflows where, by how much, its largest terms, and what to change."""
+    out = []
+    for lv in plan["levels"]:
+        for side, budget in (("device", plan["device_budget_bytes"]), ("host", plan["host_budget_bytes"])):
+            if lv[f"fits_{side}"]:
+                continue
+            terms = sorted(lv[f"{side}_bytes"].items(), key=lambda kv: -kv[1])[:3]
+            out.append(f"level {lv['level']} {side} overflows by {(lv[f'{side}_total_bytes'] - budget) / GiB:.1f} GiB "
+                       f"per rank; largest: " + ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in terms))
+    if out:
+        out.append("more ranks (--world-size) shrink the point slices; a lower fit_points shrinks the fit copy; "
+                   "n_splits on a large-k level keeps its k-means tables at k / n_splits")
+    return out
 
 
 def format_plan(plan: dict) -> str:

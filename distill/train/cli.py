@@ -39,7 +39,7 @@ def register(subparsers) -> None:
     perf.add_argument("--seqs", type=int, default=2, help="perf: sequences per step (token budget)")
     perf.add_argument("--steps", type=int, default=4, help="perf: timed steps per mode")
     perf.add_argument("--device", default="cpu", help="perf: cpu or cuda")
-    perf.add_argument("--workers", type=int, default=2, help="perf --bench inputs: loader worker processes")
+    perf.add_argument("--workers", type=int, default=2, help="perf: input-pipeline worker processes")
     perf.add_argument("--step-s", type=float, default=0.25,
                       help="perf --bench inputs: the stand-in accelerator step the workers feed, seconds")
     perf.add_argument("--images", type=int, default=None,
@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
         from distill.student.packing import PAPER_STAGE2_SIDES
         mix = {"sides": PAPER_STAGE2_SIDES, "grow_max_tokens": True} if args.mix == "paper" else {}
         res = run_perf(args.student, max_tokens=args.max_tokens, seqs=args.seqs, steps=args.steps,
-                       device=args.device, **mix)
+                       device=args.device, workers=args.workers, **mix)
         if args.json:
             print(json.dumps(res, indent=2))
         else:
@@ -75,6 +75,10 @@ def main(args: argparse.Namespace) -> int:
                 r = res[mode]
                 print(f"{mode:7s} {r['tokens_per_s']:10.0f} tokens/s  fill {r['fill_ratio']:.3f}")
             print(f"speed-up {res['speedup_tokens_per_s']:.2f}x")
+            ip = res["input_pipeline"]
+            print(f"input pipeline ({ip['workers']} workers): waits {100 * ip['data_wait_fraction']:.1f} % of a "
+                  f"{ip['step_s']:.2f} s step; one worker " + ", ".join(
+                      f"{v['rate']:.0f} images/s at {r} px" for r, v in ip["images_per_s_per_worker"].items()))
         return 0
 
     from pathlib import Path
@@ -89,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"amoe distill: {e}", file=sys.stderr)
         return 2
     if args.plan:
-        from distill.train.memory_plan import format_plan, plan_recipe, write_plan
+        from distill.train.memory_plan import advice, format_plan, plan_recipe, write_plan
 
         try:
             plan = plan_recipe(cfg, args.world_size, pool_images=args.pool_images, gpu_gib=args.gpu_gib,
@@ -97,9 +101,12 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"amoe distill --plan: {e}", file=sys.stderr)
             return 2
+        plan["advice"] = advice(plan)
         if args.plan_out:
             write_plan(plan, args.plan_out)
         print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+        for line in plan["advice"]:
+            print(f"amoe distill --plan: {line}", file=sys.stderr)
         return 0 if plan["fits_device"] and plan["fits_host"] else 1
     out = Path(args.out or Path("runs") / cfg.name)
     if args.no_resume and (out / "checkpoints" / "latest.json").exists():

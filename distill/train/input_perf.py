@@ -79,12 +79,32 @@ def paper_teacher_preprocessing() -> dict:
             for name, enc in (("siglip2", siglip2), ("dinov3", dinov3))}
 
 
+def worker_rate(pool, prepare: dict, sampler, images: int) -> tuple[float, int]:
+    """(images/s of one worker, images per step): `StepDataset` over whole planned steps in this process."""
+    from distill.train.inputs import StepDataset, StepTickets
+
+    data, tickets = StepDataset(pool, prepare), iter(StepTickets(sampler, 0))
+    data[next(tickets)]              # warm-up (first-call costs of the processors)
+    n_img, t0 = 0, time.perf_counter()
+    while n_img < images:
+        n_img += len(data[next(tickets)].items)
+    return n_img / (time.perf_counter() - t0), len(data[next(tickets)].items)
+
+
+def jpeg_pool(folder: Path, res: int, images: int, patch: int = 16):
+    """A `TrainingPool` over freshly written JPEG shards sized for the side budget `res`."""
+    from distill.train.config import DataSource
+    from distill.train.pool import TrainingPool
+
+    size = SOURCE_SIZES.get(res, (res * 5 // 3, res * 5 // 4))
+    shards = write_jpeg_shards(folder, images, size)
+    return TrainingPool([DataSource(path=str(shards), resolutions=[res])], patch, seed=0), size
+
+
 def run_input_perf(resolutions=(256, 768), images: int = 96, workers: int = 2, step_s: float = 0.25,
                    max_tokens: int = 8192, steps: int = 16, scratch: str | None = None) -> dict:
     from distill.train.batching import TokenBalancedSampler
-    from distill.train.config import DataSource
-    from distill.train.inputs import StepDataset, StepTickets, step_inputs
-    from distill.train.pool import TrainingPool
+    from distill.train.inputs import step_inputs
 
     prepare = paper_teacher_preprocessing()
     out = {"bench": "inputs", "workers": workers, "step_s": step_s, "max_tokens_per_rank_step": max_tokens,
@@ -92,22 +112,13 @@ def run_input_perf(resolutions=(256, 768), images: int = 96, workers: int = 2, s
            "resolutions": {}}
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         for res in resolutions:
-            size = SOURCE_SIZES.get(res, (res * 5 // 3, res * 5 // 4))
-            shards = write_jpeg_shards(Path(tmp) / f"r{res}", images, size)
-            pool = TrainingPool([DataSource(path=str(shards), resolutions=[res])], 16, seed=0)
+            pool, size = jpeg_pool(Path(tmp) / f"r{res}", res, images)
 
             def sampler():
                 return TokenBalancedSampler(pool.tokens + 5, world_size=1, seed=0, max_tokens=max_tokens,
                                             max_images_per_seq=64, seqs_per_rank=1)
 
-            # one worker's rate: whole steps in this process
-            data, tickets = StepDataset(pool, prepare), iter(StepTickets(sampler(), 0))
-            data[next(tickets)]          # warm-up (first-call costs of the processors)
-            n_img, t0 = 0, time.perf_counter()
-            while n_img < images:
-                n_img += len(data[next(tickets)].items)
-            rate = n_img / (time.perf_counter() - t0)
-            per_step = len(data[next(tickets)].items)
+            rate, per_step = worker_rate(pool, prepare, sampler(), images)
 
             # the pipeline feeding a stand-in accelerator step
             loader = iter(step_inputs(pool, sampler(), 0, prepare, workers=workers, prefetch=2))

@@ -214,9 +214,35 @@ def plan_recipe(cfg, world_size: int, pool_images: int = 0, gpu_gib: float = 80.
         "host_bytes": host, "host_per_rank_bytes": int(host_total),
         "host_budget_bytes": int(host_gib_per_rank * GiB), "fits_host": host_total <= host_gib_per_rank * GiB,
         "shared_page_cache_bytes_per_node": INDEX_PAGE_BYTES_PER_ITEM * pool_images,
+        "advice": [],
         "estimated": ["teachers.*.forward_peak_bytes", "device_bytes.targets",
                       "host_bytes.input_pipeline (float32 pixels, 16 px patches)"],
     }
+
+
+def advice(plan: dict) -> list[str]:
+    """What overflows, by how much, and which settings move it (empty when the plan fits)."""
+    out = []
+    if not plan["fits_device"]:
+        d = plan["device_bytes"]
+        top = sorted(d.items(), key=lambda kv: -kv[1])[:3]
+        out.append(f"device overflows by {(plan['per_rank_peak_bytes'] - plan['device_budget_bytes']) / GiB:.1f} GiB "
+                   f"per rank; largest: " + ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in top))
+        acts = plan["student"]["activations"] or {}
+        if not plan["activation_checkpointing"] and acts:
+            out.append(f"set engine.activation_checkpointing=true (activations {acts['without_checkpointing'] / GiB:.1f}"
+                       f" -> {acts['with_checkpointing'] / GiB:.1f} GiB)")
+        if plan["parallel"] != "fsdp":
+            out.append("set engine.parallel=fsdp to shard parameters, gradients and optimizer state over the ranks")
+        else:
+            out.append("more ranks (--world-size) shrink the FSDP shards of the student state")
+        out.append(f"lower batching.max_tokens (C_max) or batching.seqs_per_rank: activations and targets scale "
+                   f"with the {plan['tokens_per_rank_step']} tokens per rank-step")
+    if not plan["fits_host"]:
+        out.append(f"host overflows by {(plan['host_per_rank_bytes'] - plan['host_budget_bytes']) / GiB:.1f} GiB per "
+                   "rank; fewer data.workers or data.prefetch shrink the input pipeline's steps in flight, a smaller "
+                   "pool (a curated manifest) the pool columns")
+    return out
 
 
 def format_plan(plan: dict) -> str:

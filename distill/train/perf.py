@@ -29,9 +29,73 @@ def _images(n: int, sides: list[int], patch: int, seed: int) -> list[torch.Tenso
     return out
 
 
+def _train_step(model, opt, images, sequences, cap, dims, targets, guard, device) -> dict:
+    """One trainer step on given targets: packed forward, every teacher's loss, backward, guarded AdamW."""
+    out = model(images, sequences, cap, 16)
+    batch = L.GlobalBatch(len(images), 1)
+    loss = 0.0
+    for h in dims:
+        pred = L.StudentPredictions(out["summary"][h].float(), [x.float() for x in out["patches"][h]])
+        tgt = L.TeacherTargets(torch.stack(targets[h][0]).to(device), [t.to(device) for t in targets[h][1]])
+        lt, _ = L.teacher_loss(pred, tgt, L.TeacherLossWeights(relational="arkd"), batch, "mean")
+        loss = loss + lt
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    timing: dict = {}
+    guarded_step(opt, model.parameters(), loss.item(), 0.0, guard, timing)   # as the trainer steps
+    return timing
+
+
+def _input_pipeline(model, opt, prefix, patch, max_tokens, seqs, steps, warmup, dims, device, seed,
+                    workers) -> dict:
+    """The input pipeline at this perf config: one worker's images/s at 256 and 768 px (decode, student
+    resize, both paper teachers' real preprocessing), and the share of step time the packed training
+    step waits for `workers` loader processes feeding it 256 px JPEGs."""
+    import tempfile
+    from pathlib import Path
+
+    from distill.train.input_perf import jpeg_pool, paper_teacher_preprocessing, worker_rate
+    from distill.train.inputs import step_inputs
+
+    prepare = paper_teacher_preprocessing()
+    out = {"workers": workers, "teachers_preprocessed": sorted(prepare), "images_per_s_per_worker": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for res in (256, 768):
+            pool, size = jpeg_pool(Path(tmp) / f"r{res}", res, 48, patch)
+            sampler = TokenBalancedSampler(pool.tokens + prefix, world_size=1, seed=seed, max_tokens=8192,
+                                           max_images_per_seq=64)
+            rate, _ = worker_rate(pool, prepare, sampler, 48)
+            out["images_per_s_per_worker"][str(res)] = {"rate": round(rate, 1), "source_wh": list(size)}
+        pool, _ = jpeg_pool(Path(tmp) / "train", 256, 96, patch)
+        sampler = TokenBalancedSampler(pool.tokens + prefix, world_size=1, seed=seed, max_tokens=max_tokens,
+                                       seqs_per_rank=seqs)
+        loader = iter(step_inputs(pool, sampler, 0, prepare, workers=workers, prefetch=2))
+        g = torch.Generator().manual_seed(seed + 2)
+        guard = StepGuard(spike_factor=None)
+        wait = total = 0.0
+        for step in range(warmup + steps):
+            t0 = time.perf_counter()
+            inputs = next(loader)
+            t1 = time.perf_counter()
+            images = inputs.pixels.to(device)
+            grids = [(im.shape[1] // patch) * (im.shape[2] // patch) for im in images]
+            targets = {h: ([torch.randn(dims[h], generator=g) for _ in images],
+                           [torch.randn(n, dims[h], generator=g) for n in grids]) for h in dims}
+            _train_step(model, opt, images, inputs.sequences, max_tokens, dims, targets, guard, device)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            if step >= warmup:          # the first step includes the workers' start-up
+                wait += t1 - t0
+                total += time.perf_counter() - t0
+        del loader
+    out.update({"steps": steps, "step_s": round(total / steps, 3), "data_wait_fraction": round(wait / total, 4),
+                "goal_wait_fraction": 0.05})
+    return out
+
+
 def run_perf(student_config="moe-cpu-small", max_tokens: int = 1024, seqs: int = 2, steps: int = 4,
              warmup: int = 1, sides: tuple[int, ...] = (64, 96, 128, 192, 256), n_images: int = 256,
-             seed: int = 0, device: str = "cpu", grow_max_tokens: bool = False) -> dict:
+             seed: int = 0, device: str = "cpu", grow_max_tokens: bool = False, workers: int | None = 2) -> dict:
     from distill.student import Student
     from distill.train.engine import PackedStudent
 
@@ -70,19 +134,9 @@ def run_perf(student_config="moe-cpu-small", max_tokens: int = 1024, seqs: int =
                 pos += len(s)
             cap = plan.capacity
             t0 = time.perf_counter()
-            out = model([images[i].to(device) for i in idx], sequences, cap, 16)
-            batch = L.GlobalBatch(len(idx), 1)
-            loss = 0.0
-            for h in dims:
-                pred = L.StudentPredictions(out["summary"][h].float(), [x.float() for x in out["patches"][h]])
-                tgt = L.TeacherTargets(torch.stack([targets[h][0][i] for i in idx]).to(device),
-                                       [targets[h][1][i].to(device) for i in idx])
-                lt, _ = L.teacher_loss(pred, tgt, L.TeacherLossWeights(relational="arkd"), batch, "mean")
-                loss = loss + lt
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            timing: dict = {}
-            guarded_step(opt, model.parameters(), loss.item(), 0.0, guard, timing)   # as the trainer steps
+            step_targets = {h: ([targets[h][0][i] for i in idx], [targets[h][1][i] for i in idx]) for h in dims}
+            timing = _train_step(model, opt, [images[i].to(device) for i in idx], sequences, cap, dims,
+                                 step_targets, guard, device)
             if device != "cpu":
                 torch.cuda.synchronize()
             if step >= warmup:
@@ -95,6 +149,8 @@ def run_perf(student_config="moe-cpu-small", max_tokens: int = 1024, seqs: int =
                          "guard_pct": round(100.0 * guard_s / elapsed, 3),
                          "real_tokens": real, "reserved_tokens": reserved, "seconds": elapsed,
                          "images_per_step": (padded_images if mode == "padded" else None)}
+    pipeline = _input_pipeline(model, opt, prefix, p, max_tokens, seqs, steps, warmup, dims, device, seed,
+                               workers) if workers is not None else None
     return {"benchmark": "distill-batching", "student": student_config if isinstance(student_config, str)
             else "custom", "device": device, "threads": torch.get_num_threads(), "max_tokens": max_tokens,
             "sequences_per_step": seqs, "token_budget_per_step": budget, "steps": steps,
@@ -104,4 +160,5 @@ def run_perf(student_config="moe-cpu-small", max_tokens: int = 1024, seqs: int =
             # the per-segment backend in both layouts, so it adds nothing to the bound here)
             "speedup_bound": results["packed"]["fill_ratio"] / results["padded"]["fill_ratio"],
             "attention_backend": "segments" if device == "cpu" else "auto",
+            "input_pipeline": pipeline,
             "load_average_1min": round(os.getloadavg()[0], 2)}
