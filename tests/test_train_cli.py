@@ -29,3 +29,6 @@ def test_perf_reports_both_modes_on_same_budget():
         assert res[mode]["tokens_per_s"] > 0 and 0 < res[mode]["fill_ratio"] <= 1
     assert res["packed"]["fill_ratio"] > res["padded"]["fill_ratio"]
     assert res["token_budget_per_step"] == 256
+    ip = res["input_pipeline"]          # real JPEGs through 2 loader workers into the same training step
+    assert ip["workers"] == 2 and ip["train_side_px"] <= 176 and 0 <= ip["data_wait_fraction"] < 1
+    assert set(ip["images_per_s_per_worker"]) == {"256", "768"}

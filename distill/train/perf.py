@@ -9,6 +9,7 @@ Reported tokens/s counts real (non-padding) tokens, prefix tokens (CLS + registe
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -50,7 +51,7 @@ def _input_pipeline(model, opt, prefix, patch, max_tokens, seqs, steps, warmup, 
                     workers) -> dict:
     """The input pipeline at this perf config: one worker's images/s at 256 and 768 px (decode, student
     resize, both paper teachers' real preprocessing), and the share of step time the packed training
-    step waits for `workers` loader processes feeding it 256 px JPEGs."""
+    step waits for `workers` loader processes feeding it 256 px JPEGs (smaller if C_max is)."""
     import tempfile
     from pathlib import Path
 
@@ -66,7 +67,9 @@ def _input_pipeline(model, opt, prefix, patch, max_tokens, seqs, steps, warmup, 
                                            max_images_per_seq=64)
             rate, _ = worker_rate(pool, prepare, sampler, 48)
             out["images_per_s_per_worker"][str(res)] = {"rate": round(rate, 1), "source_wh": list(size)}
-        pool, _ = jpeg_pool(Path(tmp) / "train", 256, 96, patch)
+        # 256 px, or the largest side whose square fits one sequence of this C_max
+        side = min(256, patch * math.isqrt(max(1, max_tokens - prefix)))
+        pool, _ = jpeg_pool(Path(tmp) / "train", side, 96, patch)
         sampler = TokenBalancedSampler(pool.tokens + prefix, world_size=1, seed=seed, max_tokens=max_tokens,
                                        seqs_per_rank=seqs)
         loader = iter(step_inputs(pool, sampler, 0, prepare, workers=workers, prefetch=2))
@@ -88,7 +91,7 @@ def _input_pipeline(model, opt, prefix, patch, max_tokens, seqs, steps, warmup, 
                 wait += t1 - t0
                 total += time.perf_counter() - t0
         del loader
-    out.update({"steps": steps, "step_s": round(total / steps, 3), "data_wait_fraction": round(wait / total, 4),
+    out.update({"train_side_px": side, "steps": steps, "step_s": round(total / steps, 3), "data_wait_fraction": round(wait / total, 4),
                 "goal_wait_fraction": 0.05})
     return out
 
