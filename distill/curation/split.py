@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from distill.curation.kmeans import assign_torch
+
 GROUP_CENTROIDS = 1 << 18     # sub-centroids fitted together: sums of 256k x d float64 (1.5 GB at d = 768)
 
 
@@ -47,12 +49,6 @@ def split_sizes(counts: np.ndarray, k: int) -> np.ndarray:
         take = can[np.argsort(-(sizes[can] - share[can]), kind="stable")[:over]]
         sizes[take] -= 1
     return sizes
-
-
-def _nearest(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    d = (x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)[None]
-    m, i = d.min(1)
-    return i, m.clamp_min_(0)
 
 
 def _all_reduce(engine, t: torch.Tensor) -> torch.Tensor:
@@ -104,10 +100,10 @@ def split_fit(engine, x: np.ndarray, k: int, n_splits: int, niter: int, seed: in
                 if not len(members) or not sizes[c]:
                     continue
                 a, b = int(offsets[c]) - g0, int(offsets[c + 1]) - g0
-                xm = xt[members].to(device)
-                j, _ = _nearest(xm, cent[a:b])
-                sums.index_add_(0, j + a, xm.double())
-                cnt += torch.bincount(j + a, minlength=g1 - g0)
+                xm = xt[members]
+                j = assign_torch(xm, cent[a:b])[0].to(device) + a
+                sums.index_add_(0, j, xm.to(device).double())
+                cnt += torch.bincount(j, minlength=g1 - g0)
             sums, cnt = _all_reduce(engine, sums.cpu()), _all_reduce(engine, cnt.cpu())
             keep = cnt > 0                                  # an empty sub-cluster keeps its centroid
             cent[keep.to(device)] = (sums[keep] / cnt[keep, None]).float().to(device)
@@ -130,7 +126,7 @@ def split_assign(x: np.ndarray, coarse: np.ndarray, centroids: np.ndarray, offse
     for c in np.flatnonzero(np.diff(starts)):
         members = order[starts[c]:starts[c + 1]]
         a, b = int(offsets[c]), int(offsets[c + 1])
-        j, m = _nearest(xt[members], ct[a:b])
+        j, m = assign_torch(xt[members], ct[a:b])
         labels[members] = j.numpy() + a
         dists[members] = m.numpy()
     return labels, dists

@@ -18,24 +18,18 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from distill.encoders.common import resize_normalize
 from distill.train.batching import TokenBalancedSampler
 from distill.train.pool import PlannedImage, TrainingPool, read_image
 
 
 def student_tensor(image, size: tuple[int, int]) -> torch.Tensor:
     """PIL image -> (3, H, W) float32 in [-1, 1] at the planned size (bicubic; SigLino normalisation)."""
-    from PIL import Image
-
-    h, w = size
-    if image.size != (w, h):
-        image = image.resize((w, h), Image.BICUBIC)
-    # (x / 255 - 0.5) / 0.5 in float32, in place on a contiguous CHW copy (cheaper than on the permuted view)
-    t = torch.from_numpy(np.array(image.convert("RGB") if image.mode != "RGB" else image, dtype=np.uint8))
-    return t.permute(2, 0, 1).contiguous().float().div_(255.0).sub_(0.5).div_(0.5)
+    return resize_normalize(image, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), Image.BICUBIC)
 
 
 class PackedTensors:
