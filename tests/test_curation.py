@@ -346,3 +346,20 @@ def test_split_level_runs_in_the_hierarchy(tmp_path):
     levels = run_hierarchy(x, len(x), cfg, tmp_path, make_engine("torch", "cpu"), progress=False)
     assert levels[0].centroids.shape == (40, 8) and levels[0].assignments.max() < 40
     assert levels[1].assignments.shape == (40,)
+
+
+def test_curation_artifacts_carry_no_absolute_paths_and_move_together(tmp_path, embedded):
+    """Reproduced: clusters.json and the manifest sidecar held this machine's absolute paths. Now they
+    name their inputs relative to themselves, so a clusters folder moved with its embeddings still samples."""
+    import shutil
+
+    _, emb = embedded
+    work = tmp_path / "work"
+    shutil.copytree(emb, work / "emb")
+    cluster_embeddings(work / "emb", CFG, work / "cl", progress=False)
+    sample_manifest(work / "cl", 9, work / "m.parquet")
+    for f in (work / "cl" / "clusters.json", work / "m.parquet.json"):
+        assert str(tmp_path) not in f.read_text(), f
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(work), str(moved))
+    assert len(sample_manifest(moved / "cl", 9, moved / "m2.parquet")) == 9

@@ -200,14 +200,22 @@ def run_hierarchy(x_local: np.ndarray, n_points: int, cfg: ClusterConfig, out_di
     for i, lv in enumerate(tqdm(cfg.levels, desc="levels", disable=not progress), 1):
         where = f"level {i}"
         n_in = n_points if i == 1 else cfg.levels[i - 2].k
-        fp = fingerprint({"source": source, "normalize": cfg.normalize, "seed": cfg.seed, "n": n_points,
-                          "fit_points": cfg.fit_points,
-                          "levels": [dataclasses.asdict(v) for v in cfg.levels[:i]], "engine": cfg.engine})
+        def identity(src):
+            # n_splits enters only when set, so clusterings made before it existed still resume
+            levels = [{k: v for k, v in dataclasses.asdict(lv_).items() if not (k == "n_splits" and v == 1)}
+                      for lv_ in cfg.levels[:i]]
+            return fingerprint({"source": src, "normalize": cfg.normalize, "seed": cfg.seed, "n": n_points,
+                                "fit_points": cfg.fit_points, "levels": levels, "engine": cfg.engine})
+
+        fp = identity(source)
         ldir = out / f"level_{i}"
         done = ldir / "done.json"
         if done.exists():
             rec = json.loads(done.read_text())
-            if rec.get("fingerprint") != fp:
+            legacy = None   # earlier clusterings named the embeddings by absolute path
+            if source and "embeddings" in source and not Path(source["embeddings"]).is_absolute():
+                legacy = identity({**source, "embeddings": str((out / source["embeddings"]).resolve())})
+            if rec.get("fingerprint") not in (fp, legacy):
                 raise ValueError(f"{ldir} was clustered with other settings or input; use a new --out "
                                  f"(or delete {out}) to recluster")
             t = load_tensors(ldir / "clusters.safetensors")
@@ -263,7 +271,10 @@ def cluster_embeddings(embeddings: str | os.PathLike, cfg: ClusterConfig | str |
     x = emb.rows(rows[_rank_slice(len(rows))])
     if cfg.normalize:
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    source = {"embeddings": str(Path(embeddings).resolve()), "encoder": emb.meta.get("encoder"),
+    # relative to the clusters folder: no absolute path of this machine in what is written (and both
+    # folders can move together)
+    where = os.path.relpath(Path(embeddings).resolve(), Path(out_dir).resolve())
+    source = {"embeddings": where, "encoder": emb.meta.get("encoder"),
               "rows": int(len(rows)), "dim": emb.dim}
     levels = run_hierarchy(x, len(rows), cfg, out_dir, engine, source, progress)
     meta = {"config": dataclasses.asdict(cfg), "source": source, "points": int(len(rows)),
@@ -282,6 +293,8 @@ def load_hierarchy(out_dir: str | os.PathLike) -> Hierarchy:
         raise FileNotFoundError(f"{out} holds no finished clustering (no clusters.json); "
                                 f"run `amoe curate cluster --out {out}` (again, to resume) first")
     meta = json.loads(meta_file.read_text())
+    emb = Path(meta["source"]["embeddings"])        # relative to `out` (absolute in older clusterings)
+    meta["source"]["embeddings"] = str(emb if emb.is_absolute() else out / emb)
     levels = []
     for i in range(1, len(meta["levels"]) + 1):
         t = load_tensors(out / f"level_{i}" / "clusters.safetensors")

@@ -129,11 +129,16 @@ def sample_manifest(clusters: str | os.PathLike, target: int, out: str | os.Path
     with atomic_path(out) as tmp:
         df.to_parquet(tmp, index=False)
     write_json_atomic(out.with_suffix(out.suffix + ".json"), {
-        "clusters": str(Path(clusters).resolve()), "target": int(target), "strategy": strategy, "seed": seed,
+        "clusters": _relative_to(clusters, out), "target": int(target), "strategy": strategy, "seed": seed,
         "samples": int(len(df)), "shards": int(df["shard"].nunique()),
         "top_level_clusters_used": int(df[f"level_{paths.shape[1]}"].nunique()),
         "level1_clusters_used": int(df["level_1"].nunique())})
     return df
+
+
+def _relative_to(path, manifest) -> str:
+    """`path` relative to the manifest's folder: a sidecar names its inputs without this machine's paths."""
+    return os.path.relpath(Path(path).resolve(), Path(manifest).resolve().parent)
 
 
 def random_manifest(embeddings: str | os.PathLike, target: int, out: str | os.PathLike, seed: int = 0):
@@ -156,6 +161,6 @@ def random_manifest(embeddings: str | os.PathLike, target: int, out: str | os.Pa
     with atomic_path(out) as tmp:
         df.to_parquet(tmp, index=False)
     write_json_atomic(out.with_suffix(out.suffix + ".json"), {
-        "embeddings": str(Path(embeddings).resolve()), "target": int(target), "strategy": "uniform-random",
+        "embeddings": _relative_to(embeddings, out), "target": int(target), "strategy": "uniform-random",
         "seed": seed, "samples": int(len(df)), "shards": int(df["shard"].nunique())})
     return df
