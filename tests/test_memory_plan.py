@@ -76,6 +76,11 @@ def test_a_recipe_whose_teachers_cannot_be_planned_gets_one_line():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "--set teachers=DIR" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "amoe.cli", "distill", "stage1", "--plan", "--world-size", "2",
+                          "--set", "teachers.0.spec=hf:google/siglip2-so400m-patch16-naflex"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0, run.stderr
+    assert "unknown encoder kind 'hf'" in run.stderr and "Known kinds:" in run.stderr
 
 
 def test_curation_plan_counts_each_level_at_the_paper_scale():

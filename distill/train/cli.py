@@ -93,13 +93,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"amoe distill: {e}", file=sys.stderr)
         return 2
     if args.plan:
+        from distill.encoders.registry import UnknownEncoderError
         from distill.train.memory_plan import advice, format_plan, plan_recipe, write_plan
 
         try:
             plan = plan_recipe(cfg, args.world_size, pool_images=args.pool_images, gpu_gib=args.gpu_gib,
                                host_gib_per_rank=args.host_gib_per_rank)
-        except ValueError as e:
-            print(f"amoe distill --plan: {e}", file=sys.stderr)
+        except (ValueError, UnknownEncoderError) as e:   # a KeyError: its message is args[0]
+            print(f"amoe distill --plan: {e.args[0] if e.args else e}", file=sys.stderr)
             return 2
         plan["advice"] = advice(plan)
         if args.plan_out:

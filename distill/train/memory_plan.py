@@ -56,9 +56,12 @@ def _teacher_model(spec: str):
     """(kind, source, transformers model on the meta device, how its config was found)."""
     from transformers import AutoConfig, AutoModel, DINOv3ViTConfig, DINOv3ViTModel, Siglip2Config, Siglip2Model
 
-    kind, sep, source = spec.partition(":")
-    if not sep:                       # a bare folder (its kind read from its files by the registry)
-        kind, source = "", spec
+    from distill.encoders.registry import parse_spec
+
+    try:
+        kind, source, _ = parse_spec(spec)     # an unknown kind raises here, listing the known ones
+    except FileNotFoundError:                  # a folder that is not on this machine
+        kind, source = None, spec
     with torch.device("meta"):
         if source and (Path(source).expanduser() / "config.json").is_file():
             return kind, source, AutoModel.from_config(AutoConfig.from_pretrained(source)), "local config.json"
