@@ -115,7 +115,8 @@ class TorchEngine:
         # NCCL only moves GPU tensors; gloo moves CPU tensors
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """SUM `t` over the ranks, in place (a no-op on one process)."""
         if _distributed():
             dev = t.to(self._comm())
             dist.all_reduce(dev)
@@ -153,7 +154,7 @@ class TorchEngine:
         mine = (ids >= start) & (ids < start + len(x))
         out = torch.zeros(len(ids), x.shape[1], dtype=torch.float64)
         out[mine] = torch.from_numpy(np.asarray(x, dtype=np.float32)[(ids[mine] - start).numpy()]).double()
-        return self._all_reduce(out).float().numpy()
+        return self.all_reduce(out).float().numpy()
 
     # --------------------------------------------------------------- k-means
     def fit(self, x: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | None = None,
@@ -179,7 +180,7 @@ class TorchEngine:
             for s in range(0, len(xt), SUM_BLOCK):   # float64 sums without a float64 copy of all points
                 sums.index_add_(0, dev_labels[s:s + SUM_BLOCK], xt[s:s + SUM_BLOCK].to(self.device).double())
             counts = torch.bincount(labels, minlength=k).to(torch.int64)
-            sums, counts = self._all_reduce(sums.cpu()), self._all_reduce(counts)
+            sums, counts = self.all_reduce(sums.cpu()), self.all_reduce(counts)
             nonempty = counts > 0
             new = c.clone()
             new[nonempty] = (sums[nonempty] / counts[nonempty, None]).float()
@@ -211,6 +212,9 @@ class FaissEngine:
 
     def global_size(self, n_local: int) -> int:
         return n_local
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t          # one node
 
     def fit(self, x: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | None = None,
             where: str = "k-means", init_method: str = "random") -> np.ndarray:

@@ -51,22 +51,17 @@ def split_sizes(counts: np.ndarray, k: int) -> np.ndarray:
     return sizes
 
 
-def _all_reduce(engine, t: torch.Tensor) -> torch.Tensor:
-    reduce = getattr(engine, "_all_reduce", None)
-    return reduce(t) if reduce is not None else t
-
-
 def split_fit(engine, x: np.ndarray, k: int, n_splits: int, niter: int, seed: int, where: str = "k-means",
               group_centroids: int = GROUP_CENTROIDS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(centroids (k, d), coarse centroids (k_c, d), offsets (k_c + 1,)) fitted on this rank's `x`."""
     k_c = -(-k // n_splits)
     coarse = engine.fit(x, k_c, niter, seed, where=f"{where} (coarse)")
     labels, _ = engine.assign(x, coarse)
-    counts = _all_reduce(engine, torch.from_numpy(np.bincount(labels, minlength=k_c).astype(np.int64))).numpy()
+    # every rank's count per cluster: the global sizes, and the global member ids of the seeded draws
+    per_rank = engine.gather_rows(np.bincount(labels, minlength=k_c)[None].astype(np.int64))   # (N, k_c)
+    counts = per_rank.sum(0)
     sizes = split_sizes(counts, k)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    # every rank's count per cluster, for the global member ids of the seeded initial draws
-    per_rank = engine.gather_rows(np.bincount(labels, minlength=k_c)[None].astype(np.int64))   # (N, k_c)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     before = per_rank[:rank].sum(0)                    # members of each cluster held by lower ranks
     device = getattr(engine, "device", torch.device("cpu"))
@@ -91,7 +86,7 @@ def split_fit(engine, x: np.ndarray, k: int, n_splits: int, niter: int, seed: in
             own = (pick >= before[c]) & (pick < before[c] + per_rank[rank, c])
             members = order[starts[c]:starts[c + 1]]
             init[int(offsets[c]) - g0 + np.flatnonzero(own)] = xt[members[pick[own] - before[c]]].double()
-        cent = _all_reduce(engine, init).float().to(device)
+        cent = engine.all_reduce(init).float().to(device)
         for _ in range(niter):
             sums = torch.zeros(g1 - g0, d, dtype=torch.float64, device=device)
             cnt = torch.zeros(g1 - g0, dtype=torch.int64, device=device)
@@ -104,7 +99,7 @@ def split_fit(engine, x: np.ndarray, k: int, n_splits: int, niter: int, seed: in
                 j = assign_torch(xm, cent[a:b])[0].to(device) + a
                 sums.index_add_(0, j, xm.to(device).double())
                 cnt += torch.bincount(j, minlength=g1 - g0)
-            sums, cnt = _all_reduce(engine, sums.cpu()), _all_reduce(engine, cnt.cpu())
+            sums, cnt = engine.all_reduce(sums.cpu()), engine.all_reduce(cnt.cpu())
             keep = cnt > 0                                  # an empty sub-cluster keeps its centroid
             cent[keep.to(device)] = (sums[keep] / cnt[keep, None]).float().to(device)
         centroids[g0:g1] = cent.cpu().numpy()

@@ -97,7 +97,7 @@ class SiglinoEncoder(ModuleEncoder):
         self.dinotxt_missing = dinotxt_missing
 
     def runtime_info(self) -> dict:
-        info = {"device": str(self.device)}
+        info = super().runtime_info()
         if isinstance(self.model, Student):
             info["attention"] = self.model.attention_path(self.device)
         return info

@@ -255,9 +255,12 @@ class Student(nn.Module):
     def _backend(self, override: str | None, device) -> str:
         device = torch.device(device)
         backend = resolve_backend(override or self.attention_backend, device)
-        if backend == "flex" and device.type == "cuda" and self.compile_flex and self._compiled_flex is None:
+        if backend == "flex" and self._compiles_flex_on(device) and self._compiled_flex is None:
             self.enable_compiled_flex()
         return backend
+
+    def _compiles_flex_on(self, device: torch.device) -> bool:
+        return device.type == "cuda" and self.compile_flex
 
     def attention_path(self, device) -> str:
         """What attention runs on `device`: 'flex-compiled', 'flex-eager', 'segments' or 'sdpa' (for logs
@@ -266,7 +269,7 @@ class Student(nn.Module):
         backend = resolve_backend(self.attention_backend, device)
         if backend != "flex":
             return backend
-        compiled = self._compiled_flex is not None or (device.type == "cuda" and self.compile_flex)
+        compiled = self._compiled_flex is not None or self._compiles_flex_on(device)
         return "flex-compiled" if compiled else "flex-eager"
 
     def _param_dtype(self):

@@ -94,7 +94,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.plan:
         from distill.encoders.registry import UnknownEncoderError
-        from distill.train.memory_plan import advice, format_plan, plan_recipe, write_plan
+        from distill.io import write_json_atomic
+        from distill.train.memory_plan import advice, format_plan, plan_recipe
 
         try:
             plan = plan_recipe(cfg, args.world_size, pool_images=args.pool_images, gpu_gib=args.gpu_gib,
@@ -104,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
             return 2
         plan["advice"] = advice(plan)
         if args.plan_out:
-            write_plan(plan, args.plan_out)
+            write_json_atomic(args.plan_out, plan)
         print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
         for line in plan["advice"]:
             print(f"amoe distill --plan: {line}", file=sys.stderr)

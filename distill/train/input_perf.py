@@ -160,7 +160,7 @@ def run_pool_perf(n: int = 20_000_000, shards: int = 2000, world_size: int = 32,
 
     from distill.train.batching import TokenBalancedSampler
     from distill.train.config import DataSource
-    from distill.train.pool import ENTRY_DTYPE, INDEX_VERSION, TrainingPool, _shard_signature
+    from distill.train.pool import ENTRY_DTYPE, TrainingPool, _shard_signature, write_index
 
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         root, index = Path(tmp) / "shards", Path(tmp) / "index" / "source_0"
@@ -175,14 +175,10 @@ def run_pool_perf(n: int = 20_000_000, shards: int = 2000, world_size: int = 32,
         entries["offset"] = np.arange(n, dtype=np.int64) * 1024
         entries["size"] = 100_000
         entries["height"], entries["width"] = _synthetic_sizes(n, rng)
-        np.save(index / "entries.npy", entries)
-        del entries
         digits = (np.arange(n, dtype=np.int64)[:, None] // 10 ** np.arange(9, -1, -1)) % 10 + 48
-        np.save(index / "keys.npy", digits.astype(np.uint8).view("S10").reshape(-1))
-        del digits
-        sig = _shard_signature(sorted(root.glob("*.tar")))
-        (index / "meta.json").write_text(json.dumps({"version": INDEX_VERSION, "shards": sig, "corrupt": 0,
-                                                     "images": n}))
+        write_index(index, _shard_signature(sorted(root.glob("*.tar"))), entries,
+                    digits.astype(np.uint8).view("S10").reshape(-1), corrupt=0)
+        del entries, digits
         written = time.perf_counter() - t0
         gc.collect()
 

@@ -27,7 +27,6 @@ Estimates are marked as such in the JSON (`estimated`); everything else is count
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def _teacher_model(spec: str):
                      f"config.json (--set teachers=DIR for the mini-world recipes) or one of {sorted(PAPER_TEACHERS)}")
 
 
-def _nbytes(params) -> int:
+def _numel(params) -> int:
     return sum(p.numel() for p in params)
 
 
@@ -166,8 +165,8 @@ def plan_recipe(cfg, world_size: int, pool_images: int = 0, gpu_gib: float = 80.
 
     with torch.device("meta"):
         student = Student(cfg.student.config)
-    P = _nbytes(student.parameters())
-    block = max(_nbytes(bl.parameters()) for bl in student.layers.values())
+    P = _numel(student.parameters())
+    block = max(_numel(bl.parameters()) for bl in student.layers.values())
     sharded = e.parallel == "fsdp" and N > 1
     if sharded:
         params = 4 * P / N + FSDP_BLOCKS_IN_FLIGHT * 4 * block
@@ -181,7 +180,7 @@ def plan_recipe(cfg, world_size: int, pool_images: int = 0, gpu_gib: float = 80.
     teacher_dtype = 2 if on_gpu else 4
     for t in cfg.teachers:
         kind, source, model, origin = _teacher_model(t.spec)
-        n = _nbytes(model.parameters())
+        n = _numel(model.parameters())
         vc = getattr(model.config, "vision_config", model.config)
         width, inter = int(vc.hidden_size), int(vc.intermediate_size)
         # the largest live tensors of a no-grad block: its input, qkv, the MLP's hidden layer
@@ -266,9 +265,3 @@ def format_plan(plan: dict) -> str:
     lines.append(f"  {'total':18s} {g(plan['host_per_rank_bytes'])}  of {g(plan['host_budget_bytes']).strip()}: "
                  + ("fits" if plan["fits_host"] else "DOES NOT FIT"))
     return "\n".join(lines)
-
-
-def write_plan(plan: dict, path) -> None:
-    from distill.io import write_json_atomic
-
-    write_json_atomic(path, json.loads(json.dumps(plan)))

@@ -116,6 +116,14 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
             np.save(f, array)
 
 
+def write_index(folder: Path, signature: list[list], entries: np.ndarray, keys: np.ndarray, corrupt: int) -> None:
+    """A source's index files; `meta.json` (which marks the index complete) last."""
+    _save_npy(folder / "entries.npy", entries)
+    _save_npy(folder / "keys.npy", keys)
+    write_json_atomic(folder / "meta.json", {"version": INDEX_VERSION, "shards": signature, "corrupt": int(corrupt),
+                                             "images": len(entries)})
+
+
 def build_index(path: str | os.PathLike, index_dir: str | os.PathLike | None = None, *, rank: int = 0,
                 world_size: int = 1, barrier: Callable[[], None] = lambda: None) -> PoolIndex:
     """Index every image in the shards under `path`; with `index_dir`, keep it there (memory-mapped,
@@ -154,11 +162,7 @@ def build_index(path: str | os.PathLike, index_dir: str | os.PathLike | None = N
             for i in range(len(shards)):
                 with np.load(part_dir / f"{i:07d}.{sig[i][1]}.{sig[i][2]}.npz") as z:
                     parts.append((z["entries"], z["keys"], int(z["corrupt"])))
-            entries, keys, corrupt = _join(parts)
-            _save_npy(folder / "entries.npy", entries)
-            _save_npy(folder / "keys.npy", keys)
-            write_json_atomic(meta_file, {"version": INDEX_VERSION, "shards": sig, "corrupt": corrupt,
-                                          "images": len(entries)})
+            write_index(folder, sig, *_join(parts))
             for f in part_dir.iterdir():
                 f.unlink()
             part_dir.rmdir()
