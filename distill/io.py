@@ -16,6 +16,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -66,6 +67,77 @@ def save_tensors_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor
 
 def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
     return load_file(str(path), device=device)
+
+
+# safetensors dtype names of the numpy dtypes written in place
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
+              "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+class TensorFileWriter:
+    """A safetensors file too large to build in memory, written in place: the main process lays out the
+    header and sizes the file (`create`), every process (rank) then fills its slices of the tensors
+    through writable memory maps (`array`), and the main process renames it into place (`commit`).
+    Until then it lives at `PATH.partial`, so it never looks complete. The layout is plain safetensors
+    (tensors stored back to back, widest items first so every one is aligned), readable by
+    `safetensors.load_file` and `map_tensors`."""
+
+    def __init__(self, path: str | os.PathLike, spec: dict[str, tuple[Any, tuple[int, ...]]]):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        header, begin = {}, 0
+        for name, (dtype, shape) in sorted(spec.items(), key=lambda kv: (-np.dtype(kv[1][0]).itemsize, kv[0])):
+            dt = np.dtype(dtype)
+            end = begin + dt.itemsize * int(np.prod(shape, dtype=np.int64))
+            header[name] = {"dtype": _ST_NAMES[dt], "shape": [int(v) for v in shape], "data_offsets": [begin, end]}
+            begin = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)                 # keeps the data 8-byte aligned, as safetensors does
+        self.header, self.head_bytes, self.data_bytes = header, raw, begin
+        self.data_start = 8 + len(raw)
+
+    def create(self) -> None:
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.partial, "wb") as f:
+            f.write(len(self.head_bytes).to_bytes(8, "little") + self.head_bytes)
+            f.truncate(self.data_start + self.data_bytes)    # sparse until written
+
+    def array(self, name: str) -> np.ndarray:
+        h = self.header[name]
+        if h["data_offsets"][0] == h["data_offsets"][1]:
+            return np.zeros(h["shape"], _ST_DTYPES[h["dtype"]])
+        return np.memmap(self.partial, dtype=_ST_DTYPES[h["dtype"]], mode="r+", shape=tuple(h["shape"]),
+                         offset=self.data_start + h["data_offsets"][0])
+
+    def commit(self) -> None:
+        with open(self.partial, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.partial, self.path)
+
+
+def map_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file as copy-on-write memory maps: nothing is read until used, and
+    ranks on one node share the pages (a level of 20M centroids is 57 GiB)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            raise ValueError(f"{path} is not a safetensors file (header of {n} bytes in a {size}-byte file)")
+        header = json.loads(f.read(n))
+    out = {}
+    for name, h in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = h["data_offsets"]
+        if h["dtype"] not in _ST_DTYPES or end > size - 8 - n:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {h['dtype']} or offsets {begin}-{end} this "
+                             f"reader does not handle; load it with safetensors.load_file")
+        dt, shape = np.dtype(_ST_DTYPES[h["dtype"]]), tuple(h["shape"])
+        out[name] = (np.memmap(path, dtype=dt, mode="c", shape=shape, offset=8 + n + begin) if end > begin
+                     else np.zeros(shape, dt))
+    return out
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -211,6 +211,60 @@ def test_cluster_resume_and_errors(tmp_path, embedded, monkeypatch):
         assert load_cluster_config(name).levels
 
 
+def test_level_files_are_written_in_place_and_read_back_mapped(tmp_path, embedded):
+    """Each level is written in place into a plain safetensors file (committed from `.partial`, so
+    none is left looking complete), read back memory-mapped; the embedding row ids of the points are
+    found from the index's valid column batch by batch, whatever the batch size."""
+    from safetensors.numpy import load_file
+
+    _, emb = embedded
+    h = cluster_embeddings(emb, CFG, tmp_path / "cl", progress=False)
+    assert not list((tmp_path / "cl").rglob("*.partial"))
+    plain = load_file(str(tmp_path / "cl" / "level_1" / "clusters.safetensors"))
+    np.testing.assert_array_equal(plain["assignments"], h.levels[0].assignments)
+    np.testing.assert_array_equal(plain["centroids"], h.levels[0].centroids)
+    assert isinstance(h.levels[0].centroids, np.memmap)
+    done = json.loads((tmp_path / "cl" / "level_1" / "done.json").read_text())
+    sizes = np.bincount(plain["assignments"], minlength=6)
+    assert (done["largest"], done["smallest"]) == (sizes.max(), sizes.min())
+    assert done["inertia"] == pytest.approx(float(plain["distances"].astype(np.float64).sum()))
+    e = EmbeddingSet(emb)
+    every = e.index["row"].to_numpy()[e.index["valid"].to_numpy()]
+    for batch in (1, 7, 1 << 22):
+        for lo, hi in ((0, 60), (13, 29), (59, 60), (30, 30)):
+            np.testing.assert_array_equal(e.valid_rows_between(lo, hi, batch_rows=batch), every[lo:hi])
+
+
+def test_float16_points_cluster_like_float32(tmp_path):
+    """`point_dtype: float16` (the paper config's, half the host memory) clusters unit vectors as well as
+    float32 points: against the same centroids nearly every label is equal, a fit from the same start
+    lands on nearly the same centroids, and a whole split hierarchy (where a changed tie in the coarse
+    level moves whole sub-clusters, so labels are not comparable one by one) keeps its inertia within
+    5 %. The dtype is part of a level's identity."""
+    from distill.curation.hierarchy import run_hierarchy
+    from distill.curation.kmeans import make_engine
+    from distill.curation.perf import synthetic_points
+
+    x = synthetic_points(20000, 32, seed=3, modes=200)
+    eng = make_engine("torch", "cpu")
+    c = eng.fit(x, 80, 8, 0)
+    labels, dists = eng.assign(x, c)
+    labels16, dists16 = eng.assign(x.astype(np.float16), c)
+    assert (labels == labels16).mean() > 0.995 and np.abs(dists - dists16).max() < 1e-2   # measured 0.9999
+    assert np.abs(eng.fit(x.astype(np.float16), 80, 8, 0) - c).max() < 0.05               # measured 0.004
+    base = {"engine": "torch", "seed": 0, "normalize": False, "fit_points": 12000,
+            "levels": [{"k": 80, "n_splits": 4, "niter": 8}, {"k": 10, "niter": 8}]}
+    runs = {dt: run_hierarchy(x, len(x), load_cluster_config({**base, "point_dtype": dt}), tmp_path / dt,
+                              eng, progress=False) for dt in ("float32", "float16")}
+    ratio = float(runs["float16"][0].distances.sum()) / float(runs["float32"][0].distances.sum())
+    assert abs(ratio - 1) < 0.05                                                          # measured 0.990
+    with pytest.raises(ValueError, match="other settings"):
+        run_hierarchy(x, len(x), load_cluster_config({**base, "point_dtype": "float16"}), tmp_path / "float32",
+                      eng, progress=False)
+    with pytest.raises(ValueError, match="point_dtype"):
+        load_cluster_config({**base, "point_dtype": "bfloat16"})
+
+
 def test_sample_manifest_and_trainer_consumes_it(tmp_path, embedded):
     from distill.train.config import DataSource
     from distill.train.pool import TrainingPool

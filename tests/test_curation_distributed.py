@@ -70,13 +70,13 @@ import json, sys
 import numpy as np
 import torch.distributed as dist
 from pathlib import Path
-from distill.curation.hierarchy import _rank_slice, load_cluster_config, run_hierarchy
+from distill.curation.hierarchy import load_cluster_config, run_hierarchy
 from distill.curation.kmeans import make_engine
 
 tmp = Path({tmp!r})
 dist.init_process_group("gloo", init_method="file://" + str(tmp / "rendezvous"), rank=int(sys.argv[1]), world_size=2)
 x = np.load(tmp / "x.npy")
-run_hierarchy(x[_rank_slice(len(x))], len(x), load_cluster_config(json.loads({cfg!r})), tmp / "two",
+run_hierarchy(x, len(x), load_cluster_config(json.loads({cfg!r})), tmp / "two",
               make_engine("torch", "cpu"), progress=False)
 dist.destroy_process_group()
 """

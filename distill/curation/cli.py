@@ -59,6 +59,8 @@ def register(subparsers) -> None:
     f.add_argument("--engine", default="faiss", choices=("faiss", "torch"))
     f.add_argument("--split", type=int, default=None, metavar="N",
                    help="compare a level 1 split N ways against the flat engine at the same k")
+    f.add_argument("--point-dtype", default="float32", choices=("float32", "float16"),
+                   help="how the points are held (the paper config: float16)")
     f.add_argument("--json", action="store_true", help="print JSON (the default output is a table)")
     f.set_defaults(func=_perf)
 
@@ -69,6 +71,7 @@ def register(subparsers) -> None:
     q.add_argument("--dim", type=int, default=768, help="embedding width (DINOv3 ViT-B: 768)")
     q.add_argument("--device-gib", type=float, default=80.0, help="accelerator memory per rank, GiB")
     q.add_argument("--host-gib-per-rank", type=float, default=128.0, help="host memory per rank, GiB")
+    q.add_argument("--ranks-per-node", type=int, default=8, help="ranks sharing one node's page cache")
     q.add_argument("--json", action="store_true", help="print the plan as JSON")
     q.add_argument("--plan-out", default=None, help="also write the plan JSON to this file")
     q.set_defaults(func=_plan)
@@ -146,7 +149,7 @@ def _plan(args) -> int:
 
     try:
         plan = plan_levels(load_cluster_config(args.config), args.world_size, args.points, args.dim,
-                           args.device_gib, args.host_gib_per_rank)
+                           args.device_gib, args.host_gib_per_rank, args.ranks_per_node)
     except (ValueError, ConfigError) as e:
         print(f"amoe curate plan: {e}", file=sys.stderr)
         return 2
@@ -166,16 +169,17 @@ def _perf(args) -> int:
     if args.split:
         from distill.curation.perf import run_split_perf
 
-        res = run_split_perf(sizes, args.split, dim=args.dim, engine=args.engine)
+        res = run_split_perf(sizes, args.split, dim=args.dim, engine=args.engine, point_dtype=args.point_dtype)
         if args.json:
             print(json.dumps(res, indent=2))
         else:
             for kind in ("flat", "split"):
                 for r in res[kind]["runs"]:
                     print(f"{kind:5s} {r['points']:>9d} points x {r['dim']}: {r['wall_s']:8.2f} s  "
-                          f"peak RSS {r['peak_rss_mb']:8.1f} MB")
+                          f"peak RSS {r['peak_rss_mb']:8.1f} MB (clustering {r['clustering_grew_mb']} MB, "
+                          f"planned {r['planned_mb']} MB)")
         return 0
-    res = run_perf(sizes, dim=args.dim, engine=args.engine)
+    res = run_perf(sizes, dim=args.dim, engine=args.engine, point_dtype=args.point_dtype)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

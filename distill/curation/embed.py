@@ -15,6 +15,7 @@ listing the keys: it would poison every centroid it touches.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -263,26 +264,53 @@ def finalize(out: Path, units: list[Unit]) -> None:
 
 
 class EmbeddingSet:
-    """Read side of an embeddings directory: the index plus memory-mapped unit arrays."""
+    """Read side of an embeddings directory: the index plus memory-mapped unit arrays. The index (a key
+    per image: gigabytes at a 2.3B pool) is read only when asked for; clustering reads the `valid`
+    column alone, one rank's stretch at a time."""
 
     def __init__(self, root: str | os.PathLike):
-        import pandas as pd
-
         self.root = Path(root)
         meta = self.root / "embeddings.json"
         if not meta.exists():
             raise FileNotFoundError(f"{self.root} is not a finished embeddings directory (no embeddings.json); "
                                     f"run `amoe curate embed --out {self.root}` (again, to resume) first")
         self.meta = json.loads(meta.read_text())
-        self.index = pd.read_parquet(self.root / "index.parquet")
         self.dim = int(self.meta["dim"])
 
+    @functools.cached_property
+    def index(self):
+        import pandas as pd
+
+        return pd.read_parquet(self.root / "index.parquet")
+
     def __len__(self) -> int:
-        return len(self.index)
+        return int(self.meta["rows"])
+
+    @property
+    def n_valid(self) -> int:
+        return int(self.meta["valid"])
 
     @property
     def valid_rows(self) -> np.ndarray:
-        return self.index["row"].to_numpy()[self.index["valid"].to_numpy()]
+        return self.valid_rows_between(0, self.n_valid)
+
+    def valid_rows_between(self, start: int, stop: int, batch_rows: int = 1 << 22) -> np.ndarray:
+        """Global row ids of the valid rows number start..stop-1 (in row order), read batch by batch
+        from the index's `valid` column: no array over the whole pool."""
+        import pyarrow.parquet as pq
+
+        out, seen, base = [], 0, 0      # seen: valid rows before this batch; base: its first row id
+        for batch in pq.ParquetFile(self.root / "index.parquet").iter_batches(columns=["valid"],
+                                                                              batch_size=batch_rows):
+            valid = batch.column(0).to_numpy(zero_copy_only=False)
+            n = int(valid.sum())
+            if seen + n > start and seen < stop:
+                ids = np.flatnonzero(valid) + base
+                out.append(ids[max(0, start - seen):stop - seen])
+            seen, base = seen + n, base + len(valid)
+            if seen >= stop:
+                break
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
         """float32 (len(rows), dim) for global row ids (read unit by unit through memory maps)."""

@@ -26,9 +26,10 @@ import torch
 
 from distill.config import ConfigError, read_config_file, unknown_keys_error
 from distill.curation.split import split_assign, split_fit
-from distill.io import fingerprint, load_tensors, save_tensors_atomic, write_json_atomic
+from distill.io import TensorFileWriter, fingerprint, map_tensors, write_json_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+POINT_DTYPES = ("float32", "float16")
 
 
 @dataclass
@@ -51,6 +52,8 @@ class ClusterConfig:
     seed: int = 0
     fit_points: int | None = None  # fit level 1 on a seeded uniform subsample of this many points, then
                                    # assign every point to its centroids (the paper: 1B fit, 2.3B assigned)
+    point_dtype: str = "float32"   # float16 halves a rank's points in memory (the paper's 72M x 768 per
+                                   # rank: 206 -> 103 GiB); distances and sums stay float32 / float64
     description: str = ""
 
 
@@ -72,6 +75,8 @@ def parse_cluster_config(raw: dict) -> ClusterConfig:
     from distill.curation.kmeans import ENGINES, INIT_METHODS
     if cfg.engine not in ENGINES:
         raise ValueError(f"clustering config: engine must be one of {ENGINES}, got {cfg.engine!r}")
+    if cfg.point_dtype not in POINT_DTYPES:
+        raise ValueError(f"clustering config: point_dtype must be one of {POINT_DTYPES}, got {cfg.point_dtype!r}")
     if cfg.fit_points is not None and cfg.fit_points < 1:
         raise ValueError(f"clustering config: fit_points must be >= 1 or null, got {cfg.fit_points}")
     for i, lv in enumerate(levels, 1):
@@ -186,26 +191,92 @@ class Hierarchy:
     meta: dict = field(default_factory=dict)
 
 
-def run_hierarchy(x_local: np.ndarray, n_points: int, cfg: ClusterConfig, out_dir: str | os.PathLike,
-                  engine, source: dict | None = None, progress: bool = True) -> list[Level]:
-    """Cluster level by level; `x_local` is this rank's contiguous slice of the (normalised) points.
+LOAD_CHUNK = 1 << 18        # rows read (and normalised in float32) at a time while loading a rank's points
 
-    Each finished level is saved (rank 0) before the next starts; a level whose done file matches the
-    config and the input is loaded instead of recomputed."""
+
+def fit_first_order(mine: slice, n_points: int, cfg: ClusterConfig) -> tuple[np.ndarray | None, int]:
+    """This rank's rows in the order level 1 holds them, and how many of them are fitted: with
+    `fit_points`, the seeded subsample first and the rest after, so the fit set is a view of the points
+    and never a copy (89 GiB per rank at the paper's scale). None (natural order) when every point fits."""
+    n_local = mine.stop - mine.start
+    if cfg.fit_points is None or cfg.fit_points >= n_points:
+        return None, n_local
+    mask = subsample_mask(mine.start, mine.stop, cfg.fit_points / n_points, cfg.seed)
+    fit = np.flatnonzero(mask)
+    return np.concatenate([fit, np.flatnonzero(~mask)]), len(fit)
+
+
+def load_points(read, ids: np.ndarray, dtype) -> np.ndarray:
+    """`read(global ids) -> rows`, chunk by chunk into one `dtype` array (no float32 copy of them all)."""
+    first = np.asarray(read(ids[:LOAD_CHUNK]))
+    out = np.empty((len(ids), first.shape[1]), dtype)
+    out[:len(first)] = first
+    for s in range(LOAD_CHUNK, len(ids), LOAD_CHUNK):
+        out[s:s + LOAD_CHUNK] = read(ids[s:s + LOAD_CHUNK])
+    return out
+
+
+def _level_file(ldir: Path, k: int, d: int, n_in: int) -> TensorFileWriter:
+    return TensorFileWriter(ldir / "clusters.safetensors", {
+        "centroids": (np.float32, (k, d)), "assignments": (np.int64, (n_in,)), "distances": (np.float32, (n_in,))})
+
+
+def _read_level(ldir: Path) -> Level:
+    t = map_tensors(ldir / "clusters.safetensors")
+    return Level(t["centroids"], t["assignments"], t["distances"])
+
+
+def _cluster_level(engine, inputs: np.ndarray, fit_x: np.ndarray, lv: LevelConfig, seed: int, where: str,
+                   writer: TensorFileWriter) -> tuple[np.ndarray, np.ndarray]:
+    """One level on this rank's `inputs`; the centroids go into the level file (the main rank writes
+    them), the labels and distances of `inputs` come back."""
+    main = _is_main()
+    if lv.n_splits > 1:     # the (k, d) table is written group by group and read back by every rank
+        table = writer.array("centroids")
+        _, coarse, offsets = split_fit(engine, fit_x, lv.k, lv.n_splits, lv.niter, seed, where, out=table,
+                                       write=main)
+        table.flush()
+        _barrier()
+        return split_assign(inputs, coarse, writer.array("centroids"), offsets, engine)
+    if fit_x is not inputs:
+        c, _, _ = kmeans_resampled(engine, fit_x, lv, seed, where)
+        labels, dists = engine.assign(inputs, c)
+    else:
+        c, labels, dists = kmeans_resampled(engine, inputs, lv, seed, where)
+    if main:
+        table = writer.array("centroids")
+        table[:] = c
+        table.flush()
+    return labels, dists
+
+
+def run_hierarchy(points, n_points: int, cfg: ClusterConfig, out_dir: str | os.PathLike,
+                  engine, source: dict | None = None, progress: bool = True) -> list[Level]:
+    """Cluster level by level. `points`: every (normalised) point by global row, as an (n_points, d) array
+    or a function from global row ids to rows; each rank loads only its own slice, in `point_dtype`.
+
+    Each level is written in place into its safetensors file (each rank its own rows of the labels, the
+    main rank the centroids), so no rank ever holds the labels of all points; it is committed before
+    the next level starts, and a level whose done file matches the config and the input is read back
+    (memory-mapped) instead of recomputed."""
     from tqdm import tqdm
 
     out = Path(out_dir)
+    read = points.__getitem__ if isinstance(points, np.ndarray) else points
+    mine = _rank_slice(n_points)
+    order, n_fit = fit_first_order(mine, n_points, cfg)
     levels: list[Level] = []
-    inputs = x_local
+    inputs = None
     for i, lv in enumerate(tqdm(cfg.levels, desc="levels", disable=not progress), 1):
         where = f"level {i}"
         n_in = n_points if i == 1 else cfg.levels[i - 2].k
         def identity(src):
-            # n_splits enters only when set, so clusterings made before it existed still resume
+            # n_splits and point_dtype enter only when set, so clusterings made before them still resume
             levels = [{k: v for k, v in dataclasses.asdict(lv_).items() if not (k == "n_splits" and v == 1)}
                       for lv_ in cfg.levels[:i]]
+            extra = {} if cfg.point_dtype == "float32" else {"point_dtype": cfg.point_dtype}
             return fingerprint({"source": src, "normalize": cfg.normalize, "seed": cfg.seed, "n": n_points,
-                                "fit_points": cfg.fit_points, "levels": levels, "engine": cfg.engine})
+                                "fit_points": cfg.fit_points, "levels": levels, "engine": cfg.engine, **extra})
 
         fp = identity(source)
         ldir = out / f"level_{i}"
@@ -218,39 +289,38 @@ def run_hierarchy(x_local: np.ndarray, n_points: int, cfg: ClusterConfig, out_di
             if rec.get("fingerprint") not in (fp, legacy):
                 raise ValueError(f"{ldir} was clustered with other settings or input; use a new --out "
                                  f"(or delete {out}) to recluster")
-            t = load_tensors(ldir / "clusters.safetensors")
-            level = Level(t["centroids"].numpy(), t["assignments"].numpy(), t["distances"].numpy())
         else:
-            fit_x = inputs
-            if i == 1 and cfg.fit_points is not None and cfg.fit_points < n_points:
-                # fit on a seeded uniform subsample (about fit_points points), assign every point
-                mine = _rank_slice(n_points)
-                fit_x = inputs[subsample_mask(mine.start, mine.stop, cfg.fit_points / n_points, cfg.seed)]
-            if lv.n_splits > 1:
-                c, coarse, offsets = split_fit(engine, fit_x, lv.k, lv.n_splits, lv.niter, cfg.seed + 1000 * i,
-                                               where)
-                labels, dists = split_assign(inputs, coarse, c, offsets, engine)
-            elif fit_x is not inputs:
-                c, _, _ = kmeans_resampled(engine, fit_x, lv, cfg.seed + 1000 * i, where)
-                labels, dists = engine.assign(inputs, c)
-            else:
-                c, labels, dists = kmeans_resampled(engine, inputs, lv, cfg.seed + 1000 * i, where)
-            labels = engine.gather_rows(labels.astype(np.int64))
-            dists = engine.gather_rows(dists.astype(np.float32))
-            level = Level(np.asarray(c, np.float32), labels, dists)
+            if i == 1:
+                local = np.arange(mine.start, mine.stop) if order is None else mine.start + order
+                inputs = load_points(read, local, np.dtype(cfg.point_dtype))
+            fit_x = inputs[:n_fit] if i == 1 and order is not None else inputs
+            writer = _level_file(ldir, lv.k, inputs.shape[1], n_in)
             if _is_main():
-                save_tensors_atomic(ldir / "clusters.safetensors", {
-                    "centroids": torch.from_numpy(level.centroids), "assignments": torch.from_numpy(labels),
-                    "distances": torch.from_numpy(dists)})
-                sizes = np.bincount(labels, minlength=lv.k)
+                writer.create()
+            _barrier()
+            labels, dists = _cluster_level(engine, inputs, fit_x, lv, cfg.seed + 1000 * i, where, writer)
+            if i == 1 and order is not None:         # back to row order
+                labels[order], dists[order] = labels.copy(), dists.copy()
+            rows = _rank_slice(n_in)
+            for name, v in (("assignments", labels), ("distances", dists)):
+                dst = writer.array(name)
+                dst[rows] = v
+                dst.flush()
+            # level statistics from per-rank counts: no rank gathers every label
+            sizes = engine.all_reduce(torch.from_numpy(np.bincount(labels, minlength=lv.k).astype(np.int64)))
+            inertia = engine.all_reduce(torch.tensor([dists.astype(np.float64).sum()], dtype=torch.float64))
+            _barrier()
+            if _is_main():
+                writer.commit()
                 write_json_atomic(done, {"level": i, "fingerprint": fp, "config": dataclasses.asdict(lv),
                                          "n_in": int(n_in), "empty_clusters": int((sizes == 0).sum()),
                                          "largest": int(sizes.max()), "smallest": int(sizes.min()),
-                                         "inertia": float(dists.astype(np.float64).sum())})
+                                         "inertia": float(inertia[0])})
             _barrier()
+        level = _read_level(ldir)
         levels.append(level)
         # the next level clusters these centroids, split across ranks the same way
-        inputs = level.centroids[_rank_slice(len(level.centroids))]
+        inputs = np.asarray(level.centroids[_rank_slice(len(level.centroids))], dtype=cfg.point_dtype)
     return levels
 
 
@@ -264,26 +334,39 @@ def cluster_embeddings(embeddings: str | os.PathLike, cfg: ClusterConfig | str |
     if engine_name:
         cfg = dataclasses.replace(cfg, engine=engine_name)
     emb = EmbeddingSet(embeddings)
-    rows = emb.valid_rows
-    if len(rows) == 0:
+    n = emb.n_valid
+    if n == 0:
         raise ValueError(f"{embeddings} has no valid embeddings to cluster")
     engine = make_engine(cfg.engine)
-    x = emb.rows(rows[_rank_slice(len(rows))])
-    if cfg.normalize:
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    mine = _rank_slice(n)
+    rows = emb.valid_rows_between(mine.start, mine.stop)      # embedding row of each of this rank's points
+
+    def read(ids: np.ndarray) -> np.ndarray:
+        x = emb.rows(rows[ids - mine.start])
+        if cfg.normalize:
+            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x
+
     # relative to the clusters folder: no absolute path of this machine in what is written (and both
     # folders can move together)
     where = os.path.relpath(Path(embeddings).resolve(), Path(out_dir).resolve())
-    source = {"embeddings": where, "encoder": emb.meta.get("encoder"),
-              "rows": int(len(rows)), "dim": emb.dim}
-    levels = run_hierarchy(x, len(rows), cfg, out_dir, engine, source, progress)
-    meta = {"config": dataclasses.asdict(cfg), "source": source, "points": int(len(rows)),
+    source = {"embeddings": where, "encoder": emb.meta.get("encoder"), "rows": n, "dim": emb.dim}
+    levels = run_hierarchy(read, n, cfg, out_dir, engine, source, progress)
+    meta = {"config": dataclasses.asdict(cfg), "source": source, "points": n,
             "levels": [{"k": int(len(l.centroids)), "n_in": int(len(l.assignments))} for l in levels]}
+    points = TensorFileWriter(Path(out_dir) / "points.safetensors", {"rows": (np.int64, (n,))})
     if _is_main():
-        save_tensors_atomic(Path(out_dir) / "points.safetensors", {"rows": torch.from_numpy(rows.astype(np.int64))})
+        points.create()
+    _barrier()
+    dst = points.array("rows")
+    dst[mine] = rows
+    dst.flush()
+    _barrier()
+    if _is_main():
+        points.commit()
         write_json_atomic(Path(out_dir) / "clusters.json", meta)
     _barrier()
-    return Hierarchy(levels, rows, meta)
+    return Hierarchy(levels, map_tensors(Path(out_dir) / "points.safetensors")["rows"], meta)
 
 
 def load_hierarchy(out_dir: str | os.PathLike) -> Hierarchy:
@@ -295,9 +378,5 @@ def load_hierarchy(out_dir: str | os.PathLike) -> Hierarchy:
     meta = json.loads(meta_file.read_text())
     emb = Path(meta["source"]["embeddings"])        # relative to `out` (absolute in older clusterings)
     meta["source"]["embeddings"] = str(emb if emb.is_absolute() else out / emb)
-    levels = []
-    for i in range(1, len(meta["levels"]) + 1):
-        t = load_tensors(out / f"level_{i}" / "clusters.safetensors")
-        levels.append(Level(t["centroids"].numpy(), t["assignments"].numpy(), t["distances"].numpy()))
-    rows = load_tensors(out / "points.safetensors")["rows"].numpy()
-    return Hierarchy(levels, rows, meta)
+    levels = [_read_level(out / f"level_{i}") for i in range(1, len(meta["levels"]) + 1)]
+    return Hierarchy(levels, map_tensors(out / "points.safetensors")["rows"], meta)

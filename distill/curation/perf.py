@@ -43,14 +43,19 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def measure_one(n: int, dim: int, engine: str, levels: list[dict], seed: int = 0) -> dict:
-    """Cluster `n` synthetic points in this process; returns timings and memory."""
+def measure_one(n: int, dim: int, engine: str, levels: list[dict], seed: int = 0,
+                point_dtype: str = "float32") -> dict:
+    """Cluster `n` synthetic points in this process; returns timings and memory, and what
+    `amoe curate plan` predicts for the same run on one rank (host and device are one memory here)."""
     from distill.curation.hierarchy import parse_cluster_config, run_hierarchy
     from distill.curation.kmeans import make_engine
+    from distill.curation.plan import plan_levels
 
     x = synthetic_points(n, dim, seed)
     cfg = parse_cluster_config({"name": "perf", "engine": engine, "normalize": False, "seed": seed,
-                                "levels": levels})
+                                "levels": levels, "point_dtype": point_dtype})
+    plan = plan_levels(cfg, 1, n, dim)
+    planned = max(lv["host_total_bytes"] + lv["device_total_bytes"] for lv in plan["levels"]) / 2**20
     eng = make_engine(engine)
     before = status_mib("VmRSS")
     exact = reset_peak_rss()
@@ -61,9 +66,12 @@ def measure_one(n: int, dim: int, engine: str, levels: list[dict], seed: int = 0
     # VmHWM after a reset = the clustering's own peak; otherwise the process peak (ru_maxrss, KiB)
     peak = peak_rss_mib()
     return {"points": n, "dim": dim, "engine": engine, "levels": [lv["k"] for lv in levels],
-            "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "point_dtype": point_dtype, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
             "peak_rss_mb": round(peak, 1), "peak_is_clustering_only": exact,
             "rss_before_cluster_mb": None if before is None else round(before, 1),
+            # what clustering added to the process against the plan's count for it
+            "clustering_grew_mb": None if before is None or not exact else round(peak - before, 1),
+            "planned_mb": round(planned, 1),
             "data_mb": round(x.nbytes / 2**20, 1),
             "level1_largest_cluster": int(np.bincount(out[0].assignments).max())}
 
@@ -74,21 +82,22 @@ def split_levels(n_splits: int) -> list[dict]:
     return [first] + DEFAULT_LEVELS[1:]
 
 
-def run_split_perf(sizes, n_splits: int, dim: int = 128, engine: str = "torch") -> dict:
+def run_split_perf(sizes, n_splits: int, dim: int = 128, engine: str = "torch", point_dtype: str = "float32") -> dict:
     """The split-based level 1 against the flat engine at the same k (both without level-1 resampling)."""
-    return {"n_splits": n_splits, "flat": run_perf(sizes, dim, engine, split_levels(1)),
-            "split": run_perf(sizes, dim, engine, split_levels(n_splits))}
+    return {"n_splits": n_splits, "flat": run_perf(sizes, dim, engine, split_levels(1), point_dtype=point_dtype),
+            "split": run_perf(sizes, dim, engine, split_levels(n_splits), point_dtype=point_dtype)}
 
 
 def run_perf(sizes=DEFAULT_SIZES, dim: int = 128, engine: str = "faiss", levels: list[dict] | None = None,
-             threads: int | None = None) -> dict:
+             threads: int | None = None, point_dtype: str = "float32") -> dict:
     levels = levels or DEFAULT_LEVELS
     threads = threads or os.cpu_count() or 1
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     runs = []
     for n in sizes:
         code = (f"import json; from distill.curation.perf import measure_one; "
-                f"print(json.dumps(measure_one({int(n)}, {int(dim)}, {engine!r}, {levels!r})))")
+                f"print(json.dumps(measure_one({int(n)}, {int(dim)}, {engine!r}, {levels!r}, "
+                f"point_dtype={point_dtype!r})))")
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"perf run with {n} points failed:\n{proc.stderr[-2000:]}")

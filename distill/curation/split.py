@@ -52,8 +52,12 @@ def split_sizes(counts: np.ndarray, k: int) -> np.ndarray:
 
 
 def split_fit(engine, x: np.ndarray, k: int, n_splits: int, niter: int, seed: int, where: str = "k-means",
-              group_centroids: int = GROUP_CENTROIDS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(centroids (k, d), coarse centroids (k_c, d), offsets (k_c + 1,)) fitted on this rank's `x`."""
+              group_centroids: int = GROUP_CENTROIDS, out: np.ndarray | None = None,
+              write: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(centroids (k, d), coarse centroids (k_c, d), offsets (k_c + 1,)) fitted on this rank's `x`.
+    The (k, d) table goes into `out` when given (a memory map of the level file: at k = 20M it is
+    57 GiB, which no rank should hold in its own memory), written only where `write` (every rank
+    computes the same groups; one writes them)."""
     k_c = -(-k // n_splits)
     coarse = engine.fit(x, k_c, niter, seed, where=f"{where} (coarse)")
     labels, _ = engine.assign(x, coarse)
@@ -65,11 +69,11 @@ def split_fit(engine, x: np.ndarray, k: int, n_splits: int, niter: int, seed: in
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     before = per_rank[:rank].sum(0)                    # members of each cluster held by lower ranks
     device = getattr(engine, "device", torch.device("cpu"))
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    xt = torch.from_numpy(np.ascontiguousarray(x))      # float16 or float32; blocks are cast on use
     order = np.argsort(labels, kind="stable")                # this rank's members of each cluster, in order
     starts = np.searchsorted(labels[order], np.arange(k_c + 1))
     d = x.shape[1]
-    centroids = np.zeros((k, d), np.float32)
+    centroids = np.zeros((k, d), np.float32) if out is None else out
     lo = 0
     while lo < k_c:                                     # groups of clusters: at most group_centroids rows
         hi = lo + 1
@@ -102,7 +106,8 @@ def split_fit(engine, x: np.ndarray, k: int, n_splits: int, niter: int, seed: in
             sums, cnt = engine.all_reduce(sums.cpu()), engine.all_reduce(cnt.cpu())
             keep = cnt > 0                                  # an empty sub-cluster keeps its centroid
             cent[keep.to(device)] = (sums[keep] / cnt[keep, None]).float().to(device)
-        centroids[g0:g1] = cent.cpu().numpy()
+        if write:
+            centroids[g0:g1] = cent.cpu().numpy()
         lo = hi
     used = sizes > 0                                        # coarse clusters left empty get no label
     return centroids, coarse[used], np.concatenate([[0], np.cumsum(sizes[used])])
@@ -112,7 +117,7 @@ def split_assign(x: np.ndarray, coarse: np.ndarray, centroids: np.ndarray, offse
                  engine) -> tuple[np.ndarray, np.ndarray]:
     """Labels and squared distances: the nearest sub-centroid within each point's coarse cluster."""
     coarse_labels, _ = engine.assign(x, coarse)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    xt = torch.from_numpy(np.ascontiguousarray(x))
     ct = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
     labels = np.empty(len(x), np.int64)
     dists = np.empty(len(x), np.float32)
