@@ -43,8 +43,8 @@ from distill.io import load_tensors, save_tensors_atomic
 
 FORMAT = "amoe-phis"
 VERSION = 1
-_CHUNK_ROWS = 256        # rows converted to float64 at a time: the copy is 256 x C, a fraction of the
-                         # C x C statistics it is added to (C = 1152: 2.4 MB against 10.6 MB)
+_CHUNK_ROWS = 64         # rows converted to float64 at a time: the copy is 64 x C, a small fraction of
+                         # the C x C statistics it is added to (C = 1152: 0.6 MB against 10.6 MB)
 
 
 class NoHadamardError(AmoeError, ValueError):
@@ -150,13 +150,15 @@ def _signs_cached(n: int) -> torch.Tensor:
         factor = _sylvester(k) if kind == "sylvester" else _paley1(k) if kind == "paley1" else _paley2(k)
         h = torch.kron(h, factor.to(torch.int8))
     # the constructions are textbook, but a wrong sign would silently skew every target: verify, in
-    # float32 (exact: every entry of H H^T is an integer of size <= n) and in row blocks
-    hf = h.to(torch.float32)
-    for s in range(0, n, 256):
-        want = torch.zeros(min(256, n - s), n)
-        want[:, s:s + 256].fill_diagonal_(float(n))
-        if not torch.equal(hf[s:s + 256] @ hf.T, want):
-            raise AssertionError(f"internal error: {spec} is not a Hadamard matrix")
+    # float32 (exact: every entry of H H^T is an integer of size <= n) and block by block, so no float
+    # copy of H is ever whole (a fit's peak memory is measured against its C x C statistics)
+    b = 256
+    for s in range(0, n, b):
+        rows = h[s:s + b].to(torch.float32)
+        for t in range(0, n, b):
+            want = torch.eye(len(rows), min(b, n - t)) * float(n) if s == t else torch.zeros(len(rows), min(b, n - t))
+            if not torch.equal(rows @ h[t:t + b].to(torch.float32).T, want):
+                raise AssertionError(f"internal error: {spec} is not a Hadamard matrix")
     return h
 
 
@@ -201,8 +203,8 @@ class PhiSAccumulator:
         if x.shape[-1] != self.width:
             raise ValueError(f"PHI-S accumulator has width {self.width}, got features of width {x.shape[-1]}")
         chunk = _CHUNK_ROWS
-        # checked chunk by chunk (a bool mask of all of x would cost a byte per feature) and before any
-        # sum changes, so a refused update leaves the accumulator as it was
+        # checked chunk by chunk (a bool mask of all of x would cost a byte per feature; a float64 sum
+        # of x would copy it) and before any sum changes, so a refused update leaves the accumulator as it was
         if not all(torch.isfinite(x[s:s + chunk]).all() for s in range(0, x.shape[0], chunk)):
             raise ValueError("PHI-S features contain NaN/Inf; check the teacher outputs before fitting")
         for s in range(0, x.shape[0], chunk):
@@ -243,6 +245,7 @@ class PhiSAccumulator:
         if self.sum is None or self.n < 2:
             raise ValueError(f"PHI-S needs at least 2 feature vectors to fit, got {self.n}; "
                              "raise phis.fit_images")
+        hadamard_construction(self.width)      # an unsupported width fails here, before any work
         mean = (self.sum / self.n).cpu()
         cov = self.outer.cpu().div_(self.n).addr_(mean, mean, alpha=-1)
         self.sum = self.outer = None           # consumed: its buffer is now the covariance
@@ -252,8 +255,7 @@ class PhiSAccumulator:
         if not mean_var > 0:
             raise ValueError("PHI-S cannot standardise features with zero variance (all fitted vectors "
                              "are identical); fit on more, varied images")
-        return PhiS(mean, eigvecs, eigvals, torch.tensor(math.sqrt(mean_var), dtype=torch.float64),
-                    hadamard_signs(mean.shape[0]), n=self.n)
+        return PhiS(mean, eigvecs, eigvals, torch.tensor(math.sqrt(mean_var), dtype=torch.float64), n=self.n)
 
 
 def _eigh_in_place(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,20 +285,27 @@ class PhiS:
     """An invertible PHI-S map for one feature space (C channels)."""
 
     def __init__(self, mean: torch.Tensor, eigvecs: torch.Tensor, eigvals: torch.Tensor,
-                 alpha: torch.Tensor, hadamard_signs: torch.Tensor, n: int = 0):
+                 alpha: torch.Tensor, hadamard_signs: torch.Tensor | None = None, n: int = 0):
         c = mean.shape[0]
         for name, t, shape in (("eigvecs", eigvecs, (c, c)), ("eigvals", eigvals, (c,)),
                                ("hadamard", hadamard_signs, (c, c)), ("alpha", alpha, ())):
-            if tuple(t.shape) != shape:
+            if t is not None and tuple(t.shape) != shape:
                 raise ValueError(f"PHI-S {name} has shape {tuple(t.shape)}, expected {shape}")
         self.mean = mean.to(torch.float64)
         self.eigvecs = eigvecs.to(torch.float64)
         self.eigvals = eigvals.to(torch.float64)
         self.alpha = alpha.to(torch.float64)
-        self.hadamard_signs = hadamard_signs.to(torch.int8)
+        # H is a constant of the width, not fitted: built at first use, like W, so a fit holds neither
+        self._signs = None if hadamard_signs is None else hadamard_signs.to(torch.int8)
         self.n = int(n)
-        self._w_table: torch.Tensor | None = None      # built at first use: a fit never holds it
+        self._w_table: torch.Tensor | None = None
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def hadamard_signs(self) -> torch.Tensor:
+        if self._signs is None:
+            self._signs = hadamard_signs(self.width)
+        return self._signs
 
     @property
     def width(self) -> int:
