@@ -29,6 +29,7 @@ from distill.student import update_expert_bias
 from distill.train import checkpoint as ckpt
 from distill.train.guard import StepGuard, TrainingAborted, guarded_step, require_finite
 from distill.train.metrics import MetricsWriter
+from distill.train.optim import build_adamw
 from distill.train.parallelize import data_parallel
 from distill.train.schedule import warmup_cosine
 from distill.config import apply_overrides as apply_dotted
@@ -158,11 +159,8 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
         anchor = anchor_student(*source).to(info.device)
 
     vision_ids = {id(p) for p in model.vision_parameters()}
-    groups = [{"params": [p for p in model.parameters() if id(p) in vision_ids], "lr": oc["vision_lr"],
-               "base_lr": oc["vision_lr"]},
-              {"params": [p for p in model.parameters() if id(p) not in vision_ids], "lr": oc["lr"],
-               "base_lr": oc["lr"]}]
-    optim = torch.optim.AdamW(groups, betas=tuple(oc["betas"]), weight_decay=oc["weight_decay"])
+    optim = build_adamw(model.named_parameters(), oc["lr"], oc["weight_decay"], betas=oc["betas"],
+                        lr_groups={"vision": (lambda _, p: id(p) in vision_ids, oc["vision_lr"])})
     ddp = data_parallel(model, info, "ddp")
 
     step = 0

@@ -114,6 +114,53 @@ def test_completion_marker_and_resume(trained, world, tmp_path):
     assert len(report["dinov3"]["losses"]) == 2
 
 
+def test_a_killed_teacher_resumes_mid_training_to_the_same_weights(trained, world, tmp_path, monkeypatch):
+    """Teacher loops checkpoint through the shared checkpoint layout: SigLIP2 killed in step 11 (last
+    checkpoint at 8), DINOv3's dino.txt head killed in step 7 (its own loop done, the head's last
+    checkpoint at 4); the rerun continues from there and ends with the bytes and losses of the run
+    that was never stopped. The checkpoints go when the teacher is done."""
+    import distill.teachers.dinotxt as dinotxt
+    import distill.teachers.siglip2 as siglip2
+
+    class Killed(Exception):
+        pass
+
+    def dies_after(module, n=None):
+        real, calls = module.optimizer_step, []
+
+        def step(*a, **kw):
+            calls.append(1)
+            if n is not None and len(calls) > n:
+                raise Killed()
+            return real(*a, **kw)
+        monkeypatch.setattr(module, "optimizer_step", step)
+        return calls
+
+    out, report = trained
+    mine = tmp_path / "t"
+    dies_after(siglip2, 10)
+    with pytest.raises(Killed):
+        train_teachers(world, mine, fast=True, progress=False, only=["siglip2"], checkpoint_every=4)
+    assert json.loads((mine / ".siglip2.run" / "checkpoints" / "latest.json").read_text())["step"] == 8
+    monkeypatch.undo()
+    dies_after(dinotxt, 6)
+    with pytest.raises(Killed):
+        train_teachers(world, mine, fast=True, progress=False, only=["dinov3"], checkpoint_every=4)
+    assert json.loads((mine / ".dinov3.run" / "checkpoints" / "latest.json").read_text())["step"] == 20
+    assert json.loads((mine / ".dinov3.run" / "dinotxt" / "checkpoints" / "latest.json").read_text())["step"] == 4
+    monkeypatch.undo()
+    import distill.teachers.dinov3 as dinov3
+    steps = {m.__name__: dies_after(m) for m in (siglip2, dinov3, dinotxt)}    # counted, not killed
+    again = train_teachers(world, mine, fast=True, progress=False, checkpoint_every=4)
+    assert {k.rsplit(".", 1)[1]: len(v) for k, v in steps.items()} == {"siglip2": 25 - 8, "dinov3": 0, "dinotxt": 10 - 4}
+    for rel in ("siglip2/model.safetensors", "dinov3/model.safetensors", "dinov3/dinotxt/model.safetensors"):
+        assert (mine / rel).read_bytes() == (out / rel).read_bytes(), rel
+    assert again["siglip2"]["losses"] == report["siglip2"]["losses"]
+    assert again["dinov3"]["dino_losses"] == report["dinov3"]["dino_losses"]
+    assert again["dinov3"]["dinotxt"]["losses"] == report["dinov3"]["dinotxt"]["losses"]
+    assert not list(mine.glob(".*.run"))
+
+
 def test_bad_world_and_bad_recipe_give_clear_errors(tmp_path, world):
     with pytest.raises(TeacherError, match="amoe world make"):
         train_teachers(tmp_path / "missing", tmp_path / "out", fast=True)

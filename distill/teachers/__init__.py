@@ -8,10 +8,12 @@ Output, loadable exactly like hub models (offline):
     TEACHERS/siglip2/  Siglip2Model + Siglip2Processor (image processor + trained tokenizer)
     TEACHERS/dinov3/   DINOv3ViTModel + DINOv3ViTImageProcessor (ImageNet mean/std)
     TEACHERS/<name>/train_log.json, TEACHERS/<name>/COMPLETE.json (written last)
+    TEACHERS/.<name>.run/checkpoints/   while training: the loop's checkpoints (removed when done)
 """
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch
 
 from distill.io import lock_run_folder, write_json_atomic
 
-from .common import (LOG, MARKER, TEACHERS, TeacherError, fresh_partial, finish_dir, is_complete, load_recipe,
+from .common import (LOG, MARKER, TEACHERS, LoopCheckpoints, TeacherError, fresh_partial, finish_dir, is_complete, load_recipe,
                      machine, teacher_fingerprint)
 from .data import WorldData, check_world
 
@@ -86,7 +88,9 @@ def _train_one(data, name: str, recipe: dict, partial: Path, final: Path, fp: st
         from . import siglip2 as trainer
     else:
         from . import dinov3 as trainer
-    info = trainer.train(data, recipe[name], partial, seed=seed, progress=progress)
+    run = final.parent / f".{name}.run"        # mid-training checkpoints: a killed teacher resumes from them
+    info = trainer.train(data, recipe[name], partial, seed=seed, progress=progress,
+                         checkpoints=LoopCheckpoints(run, fp, recipe["checkpoint_every"]))
     info.update({"teacher": name, "fast": fast, "seed": seed, "recipe": recipe[name], "world": str(world),
                  "world_id": world_id, "machine": machine(), "wall_seconds": round(time.perf_counter() - t0, 2),
                  "cpu_seconds": round(time.process_time() - c0, 2),  # honest under a shared CPU
@@ -94,6 +98,7 @@ def _train_one(data, name: str, recipe: dict, partial: Path, final: Path, fp: st
     write_json_atomic(partial / LOG, info)
     _write_metrics(partial, info)
     finish_dir(partial, final, {"teacher": name, "fingerprint": fp, "finished": info["finished"]})
+    shutil.rmtree(run, ignore_errors=True)
     return info
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from distill.data import load_dataset
 from distill.seg_metrics import image_areas, metrics_from_areas
+from distill.train.optim import build_adamw
 
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -90,7 +91,7 @@ def _augment(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator):
 
 def _train_for(model: nn.Module, batches, seconds: float, lr: float, desc: str, progress: bool) -> dict:
     """AdamW at a constant lr until `seconds` of wall time are used; returns steps and seconds."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    opt = build_adamw(model.named_parameters(), lr, 0.05)
     model.train()
     t0, steps = time.perf_counter(), 0
     bar = tqdm(desc=desc, disable=not progress, leave=False)

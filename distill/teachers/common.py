@@ -87,6 +87,71 @@ def optimizer_step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, params
     return round(loss.item(), 5)
 
 
+class LoopCheckpoints:
+    """Mid-run resume of a teacher's training loop, in the shared checkpoint layout
+    (`distill.train.checkpoint`: staged, published atomically, `latest.json`). Every `every` steps and
+    at the last one, the loop's modules and tensors, optimizer, schedule, guard, the torch and Python
+    RNG states and the loop's own state (sample order, losses, its `random.Random`) go to
+    `root/checkpoints/step_*`. A restart of the same teacher (same fingerprint) continues from the
+    newest one and ends with the same weights as a run that was never stopped; one of other settings
+    is discarded. `root` None turns it off."""
+
+    def __init__(self, root: Path | None, fp: str, every: int):
+        self.root, self.fp, self.every = root, fp, max(1, int(every))
+
+    def sub(self, name: str) -> "LoopCheckpoints":
+        """The checkpoints of a loop nested in this teacher's training (the dino.txt head)."""
+        return LoopCheckpoints(None if self.root is None else self.root / name, self.fp, self.every)
+
+    def restore(self, parts: dict, opt, sched, guard: StepGuard, rng) -> tuple[int, dict]:
+        """(steps done, loop state) after loading the newest checkpoint into `parts` (modules or
+        tensors by name), `opt`, `sched`, `guard` and `rng`; (0, {}) when there is none to resume."""
+        from distill.train import checkpoint as ckpt
+
+        latest = None if self.root is None else ckpt.latest_checkpoint(self.root)
+        if latest is None:
+            return 0, {}
+        state = ckpt.read_checkpoint(latest, rank=0)
+        trainer = state["trainer"]
+        if trainer.get("fingerprint") != self.fp:        # another recipe, world or seed: start over
+            shutil.rmtree(self.root)
+            return 0, {}
+        for name, part in parts.items():
+            if isinstance(part, torch.Tensor):
+                part.copy_(state["model"][name])
+            else:
+                prefix = f"{name}."
+                part.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(trainer["scheduler"])
+        guard.load_state_dict(trainer["guard"])
+        ckpt.set_rng_state(*state["rng"])
+        version, internal, gauss = trainer["loop_rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        return int(trainer["step"]), trainer["loop"]
+
+    def save(self, step: int, total: int, parts: dict, opt, sched, guard: StepGuard, rng, loop: dict) -> None:
+        """Checkpoint after `step` steps when it is due (every `every` steps, and the last)."""
+        if self.root is None or (step % self.every and step != total):
+            return
+        from distill.train import checkpoint as ckpt
+
+        tensors = {}
+        for name, part in parts.items():
+            if isinstance(part, torch.Tensor):
+                tensors[name] = part.detach().clone()
+            else:
+                tensors.update({f"{name}.{k}": v for k, v in part.state_dict().items()})
+        writer = f"{os.getpid()}"
+        folder = ckpt.prepare_staging(self.root, step, writer)
+        ckpt.write_rank_files(folder, 0)
+        version, internal, gauss = rng.getstate()
+        ckpt.write_main_files(folder, tensors, opt.state_dict(), {
+            "step": step, "fingerprint": self.fp, "scheduler": sched.state_dict(), "guard": guard.state_dict(),
+            "loop_rng": [version, list(internal), gauss], "loop": loop})
+        ckpt.publish(self.root, step, keep=1, writer=writer)
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -23,8 +23,9 @@ from distill.encoders.dinotxt import SUBFOLDER, MiniDinoTxt, contrastive_loss, s
 from distill.train.guard import StepGuard, require_finite
 
 from distill.train.schedule import warmup_cosine
+from distill.train.optim import build_adamw
 
-from .common import optimizer_step
+from .common import LoopCheckpoints, optimizer_step
 from .data import WorldData
 from .tokenizer import encode, train_tokenizer
 
@@ -43,7 +44,7 @@ def backbone_tokens(backbone, processor, images: list, batch: int = 64, progress
 
 
 def train_dinotxt(data: WorldData, backbone, processor, r: dict, out_dir: Path, seed: int,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, checkpoints: LoopCheckpoints | None = None) -> dict:
     """Train the head on the frozen `backbone`; write it to `out_dir/dinotxt/`; return its log."""
     t0 = time.perf_counter()
     rng = random.Random(seed)
@@ -60,13 +61,17 @@ def train_dinotxt(data: WorldData, backbone, processor, r: dict, out_dir: Path, 
                          "vocab_size": len(tokenizer), "context_length": r["context_length"],
                          "text_dim": r["text_dim"], "text_heads": r["text_heads"], "text_layers": r["text_layers"],
                          "pad_id": int(tokenizer.pad_token_id)})
-    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    opt = build_adamw(model.named_parameters(), r["lr"], r["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, r["steps"], r["warmup_steps"]))
     guard = StepGuard()
+    checkpoints = checkpoints or LoopCheckpoints(None, "", 1)
+    parts = {"model": model}
+    start, loop = checkpoints.restore(parts, opt, sched, guard, rng)
     bs = min(r["batch_size"], len(pairs))
-    order: list[int] = []
-    losses = []
-    for step in tqdm(range(r["steps"]), desc="dinotxt train", disable=not progress, leave=False):
+    order: list[int] = loop.get("order", [])
+    losses = loop.get("losses", [])
+    for step in tqdm(range(start, r["steps"]), desc="dinotxt train", disable=not progress, leave=False,
+                     initial=start, total=r["steps"]):
         if len(order) < bs:
             order += rng.sample(range(len(pairs)), len(pairs))
         idx, order = order[:bs], order[bs:]
@@ -75,6 +80,7 @@ def train_dinotxt(data: WorldData, backbone, processor, r: dict, out_dir: Path, 
         txt = model.encode_text(torch.stack([ids[token_row[rng.choice(pairs[i].captions)]] for i in idx]))
         loss = contrastive_loss(img, txt, model.logit_scale, groups[idx])
         losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0, guard, "dino.txt head"))
+        checkpoints.save(step + 1, r["steps"], parts, opt, sched, guard, rng, {"order": order, "losses": losses})
     model.eval()
     require_finite(model.state_dict(), "the dino.txt head")
     save_mini_dinotxt(model, tokenizer, out_dir / SUBFOLDER)

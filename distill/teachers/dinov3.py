@@ -34,8 +34,9 @@ from transformers import DINOv3ViTConfig, DINOv3ViTImageProcessor, DINOv3ViTMode
 from distill.train.guard import StepGuard, require_finite
 
 from distill.train.schedule import warmup_cosine
+from distill.train.optim import build_adamw
 
-from .common import optimizer_step
+from .common import LoopCheckpoints, optimizer_step
 from .data import WorldData
 from .probe import check_roundtrip, probe_outputs
 
@@ -166,7 +167,8 @@ def random_masks(n: int, tokens: int, r: dict, rng: random.Random) -> torch.Tens
     return mask
 
 
-def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = True) -> dict:
+def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = True,
+          checkpoints: LoopCheckpoints | None = None) -> dict:
     t0 = time.perf_counter()
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -179,15 +181,18 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     dim = r["prototypes"]
     center_cls = torch.zeros(dim)
     center_patch = torch.zeros(dim)
-    opt = torch.optim.AdamW(student.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    opt = build_adamw(student.named_parameters(), r["lr"], r["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, r["steps"], r["warmup_steps"]))
     guard = StepGuard()
+    checkpoints = checkpoints or LoopCheckpoints(None, "", 1)
+    parts = {"student": student, "teacher": teacher, "center_cls": center_cls, "center_patch": center_patch}
+    start, loop = checkpoints.restore(parts, opt, sched, guard, rng)
     p, g_tokens = r["patch_size"], (r["global_size"] // r["patch_size"]) ** 2
     bs = min(r["batch_size"], len(images))
     ts, tt = r["student_temp"], r["teacher_temp"]
-    log = {"loss": [], "dino": [], "ibot": [], "pixel": [], "dense": []}
-    order: list[int] = []
-    bar = tqdm(range(r["steps"]), desc="dinov3 train", disable=not progress)
+    log = loop.get("log", {"loss": [], "dino": [], "ibot": [], "pixel": [], "dense": []})
+    order: list[int] = loop.get("order", [])
+    bar = tqdm(range(start, r["steps"]), desc="dinov3 train", disable=not progress, initial=start, total=r["steps"])
     for step in bar:
         if len(order) < bs:
             order += rng.sample(range(len(images)), len(images))
@@ -249,6 +254,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
                 center_patch.mul_(cm).add_(t_patch_logits.mean(0), alpha=1 - cm)
         for k, v in (("loss", loss), ("dino", dino), ("ibot", ibot), ("pixel", pixel), ("dense", dense)):
             log[k].append(round(float(v.detach()) if torch.is_tensor(v) else float(v), 5))
+        checkpoints.save(step + 1, r["steps"], parts, opt, sched, guard, rng, {"order": order, "log": log})
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", pix=f"{float(pixel.detach()):.3f}")
     # which backbone ships: DINO keeps the momentum teacher, but over a few hundred steps the EMA
@@ -263,7 +269,8 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     text = None
     if r["dinotxt"].get("enabled", True):  # the DINOv3 text branch (dino.txt) on the frozen, saved backbone
         from .dinotxt import train_dinotxt
-        text = train_dinotxt(data, backbone, image_processor(r), r["dinotxt"], out_dir, seed, progress)
+        text = train_dinotxt(data, backbone, image_processor(r), r["dinotxt"], out_dir, seed, progress,
+                             checkpoints.sub("dinotxt"))
     return {"dinotxt": text, "probe": probe, "steps": r["steps"], "batch_size": bs, "images": len(images), "losses": log["loss"],
             "dino_losses": log["dino"], "ibot_losses": log["ibot"], "pixel_losses": log["pixel"], "dense_losses": log["dense"],
             "dense_vocab": {"shapes": vocab[0], "colours": vocab[1]},

@@ -20,8 +20,9 @@ from transformers import (Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Si
 from distill.train.guard import StepGuard, require_finite
 
 from distill.train.schedule import warmup_cosine
+from distill.train.optim import build_adamw
 
-from .common import optimizer_step
+from .common import LoopCheckpoints, optimizer_step
 from .data import WorldData
 from .probe import check_roundtrip, probe_outputs
 from .tokenizer import encode, train_tokenizer
@@ -77,7 +78,8 @@ def sigmoid_loss(model: Siglip2Model, img: torch.Tensor, txt: torch.Tensor, grou
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
 
-def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = True) -> dict:
+def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = True,
+          checkpoints: LoopCheckpoints | None = None) -> dict:
     t0 = time.perf_counter()
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -93,13 +95,16 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
 
     model = build_model(r, tokenizer)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    opt = build_adamw(model.named_parameters(), r["lr"], r["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, r["steps"], r["warmup_steps"]))
     guard = StepGuard()
-    order: list[int] = []
-    losses = []
+    checkpoints = checkpoints or LoopCheckpoints(None, "", 1)
+    parts = {"model": model}
+    start, loop = checkpoints.restore(parts, opt, sched, guard, rng)
+    order: list[int] = loop.get("order", [])
+    losses = loop.get("losses", [])
     bs = min(r["batch_size"], len(pairs))
-    bar = tqdm(range(r["steps"]), desc="siglip2 train", disable=not progress)
+    bar = tqdm(range(start, r["steps"]), desc="siglip2 train", disable=not progress, initial=start, total=r["steps"])
     for step in bar:
         if len(order) < bs:  # epochs without replacement
             order += rng.sample(range(len(pairs)), len(pairs))
@@ -111,6 +116,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
         out_txt = model.get_text_features(input_ids=ids)
         loss = sigmoid_loss(model, out_img.pooler_output, out_txt.pooler_output, groups[idx])
         losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0, guard, "SigLIP2 teacher"))
+        checkpoints.save(step + 1, r["steps"], parts, opt, sched, guard, rng, {"order": order, "losses": losses})
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()

@@ -32,6 +32,7 @@ from distill.train.config import TrainConfig
 from distill.train.guard import StepGuard, TrainingAborted, guarded_step, require_finite
 from distill.train.inputs import StepInputs, step_inputs
 from distill.train.metrics import MetricsWriter
+from distill.train.optim import build_adamw, exempt_from_decay
 from distill.train.parallelize import apply_activation_checkpointing, data_parallel
 from distill.train.schedule import warmup_cosine
 from distill.train.pool import TrainingPool, read_image
@@ -271,14 +272,8 @@ class Distiller:
 
     def _build_optimizer(self) -> None:
         o = self.cfg.optim
-        decay, no_decay = [], []
-        for n, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "token" in n or "probe" in n else decay).append(p)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.optimizer = build_adamw(self.model.named_parameters(), o.lr, o.weight_decay, betas=o.betas, eps=o.eps,
+                                     no_decay=exempt_from_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     def _lr_factor(self, step: int) -> float:
