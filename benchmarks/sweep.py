@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from distill.config import ConfigError, read_config_file
+from distill.config import ConfigError, read_config_file, unknown_keys_error
 from distill.data.base import UnreadableImageError
 from distill.encoders.base import Encoder, MissingHeadError
 from distill import stats
@@ -124,7 +124,7 @@ def load_sweep_config(path: str | os.PathLike) -> dict:
 def validate_sweep_config(cfg: dict, where: str = "sweep config") -> dict:
     unknown = sorted(set(cfg) - set(SWEEP_FIELDS))
     if unknown:
-        raise SweepConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(SWEEP_FIELDS)}")
+        raise SweepConfigError(str(unknown_keys_error(unknown, SWEEP_FIELDS, where)))
     for f in ("suite", "models", "tasks"):
         if not cfg.get(f):
             raise SweepConfigError(f"{where}: '{f}' is required (see docs/benchmarks.md, 'Sweep configs')")

@@ -14,10 +14,12 @@ of error:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -146,3 +148,71 @@ def interpolate(text: str, variables: Mapping[str, Any] | None = None, where: st
         raise error(f"{where or text}: ${{{name}}} is not set; {how_to_set.format(name=name)}")
 
     return _VAR.sub(sub, text)
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return parse_dataclass(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_type(v, args[0], f"{where}.{i}") for i, v in enumerate(value)]
+    if origin is tuple:                  # tuple[X, ...] from a JSON list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_check_type(v, args[0], f"{where}.{i}") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def parse_dataclass(cls, raw: Any, where: str, top: str = "the config"):
+    """A dataclass from a JSON object, strictly: unknown keys refused naming the nearest known ones,
+    each value checked against the field's type (nested dataclasses, lists, tuples, optionals,
+    numbers, strings, booleans), a missing required key named. `where` prefixes the keys in
+    messages; `top` names the object when `where` is empty."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or top}: expected an object, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise unknown_keys_error(unknown, fields, where or top)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name in raw:
+            kwargs[name] = _check_type(raw[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required config key '{key}'")
+    return cls(**kwargs)

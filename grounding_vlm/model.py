@@ -18,7 +18,6 @@ equivariant, so this is exact and saves scattering tokens between the two parame
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.config import parse_dataclass
 from distill.student.attention import rms_norm
 from distill.student.config import StudentConfig, get_config
 from distill.student.model import TransformerBlock
@@ -58,11 +58,10 @@ class VLMConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "VLMConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown VLMConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**dict(d))
+        d = dict(d)
+        if isinstance(d.get("vision"), str):          # a named student config
+            d["vision"] = get_config(d["vision"]).to_dict()
+        return parse_dataclass(cls, d, "", top="the grounding model config")
 
 
 class VisionEmbed(nn.Module):

@@ -361,7 +361,8 @@ def test_cli_run_and_sweep_on_real_imagefolder(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"suite": "miniworld", "models": ["fake:0"], "tasks": ["nn"], "modles": []}))
     assert amoe_main(["bench", "sweep", str(bad)]) == 2      # one line naming the field, no traceback
-    assert "unknown field" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown key 'modles'" in err and "did you mean 'models'" in err and err.count("\n") == 1
 
 
 def test_suites_use_registered_readers():

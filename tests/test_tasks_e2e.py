@@ -83,7 +83,7 @@ def test_zeroshot_and_knn_are_perfect_where_the_answer_is_known(tmp_path):
     assert knn["a/top1"] == knn["a/top1@k3"] == knn["b/top1@k5"] == 100.0
     with pytest.raises(MissingHeadError, match="no text tower 'z'"):
         get_task("zeroshot").run(ctx, {"heads": ["z"]})
-    with pytest.raises(TaskConfigError, match="unknown config key"):
+    with pytest.raises(TaskConfigError, match=r"unknown key 'kk' in the knn task config \(did you mean 'k'\?\)"):
         get_task("knn").run(ctx, {"kk": 3})
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.encoders.base import MissingHeadError
+from distill.config import unknown_keys_error
 from distill.errors import AmoeError
 
 
@@ -87,8 +88,7 @@ def unknown_keys(cfg: dict, defaults: dict, task: str) -> None:
     """A misspelt override would otherwise be ignored silently."""
     extra = sorted(set(cfg) - set(defaults))
     if extra:
-        raise TaskConfigError(f"{task}: unknown config key(s) {', '.join(extra)}; "
-                              f"known: {', '.join(sorted(defaults))}")
+        raise TaskConfigError(str(unknown_keys_error(extra, defaults, f"the {task} task config")))
 
 
 def select_heads(available: Iterable[str], wanted: list[str] | None, task: str, encoder: str,

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.config import ConfigError, read_config_file, unknown_keys_error
+from distill.config import parse_dataclass, read_config_file
 from distill.curation.split import split_assign, split_fit
 from distill.io import TensorFileWriter, fingerprint, map_tensors, write_json_atomic
 
@@ -57,21 +57,11 @@ class ClusterConfig:
     description: str = ""
 
 
-def _strict(cls, raw: dict, where: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a JSON object")
-    names = {f.name for f in dataclasses.fields(cls)}
-    if set(raw) - names:
-        raise unknown_keys_error(set(raw) - names, names, where)
-    return raw
-
-
 def parse_cluster_config(raw: dict) -> ClusterConfig:
-    _strict(ClusterConfig, raw, "clustering config")
-    if not raw.get("levels"):
+    if isinstance(raw, dict) and not raw.get("levels"):
         raise ValueError("clustering config needs a non-empty 'levels' list, e.g. [{\"k\": 100}, {\"k\": 10}]")
-    levels = [LevelConfig(**_strict(LevelConfig, lv, f"levels[{i}]")) for i, lv in enumerate(raw["levels"])]
-    cfg = ClusterConfig(**{**raw, "levels": levels})
+    cfg = parse_dataclass(ClusterConfig, raw, "", top="the clustering config")
+    levels = cfg.levels
     from distill.curation.kmeans import ENGINES, INIT_METHODS
     if cfg.engine not in ENGINES:
         raise ValueError(f"clustering config: engine must be one of {ENGINES}, got {cfg.engine!r}")

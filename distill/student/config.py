@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from distill.config import parse_dataclass
+
 CONFIGS_FILE = Path(__file__).with_name("configs.json")
 
 ACTIVATIONS = ("silu", "relu2")
@@ -139,19 +141,11 @@ class StudentConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StudentConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown StudentConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**dict(d))
+        return parse_dataclass(cls, dict(d), "", top="the student config")
 
 
 def moe_args_from_dict(d: Mapping[str, Any]) -> MoEArgs:
-    known = {f.name for f in dataclasses.fields(MoEArgs)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown MoEArgs field(s) {unknown}; known fields: {sorted(known)}")
-    return MoEArgs(**dict(d))
+    return parse_dataclass(MoEArgs, dict(d), "moe_args")
 
 
 def _named_table() -> dict[str, dict]:

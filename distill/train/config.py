@@ -11,12 +11,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.config import ConfigError, interpolate, read_config_file, unknown_keys_error
+from distill.config import ConfigError, interpolate, parse_dataclass, read_config_file
 from distill.config import apply_overrides as apply_dotted
 from distill.config import parse_override
 from distill.losses import RELATIONAL_KINDS
@@ -190,67 +189,6 @@ class TrainConfig:
         return parse_config(raw)
 
 
-# ----------------------------------------------------------------------------- strict parsing
-def _check_type(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _check_type(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return _parse_dataclass(tp, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        return [_check_type(v, args[0], f"{where}.{i}") for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def _parse_dataclass(cls, raw: Any, where: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'}: expected an object, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(raw) - set(fields)
-    if unknown:
-        raise unknown_keys_error(unknown, fields, where or "the recipe's top level")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{where}.{name}" if where else name
-        if name in raw:
-            kwargs[name] = _check_type(raw[name], hints[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required config key '{key}'")
-    return cls(**kwargs)
-
-
 def _validate(cfg: TrainConfig) -> None:
     def need(cond: bool, msg: str):
         if not cond:
@@ -299,7 +237,7 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 def parse_config(raw: dict) -> TrainConfig:
-    cfg = _parse_dataclass(TrainConfig, raw, "")
+    cfg = parse_dataclass(TrainConfig, raw, "", top="the recipe's top level")
     _validate(cfg)
     return cfg
 
