@@ -27,7 +27,7 @@ from distill.errors import AmoeError
 from distill.io import fingerprint, write_json_atomic
 from distill.student import update_expert_bias
 from distill.train import checkpoint as ckpt
-from distill.train.guard import StepGuard, TrainingAborted, guarded_step, require_finite
+from distill.train.guard import StepGuard, TrainingAborted, guarded_step
 from distill.train.metrics import MetricsWriter
 from distill.train.optim import build_adamw
 from distill.train.parallelize import data_parallel
@@ -283,20 +283,9 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
 
 
 def _save(out: Path, step: int, model, optim, cfg_fp: str, info, keep: int, guard: StepGuard, writer: str) -> None:
-    if info.is_main:
-        last = ckpt.latest_checkpoint(out)
-        require_finite(model.state_dict(), f"the step-{step} checkpoint", str(last) if last else None)
-        ckpt.prepare_staging(out, step, writer)
-    barrier()
-    folder = ckpt.staging_dir(out, step, writer)
-    ckpt.write_rank_files(folder, info.rank)
-    barrier()
-    if info.is_main:
-        ckpt.write_main_files(folder, model.state_dict(), optim.state_dict(),
-                              {"step": step, "config_fingerprint": cfg_fp, "world_size": info.world_size,
-                               "guard": guard.state_dict()})
-        ckpt.publish(out, step, keep, writer)
-    barrier()
+    ckpt.save_checkpoint(out, step, writer, model.state_dict(), optim.state_dict(),
+                         {"step": step, "config_fingerprint": cfg_fp, "world_size": info.world_size,
+                          "guard": guard.state_dict()}, keep, info.rank, info.is_main)
 
 
 # ----------------------------------------------------------------------------- loading a trained run

@@ -142,14 +142,10 @@ class LoopCheckpoints:
                 tensors[name] = part.detach().clone()
             else:
                 tensors.update({f"{name}.{k}": v for k, v in part.state_dict().items()})
-        writer = f"{os.getpid()}"
-        folder = ckpt.prepare_staging(self.root, step, writer)
-        ckpt.write_rank_files(folder, 0)
         version, internal, gauss = rng.getstate()
-        ckpt.write_main_files(folder, tensors, opt.state_dict(), {
+        ckpt.save_checkpoint(self.root, step, f"{os.getpid()}", tensors, opt.state_dict(), {
             "step": step, "fingerprint": self.fp, "scheduler": sched.state_dict(), "guard": guard.state_dict(),
-            "loop_rng": [version, list(internal), gauss], "loop": loop})
-        ckpt.publish(self.root, step, keep=1, writer=writer)
+            "loop_rng": [version, list(internal), gauss], "loop": loop}, keep=1)
 
 
 def machine() -> dict:

@@ -20,7 +20,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -169,6 +169,33 @@ def prepare_staging(out_dir: str | os.PathLike, step: int, writer: str) -> Path:
     tmp = staging_dir(out_dir, step, writer)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def save_checkpoint(out_dir: str | os.PathLike, step: int, writer: str, model_sd: dict[str, torch.Tensor],
+                    optim_sd: dict, trainer: dict, keep: int, rank: int = 0, is_main: bool = True,
+                    extra: Callable[[Path], None] | None = None) -> None:
+    """Save step `step` of a run, the one sequence every trainer uses (distiller, grounding, the
+    teacher loops); collective under a process group (every rank calls it, with its rank). The main
+    rank refuses weights that are not finite (naming the last good checkpoint) and stages the folder;
+    every rank writes its RNG files; the main rank writes the model, the optimizer, `extra(folder)`
+    (e.g. PHI-S) and trainer.json, then publishes the folder and prunes to `keep`."""
+    from distill.distributed import barrier
+    from distill.train.guard import require_finite
+
+    if is_main:
+        last = latest_checkpoint(out_dir)
+        require_finite(model_sd, f"the step-{step} checkpoint", str(last) if last else None)
+        prepare_staging(out_dir, step, writer)
+    barrier()
+    folder = staging_dir(out_dir, step, writer)
+    write_rank_files(folder, rank)
+    barrier()
+    if is_main:
+        if extra is not None:
+            extra(folder)
+        write_main_files(folder, model_sd, optim_sd, trainer)
+        publish(out_dir, step, keep, writer)
+    barrier()
 
 
 def read_checkpoint(folder: Path, rank: int) -> dict:

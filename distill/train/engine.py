@@ -298,26 +298,19 @@ class Distiller:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(self.model, options=opts)
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
-        if self.info.is_main:
-            last = ckpt.latest_checkpoint(self.out)
-            require_finite(model_sd, f"the step-{self.step} checkpoint", str(last) if last else None)
-            folder = ckpt.prepare_staging(self.out, self.step, self.writer)
-        barrier()
-        folder = ckpt.staging_dir(self.out, self.step, self.writer)
-        ckpt.write_rank_files(folder, self.info.rank)
-        barrier()
-        if self.info.is_main:
-            trainer = {"step": self.step, "scheduler": self.scheduler.state_dict(),
-                       "sampler": self._consumed, "counters": self.counters,
-                       "guard": self.guard.state_dict(), "world_size": self.info.world_size,
-                       "config_fingerprint": self._config_fingerprint(),
-                       "resumable": self._resumable_settings()}
+        trainer = {"step": self.step, "scheduler": self.scheduler.state_dict(),
+                   "sampler": self._consumed, "counters": self.counters,
+                   "guard": self.guard.state_dict(), "world_size": self.info.world_size,
+                   "config_fingerprint": self._config_fingerprint(),
+                   "resumable": self._resumable_settings()}
+
+        def phis(folder):
             if self.phis_state is not None:
                 from distill.train.phis_fit import save_phis
                 save_phis(self, folder / "phis")
-            ckpt.write_main_files(folder, model_sd, optim_sd, trainer)
-            ckpt.publish(self.out, self.step, self.cfg.checkpoint.keep, self.writer)
-        barrier()
+
+        ckpt.save_checkpoint(self.out, self.step, self.writer, model_sd, optim_sd, trainer, self.cfg.checkpoint.keep,
+                             self.info.rank, self.info.is_main, extra=phis)
 
     def _maybe_resume(self) -> None:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
