@@ -1,4 +1,4 @@
-"""`amoe ground train|eval|ablation`."""
+"""`amoe ground train|eval|perf|ablation`."""
 from __future__ import annotations
 
 import json
@@ -31,6 +31,16 @@ def register(sub) -> None:
                    help="dataset id in that suite; '{split}' is replaced by the split (default: the config's "
                         "eval.dataset_id, else '<dataset>-{split}', e.g. refcoco-val)")
     e.set_defaults(func=_eval)
+
+    f = g.add_parser("perf", help="evaluation speed of box decoding with and without the KV cache (JSON)")
+    f.add_argument("--vision", default="moe-cpu-small", help="student architecture of the vision experts")
+    f.add_argument("--expressions", type=int, default=64)
+    f.add_argument("--batch", type=int, default=32)
+    f.add_argument("--side", type=int, default=128, help="image side in pixels (a multiple of the patch size)")
+    f.add_argument("--words", type=int, default=8, help="words per expression")
+    f.add_argument("--repeats", type=int, default=3)
+    f.add_argument("--json", action="store_true", help="accepted like the other perf commands (JSON is the output)")
+    f.set_defaults(func=_perf)
 
     a = g.add_parser("ablation", help="mini-world ablation: scratch / student / student + Gram")
     a.add_argument("--world", required=True)
@@ -70,6 +80,14 @@ def _eval(args) -> int:
         rec = evaluate(args.run, split, limit=args.limit, batch_size=args.batch_size, results_dir=args.results,
                        model_name=args.model_name, suite=args.suite, dataset_id=args.dataset_id)
         print(json.dumps({"split": split, "metrics": rec["metrics"], "result": rec["_path"]}))
+    return 0
+
+
+def _perf(args) -> int:
+    from .perf import run_decode_perf
+
+    print(json.dumps(run_decode_perf(args.vision, args.expressions, args.batch, args.side, args.words,
+                                     repeats=args.repeats), indent=2))
     return 0
 
 

@@ -1,7 +1,7 @@
 """`amoe ground eval --run DIR --split val`: [email protected] with greedy decoding constrained to location tokens.
 
 For each expression the model reads [image] <bos> expression <sep> and generates exactly four
-tokens greedily, each restricted to the location-token block (so the output always has four
+tokens greedily (with a KV cache: the image and prompt run once), each restricted to the location-token block (so the output always has four
 location tokens); with `ordered_boxes` the third/fourth token is further restricted to bins >= the
 first/second, so x2 >= x1 and y2 >= y1. The bins are mapped back to the ORIGINAL image's pixels and
 scored with IoU >= 0.5 (xyxy). A prediction that still does not parse counts as a miss and is
@@ -32,14 +32,17 @@ TASK = {"name": "grounding", "version": 1,
 
 @torch.no_grad()
 def greedy_box_tokens(model, tok: GroundingTokenizer, images: Sequence[torch.Tensor],
-                      prompts: Sequence[Sequence[int]], ordered: bool = True) -> list[list[int]]:
-    """Four generated token ids per sample, each a location token (constrained greedy decoding)."""
+                      prompts: Sequence[Sequence[int]], ordered: bool = True, kv_cache: bool = True) -> list[list[int]]:
+    """Four generated token ids per sample, each a location token (constrained greedy decoding).
+    With `kv_cache` the image prefix and the prompt run once and each further token is one step of
+    the text experts over the cached keys (`GroundingVLM.decode_step`); without it every token re-runs
+    the whole sequence (the reference the cache is tested against)."""
     ids = [list(p) for p in prompts]
     lo, bins = tok.loc_start, tok.bins
     generated: list[list[int]] = [[] for _ in ids]
+    out = model(images, ids, cache_room=4 if kv_cache else 0)
+    last = torch.stack([lg[-1] for lg in out.logits]).float()                # (B, vocab)
     for k in range(4):
-        out = model(images, ids)
-        last = torch.stack([lg[-1] for lg in out.logits]).float()            # (B, vocab)
         loc = last[:, lo: lo + bins].clone()
         if ordered and k >= 2:   # x2 >= x1, y2 >= y1
             floor = torch.tensor([g[k - 2] - lo for g in generated], device=loc.device)
@@ -48,6 +51,12 @@ def greedy_box_tokens(model, tok: GroundingTokenizer, images: Sequence[torch.Ten
         for i, c in enumerate(choice.tolist()):
             generated[i].append(c)
             ids[i].append(c)
+        if k == 3:
+            break
+        if kv_cache:
+            last = model.decode_step(out.cache, choice).float()
+        else:
+            last = torch.stack([lg[-1] for lg in model(images, ids).logits]).float()
     return generated
 
 

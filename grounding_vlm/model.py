@@ -110,33 +110,55 @@ class MoTBlock(nn.Module):
         v = att.wv(x).view(n, att.n_kv_heads, att.head_dim)
         return q, k, v
 
-    def forward(self, xi: torch.Tensor, xt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: "torch.Tensor | SampleAttention") -> tuple[torch.Tensor, torch.Tensor]:
-        """xi (Ni, D) image tokens, xt (Nt, D) text tokens; cos/sin (Ni+Nt, H, hd/4) modality-sorted;
-        mask: a `SampleAttention`, or the dense (Ni+Nt, Ni+Nt+2) bool mask incl. the two sink columns."""
-        V, T = self.vision, self.text
-        va, ta = V.attention, T.attention
-        qi, ki, vi = self._qkv(va, V.apply_norm(V.attention_norm, xi))
-        qt, kt, vt = self._qkv(ta, T.attention_norm(xt))
-        q, k, v = torch.cat([qi, qt]), torch.cat([ki, kt]), torch.cat([vi, vt])
+    def _text_qkv(self, xt: torch.Tensor):
+        return self._qkv(self.text.attention, self.text.attention_norm(xt))
+
+    def _heads(self, q, k, v):
+        """qk-norm and the interleaved GQA repeat (before RoPE, as the student does)."""
+        va = self.vision.attention
         if va.use_qk_norm:
             q, k = rms_norm(q, None, None), rms_norm(k, None, None)
         group = va.n_heads // va.n_kv_heads
-        if group > 1:   # interleaved GQA before RoPE, as the student does
+        if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return q, k, v
+
+    def _text_out(self, xt: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        T = self.text
+        ht = xt + T.attention.wo(attended)
+        return ht + T.feed_forward(T.ffn_norm(ht))
+
+    def forward(self, xi: torch.Tensor, xt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: "torch.Tensor | SampleAttention", keep: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """xi (Ni, D) image tokens, xt (Nt, D) text tokens; cos/sin (Ni+Nt, H, hd/4) modality-sorted;
+        mask: a `SampleAttention`, or the dense (Ni+Nt, Ni+Nt+2) bool mask incl. the two sink columns.
+        `keep`: a list the layer's keys and values (after RoPE) are appended to (the KV cache's prefill)."""
+        V = self.vision
+        va, ta = V.attention, self.text.attention
+        qi, ki, vi = self._qkv(va, V.apply_norm(V.attention_norm, xi))
+        qt, kt, vt = self._text_qkv(xt)
+        q, k, v = self._heads(torch.cat([qi, qt]), torch.cat([ki, kt]), torch.cat([vi, vt]))
         q = apply_golden_rope(q[None], cos, sin)[0]
         k = apply_golden_rope(k[None], cos, sin)[0]
+        if keep is not None:
+            keep.append((k, v))
         if isinstance(mask, SampleAttention):
             out = mask(q, k, v, va.sinks, ta.sinks)
         else:
             out = shared_sink_attention(q, k, v, va.sinks, ta.sinks, xi.shape[0], mask)
         n_i = xi.shape[0]
         hi = xi + va.wo(out[:n_i])
-        ht = xt + ta.wo(out[n_i:])
         zi = V.apply_norm(V.ffn_norm, hi)
         fi = V.moe(zi[None])[0] if V.kind == "moe" else V.feed_forward(zi)
-        ft = T.feed_forward(T.ffn_norm(ht))
-        return hi + fi, ht + ft
+        return hi + fi, self._text_out(xt, out[n_i:])
+
+    def decode(self, xt: torch.Tensor, cache: "KVCache", layer: int) -> torch.Tensor:
+        """One new text token per sample, xt (B, D), attending to its sample's cached keys (image and
+        earlier text) and to itself; its keys and values join the cache. Text RoPE is the identity
+        (text tokens sit at position 0 of the 2-D grid), so none is applied."""
+        q, k, v = self._heads(*self._text_qkv(xt))
+        keys, values, valid = cache.append(layer, k, v)
+        return self._text_out(xt, cached_sink_attention(q, keys, values, valid, self.text.attention.sinks))
 
 
 def shared_sink_attention(q, k, v, sinks_v, sinks_t, n_image: int, mask: torch.Tensor) -> torch.Tensor:
@@ -166,6 +188,63 @@ def shared_sink_attention(q, k, v, sinks_v, sinks_t, n_image: int, mask: torch.T
     out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask[None, None], scale=1.0 / root)
     out = out[..., :hd].transpose(1, 2).reshape(G, S, H * hd)
     return out if batched else out[0]
+
+
+def cached_sink_attention(q, keys, values, valid, sinks_t) -> torch.Tensor:
+    """One text query per sample against its cached keys, with the text sink: q (B, H, hd), keys and
+    values (B, C, H, hd), valid (B, C) bool. The same softmax as `shared_sink_attention` for a text
+    query (scores q.k / sqrt(hd), the sink's logit sinks_t[h] with a zero value). Returns (B, H*hd)."""
+    B, H, hd = q.shape
+    scores = torch.einsum("bhd,bchd->bhc", q, keys) / math.sqrt(hd)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    sink = sinks_t.to(scores.dtype)[None, :, None].expand(B, H, 1)
+    p = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.einsum("bhc,bchd->bhd", p, values).reshape(B, H * hd)
+
+
+@dataclass
+class KVCache:
+    """Per layer, the keys and values each sample's next text token attends to: its image tokens
+    (computed once: image tokens never attend to text) and its text so far; padded to a common
+    capacity, `lengths` tokens valid per sample."""
+    keys: list[torch.Tensor]         # per layer (B, C, H, hd)
+    values: list[torch.Tensor]
+    lengths: torch.Tensor            # (B,) valid entries per sample (image + text tokens)
+    text_lengths: torch.Tensor       # (B,) text tokens so far: the next token's text position
+
+    @classmethod
+    def from_prefill(cls, kept: list[tuple[torch.Tensor, torch.Tensor]], img_lens: list[int],
+                     txt_lens: list[int], room: int) -> "KVCache":
+        n_i = sum(img_lens)
+        B = len(img_lens)
+        lengths = [a + b for a, b in zip(img_lens, txt_lens)]
+        cap = max(lengths) + room
+        keys, values = [], []
+        for k, v in kept:
+            kc = k.new_zeros(B, cap, *k.shape[1:])
+            vc = v.new_zeros(B, cap, *v.shape[1:])
+            si, st = 0, n_i
+            for b, (a, t) in enumerate(zip(img_lens, txt_lens)):
+                kc[b, :a], vc[b, :a] = k[si:si + a], v[si:si + a]
+                kc[b, a:a + t], vc[b, a:a + t] = k[st:st + t], v[st:st + t]
+                si, st = si + a, st + t
+            keys.append(kc)
+            values.append(vc)
+        device = kept[0][0].device
+        return cls(keys, values, torch.tensor(lengths, device=device), torch.tensor(txt_lens, device=device))
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write one token per sample at its length into `layer`; (keys, values, valid) to attend to.
+        The lengths move on once the last layer has written."""
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.keys[layer][rows, self.lengths] = k
+        self.values[layer][rows, self.lengths] = v
+        cap = self.keys[layer].shape[1]
+        valid = torch.arange(cap, device=k.device)[None, :] <= self.lengths[:, None]
+        if layer == len(self.keys) - 1:
+            self.lengths = self.lengths + 1
+            self.text_lengths = self.text_lengths + 1
+        return self.keys[layer], self.values[layer], valid
 
 
 class SampleAttention:
@@ -205,6 +284,7 @@ class VLMOutput:
     patch_features: list[torch.Tensor]    # per image (Hp*Wp, D): final vision-norm patch states
     image_states: list[torch.Tensor]      # per image (P + Hp*Wp, D): CLS, registers, patches (normed)
     grids: list[tuple[int, int]]
+    cache: "KVCache | None" = None        # with forward(..., cache_room=N): for decode_step
 
 
 class GroundingVLM(nn.Module):
@@ -263,9 +343,12 @@ class GroundingVLM(nn.Module):
         return out
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: Sequence[torch.Tensor], text_ids: Sequence[Sequence[int]] | None = None) -> VLMOutput:
+    def forward(self, images: Sequence[torch.Tensor], text_ids: Sequence[Sequence[int]] | None = None,
+                cache_room: int = 0) -> VLMOutput:
         """images: normalised (3, H, W) tensors (sides multiples of the patch size; ImageProcessor.to_tensor);
-        text_ids: one token-id list per image (may be empty). All samples are packed into one sequence."""
+        text_ids: one token-id list per image (may be empty). All samples are packed into one sequence.
+        `cache_room` > 0 also returns a `KVCache` (in `VLMOutput.cache`) with room for that many more
+        text tokens per sample, for `decode_step`."""
         vc = self.config.vision
         if not images:
             raise ValueError("GroundingVLM.forward needs at least one image")
@@ -317,13 +400,28 @@ class GroundingVLM(nn.Module):
         mask = (SampleAttention(img_lens, txt_lens, device) if self.attention == "samples"
                 else _sorted_mask(img_lens, txt_lens, device))
 
+        kept = [] if cache_room else None
         for block in self.layers.values():
-            xi, xt = block(xi, xt, cos, sin, mask)
+            xi, xt = block(xi, xt, cos, sin, mask, kept)
         zi = self.vision_norm(xi)
         logits = self.lm_head(self.text_norm(xt)) if n_t else xt.new_zeros(0, self.config.vocab_size)
         states = list(zi.split(img_lens))
+        cache = KVCache.from_prefill(kept, img_lens, txt_lens, cache_room) if cache_room else None
         return VLMOutput(logits=list(logits.split(txt_lens)), patch_features=[s[P:] for s in states],
-                         image_states=states, grids=grids)
+                         image_states=states, grids=grids, cache=cache)
+
+    @torch.no_grad()
+    def decode_step(self, cache: KVCache, token_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, vocab) after appending one token per sample (token_ids (B,)) to the
+        samples `cache` holds: the text experts only, over the cached keys (the image prefix is not
+        recomputed). Equals the last-position logits of `forward` on the extended texts."""
+        too_long = int(cache.text_lengths.max()) + 1 > self.config.max_text_len
+        if too_long:
+            raise ValueError(f"decoding past max_text_len={self.config.max_text_len} text tokens")
+        xt = self.text_embed(token_ids) + self.text_pos(cache.text_lengths)
+        for i, block in enumerate(self.layers.values()):
+            xt = block.decode(xt, cache, i)
+        return self.lm_head(self.text_norm(xt))
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[torch.Tensor]) -> VLMOutput:
