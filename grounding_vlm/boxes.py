@@ -33,6 +33,13 @@ def dequantise_box(bins_xyxy: list[int], width: float, height: float, bins: int)
     return [(b + 0.5) / bins * s for b, s in zip(bins_xyxy, scale)]
 
 
+def to_norm1000(box_xyxy: list[float], width: float, height: float) -> list[int]:
+    """Pixel xyxy -> the 0-1000 normalised integer convention many VLMs read and write (Qwen-VL,
+    Kosmos-2 style): round(v / side * 1000), clamped to [0, 1000]."""
+    scale = (width, height, width, height)
+    return [int(min(max(round(v / s * 1000), 0), 1000)) for v, s in zip(box_xyxy, scale)]
+
+
 def box_iou(a: list[float] | torch.Tensor, b: list[float] | torch.Tensor) -> float:
     """IoU of two xyxy boxes (continuous coordinates, as pycocotools' iou with iscrowd=0)."""
     ax1, ay1, ax2, ay2 = (float(v) for v in a)

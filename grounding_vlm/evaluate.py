@@ -4,7 +4,9 @@ For each expression the model reads [image] <bos> expression <sep> and generates
 tokens greedily (with a KV cache: the image and prompt run once), each restricted to the location-token block (so the output always has four
 location tokens); with `ordered_boxes` the third/fourth token is further restricted to bins >= the
 first/second, so x2 >= x1 and y2 >= y1. The bins are mapped back to the ORIGINAL image's pixels and
-scored with IoU >= 0.5 (xyxy). A prediction that still does not parse counts as a miss and is
+scored with IoU >= 0.5 (xyxy). Boxes are scored in both conventions users meet: pixels of the original
+image (`acc@0.5`, the headline) and 0-1000 normalised integers (`acc@0.5_norm1000`); each prediction
+is written both ways. A prediction that still does not parse counts as a miss and is
 reported (`unparsable`). Results go to one JSON per (run, dataset split) in the benchmarks schema
 (task "grounding", metric "acc@0.5"), so `amoe leaderboard build` shows them.
 
@@ -21,7 +23,7 @@ import torch
 
 from distill.io import fingerprint, write_text_atomic
 
-from .boxes import GroundingScore, dequantise_box
+from .boxes import GroundingScore, dequantise_box, to_norm1000
 from .data import ImageCache, check_text_lengths, encode_batch, load_split, processor_from
 from .tokenizer import GroundingTokenizer
 
@@ -99,7 +101,7 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
     suite, dataset_id = result_identity(cfg, split, suite, dataset_id)
     bs = int(batch_size or ecfg.get("batch_size", 16))
     cache = ImageCache(processor_from(cfg["data"], model.config.vision.spatial_patch_size))
-    score = GroundingScore()
+    score, score_1000 = GroundingScore(), GroundingScore()   # pixels (headline), 0-1000 normalised
     lines = []
     bar = None
     if progress:
@@ -117,8 +119,12 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
             bins = tok.decode_box(g)
             box = None if bins is None else dequantise_box(bins, e.width, e.height, tok.bins)
             iou = score.add(box, list(e.box_xyxy))
+            truth_1000 = to_norm1000(list(e.box_xyxy), e.width, e.height)
+            pred_1000 = None if box is None else to_norm1000(box, e.width, e.height)
+            score_1000.add(pred_1000, truth_1000)
             lines.append(json.dumps({"ref_id": e.ref_id, "image_id": e.image_id, "expression": e.expression,
-                                     "truth": list(e.box_xyxy), "pred": box, "iou": round(iou, 4)}))
+                                     "truth": list(e.box_xyxy), "pred": box, "iou": round(iou, 4),
+                                     "truth_1000": truth_1000, "pred_1000": pred_1000}))
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -127,7 +133,8 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
     write_text_atomic(run_dir / "eval" / f"{split}.jsonl", "".join(line + "\n" for line in lines))
 
     m = score.metrics()
-    items = score.items()
+    m["acc@0.5_norm1000"] = score_1000.metrics()["acc@0.5"]
+    items = score.items() | {"acc@0.5_norm1000": score_1000.items()["acc@0.5"]}
     m["missing_images"] = float(data.missing_images)
     m["unreadable_images"] = float(len(cache.unreadable))
     name = model_name or f"grounding-vlm:{run_dir.resolve().name}"
@@ -139,6 +146,9 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
         cell, "ok", metrics=m,
         config=jsonable({"suite": suite, "run": run_dir.resolve().name, "checkpoint": latest.name, "split": split,
                          "limit": limit, "batch_size": bs, "task_cfg": {"ordered_boxes": ordered},
+                         "boxes": {"scored_in": "pixels of the original image, xyxy (acc@0.5)",
+                                   "also": "0-1000 normalised integers, xyxy (acc@0.5_norm1000)",
+                                   "decoding": "greedy, constrained, KV cache"},
                          "train_config": cfg}),
         model={"name": name, "params": n_params, "active_params": _active_params(model),
                "init": cfg["init"].get("kind"), "fingerprint": fingerprint(json.loads(

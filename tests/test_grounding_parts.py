@@ -24,6 +24,10 @@ def test_quantise_clamps_and_rejects_degenerate():
 
 
 def test_iou_and_accuracy_hand_cases():
+    from grounding_vlm.boxes import to_norm1000
+
+    assert to_norm1000([10, 5, 200, 99.96], 400, 100) == [25, 50, 500, 1000]
+    assert to_norm1000([-3, 0, 401, 50], 400, 100) == [0, 0, 1000, 500]      # clamped to the image
     assert box_iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)
     assert box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
     score = GroundingScore()

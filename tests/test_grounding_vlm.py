@@ -11,6 +11,7 @@ import torch
 
 from distill.io import load_tensors
 from distill.student import Student
+from grounding_vlm.boxes import box_iou
 from grounding_vlm.evaluate import greedy_box_tokens
 from distill.encoders.student import save_student
 from grounding_vlm.init import load_student_source, load_vision_experts
@@ -230,8 +231,11 @@ def test_train_eval_end_to_end_and_leaderboard(refer_world, student_dir, tmp_pat
     assert lo <= m["acc@0.5"] <= hi and "n" in rec["intervals"]["missing"]
     ious = [json.loads(x)["iou"] for x in (run / "eval" / "val.jsonl").read_text().splitlines()]
     assert read_items(rec)["mean_iou"].metric() == pytest.approx(100 * sum(ious) / 5, abs=0.01)
-    preds = (run / "eval" / "val.jsonl").read_text().splitlines()
-    assert len(preds) == 5 and all(len(json.loads(p)["pred"]) == 4 for p in preds)
+    preds = [json.loads(p) for p in (run / "eval" / "val.jsonl").read_text().splitlines()]
+    assert len(preds) == 5 and all(len(p["pred"]) == 4 and len(p["pred_1000"]) == 4 for p in preds)
+    hits_1000 = sum(box_iou(p["pred_1000"], p["truth_1000"]) >= 0.5 for p in preds)   # both conventions scored
+    assert m["acc@0.5_norm1000"] == pytest.approx(100 * hits_1000 / 5)
+    assert "pixels" in rec["config"]["boxes"]["scored_in"]
     from amoe.cli import main as amoe_main
 
     assert amoe_main(["ground", "eval", "--run", str(run), "--split", "testA", "--limit", "2",
