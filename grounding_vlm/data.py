@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from distill.data.base import UnreadableImageError, load_rgb
-from distill.data.refer import load_refer
+from distill.data.refer import decode_mask, load_refer
 from distill.errors import AmoeError
 from distill.student import ImageProcessor
 
@@ -38,6 +39,14 @@ class GroundingExample:
     height: int
     ref_id: int
     image_id: int
+    segmentation: Any = field(default=None, compare=False)   # the ref's COCO mask (polygons or RLE)
+
+    def mask(self) -> np.ndarray:
+        """The ref's binary mask at the original image size (pycocotools)."""
+        if self.segmentation is None:
+            raise ValueError(f"ref {self.ref_id} has no segmentation in instances.json; referring "
+                             "segmentation needs the refs' COCO masks (or set mask.weight=0)")
+        return decode_mask(self.segmentation, self.height, self.width)
 
 
 @dataclass
@@ -76,7 +85,7 @@ def load_split(data_cfg: Mapping[str, Any], split: str) -> SplitData:
             continue
         for sent in s.sentences:
             examples.append(GroundingExample(str(s.image_path), sent, tuple(s.bbox), s.width, s.height,
-                                             s.ref_id, s.image_id))
+                                             s.ref_id, s.image_id, s.segmentation))
     return SplitData(examples, len(ds), len(missing), missing)
 
 

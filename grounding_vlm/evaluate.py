@@ -10,7 +10,10 @@ is written both ways. A prediction that still does not parse counts as a miss an
 reported (`unparsable`). Results go to one JSON per (run, dataset split) in the benchmarks schema
 (task "grounding", metric "acc@0.5"), so `amoe leaderboard build` shows them.
 
-Referring segmentation is not implemented as a second head: this evaluation is boxes only.
+A run trained with a mask head (`mask.weight` > 0) is also scored on referring segmentation: the
+head's mask, upsampled to the original image and thresholded, against the ref's COCO mask
+(pycocotools): `mask_ciou` (total intersection over total union) and `mask_miou` (mean per-expression
+IoU), both with bootstrap intervals.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 from distill.io import fingerprint, write_text_atomic
 
 from .boxes import GroundingScore, dequantise_box, to_norm1000
+from .mask import MaskScore, predicted_mask
 from .data import ImageCache, check_text_lengths, encode_batch, load_split, processor_from
 from .tokenizer import GroundingTokenizer
 
@@ -39,10 +43,19 @@ def greedy_box_tokens(model, tok: GroundingTokenizer, images: Sequence[torch.Ten
     With `kv_cache` the image prefix and the prompt run once and each further token is one step of
     the text experts over the cached keys (`GroundingVLM.decode_step`); without it every token re-runs
     the whole sequence (the reference the cache is tested against)."""
+    return decode_boxes(model, tok, images, prompts, ordered, kv_cache)[0]
+
+
+@torch.no_grad()
+def decode_boxes(model, tok: GroundingTokenizer, images: Sequence[torch.Tensor], prompts: Sequence[Sequence[int]],
+                 ordered: bool = True, kv_cache: bool = True, masks: bool = False):
+    """(four location tokens per sample, the prompt's forward output); with `masks` that output also
+    holds the mask head's logits (`VLMOutput.masks`)."""
     ids = [list(p) for p in prompts]
     lo, bins = tok.loc_start, tok.bins
     generated: list[list[int]] = [[] for _ in ids]
-    out = model(images, ids, cache_room=4 if kv_cache else 0)
+    out = model(images, ids, cache_room=4 if kv_cache else 0, mask_at=[len(p) for p in prompts] if masks else None)
+    prefill = out
     last = torch.stack([lg[-1] for lg in out.logits]).float()                # (B, vocab)
     for k in range(4):
         loc = last[:, lo: lo + bins].clone()
@@ -59,7 +72,7 @@ def greedy_box_tokens(model, tok: GroundingTokenizer, images: Sequence[torch.Ten
             last = model.decode_step(out.cache, choice).float()
         else:
             last = torch.stack([lg[-1] for lg in model(images, ids).logits]).float()
-    return generated
+    return generated, prefill
 
 
 def result_identity(cfg: dict, split: str, suite: str | None = None,
@@ -102,6 +115,8 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
     bs = int(batch_size or ecfg.get("batch_size", 16))
     cache = ImageCache(processor_from(cfg["data"], model.config.vision.spatial_patch_size))
     score, score_1000 = GroundingScore(), GroundingScore()   # pixels (headline), 0-1000 normalised
+    with_masks = model.mask_head is not None                 # referring segmentation: cIoU / mIoU too
+    mask_score = MaskScore()
     lines = []
     bar = None
     if progress:
@@ -112,19 +127,24 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
     for start in range(0, len(examples), bs):
         chunk = examples[start: start + bs]
         images, prompts, _, kept = encode_batch(chunk, tok, cache, with_target=False)
-        gen = greedy_box_tokens(model, tok, images, prompts, ordered=bool(ecfg.get("ordered_boxes", True))) \
-            if images else []
+        gen, prefill = decode_boxes(model, tok, images, prompts, ordered=bool(ecfg.get("ordered_boxes", True)),
+                                    masks=with_masks) if images else ([], None)
         scored += kept
-        for e, g in zip(kept, gen):
+        for j, (e, g) in enumerate(zip(kept, gen)):
+            if with_masks:
+                mask_iou = mask_score.add(predicted_mask(prefill.masks[j], e.height, e.width), e.mask())
             bins = tok.decode_box(g)
             box = None if bins is None else dequantise_box(bins, e.width, e.height, tok.bins)
             iou = score.add(box, list(e.box_xyxy))
             truth_1000 = to_norm1000(list(e.box_xyxy), e.width, e.height)
             pred_1000 = None if box is None else to_norm1000(box, e.width, e.height)
             score_1000.add(pred_1000, truth_1000)
-            lines.append(json.dumps({"ref_id": e.ref_id, "image_id": e.image_id, "expression": e.expression,
-                                     "truth": list(e.box_xyxy), "pred": box, "iou": round(iou, 4),
-                                     "truth_1000": truth_1000, "pred_1000": pred_1000}))
+            line = {"ref_id": e.ref_id, "image_id": e.image_id, "expression": e.expression,
+                    "truth": list(e.box_xyxy), "pred": box, "iou": round(iou, 4),
+                    "truth_1000": truth_1000, "pred_1000": pred_1000}
+            if with_masks:
+                line["mask_iou"] = round(mask_iou, 4)
+            lines.append(json.dumps(line))
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -135,6 +155,9 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
     m = score.metrics()
     m["acc@0.5_norm1000"] = score_1000.metrics()["acc@0.5"]
     items = score.items() | {"acc@0.5_norm1000": score_1000.items()["acc@0.5"]}
+    if with_masks:
+        m |= mask_score.metrics()
+        items |= mask_score.items()
     m["missing_images"] = float(data.missing_images)
     m["unreadable_images"] = float(len(cache.unreadable))
     name = model_name or f"grounding-vlm:{run_dir.resolve().name}"

@@ -34,6 +34,7 @@ from distill.student.moe import FeedForward
 from distill.student.processor import chw_to_patches
 from distill.student.rope import apply_golden_rope, golden_freqs, grid_coordinates, rotation_angles
 
+from .mask import MaskHead
 from .sequence import PackedLayout
 
 
@@ -43,6 +44,7 @@ class VLMConfig:
     vocab_size: int                 # text vocabulary incl. specials and location tokens
     text_ffn_dim: int = 0           # 0 = 4 * dim
     max_text_len: int = 64          # learned text positions
+    mask_head: bool = False         # referring segmentation (grounding_vlm.mask.MaskHead)
 
     def __post_init__(self):
         if not isinstance(self.vision, StudentConfig):
@@ -54,7 +56,7 @@ class VLMConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"vision": self.vision.to_dict(), "vocab_size": self.vocab_size,
-                "text_ffn_dim": self.text_ffn_dim, "max_text_len": self.max_text_len}
+                "text_ffn_dim": self.text_ffn_dim, "max_text_len": self.max_text_len, "mask_head": self.mask_head}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "VLMConfig":
@@ -285,6 +287,8 @@ class VLMOutput:
     image_states: list[torch.Tensor]      # per image (P + Hp*Wp, D): CLS, registers, patches (normed)
     grids: list[tuple[int, int]]
     cache: "KVCache | None" = None        # with forward(..., cache_room=N): for decode_step
+    text_states: list[torch.Tensor] | None = None   # per sample (T_i, D): final normed text states
+    masks: list[torch.Tensor] | None = None         # with forward(..., mask_at=...): (Hp, Wp) logits per sample
 
 
 class GroundingVLM(nn.Module):
@@ -302,6 +306,8 @@ class GroundingVLM(nn.Module):
         self.lm_head = nn.Linear(vc.dim, cfg.vocab_size, bias=False)
         self.attention = "samples"   # or "dense": one mask over the whole packed sequence (the reference)
         self.reset_parameters()
+        # built after the rest is initialised, so a model without it starts from the same weights
+        self.mask_head = MaskHead(vc.dim) if cfg.mask_head else None
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -344,11 +350,12 @@ class GroundingVLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Sequence[torch.Tensor], text_ids: Sequence[Sequence[int]] | None = None,
-                cache_room: int = 0) -> VLMOutput:
+                cache_room: int = 0, mask_at: Sequence[int] | None = None) -> VLMOutput:
         """images: normalised (3, H, W) tensors (sides multiples of the patch size; ImageProcessor.to_tensor);
         text_ids: one token-id list per image (may be empty). All samples are packed into one sequence.
         `cache_room` > 0 also returns a `KVCache` (in `VLMOutput.cache`) with room for that many more
-        text tokens per sample, for `decode_step`."""
+        text tokens per sample, for `decode_step`. `mask_at` (each sample's prompt length) also returns
+        the mask head's logits (`VLMOutput.masks`; inside forward, so DDP syncs the head's gradients)."""
         vc = self.config.vision
         if not images:
             raise ValueError("GroundingVLM.forward needs at least one image")
@@ -404,11 +411,23 @@ class GroundingVLM(nn.Module):
         for block in self.layers.values():
             xi, xt = block(xi, xt, cos, sin, mask, kept)
         zi = self.vision_norm(xi)
-        logits = self.lm_head(self.text_norm(xt)) if n_t else xt.new_zeros(0, self.config.vocab_size)
+        zt = self.text_norm(xt)
+        logits = self.lm_head(zt) if n_t else xt.new_zeros(0, self.config.vocab_size)
         states = list(zi.split(img_lens))
         cache = KVCache.from_prefill(kept, img_lens, txt_lens, cache_room) if cache_room else None
-        return VLMOutput(logits=list(logits.split(txt_lens)), patch_features=[s[P:] for s in states],
-                         image_states=states, grids=grids, cache=cache)
+        out = VLMOutput(logits=list(logits.split(txt_lens)), patch_features=[s[P:] for s in states],
+                        image_states=states, grids=grids, cache=cache, text_states=list(zt.split(txt_lens)))
+        if mask_at is not None:
+            out.masks = self.mask_logits(out, mask_at)
+        return out
+
+    def mask_logits(self, out: VLMOutput, prompt_lens: Sequence[int]) -> list[torch.Tensor]:
+        """Referring-segmentation logits (Hp, Wp) per sample, from its patch states and the state of
+        its last prompt token (<sep>: causal, so it has not seen the box tokens)."""
+        if self.mask_head is None:
+            raise ValueError("this grounding model has no mask head; train it with mask.weight > 0")
+        return [self.mask_head(pf, g, ts[n - 1])
+                for pf, g, ts, n in zip(out.patch_features, out.grids, out.text_states, prompt_lens)]
 
     @torch.no_grad()
     def decode_step(self, cache: KVCache, token_ids: torch.Tensor) -> torch.Tensor:

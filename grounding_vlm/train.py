@@ -38,6 +38,7 @@ from distill.config import merge, read_config_file
 from .data import (ImageCache, build_tokenizer, check_text_lengths, encode_batch, load_split, processor_from,
                    require_data_root, target_loss)
 from .gram import gram_anchoring_loss, gram_weight
+from .mask import mask_loss
 from .init import anchor_student, load_student_source, load_vision_experts
 from .model import GroundingVLM, VLMConfig
 
@@ -50,6 +51,8 @@ DEFAULTS: dict[str, Any] = {
     "model": {"vision": "from_init", "text_ffn_dim": 0, "max_text_len": 64},
     "init": {"kind": "scratch", "path": None, "config": None},
     "gram": {"weight": 0.0, "start_step": 0, "warmup_steps": 0},
+    # referring segmentation: weight > 0 adds the mask head (grounding_vlm/mask.py) and its loss
+    "mask": {"weight": 0.0},
     "optim": {"lr": 1e-3, "vision_lr": 1e-4, "weight_decay": 0.01, "betas": [0.9, 0.95], "warmup_steps": 20,
               "min_lr_ratio": 0.1, "grad_clip": 1.0, "expert_bias_rate": 1e-3},
     "train": {"steps": 1000, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 200, "keep": 2,
@@ -88,7 +91,7 @@ def build_model(cfg: dict, vocab_size: int):
                              "vision architecture (a student config name such as 'moe-cpu-small', or a dict)")
         vision = source[0]
     vcfg = VLMConfig(vision=vision, vocab_size=vocab_size, text_ffn_dim=int(cfg["model"]["text_ffn_dim"]),
-                     max_text_len=int(cfg["model"]["max_text_len"]))
+                     max_text_len=int(cfg["model"]["max_text_len"]), mask_head=float(cfg["mask"]["weight"]) > 0)
     model = GroundingVLM(vcfg)
     report = {"kind": init["kind"], "path": init.get("path")}
     if source is not None:
@@ -169,7 +172,9 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
                       spike_factor=cfg["robustness"]["grad_spike_factor"])
     metrics = MetricsWriter(out, enabled=info.is_main, tensorboard=False)
     latest = ckpt.latest_checkpoint(out)
-    cfg_fp = fingerprint({k: v for k, v in cfg.items() if k != "train"} | {"seed": seed})
+    # the mask section enters only when used, so runs made before it existed still resume
+    cfg_fp = fingerprint({k: v for k, v in cfg.items() if k != "train" and not (k == "mask" and not v["weight"])}
+                         | {"seed": seed})
     if latest is not None:
         state = ckpt.read_checkpoint(latest, info.rank)
         if state["trainer"].get("config_fingerprint") != cfg_fp:
@@ -218,23 +223,27 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
     end = total if stop_after is None else min(total, int(stop_after))
     while step < end:
         examples = batch_for(step)
-        images, ids, prompt_lens, _ = encode_batch(examples, tok, cache)
+        images, ids, prompt_lens, kept = encode_batch(examples, tok, cache)
         if not images:
             raise TrainingAborted(f"no image of step {step + 1}'s batch decodes (first: {examples[0].image_path}); "
                                   f"{len(cache.unreadable)} unreadable so far: check the refer images")
         factor = warmup_cosine(step, total, int(oc["warmup_steps"]), float(oc["min_lr_ratio"]))
         for g in optim.param_groups:
             g["lr"] = g["base_lr"] * factor
-        out_ = ddp(images, ids)
+        mask_w = float(cfg["mask"]["weight"])
+        out_ = ddp(images, ids, mask_at=prompt_lens if mask_w > 0 else None)
         ce_sum, n_tgt = target_loss(out_.logits, ids, prompt_lens)
         ce = ce_sum / n_tgt
+        seg = torch.zeros((), device=info.device)
+        if mask_w > 0:
+            seg = torch.stack([mask_loss(lg, e.mask()) for lg, e in zip(out_.masks, kept)]).mean()
         w = gram_weight(step, cfg["gram"]) if anchor is not None else 0.0
         gram = torch.zeros((), device=info.device)
         if anchor is not None:
             with torch.no_grad():
                 ref = [o.patch_features["siglino"][0] for o in anchor.forward_packed(images)]
             gram = gram_anchoring_loss(out_.patch_features, ref)
-        loss = ce + w * gram
+        loss = ce + w * gram + mask_w * seg
         optim.zero_grad(set_to_none=True)
         loss.backward()
         loss_value = all_reduce_sum({"loss": loss.detach().item()}, info.device)["loss"]  # one verdict for all ranks
@@ -261,10 +270,12 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % int(tc["log_every"]) == 0 or step == total:
-            red = all_reduce_sum({"ce": ce.detach().item(), "gram": gram.detach().item(), "tokens": tokens_log}, info.device)
+            red = all_reduce_sum({"ce": ce.detach().item(), "gram": gram.detach().item(), "mask": seg.detach().item(),
+                                  "tokens": tokens_log}, info.device)
             dt = time.time() - t_log
-            last = {"step": step, "loss": red["ce"] / info.world_size + w * red["gram"] / info.world_size,
-                    "ce": red["ce"] / info.world_size, "gram": red["gram"] / info.world_size, "gram_weight": w,
+            ws = info.world_size
+            last = {"step": step, "loss": (red["ce"] + w * red["gram"] + mask_w * red["mask"]) / ws,
+                    "ce": red["ce"] / ws, "gram": red["gram"] / ws, "gram_weight": w, "mask": red["mask"] / ws,
                     "lr": oc["lr"] * factor, "grad_norm": float(gnorm), "tokens_per_s": red["tokens"] / max(dt, 1e-9),
                     "count/unreadable_images": len(cache.unreadable)}
             metrics.write(last)
