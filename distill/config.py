@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import numbers
 import os
 import re
 import typing
@@ -168,7 +169,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if dataclasses.is_dataclass(tp):
-        return parse_dataclass(tp, value, where)
+        return value if isinstance(value, tp) else parse_dataclass(tp, value, where)   # already built: as is
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
@@ -178,13 +179,16 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
         return tuple(_check_type(v, args[0], f"{where}.{i}") for i, v in enumerate(value))
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+    if tp is int:      # numpy integers and whole floats (JSON's 1e9) are integers too
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) \
+                and float(value).is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
+        return int(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")

@@ -77,11 +77,13 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 class TensorFileWriter:
     """A safetensors file too large to build in memory, written in place: the main process lays out the
-    header and sizes the file (`create`), every process (rank) then fills its slices of the tensors
-    through writable memory maps (`array`), and the main process renames it into place (`commit`).
-    Until then it lives at `PATH.partial`, so it never looks complete. The layout is plain safetensors
-    (tensors stored back to back, widest items first so every one is aligned), readable by
-    `safetensors.load_file` and `map_tensors`."""
+    header and sizes the file (`create`), every process (rank) then writes its rows of the tensors
+    (`write`), and the main process renames it into place (`commit`). Until then it lives at
+    `PATH.partial`, so it never looks complete. Rows are written with `pwrite` at their exact byte
+    offsets and fsynced, not through a shared memory map: ranks on other nodes (NFS) would write back
+    whole pages, each over its neighbours' bytes. The layout is plain safetensors (tensors back to
+    back, widest items first so every one is aligned), readable by `safetensors.load_file` and
+    `map_tensors`."""
 
     def __init__(self, path: str | os.PathLike, spec: dict[str, tuple[Any, tuple[int, ...]]]):
         self.path = Path(path)
@@ -102,18 +104,50 @@ class TensorFileWriter:
         with open(self.partial, "wb") as f:
             f.write(len(self.head_bytes).to_bytes(8, "little") + self.head_bytes)
             f.truncate(self.data_start + self.data_bytes)    # sparse until written
+            os.fsync(f.fileno())
 
-    def array(self, name: str) -> np.ndarray:
+    def write(self, name: str, start: int, values) -> None:
+        """Rows `start`.. of tensor `name`, durable on return."""
+        h = self.header[name]
+        dt = np.dtype(_ST_DTYPES[h["dtype"]])
+        row = dt.itemsize * int(np.prod(h["shape"][1:], dtype=np.int64))
+        data = memoryview(np.ascontiguousarray(values, dtype=dt).reshape(-1).view(np.uint8))
+        offset = self.data_start + h["data_offsets"][0] + int(start) * row
+        if offset + len(data) > self.data_start + h["data_offsets"][1]:
+            raise ValueError(f"rows {start}.. of {name!r} run past its end in {self.partial}")
+        fd = os.open(self.partial, os.O_WRONLY)
+        try:
+            done = 0
+            while done < len(data):                   # pwrite may write less than asked
+                done += os.pwrite(fd, data[done:done + (1 << 26)], offset + done)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rows(self, name: str) -> "_RowSink":
+        """`sink[a:b] = values` writes rows a..b-1 of `name` (for code that fills an array slice by slice)."""
+        return _RowSink(self, name)
+
+    def read(self, name: str) -> np.ndarray:
+        """A read-only map of what has been written so far (after the writers' barrier)."""
         h = self.header[name]
         if h["data_offsets"][0] == h["data_offsets"][1]:
             return np.zeros(h["shape"], _ST_DTYPES[h["dtype"]])
-        return np.memmap(self.partial, dtype=_ST_DTYPES[h["dtype"]], mode="r+", shape=tuple(h["shape"]),
+        return np.memmap(self.partial, dtype=_ST_DTYPES[h["dtype"]], mode="r", shape=tuple(h["shape"]),
                          offset=self.data_start + h["data_offsets"][0])
 
     def commit(self) -> None:
         with open(self.partial, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(self.partial, self.path)
+
+
+class _RowSink:
+    def __init__(self, writer: TensorFileWriter, name: str):
+        self.writer, self.name = writer, name
+
+    def __setitem__(self, rows: slice, values) -> None:
+        self.writer.write(self.name, rows.start or 0, values)
 
 
 def map_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:

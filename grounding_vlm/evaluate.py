@@ -116,6 +116,7 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
     cache = ImageCache(processor_from(cfg["data"], model.config.vision.spatial_patch_size))
     score, score_1000 = GroundingScore(), GroundingScore()   # pixels (headline), 0-1000 normalised
     with_masks = model.mask_head is not None                 # referring segmentation: cIoU / mIoU too
+    kv_cache = bool(ecfg.get("kv_cache", True))
     mask_score = MaskScore()
     lines = []
     bar = None
@@ -128,7 +129,7 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
         chunk = examples[start: start + bs]
         images, prompts, _, kept = encode_batch(chunk, tok, cache, with_target=False)
         gen, prefill = decode_boxes(model, tok, images, prompts, ordered=bool(ecfg.get("ordered_boxes", True)),
-                                    masks=with_masks) if images else ([], None)
+                                    kv_cache=kv_cache, masks=with_masks) if images else ([], None)
         scored += kept
         for j, (e, g) in enumerate(zip(kept, gen)):
             if with_masks:
@@ -171,7 +172,7 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
                          "limit": limit, "batch_size": bs, "task_cfg": {"ordered_boxes": ordered},
                          "boxes": {"scored_in": "pixels of the original image, xyxy (acc@0.5)",
                                    "also": "0-1000 normalised integers, xyxy (acc@0.5_norm1000)",
-                                   "decoding": "greedy, constrained, KV cache"},
+                                   "decoding": "greedy, constrained, " + ("KV cache" if kv_cache else "uncached")},
                          "train_config": cfg}),
         model={"name": name, "params": n_params, "active_params": _active_params(model),
                "init": cfg["init"].get("kind"), "fingerprint": fingerprint(json.loads(

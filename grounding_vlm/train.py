@@ -59,7 +59,9 @@ DEFAULTS: dict[str, Any] = {
               "device": "auto", "progress": True},
     # suite / dataset_id: where results are filed; null = read from the data (evaluate.result_identity)
     "robustness": {"max_skipped_in_a_row": 5, "grad_spike_factor": 50.0},
-    "eval": {"batch_size": 16, "limit": None, "ordered_boxes": True, "suite": None, "dataset_id": None},
+    # kv_cache: decode with the KV cache (false: re-run the whole sequence per token, the reference)
+    "eval": {"batch_size": 16, "limit": None, "ordered_boxes": True, "kv_cache": True, "suite": None,
+             "dataset_id": None},
 }
 
 

@@ -96,7 +96,7 @@ def test_curation_plan_counts_each_level_at_the_paper_scale():
     l1 = plan["levels"][0]
     local = -(-2_300_000_000 // 32)
     assert l1["device_bytes"]["sums_float64"] == 200_000 * 768 * 8
-    assert l1["host_bytes"]["level_file_pages"] == 20_000_000 * 768 * 4 // 8 + local * 12
+    assert l1["host_bytes"]["level_file_pages"] == 20_000_000 * 768 * 4 // 8
     assert l1["host_bytes"]["points_slice"] == local * 768 * 2
     assert "gathered_labels_and_distances" not in l1["host_bytes"] and "fit_copy" not in l1["host_bytes"]
     assert l1["fit_points_per_rank"] == -(-1_000_000_000 // 32)

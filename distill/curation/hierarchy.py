@@ -222,21 +222,17 @@ def _cluster_level(engine, inputs: np.ndarray, fit_x: np.ndarray, lv: LevelConfi
     them), the labels and distances of `inputs` come back."""
     main = _is_main()
     if lv.n_splits > 1:     # the (k, d) table is written group by group and read back by every rank
-        table = writer.array("centroids")
-        _, coarse, offsets = split_fit(engine, fit_x, lv.k, lv.n_splits, lv.niter, seed, where, out=table,
-                                       write=main)
-        table.flush()
+        _, coarse, offsets = split_fit(engine, fit_x, lv.k, lv.n_splits, lv.niter, seed, where,
+                                       out=writer.rows("centroids"), write=main)
         _barrier()
-        return split_assign(inputs, coarse, writer.array("centroids"), offsets, engine)
+        return split_assign(inputs, coarse, writer.read("centroids"), offsets, engine)
     if fit_x is not inputs:
         c, _, _ = kmeans_resampled(engine, fit_x, lv, seed, where)
         labels, dists = engine.assign(inputs, c)
     else:
         c, labels, dists = kmeans_resampled(engine, inputs, lv, seed, where)
     if main:
-        table = writer.array("centroids")
-        table[:] = c
-        table.flush()
+        writer.write("centroids", 0, c)
     return labels, dists
 
 
@@ -283,6 +279,7 @@ def run_hierarchy(points, n_points: int, cfg: ClusterConfig, out_dir: str | os.P
             if i == 1:
                 local = np.arange(mine.start, mine.stop) if order is None else mine.start + order
                 inputs = load_points(read, local, np.dtype(cfg.point_dtype))
+                del local
             fit_x = inputs[:n_fit] if i == 1 and order is not None else inputs
             writer = _level_file(ldir, lv.k, inputs.shape[1], n_in)
             if _is_main():
@@ -291,11 +288,9 @@ def run_hierarchy(points, n_points: int, cfg: ClusterConfig, out_dir: str | os.P
             labels, dists = _cluster_level(engine, inputs, fit_x, lv, cfg.seed + 1000 * i, where, writer)
             if i == 1 and order is not None:         # back to row order
                 labels[order], dists[order] = labels.copy(), dists.copy()
-            rows = _rank_slice(n_in)
-            for name, v in (("assignments", labels), ("distances", dists)):
-                dst = writer.array(name)
-                dst[rows] = v
-                dst.flush()
+            start = _rank_slice(n_in).start
+            writer.write("assignments", start, labels)
+            writer.write("distances", start, dists)
             # level statistics from per-rank counts: no rank gathers every label
             sizes = engine.all_reduce(torch.from_numpy(np.bincount(labels, minlength=lv.k).astype(np.int64)))
             inertia = engine.all_reduce(torch.tensor([dists.astype(np.float64).sum()], dtype=torch.float64))
@@ -348,9 +343,7 @@ def cluster_embeddings(embeddings: str | os.PathLike, cfg: ClusterConfig | str |
     if _is_main():
         points.create()
     _barrier()
-    dst = points.array("rows")
-    dst[mine] = rows
-    dst.flush()
+    points.write("rows", mine.start, rows)
     _barrier()
     if _is_main():
         points.commit()

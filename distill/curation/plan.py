@@ -9,9 +9,10 @@ configuration without running it.
   holds the coarse tables and one group of sub-clusters at a time.
 - host, per rank: its slice of the points, the fit-first order (with `fit_points`), its embedding row
   ids, its labels and distances (twice while put back in row order), the sort a split level does, the
-  float64 sums copied for the all-reduce, the cluster sizes; and its share of the page cache of the
-  level file it writes in place (the (k, d) centroid table is memory-mapped once per node, so a
-  node's ranks share it; each rank's labels are its own dirty pages until flushed).
+  float64 sums copied for the all-reduce, the engine's centroid tables and initial draw, the cluster
+  sizes; and its share of the page cache of the level file (the (k, d) centroid table, read back
+  memory-mapped once per node, so a node's ranks share it; each rank writes its own rows with
+  pwrite, fsynced).
 No rank holds the labels of all points: each writes its rows of the level file.
 `per_rank_peak_bytes` is the largest level's device total; `host_per_rank_peak_bytes` the host's.
 """
@@ -44,13 +45,18 @@ def plan_levels(cfg: ClusterConfig, world_size: int, points: int, dim: int, devi
         # a block of points cast to float32 and one of the sums' float64 rows; the distance block and the
         # two temporaries of its expression (|x|^2 - 2 x c^T + |c|^2)
         device = {"point_blocks": (rows * 4 + min(local, SUM_BLOCK) * 8) * d, "centroids": 2 * table * d * 4,
-                  "sums_float64": table * d * 8, "counts": 2 * table * 8, "distance_block": 3 * rows * table * 4}
+                  "sums_float64": table * d * 8, "counts": 2 * table * 8, "distance_block": 3 * rows * table * 4,
+                  "fit_labels": fit * 8}
         host = {"points_slice": local * d * point_bytes,
                 "labels_and_distances": local * 12 * (2 if subsampled else 1),
+                "fit_labels_and_distances": fit * 12,
+                # the engine's current and next centroids, and the float64 draw of its initial rows
+                "engine_centroids": 2 * table * d * 4, "initial_rows": table * d * 12,
                 "sums_for_all_reduce": table * d * 8, "cluster_sizes": 2 * k * 8,
-                "level_file_pages": k * d * 4 // sharing + local * 12}
+                "level_file_pages": k * d * 4 // sharing}
         if i == 1:
             host["embedding_rows"] = local * 8
+            host["load_ids"] = local * 8            # this rank's row ids while its points load
         if subsampled:
             host["fit_first_order"] = local * 8
         if lv.n_splits > 1:   # one group of sub-clusters at a time: float64 sums and init, float32 centroids

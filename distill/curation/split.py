@@ -55,9 +55,9 @@ def split_fit(engine, x: np.ndarray, k: int, n_splits: int, niter: int, seed: in
               group_centroids: int = GROUP_CENTROIDS, out: np.ndarray | None = None,
               write: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(centroids (k, d), coarse centroids (k_c, d), offsets (k_c + 1,)) fitted on this rank's `x`.
-    The (k, d) table goes into `out` when given (a memory map of the level file: at k = 20M it is
-    57 GiB, which no rank should hold in its own memory), written only where `write` (every rank
-    computes the same groups; one writes them)."""
+    The (k, d) table goes into `out` when given (anything taking `out[a:b] = rows`, e.g. the level
+    file's row sink: at k = 20M the table is 57 GiB, which no rank should hold in its own memory),
+    written only where `write` (every rank computes the same groups; one writes them)."""
     k_c = -(-k // n_splits)
     coarse = engine.fit(x, k_c, niter, seed, where=f"{where} (coarse)")
     labels, _ = engine.assign(x, coarse)
@@ -118,7 +118,6 @@ def split_assign(x: np.ndarray, coarse: np.ndarray, centroids: np.ndarray, offse
     """Labels and squared distances: the nearest sub-centroid within each point's coarse cluster."""
     coarse_labels, _ = engine.assign(x, coarse)
     xt = torch.from_numpy(np.ascontiguousarray(x))
-    ct = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
     labels = np.empty(len(x), np.int64)
     dists = np.empty(len(x), np.float32)
     order = np.argsort(coarse_labels, kind="stable")
@@ -126,7 +125,8 @@ def split_assign(x: np.ndarray, coarse: np.ndarray, centroids: np.ndarray, offse
     for c in np.flatnonzero(np.diff(starts)):
         members = order[starts[c]:starts[c + 1]]
         a, b = int(offsets[c]), int(offsets[c + 1])
-        j, m = assign_torch(xt[members], ct[a:b])
+        # a small copy per cluster: the table may be a read-only map of the level file
+        j, m = assign_torch(xt[members], torch.from_numpy(np.array(centroids[a:b], dtype=np.float32)))
         labels[members] = j.numpy() + a
         dists[members] = m.numpy()
     return labels, dists
