@@ -1,4 +1,4 @@
-"""`amoe ground train|eval|perf|ablation`."""
+"""`amoe ground train|eval|perf|lm-pretrain|ablation`."""
 from __future__ import annotations
 
 import json
@@ -41,6 +41,14 @@ def register(sub) -> None:
     f.add_argument("--repeats", type=int, default=3)
     f.add_argument("--json", action="store_true", help="accepted like the other perf commands (JSON is the output)")
     f.set_defaults(func=_perf)
+
+    lm = g.add_parser("lm-pretrain", help="the mini-world stand-in LM: a tiny Qwen2 causal LM pretrained on "
+                                          "the pool captions, saved in hub format")
+    lm.add_argument("--world", required=True)
+    lm.add_argument("--out", required=True, help="folder for the model and tokenizer (kept when complete)")
+    lm.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting of grounding_vlm.standin_lm.SETTINGS, e.g. --set steps=100")
+    lm.set_defaults(func=_lm_pretrain)
 
     a = g.add_parser("ablation", help="mini-world ablation: scratch / student / student + Gram")
     a.add_argument("--world", required=True)
@@ -88,6 +96,17 @@ def _perf(args) -> int:
 
     print(json.dumps(run_decode_perf(args.vision, args.expressions, args.batch, args.side, args.words,
                                      repeats=args.repeats), indent=2))
+    return 0
+
+
+def _lm_pretrain(args) -> int:
+    from distill.config import apply_overrides
+
+    from .standin_lm import SETTINGS, pretrain_standin_lm
+
+    sets = apply_overrides(SETTINGS, args.sets, strict=True, where="the stand-in LM settings")
+    log = pretrain_standin_lm(args.world, args.out, sets)
+    print(json.dumps({k: v for k, v in log.items() if k != "losses"}))
     return 0
 
 

@@ -295,6 +295,30 @@ def test_mask_head_learns_a_mask_and_the_scores_add_up():
     assert score.items()["mask_ciou"].metric() == pytest.approx(m["mask_ciou"])
 
 
+def test_standin_lm_pretrains_on_pool_captions_in_hub_format(refer_world, tmp_path):
+    """The mini-world stand-in LM: a Qwen2ForCausalLM trained on the pool captions only, saved so
+    `from_pretrained` loads it offline (model and tokenizer), kept when complete, retrained when the
+    settings change; an unknown setting names the nearest one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.config import ConfigError
+    from grounding_vlm.standin_lm import pool_captions, pretrain_standin_lm
+
+    caps = pool_captions(refer_world)
+    assert len(caps) == 2 and all(isinstance(c, str) and c for c in caps)
+    out = tmp_path / "lm"
+    log = pretrain_standin_lm(refer_world, out, {"steps": 5, "warmup_steps": 1}, progress=False)
+    assert (out / "COMPLETE.json").is_file() and not (tmp_path / "lm.partial").exists()
+    assert len(log["losses"]) == 5 and log["captions"] == {"train": 1, "held_out": 1}
+    model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.vocab_size == len(tok)
+    again = pretrain_standin_lm(refer_world, out, {"steps": 5, "warmup_steps": 1}, progress=False)
+    assert again["status"] == "skipped (complete)"
+    assert len(pretrain_standin_lm(refer_world, out, {"steps": 3, "warmup_steps": 1}, progress=False)["losses"]) == 3
+    with pytest.raises(ConfigError, match="did you mean 'steps'"):
+        pretrain_standin_lm(refer_world, out, {"stepz": 3}, progress=False)
+
+
 def test_missing_images_are_counted(refer_world, tmp_path):
     from grounding_vlm.data import load_split
 
