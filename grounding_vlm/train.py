@@ -53,8 +53,10 @@ DEFAULTS: dict[str, Any] = {
     "gram": {"weight": 0.0, "start_step": 0, "warmup_steps": 0},
     # referring segmentation: weight > 0 adds the mask head (grounding_vlm/mask.py) and its loss
     "mask": {"weight": 0.0},
+    # freeze: parts left untrained, any of "vision" (the vision experts), "text" (text experts, embeddings,
+    # LM head), "mask" (the mask head); their rates: vision_lr for the vision experts, lr for the rest
     "optim": {"lr": 1e-3, "vision_lr": 1e-4, "weight_decay": 0.01, "betas": [0.9, 0.95], "warmup_steps": 20,
-              "min_lr_ratio": 0.1, "grad_clip": 1.0, "expert_bias_rate": 1e-3},
+              "min_lr_ratio": 0.1, "grad_clip": 1.0, "expert_bias_rate": 1e-3, "freeze": []},
     "train": {"steps": 1000, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 200, "keep": 2,
               "device": "auto", "progress": True},
     # suite / dataset_id: where results are filed; null = read from the data (evaluate.result_identity)
@@ -100,6 +102,22 @@ def build_model(cfg: dict, vocab_size: int):
         report.update(load_vision_experts(model, source[1]))
         report["copied"] = len(report["copied"])
     return model, report, source
+
+
+FREEZABLE = ("vision", "text", "mask")
+
+
+def freeze_parts(model, parts: list[str]) -> None:
+    """Leave `parts` of the VLM untrained (requires_grad off, so the optimizer never holds them)."""
+    bad = sorted(set(parts) - set(FREEZABLE))
+    if bad:
+        raise ValueError(f"optim.freeze: unknown part(s) {bad}; choose from {list(FREEZABLE)}")
+    vision = {id(p) for p in model.vision_parameters()}
+    mask = {id(p) for p in (model.mask_head.parameters() if model.mask_head is not None else [])}
+    for p in model.parameters():
+        part = "vision" if id(p) in vision else "mask" if id(p) in mask else "text"
+        if part in parts:
+            p.requires_grad_(False)
 
 
 def _expert_loads(model) -> tuple[list, list[torch.Tensor]]:
@@ -164,6 +182,7 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
         anchor = anchor_student(*source).to(info.device)
 
     vision_ids = {id(p) for p in model.vision_parameters()}
+    freeze_parts(model, oc["freeze"])
     optim = build_adamw(model.named_parameters(), oc["lr"], oc["weight_decay"], betas=oc["betas"],
                         lr_groups={"vision": (lambda _, p: id(p) in vision_ids, oc["vision_lr"])})
     ddp = data_parallel(model, info, "ddp")
@@ -174,9 +193,10 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
                       spike_factor=cfg["robustness"]["grad_spike_factor"])
     metrics = MetricsWriter(out, enabled=info.is_main, tensorboard=False)
     latest = ckpt.latest_checkpoint(out)
-    # the mask section enters only when used, so runs made before it existed still resume
-    cfg_fp = fingerprint({k: v for k, v in cfg.items() if k != "train" and not (k == "mask" and not v["weight"])}
-                         | {"seed": seed})
+    # the mask section and optim.freeze enter only when used, so runs made before them still resume
+    ident = {k: v for k, v in cfg.items() if k != "train" and not (k == "mask" and not v["weight"])}
+    ident["optim"] = {k: v for k, v in ident["optim"].items() if not (k == "freeze" and not v)}
+    cfg_fp = fingerprint(ident | {"seed": seed})
     if latest is not None:
         state = ckpt.read_checkpoint(latest, info.rank)
         if state["trainer"].get("config_fingerprint") != cfg_fp:
@@ -259,7 +279,8 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
                     + (f"the last good checkpoint is {last}: resume from it with the same command and "
                        "--set optim.lr=... lower" if last else "no checkpoint yet: start again with a lower optim.lr"))
         layers, loads = _expert_loads(model)
-        if layers and float(oc["expert_bias_rate"]) > 0 and not skipped:
+        # frozen vision experts keep their router bias too
+        if layers and float(oc["expert_bias_rate"]) > 0 and not skipped and "vision" not in oc["freeze"]:
             if info.distributed:
                 stacked = torch.stack(loads)
                 dist.all_reduce(stacked)

@@ -267,6 +267,27 @@ def test_referring_segmentation_trains_and_is_scored(refer_world, student_dir, t
     assert "mask_ciou" not in evaluate(plain, "val", limit=2, results_dir=tmp_path / "r2", progress=False)["metrics"]
 
 
+def test_frozen_parts_stay_as_they_were(refer_world, student_dir, tmp_path):
+    """optim.freeze leaves the named parts untrained: with the vision experts frozen they keep the
+    student's weights (router bias included) while the text side learns; an unknown part is named."""
+    from grounding_vlm.train import load_run
+
+    run = tmp_path / "frozen"
+    train("miniworld-student", run, _tiny_sets(refer_world, student_dir, 2) + ['optim.freeze=["vision"]'])
+    model, *_ = load_run(run, "cpu")
+    fresh = GroundingVLM(model.config)
+    load_vision_experts(fresh, load_student_source({"kind": "student", "path": str(student_dir)})[1])
+    trained, init = dict(model.named_parameters()), dict(fresh.named_parameters())
+    vision = {n for n, p in model.named_parameters() if any(p is q for q in model.vision_parameters())}
+    assert vision and all(torch.equal(trained[n], init[n]) for n in vision)
+    for name, buf in model.named_buffers():
+        if name.endswith("expert_bias"):
+            assert torch.equal(buf, dict(fresh.named_buffers())[name]), name
+    assert any(not torch.equal(trained[n], init[n]) for n in trained if n not in vision)
+    with pytest.raises(ValueError, match="optim.freeze: unknown part"):
+        train("miniworld-student", tmp_path / "bad", _tiny_sets(refer_world, student_dir, 1) + ['optim.freeze=["eyes"]'])
+
+
 def test_mask_head_learns_a_mask_and_the_scores_add_up():
     """The head alone fits one expression's mask from fixed patch states (the loss can be optimised);
     cIoU sums areas over expressions, mIoU averages their IoUs."""
