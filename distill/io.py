@@ -130,11 +130,7 @@ class TensorFileWriter:
 
     def read(self, name: str) -> np.ndarray:
         """A read-only map of what has been written so far (after the writers' barrier)."""
-        h = self.header[name]
-        if h["data_offsets"][0] == h["data_offsets"][1]:
-            return np.zeros(h["shape"], _ST_DTYPES[h["dtype"]])
-        return np.memmap(self.partial, dtype=_ST_DTYPES[h["dtype"]], mode="r", shape=tuple(h["shape"]),
-                         offset=self.data_start + h["data_offsets"][0])
+        return _map(self.partial, self.header[name], self.data_start, "r")
 
     def commit(self) -> None:
         with open(self.partial, "rb+") as f:
@@ -168,10 +164,16 @@ def map_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if h["dtype"] not in _ST_DTYPES or end > size - 8 - n:
             raise ValueError(f"{path}: tensor {name!r} has dtype {h['dtype']} or offsets {begin}-{end} this "
                              f"reader does not handle; load it with safetensors.load_file")
-        dt, shape = np.dtype(_ST_DTYPES[h["dtype"]]), tuple(h["shape"])
-        out[name] = (np.memmap(path, dtype=dt, mode="c", shape=shape, offset=8 + n + begin) if end > begin
-                     else np.zeros(shape, dt))
+        out[name] = _map(path, h, 8 + n, "c")
     return out
+
+
+def _map(path: Path, h: dict, data_start: int, mode: str) -> np.ndarray:
+    """One tensor of a safetensors header `h` entry as a memory map (numpy cannot map zero bytes)."""
+    dt, shape = np.dtype(_ST_DTYPES[h["dtype"]]), tuple(h["shape"])
+    begin, end = h["data_offsets"]
+    return np.memmap(path, dtype=dt, mode=mode, shape=shape, offset=data_start + begin) if end > begin \
+        else np.zeros(shape, dt)
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

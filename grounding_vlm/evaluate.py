@@ -55,7 +55,6 @@ def decode_boxes(model, tok: GroundingTokenizer, images: Sequence[torch.Tensor],
     lo, bins = tok.loc_start, tok.bins
     generated: list[list[int]] = [[] for _ in ids]
     out = model(images, ids, cache_room=4 if kv_cache else 0, mask_at=[len(p) for p in prompts] if masks else None)
-    prefill = out
     last = torch.stack([lg[-1] for lg in out.logits]).float()                # (B, vocab)
     for k in range(4):
         loc = last[:, lo: lo + bins].clone()
@@ -72,7 +71,7 @@ def decode_boxes(model, tok: GroundingTokenizer, images: Sequence[torch.Tensor],
             last = model.decode_step(out.cache, choice).float()
         else:
             last = torch.stack([lg[-1] for lg in model(images, ids).logits]).float()
-    return generated, prefill
+    return generated, out
 
 
 def result_identity(cfg: dict, split: str, suite: str | None = None,

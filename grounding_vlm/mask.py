@@ -73,12 +73,10 @@ class MaskScore:
         return inter / union if union else 0.0
 
     def metrics(self) -> dict[str, float]:
-        r = np.asarray(self.rows, dtype=np.float64).reshape(-1, 4)
-        ious = np.where(r[:, 1] > 0, r[:, 0] / np.maximum(r[:, 1], 1), 0.0)
-        return {"mask_ciou": 100.0 * r[:, 0].sum() / max(r[:, 1].sum(), 1.0),
-                "mask_miou": 100.0 * float(ious.mean()) if len(ious) else 0.0}
+        return {name: scores.metric() for name, scores in self.items().items()}
 
     def items(self) -> dict:
+        """Per-expression rows: cIoU from the summed areas, mIoU from each expression's IoU."""
         from distill.stats import ItemScores, hits
 
         r = np.asarray(self.rows, dtype=np.float64).reshape(-1, 4)

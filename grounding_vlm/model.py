@@ -212,7 +212,12 @@ class KVCache:
     keys: list[torch.Tensor]         # per layer (B, C, H, hd)
     values: list[torch.Tensor]
     lengths: torch.Tensor            # (B,) valid entries per sample (image + text tokens)
-    text_lengths: torch.Tensor       # (B,) text tokens so far: the next token's text position
+    image_lengths: torch.Tensor      # (B,) image tokens per sample
+
+    @property
+    def text_lengths(self) -> torch.Tensor:
+        """(B,) text tokens so far: the next token's text position."""
+        return self.lengths - self.image_lengths
 
     @classmethod
     def from_prefill(cls, kept: list[tuple[torch.Tensor, torch.Tensor]], img_lens: list[int],
@@ -233,7 +238,7 @@ class KVCache:
             keys.append(kc)
             values.append(vc)
         device = kept[0][0].device
-        return cls(keys, values, torch.tensor(lengths, device=device), torch.tensor(txt_lens, device=device))
+        return cls(keys, values, torch.tensor(lengths, device=device), torch.tensor(img_lens, device=device))
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write one token per sample at its length into `layer`; (keys, values, valid) to attend to.
@@ -245,7 +250,6 @@ class KVCache:
         valid = torch.arange(cap, device=k.device)[None, :] <= self.lengths[:, None]
         if layer == len(self.keys) - 1:
             self.lengths = self.lengths + 1
-            self.text_lengths = self.text_lengths + 1
         return self.keys[layer], self.values[layer], valid
 
 

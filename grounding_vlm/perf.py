@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -45,12 +46,12 @@ def run_decode_perf(vision: str = "moe-cpu-small", expressions: int = 64, batch:
     timings, tokens = {}, {}
     for kv in (False, True):
         tokens[kv] = decode(kv)                   # warm-up (allocator, thread pool)
-        best = []
+        times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             decode(kv)
-            best.append(time.perf_counter() - t0)
-        timings[kv] = sorted(best)[len(best) // 2]
+            times.append(time.perf_counter() - t0)
+        timings[kv] = statistics.median(times)
     return {"vision": vision, "params": sum(p.numel() for p in model.parameters()), "expressions": expressions,
             "batch": batch, "image_side": side, "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1),
             "repeats": repeats,

@@ -69,7 +69,7 @@ def pretrain_standin_lm(world: str | os.PathLike, out: str | os.PathLike, settin
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from distill.train.guard import StepGuard, TrainingAborted, guarded_step, require_finite
+    from distill.train.guard import StepGuard, optimizer_step, require_finite
     from distill.train.optim import build_adamw
     from distill.train.schedule import warmup_cosine
 
@@ -116,15 +116,8 @@ def pretrain_standin_lm(world: str | os.PathLike, out: str | os.PathLike, settin
             idx, queue = queue[:bs], queue[bs:]
             ids, mask, labels = _batch(tok, [train[i] for i in idx], s["max_length"])
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            skipped, _ = guarded_step(opt, model.parameters(), loss.item(), 1.0, guard)
-            if skipped is None:
-                sched.step()
-            elif guard.exhausted:
-                raise TrainingAborted(f"stand-in LM: {guard.in_a_row} skipped steps in a row ({skipped}); "
-                                      "lower its learning rate (--set lr=...)")
-            losses.append(round(loss.item(), 5))
+            losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0, guard, "stand-in LM",
+                                         "lower its learning rate (--set lr=...)"))
         model.eval()
         after = _loss(model, tok, val, s["max_length"], s["batch_size"])
         require_finite(model.state_dict(), "the stand-in LM")

@@ -184,6 +184,15 @@ def test_kv_cache_decoding_equals_the_uncached_forward():
         greedy_box_tokens(vlm, tok, imgs, prompts, kv_cache=False)
 
 
+def test_decode_perf_command_prints_both_paths():
+    """`amoe ground perf` times both decoding paths on the same inputs and says whether they agree."""
+    from grounding_vlm.perf import run_decode_perf
+
+    r = run_decode_perf("tiny-moe", expressions=3, batch=2, side=32, words=3, repeats=1)
+    assert r["same_tokens"] and r["cached_expressions_per_s"] > 0 and r["uncached_expressions_per_s"] > 0
+    assert r["speedup"] == pytest.approx(r["cached_expressions_per_s"] / r["uncached_expressions_per_s"], rel=0.05)
+
+
 def test_bad_inputs_are_named():
     vlm = GroundingVLM(VLMConfig(vision=TINY_STUDENT, vocab_size=20, max_text_len=4))
     with pytest.raises(ValueError, match="multiple of the patch"):

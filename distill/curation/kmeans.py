@@ -102,7 +102,7 @@ def assign_torch(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor
     return labels, dists
 
 
-def _host_points(x: np.ndarray) -> torch.Tensor:
+def host_points(x: np.ndarray) -> torch.Tensor:
     """The points as they are held (float16 or float32, no copy); blocks are cast to float32 on use."""
     x = np.ascontiguousarray(x)
     return torch.from_numpy(x if x.dtype in (np.float16, np.float32) else x.astype(np.float32))
@@ -167,7 +167,7 @@ class TorchEngine:
             where: str = "k-means", init_method: str = "random") -> np.ndarray:
         # the points stay on the host and go to the device block by block: at the paper's level 1 a rank's
         # fit points are ~89 GiB of float32, more than an accelerator holds (amoe curate plan paper)
-        xt = _host_points(x)
+        xt = host_points(x)
         n = self.global_size(len(x))
         _check_k(n, k, where)
         d = xt.shape[1]
@@ -194,7 +194,7 @@ class TorchEngine:
         return c.numpy()
 
     def assign(self, x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        xt = _host_points(x)
+        xt = host_points(x)
         labels, dists = assign_torch(xt, torch.from_numpy(np.asarray(centroids, dtype=np.float32)).to(self.device))
         return labels.numpy(), dists.numpy()
 

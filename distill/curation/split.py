@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distill.curation.kmeans import assign_torch
+from distill.curation.kmeans import assign_torch, host_points
 
 GROUP_CENTROIDS = 1 << 18     # sub-centroids fitted together: sums of 256k x d float64 (1.5 GB at d = 768)
 
@@ -69,7 +69,7 @@ def split_fit(engine, x: np.ndarray, k: int, n_splits: int, niter: int, seed: in
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     before = per_rank[:rank].sum(0)                    # members of each cluster held by lower ranks
     device = getattr(engine, "device", torch.device("cpu"))
-    xt = torch.from_numpy(np.ascontiguousarray(x))      # float16 or float32; blocks are cast on use
+    xt = host_points(x)
     order = np.argsort(labels, kind="stable")                # this rank's members of each cluster, in order
     starts = np.searchsorted(labels[order], np.arange(k_c + 1))
     d = x.shape[1]
@@ -117,7 +117,7 @@ def split_assign(x: np.ndarray, coarse: np.ndarray, centroids: np.ndarray, offse
                  engine) -> tuple[np.ndarray, np.ndarray]:
     """Labels and squared distances: the nearest sub-centroid within each point's coarse cluster."""
     coarse_labels, _ = engine.assign(x, coarse)
-    xt = torch.from_numpy(np.ascontiguousarray(x))
+    xt = host_points(x)
     labels = np.empty(len(x), np.int64)
     dists = np.empty(len(x), np.float32)
     order = np.argsort(coarse_labels, kind="stable")

@@ -12,7 +12,7 @@ import torch
 from distill.config import merge
 from distill.errors import AmoeError
 from distill.io import fingerprint, write_json_atomic
-from distill.train.guard import StepGuard, TrainingAborted, guarded_step
+from distill.train.guard import StepGuard, optimizer_step as guarded_update
 
 RECIPES_FILE = Path(__file__).resolve().parent / "recipes.json"
 TEACHERS = ("siglip2", "dinov3")
@@ -74,17 +74,9 @@ def fresh_partial(out: Path, name: str) -> Path:
 
 def optimizer_step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, params, clip: float,
                    guard: StepGuard, what: str) -> float:
-    """One update of a teacher trainer: backward, then the shared guarded step (clip the global grad
-    norm; skip a non-finite step; abort after too many in a row), schedule; the loss."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    skipped, _ = guarded_step(opt, params, loss.item(), clip, guard)
-    if skipped is None:
-        sched.step()
-    elif guard.exhausted:
-        raise TrainingAborted(f"{what}: {guard.in_a_row} skipped steps in a row ({skipped}); lower the learning "
-                              f"rate in its teacher recipe ({RECIPES_FILE.name})")
-    return round(loss.item(), 5)
+    """A teacher loop's update (`distill.train.guard.optimizer_step`), its abort naming the recipe."""
+    return guarded_update(opt, sched, loss, params, clip, guard, what,
+                          f"lower the learning rate in its teacher recipe ({RECIPES_FILE.name})")
 
 
 class LoopCheckpoints:

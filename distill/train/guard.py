@@ -100,6 +100,21 @@ def guarded_step(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor
     return reason, grad_norm
 
 
+def optimizer_step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, params, clip: float,
+                   guard: StepGuard, what: str, fix: str) -> float:
+    """One update of a single-process loop (the mini-world teachers, the stand-in LM): backward, then
+    the guarded step (clip the global grad norm; skip a non-finite step), the schedule on an applied
+    step, and an abort after too many skips in a row that says `fix`. Returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    skipped, _ = guarded_step(opt, params, loss.item(), clip, guard)
+    if skipped is None:
+        sched.step()
+    elif guard.exhausted:
+        raise TrainingAborted(f"{what}: {guard.in_a_row} skipped steps in a row ({skipped}); {fix}")
+    return round(loss.item(), 5)
+
+
 def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors in `state` that hold a NaN or an infinity."""
     return [k for k, v in state.items()

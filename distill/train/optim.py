@@ -29,10 +29,9 @@ def build_adamw(named_parameters: Iterable[tuple[str, nn.Parameter]], lr: float,
     `lr_groups` maps a group name to (rule, learning rate) for parameters trained at their own rate
     (grounding: the vision experts); a parameter goes to the first rule that takes it."""
     lr_groups = lr_groups or {}
-    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    order = [(g, d) for g in (*lr_groups, "rest") for d in (True, False)]
-    for key in order:
-        buckets[key] = []
+    # (group, decays) in the fixed order: each lr group, then the rest; decaying before exempt
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {(g, d): [] for g in (*lr_groups, "rest")
+                                                            for d in (True, False)}
     for name, p in named_parameters:
         if not p.requires_grad:
             continue
