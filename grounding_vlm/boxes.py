@@ -53,7 +53,7 @@ def box_iou(a: list[float] | torch.Tensor, b: list[float] | torch.Tensor) -> flo
 
 @dataclass
 class GroundingScore:
-    """[email protected]: the share of expressions whose predicted box has IoU >= 0.5 with the truth.
+    """Acc@0.5: the share of expressions whose predicted box has IoU >= 0.5 with the truth.
 
     An unparsable prediction (None) counts as a miss, as the field does, and is counted apart."""
 
