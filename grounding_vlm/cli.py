@@ -1,11 +1,11 @@
-"""`amoe ground train|eval|perf|lm-pretrain|ablation`."""
+"""`amoe ground train|eval|perf|baseline|plan|lm-pretrain|ablation`."""
 from __future__ import annotations
 
 import json
 
 
 def register(sub) -> None:
-    p = sub.add_parser("ground", help="grounding VLM: train, evaluate ([email protected]), mini-world ablation")
+    p = sub.add_parser("ground", help="grounding VLM: train, evaluate (Acc@0.5), mini-world ablation")
     g = p.add_subparsers(dest="ground_command", metavar="ACTION")
 
     t = g.add_parser("train", help="train a grounding VLM (runs under torchrun too)")
@@ -15,7 +15,7 @@ def register(sub) -> None:
                    help="override a config value, e.g. --set train.steps=100 --set data.root=WORLD/refer")
     t.set_defaults(func=_train)
 
-    e = g.add_parser("eval", help="[email protected] of a trained run on a split (writes a result JSON)")
+    e = g.add_parser("eval", help="Acc@0.5 of a trained run on a split (writes a result JSON)")
     e.add_argument("--run", required=True, help="run folder written by `amoe ground train`")
     e.add_argument("--split", default="val", help="split name (val/testA/testB; umd: val/test), or 'all' "
                    "for the config's eval_splits")
@@ -41,6 +41,23 @@ def register(sub) -> None:
     f.add_argument("--repeats", type=int, default=3)
     f.add_argument("--json", action="store_true", help="accepted like the other perf commands (JSON is the output)")
     f.set_defaults(func=_perf)
+
+    b = g.add_parser("baseline", help="the constant-box baseline (the mean training box) on a config's data")
+    b.add_argument("config", help="config JSON path or built-in name: its data section is read")
+    b.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set data.root=WORLD/refer")
+    b.add_argument("--split", default="all", help="split name, or 'all' for the config's eval_splits")
+    b.add_argument("--limit", type=int, default=None, help="score only the first N expressions")
+    b.add_argument("--results", required=True, help="results folder")
+    b.set_defaults(func=_baseline)
+
+    pl = g.add_parser("plan", help="per-rank device memory of a grounding config with an LM (no GPU, no weights)")
+    pl.add_argument("config", help="config JSON path or built-in name")
+    pl.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("--world-size", type=int, default=1)
+    pl.add_argument("--gpu-gib", type=float, default=80.0, help="accelerator memory per rank, GiB")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=_plan)
 
     lm = g.add_parser("lm-pretrain", help="the mini-world stand-in LM: a tiny Qwen2 causal LM pretrained on "
                                           "the pool captions, saved in hub format")
@@ -97,6 +114,28 @@ def _perf(args) -> int:
     print(json.dumps(run_decode_perf(args.vision, args.expressions, args.batch, args.side, args.words,
                                      repeats=args.repeats), indent=2))
     return 0
+
+
+def _baseline(args) -> int:
+    from .baseline import evaluate_constant_box
+    from .data import require_data_root
+    from .train import load_config
+
+    cfg = load_config(args.config, args.sets)
+    require_data_root(cfg["data"])
+    for split in cfg["data"]["eval_splits"] if args.split == "all" else [args.split]:
+        rec = evaluate_constant_box(cfg, split, args.results, limit=args.limit)
+        print(json.dumps({"split": split, "metrics": rec["metrics"], "result": rec["_path"]}))
+    return 0
+
+
+def _plan(args) -> int:
+    from .plan import format_plan, plan_grounding
+    from .train import load_config
+
+    plan = plan_grounding(load_config(args.config, args.sets), args.world_size, args.gpu_gib)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0 if plan["fits_device"] else 1
 
 
 def _lm_pretrain(args) -> int:

@@ -109,13 +109,23 @@ def check_text_lengths(examples: list[GroundingExample], tok: GroundingTokenizer
 
 
 def build_tokenizer(tok_cfg: Mapping[str, Any], train_examples: list[GroundingExample],
-                    save_dir: Path | None) -> GroundingTokenizer:
-    """A real tokenizer by path, or a BPE trained offline on the training expressions."""
+                    save_dir: Path | None, lm_path: str | None = None) -> GroundingTokenizer:
+    """A real tokenizer by path, the LM's own (`lm_path`), or a BPE trained offline on the training
+    expressions."""
     bins = int(tok_cfg.get("bins", 1000))
+    if lm_path and tok_cfg.get("path"):
+        raise ValueError("with lm.path the grounding VLM uses the LM's own tokenizer; drop tokenizer.path")
     if tok_cfg.get("path"):
         return GroundingTokenizer.load(tok_cfg["path"], bins)
     if save_dir is not None and (save_dir / "tokenizer.json").exists():   # resume: reuse, never retrain
         return GroundingTokenizer.load(save_dir, bins)
+    if lm_path:      # the LM's own tokenizer, extended with the grounding specials and location tokens
+        from .lm import lm_tokenizer
+
+        tok = GroundingTokenizer(lm_tokenizer(lm_path), bins)
+        if save_dir is not None:
+            tok.save(save_dir)
+        return tok
     texts = [e.expression for e in train_examples]
     if not texts:
         raise ValueError("cannot train a tokenizer: the training split has no expressions")
@@ -126,11 +136,14 @@ def build_tokenizer(tok_cfg: Mapping[str, Any], train_examples: list[GroundingEx
 
 
 class ImageCache:
-    """Processed image tensors by path (bounded LRU): an image carries several expressions."""
+    """Processed image tensors by path, least recently used first out once they hold more than
+    `capacity_bytes` (1 GiB: every mini-world refer image, a few hundred RefCOCO ones at 512 px): an
+    image carries several expressions, and decoding is the step's largest CPU cost after the model."""
 
-    def __init__(self, processor: ImageProcessor, capacity: int = 512):
-        self.processor, self.capacity = processor, capacity
+    def __init__(self, processor: ImageProcessor, capacity_bytes: int = 2 ** 30):
+        self.processor, self.capacity_bytes = processor, capacity_bytes
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes = 0
         self.unreadable: set[str] = set()   # images that did not decode: their expressions are skipped
 
     def unreadable_report(self, root: str | None) -> list[str]:
@@ -150,8 +163,9 @@ class ImageCache:
             self.unreadable.add(path)
             raise
         self._items[path] = t
-        if len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        self._bytes += t.nbytes
+        while self._bytes > self.capacity_bytes and len(self._items) > 1:
+            self._bytes -= self._items.popitem(last=False)[1].nbytes
         return t
 
 

@@ -1,4 +1,4 @@
-"""`amoe ground eval --run DIR --split val`: [email protected] with greedy decoding constrained to location tokens.
+"""`amoe ground eval --run DIR --split val`: Acc@0.5 with greedy decoding constrained to location tokens.
 
 For each expression the model reads [image] <bos> expression <sep> and generates exactly four
 tokens greedily (with a KV cache: the image and prompt run once), each restricted to the location-token block (so the output always has four
@@ -33,7 +33,7 @@ from .tokenizer import GroundingTokenizer
 
 TASK = {"name": "grounding", "version": 1,
         "protocol": "greedy decoding of 4 location tokens (constrained), boxes rescaled to the original image, "
-                    "[email protected] = share of expressions with IoU >= 0.5 (xyxy); unparsable = miss"}
+                    "Acc@0.5 = share of expressions with IoU >= 0.5 (xyxy); unparsable = miss"}
 
 
 @torch.no_grad()
@@ -178,7 +178,7 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
                    (latest / "trainer.json").read_text()) | {"run": str(run_dir)})},
         dataset={"root": cfg["data"].get("root"), "dataset": cfg["data"].get("dataset"), "split": split,
                  # what was scored, item by item: paired comparisons of two runs check it
-                 "fingerprint": fingerprint([[e.ref_id, e.image_id, e.expression] for e in scored])[:16],
+                 "fingerprint": scored_fingerprint(scored),
                  "split_by": cfg["data"].get("split_by"), **data.report(), "evaluated": len(scored),
                  "unreadable_images": cache.unreadable_report(cfg["data"].get("root"))},
         task=TASK, timings={"total_s": time.time() - t0, "model_s": model_s,
@@ -187,6 +187,11 @@ def evaluate(run_dir: str | Path, split: str, *, limit: int | None = None, batch
     path = write_result(Path(results_dir) if results_dir else run_dir / "results", record, items=items)
     record["_path"] = str(path)
     return record
+
+
+def scored_fingerprint(examples) -> str:
+    """Which expressions were scored, in order: results with equal fingerprints pair item by item."""
+    return fingerprint([[e.ref_id, e.image_id, e.expression] for e in examples])[:16]
 
 
 def _active_params(model) -> int:

@@ -26,14 +26,15 @@ TRAIN_SCALE = 4     # masks are compared at 4x the patch grid in training (a 16-
 
 
 class MaskHead(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, text_dim: int | None = None):
+        """dim: the vision experts' width; text_dim: the text states' (an LM's hidden size), default dim."""
         super().__init__()
         self.patch = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
-        self.text = nn.Linear(dim, dim)
+        self.text = nn.Linear(text_dim or dim, dim)
         self.bias = nn.Parameter(torch.zeros(()))
 
     def forward(self, patch_states: torch.Tensor, grid: tuple[int, int], text_state: torch.Tensor) -> torch.Tensor:
-        """(Hp * Wp, D) patch states, the expression's (D,) state -> (Hp, Wp) mask logits."""
+        """(Hp * Wp, D) patch states, the expression's (text_dim,) state -> (Hp, Wp) mask logits."""
         scores = self.patch(patch_states) @ self.text(text_state) / math.sqrt(patch_states.shape[-1])
         return (scores + self.bias).view(*grid)
 

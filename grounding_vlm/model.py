@@ -45,6 +45,9 @@ class VLMConfig:
     text_ffn_dim: int = 0           # 0 = 4 * dim
     max_text_len: int = 64          # learned text positions
     mask_head: bool = False         # referring segmentation (grounding_vlm.mask.MaskHead)
+    text: str = "scratch"           # "scratch": text experts at the student's width; "lm": a pretrained LM's
+    lm: dict | None = None          # text "lm": the LM's transformers config (to_dict), architecture only
+    lm_vocab: int = 0               # text "lm": ids below it are the LM's tokens, the rest new ones
 
     def __post_init__(self):
         if not isinstance(self.vision, StudentConfig):
@@ -53,10 +56,17 @@ class VLMConfig:
             raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
         if self.text_ffn_dim <= 0:
             self.text_ffn_dim = 4 * self.vision.dim
+        if self.text not in ("scratch", "lm"):
+            raise ValueError(f"model text side {self.text!r} is unknown; choose 'scratch' or 'lm'")
+        if self.text == "lm" and not (self.lm and 0 < self.lm_vocab < self.vocab_size):
+            raise ValueError("text 'lm' needs the LM's config and lm_vocab below vocab_size")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"vision": self.vision.to_dict(), "vocab_size": self.vocab_size,
-                "text_ffn_dim": self.text_ffn_dim, "max_text_len": self.max_text_len, "mask_head": self.mask_head}
+        out = {"vision": self.vision.to_dict(), "vocab_size": self.vocab_size,
+               "text_ffn_dim": self.text_ffn_dim, "max_text_len": self.max_text_len, "mask_head": self.mask_head}
+        if self.text == "lm":     # scratch configs keep the keys they always had
+            out |= {"text": self.text, "lm": self.lm, "lm_vocab": self.lm_vocab}
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "VLMConfig":
@@ -318,16 +328,7 @@ class GroundingVLM(nn.Module):
         """Vision side: the student's initialisation (via a throwaway Student of the same config,
         so the scheme stays defined in one place); text side: small normal weights, zero output
         projections so every block starts as the identity on the text stream."""
-        from distill.student import Student
-
-        from .init import student_to_vlm_keys
-
-        ref = Student(self.config.vision)
-        mapping = student_to_vlm_keys(self.config.vision)
-        own = dict(self.named_parameters())
-        own.update(dict(self.named_buffers()))
-        for s_key, v_key in mapping.items():
-            own[v_key].copy_(ref.state_dict()[s_key])
+        init_vision_like_student(self)
         std = 0.02
         nn.init.normal_(self.text_embed.weight, std=std, generator=generator)
         nn.init.normal_(self.text_pos.weight, std=std, generator=generator)
@@ -347,10 +348,17 @@ class GroundingVLM(nn.Module):
 
     # ------------------------------------------------------------------ parameter groups
     def vision_parameters(self) -> list[nn.Parameter]:
-        out = list(self.vision_embed.parameters()) + list(self.vision_norm.parameters())
-        for block in self.layers.values():
-            out += list(block.vision.parameters())
-        return out
+        return vision_parameters(self)
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """The repeated blocks `train.activation_checkpointing` recomputes in the backward pass."""
+        return list(self.layers.values())
+
+    def parameter_parts(self) -> dict[str, str]:
+        """Parameter name -> part ('vision', 'text', 'mask'): what optim.freeze and the rates act on."""
+        vision = {id(p) for p in self.vision_parameters()}
+        return {n: "vision" if id(p) in vision else "mask" if n.startswith("mask_head.") else "text"
+                for n, p in self.named_parameters()}
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Sequence[torch.Tensor], text_ids: Sequence[Sequence[int]] | None = None,
@@ -361,51 +369,20 @@ class GroundingVLM(nn.Module):
         text tokens per sample, for `decode_step`. `mask_at` (each sample's prompt length) also returns
         the mask head's logits (`VLMOutput.masks`; inside forward, so DDP syncs the head's gradients)."""
         vc = self.config.vision
-        if not images:
-            raise ValueError("GroundingVLM.forward needs at least one image")
-        text_ids = [[] for _ in images] if text_ids is None else [list(t) for t in text_ids]
-        if len(text_ids) != len(images):
-            raise ValueError(f"one text per image: got {len(images)} images and {len(text_ids)} texts")
-        too_long = [len(t) for t in text_ids if len(t) > self.config.max_text_len]
-        if too_long:
-            raise ValueError(f"text of {max(too_long)} tokens exceeds max_text_len={self.config.max_text_len}; "
-                             "shorten the expression or raise max_text_len in the VLM config")
+        text_ids = check_texts(images, text_ids, self.config.max_text_len)
         emb = self.vision_embed
         device = emb.img_projector.weight.device
-        P, p = vc.n_prefix_tokens, vc.spatial_patch_size
-        patch_lists, grids = [], []
-        for i, img in enumerate(images):
-            if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != vc.channel_size:
-                raise ValueError(f"image {i}: expected a ({vc.channel_size}, H, W) tensor "
-                                 "(use ImageProcessor.to_tensor)")
-            if img.shape[1] % p or img.shape[2] % p or min(img.shape[1:]) < p:
-                raise ValueError(f"image {i}: {tuple(img.shape[1:])} is not a positive multiple of the patch "
-                                 f"size {p}; resize with ImageProcessor.to_tensor first")
-            vecs, grid = chw_to_patches(img.to(device), p)
-            patch_lists.append(vecs)
-            grids.append(grid)
-        img_lens = [P + v.shape[0] for v in patch_lists]
+        P = vc.n_prefix_tokens
+        xi, img_lens, grids, y_img, x_img = embed_images(emb, images)
         txt_lens = [len(t) for t in text_ids]
-        dtype = emb.img_projector.weight.dtype
-        projected = emb.img_projector(torch.cat(patch_lists).to(dtype)).split([n - P for n in img_lens])
-        prefix = emb.prefix().to(dtype)
-        xi = torch.cat([torch.cat([prefix, pr]) for pr in projected])
-        flat_ids = torch.tensor([t for ids in text_ids for t in ids], dtype=torch.long, device=device)
+        flat_ids = check_token_ids(text_ids, self.config.vocab_size, device)
         pos = torch.tensor([j for n in txt_lens for j in range(n)], dtype=torch.long, device=device)
-        if flat_ids.numel() and (int(flat_ids.min()) < 0 or int(flat_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got "
-                             f"[{int(flat_ids.min())}, {int(flat_ids.max())}] (tokenizer/model vocab mismatch?)")
         xt = self.text_embed(flat_ids) + self.text_pos(pos)
 
         # positions: image tokens' 2-D coordinates (prefix tokens at 0), text tokens 0 (identity RoPE)
-        n_i, n_t = xi.shape[0], xt.shape[0]
-        y = torch.zeros(n_i + n_t)
-        xc = torch.zeros(n_i + n_t)
-        cursor = 0
-        for n, g in zip(img_lens, grids):
-            gy, gx = grid_coordinates(*g)
-            y[cursor + P: cursor + n], xc[cursor + P: cursor + n] = gy, gx
-            cursor += n
+        n_t = xt.shape[0]
+        y = torch.cat([y_img, torch.zeros(n_t)])
+        xc = torch.cat([x_img, torch.zeros(n_t)])
         theta = rotation_angles(y.to(device), xc.to(device), emb.freqs_cis_golden)[None]   # (1, S, H, F)
         cos, sin = theta.cos(), theta.sin()
         mask = (SampleAttention(img_lens, txt_lens, device) if self.attention == "samples"
@@ -463,3 +440,92 @@ def _sorted_mask(img_lens: list[int], txt_lens: list[int], device) -> torch.Tens
     sinks[:n_i, 0] = True
     sinks[n_i:, 1] = True
     return torch.cat([allowed, sinks], dim=1).to(device)
+
+
+def vision_parameters(model) -> list[nn.Parameter]:
+    """The vision experts of either text side: embedding, the student blocks, the final norm."""
+    out = list(model.vision_embed.parameters()) + list(model.vision_norm.parameters())
+    for block in model.layers.values():
+        out += list(block.vision.parameters())
+    return out
+
+
+@torch.no_grad()
+def init_vision_like_student(model) -> None:
+    """The student's initialisation for the vision experts, via a throwaway Student of the same config,
+    so the scheme stays defined in one place."""
+    from distill.student import Student
+
+    from .init import student_to_vlm_keys
+
+    ref = Student(model.config.vision)
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    for s_key, v_key in student_to_vlm_keys(model.config.vision).items():
+        own[v_key].copy_(ref.state_dict()[s_key])
+
+
+def check_texts(images, text_ids, max_text_len: int) -> list[list[int]]:
+    """One token-id list per image (None: no text), none longer than `max_text_len`."""
+    if not images:
+        raise ValueError("the grounding VLM's forward needs at least one image")
+    text_ids = [[] for _ in images] if text_ids is None else [list(t) for t in text_ids]
+    if len(text_ids) != len(images):
+        raise ValueError(f"one text per image: got {len(images)} images and {len(text_ids)} texts")
+    too_long = [len(t) for t in text_ids if len(t) > max_text_len]
+    if too_long:
+        raise ValueError(f"text of {max(too_long)} tokens exceeds max_text_len={max_text_len}; "
+                         "shorten the expression or raise max_text_len in the VLM config")
+    return text_ids
+
+
+def check_token_ids(text_ids: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    """The texts' ids, flat, after checking they lie in the vocabulary."""
+    flat = torch.tensor([t for ids in text_ids for t in ids], dtype=torch.long, device=device)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}); got "
+                         f"[{int(flat.min())}, {int(flat.max())}] (tokenizer/model vocab mismatch?)")
+    return flat
+
+
+def embed_images(emb: VisionEmbed, images: Sequence[torch.Tensor]):
+    """The student's input side over a list of images, packed: (tokens (Ni, D) as [CLS, registers,
+    patches] per image, tokens per image, patch grids, and each token's 2-D RoPE coordinates (Ni,) y
+    and x, prefix tokens at 0)."""
+    vc = emb.cfg
+    device = emb.img_projector.weight.device
+    P, p = vc.n_prefix_tokens, vc.spatial_patch_size
+    patch_lists, grids = [], []
+    for i, img in enumerate(images):
+        if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != vc.channel_size:
+            raise ValueError(f"image {i}: expected a ({vc.channel_size}, H, W) tensor "
+                             "(use ImageProcessor.to_tensor)")
+        if img.shape[1] % p or img.shape[2] % p or min(img.shape[1:]) < p:
+            raise ValueError(f"image {i}: {tuple(img.shape[1:])} is not a positive multiple of the patch "
+                             f"size {p}; resize with ImageProcessor.to_tensor first")
+        vecs, grid = chw_to_patches(img.to(device), p)
+        patch_lists.append(vecs)
+        grids.append(grid)
+    img_lens = [P + v.shape[0] for v in patch_lists]
+    dtype = emb.img_projector.weight.dtype
+    projected = emb.img_projector(torch.cat(patch_lists).to(dtype)).split([n - P for n in img_lens])
+    prefix = emb.prefix().to(dtype)
+    xi = torch.cat([torch.cat([prefix, pr]) for pr in projected])
+    n_i = xi.shape[0]
+    y, xc = torch.zeros(n_i), torch.zeros(n_i)
+    cursor = 0
+    for n, g in zip(img_lens, grids):
+        gy, gx = grid_coordinates(*g)
+        y[cursor + P: cursor + n], xc[cursor + P: cursor + n] = gy, gx
+        cursor += n
+    return xi, img_lens, grids, y, xc
+
+
+def build_vlm(config: "VLMConfig | Mapping", lm=None) -> nn.Module:
+    """The grounding VLM of a config: text experts from scratch (`GroundingVLM`) or from a pretrained
+    LM (`grounding_vlm.lm.LMGroundingVLM`; `lm`: the loaded LM whose weights it takes, else the
+    architecture alone, for loading a run's checkpoint)."""
+    cfg = config if isinstance(config, VLMConfig) else VLMConfig.from_dict(config)
+    if cfg.text == "lm":
+        from .lm import LMGroundingVLM
+        return LMGroundingVLM(cfg, lm)
+    return GroundingVLM(cfg)

@@ -30,7 +30,7 @@ from distill.train import checkpoint as ckpt
 from distill.train.guard import StepGuard, TrainingAborted, guarded_step
 from distill.train.metrics import MetricsWriter
 from distill.train.optim import build_adamw
-from distill.train.parallelize import data_parallel
+from distill.train.parallelize import apply_activation_checkpointing, data_parallel
 from distill.train.schedule import warmup_cosine
 from distill.config import apply_overrides as apply_dotted
 from distill.config import merge, read_config_file
@@ -40,7 +40,7 @@ from .data import (ImageCache, build_tokenizer, check_text_lengths, encode_batch
 from .gram import gram_anchoring_loss, gram_weight
 from .mask import mask_loss
 from .init import anchor_student, load_student_source, load_vision_experts
-from .model import GroundingVLM, VLMConfig
+from .model import GroundingVLM, VLMConfig, build_vlm
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULTS: dict[str, Any] = {
@@ -49,16 +49,24 @@ DEFAULTS: dict[str, Any] = {
              "eval_splits": ["val", "testA", "testB"], "min_pixels": 128 * 128, "max_pixels": 256 * 256},
     "tokenizer": {"path": None, "vocab_size": 2000, "bins": 1000},
     "model": {"vision": "from_init", "text_ffn_dim": 0, "max_text_len": 64},
+    # text experts from a pretrained causal LM (grounding_vlm/lm.py): a hub id or local folder with the LM
+    # and its tokenizer; null = the scratch text side at the student's width (model.text_ffn_dim)
+    "lm": {"path": None, "dtype": None, "gradient_checkpointing": False},
     "init": {"kind": "scratch", "path": None, "config": None},
     "gram": {"weight": 0.0, "start_step": 0, "warmup_steps": 0},
     # referring segmentation: weight > 0 adds the mask head (grounding_vlm/mask.py) and its loss
     "mask": {"weight": 0.0},
     # freeze: parts left untrained, any of "vision" (the vision experts), "text" (text experts, embeddings,
-    # LM head), "mask" (the mask head); their rates: vision_lr for the vision experts, lr for the rest
-    "optim": {"lr": 1e-3, "vision_lr": 1e-4, "weight_decay": 0.01, "betas": [0.9, 0.95], "warmup_steps": 20,
-              "min_lr_ratio": 0.1, "grad_clip": 1.0, "expert_bias_rate": 1e-3, "freeze": []},
+    # LM head), "mask" (the mask head), and with an LM "bridge" and "new_tokens" (the added specials and
+    # location tokens); their rates: vision_lr for the vision experts, bridge_lr / new_token_lr (null: lr)
+    # for those, lr for the rest
+    "optim": {"lr": 1e-3, "vision_lr": 1e-4, "bridge_lr": None, "new_token_lr": None, "weight_decay": 0.01,
+              "betas": [0.9, 0.95], "warmup_steps": 20, "min_lr_ratio": 0.1, "grad_clip": 1.0,
+              "expert_bias_rate": 1e-3, "freeze": []},
+    # activation_checkpointing: recompute the vision blocks (with the scratch text side: whole layers) in
+    # the backward pass instead of keeping their activations (distill.train.parallelize)
     "train": {"steps": 1000, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 200, "keep": 2,
-              "device": "auto", "progress": True},
+              "device": "auto", "progress": True, "activation_checkpointing": False},
     # suite / dataset_id: where results are filed; null = read from the data (evaluate.result_identity)
     "robustness": {"max_skipped_in_a_row": 5, "grad_spike_factor": 50.0},
     # kv_cache: decode with the KV cache (false: re-run the whole sequence per token, the reference)
@@ -82,7 +90,7 @@ def load_config(spec: str | Path | Mapping, sets: list[str] | None = None) -> di
 
 
 # ----------------------------------------------------------------------------- model set-up
-def build_model(cfg: dict, vocab_size: int):
+def build_model(cfg: dict, tok):
     """-> (vlm, init report, student (config, state) or None)."""
     init = cfg["init"]
     source = None
@@ -94,30 +102,53 @@ def build_model(cfg: dict, vocab_size: int):
             raise ValueError("model.vision='from_init' needs a student init; for init.kind='scratch' give the "
                              "vision architecture (a student config name such as 'moe-cpu-small', or a dict)")
         vision = source[0]
-    vcfg = VLMConfig(vision=vision, vocab_size=vocab_size, text_ffn_dim=int(cfg["model"]["text_ffn_dim"]),
-                     max_text_len=int(cfg["model"]["max_text_len"]), mask_head=float(cfg["mask"]["weight"]) > 0)
-    model = GroundingVLM(vcfg)
+    common = dict(vision=vision, vocab_size=tok.vocab_size, text_ffn_dim=int(cfg["model"]["text_ffn_dim"]),
+                  max_text_len=int(cfg["model"]["max_text_len"]), mask_head=float(cfg["mask"]["weight"]) > 0)
     report = {"kind": init["kind"], "path": init.get("path")}
+    if cfg["lm"]["path"]:
+        from .lm import LMGroundingVLM, lm_tokenizer, load_lm, new_token_spellings
+
+        lm = load_lm(cfg["lm"]["path"], cfg["lm"]["dtype"])
+        base = lm_tokenizer(cfg["lm"]["path"])
+        model = LMGroundingVLM(VLMConfig(**common, text="lm", lm=lm.config.to_dict(), lm_vocab=len(base)), lm)
+        model.text.init_new_tokens(*new_token_spellings(tok, base))
+        model.text.gradient_checkpointing = bool(cfg["lm"]["gradient_checkpointing"])
+        report["lm"] = {"path": cfg["lm"]["path"], "class": type(lm).__name__, "lm_vocab": len(base),
+                        "new_tokens": tok.vocab_size - len(base)}
+    else:
+        model = GroundingVLM(VLMConfig(**common))
     if source is not None:
         report.update(load_vision_experts(model, source[1]))
         report["copied"] = len(report["copied"])
     return model, report, source
 
 
-FREEZABLE = ("vision", "text", "mask")
+FREEZABLE = ("vision", "text", "mask", "bridge", "new_tokens")
 
 
 def freeze_parts(model, parts: list[str]) -> None:
     """Leave `parts` of the VLM untrained (requires_grad off, so the optimizer never holds them)."""
+    part_of = model.parameter_parts()
     bad = sorted(set(parts) - set(FREEZABLE))
     if bad:
         raise ValueError(f"optim.freeze: unknown part(s) {bad}; choose from {list(FREEZABLE)}")
-    vision = {id(p) for p in model.vision_parameters()}
-    mask = {id(p) for p in (model.mask_head.parameters() if model.mask_head is not None else [])}
-    for p in model.parameters():
-        part = "vision" if id(p) in vision else "mask" if id(p) in mask else "text"
-        if part in parts:
+    absent = sorted(set(parts) - set(part_of.values()) - {"mask"})
+    if absent:
+        raise ValueError(f"optim.freeze: this model has no {absent} (those exist with an LM text side, lm.path)")
+    for name, p in model.named_parameters():
+        if part_of[name] in parts:
             p.requires_grad_(False)
+
+
+def rate_groups(model, oc: dict) -> dict:
+    """build_adamw's lr groups: the vision experts at vision_lr, the bridge and the new tokens at their
+    own rates where the model has them (null: lr); the rest at lr."""
+    parts = model.parameter_parts()
+    groups = {"vision": (lambda n, _: parts[n] == "vision", oc["vision_lr"])}
+    for part, key in (("bridge", "bridge_lr"), ("new_tokens", "new_token_lr")):
+        if part in parts.values():
+            groups[part] = (lambda n, _, part=part: parts[n] == part, oc[key] if oc[key] is not None else oc["lr"])
+    return groups
 
 
 def _expert_loads(model) -> tuple[list, list[torch.Tensor]]:
@@ -161,13 +192,13 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
                          f"{cfg['data']['root']} ({train_data.missing_images} refs had missing images)")
     tok_dir = out / "tokenizer"
     if info.is_main:
-        tok = build_tokenizer(cfg["tokenizer"], train_data.examples, tok_dir)
+        tok = build_tokenizer(cfg["tokenizer"], train_data.examples, tok_dir, cfg["lm"]["path"])
     barrier()
     if not info.is_main:
-        tok = build_tokenizer(cfg["tokenizer"], train_data.examples, tok_dir)
+        tok = build_tokenizer(cfg["tokenizer"], train_data.examples, tok_dir, cfg["lm"]["path"])
 
     torch.manual_seed(seed)
-    model, init_report, source = build_model(cfg, tok.vocab_size)
+    model, init_report, source = build_model(cfg, tok)
     check_text_lengths(train_data.examples, tok, model.config.max_text_len,
                        f"{cfg['data']['dataset']} {cfg['data']['train_split']}")
     for split in cfg["data"].get("eval_splits") or []:   # an eval split that cannot run is found now, too
@@ -181,10 +212,11 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
                              "'official', or gram.weight=0 for a scratch run")
         anchor = anchor_student(*source).to(info.device)
 
-    vision_ids = {id(p) for p in model.vision_parameters()}
     freeze_parts(model, oc["freeze"])
+    if tc["activation_checkpointing"]:
+        apply_activation_checkpointing(model, model.checkpoint_blocks())
     optim = build_adamw(model.named_parameters(), oc["lr"], oc["weight_decay"], betas=oc["betas"],
-                        lr_groups={"vision": (lambda _, p: id(p) in vision_ids, oc["vision_lr"])})
+                        lr_groups=rate_groups(model, oc))
     ddp = data_parallel(model, info, "ddp")
 
     step = 0
@@ -193,9 +225,11 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
                       spike_factor=cfg["robustness"]["grad_spike_factor"])
     metrics = MetricsWriter(out, enabled=info.is_main, tensorboard=False)
     latest = ckpt.latest_checkpoint(out)
-    # the mask section and optim.freeze enter only when used, so runs made before them still resume
-    ident = {k: v for k, v in cfg.items() if k != "train" and not (k == "mask" and not v["weight"])}
-    ident["optim"] = {k: v for k, v in ident["optim"].items() if not (k == "freeze" and not v)}
+    # the mask and lm sections and the newer optim keys enter only when used, so older runs still resume
+    ident = {k: v for k, v in cfg.items()
+             if k != "train" and not (k == "mask" and not v["weight"]) and not (k == "lm" and not v["path"])}
+    ident["optim"] = {k: v for k, v in ident["optim"].items()
+                      if not (k in ("freeze", "bridge_lr", "new_token_lr") and not v)}
     cfg_fp = fingerprint(ident | {"seed": seed})
     if latest is not None:
         state = ckpt.read_checkpoint(latest, info.rank)
@@ -351,7 +385,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     if latest is None:
         raise NotARunError(f"{run_dir} has no finished checkpoint yet (checkpoints/latest.json); train it first")
     tok = GroundingTokenizer.load(run_dir / "tokenizer", int(cfg["tokenizer"]["bins"]))
-    model = GroundingVLM(VLMConfig.from_dict(json.loads((run_dir / "vlm_config.json").read_text())))
+    model = build_vlm(VLMConfig.from_dict(json.loads((run_dir / "vlm_config.json").read_text())))
     model.load_state_dict(load_tensors(latest / "model.safetensors"))
     model.to(device).eval()
     return model, tok, cfg, latest

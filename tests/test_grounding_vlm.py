@@ -511,3 +511,225 @@ def test_an_image_that_does_not_decode_is_skipped_counted_and_noted(refer_world,
     assert rec["dataset"]["unreadable_images"] == [os.path.relpath(val.examples[0].image_path, root)]
     build(tmp_path / "results", tmp_path / "lb", reported_csv=None)
     assert "1 image(s) that do not decode were left out" in (tmp_path / "lb" / "leaderboard.md").read_text()
+
+
+# ----------------------------------------------------------------------------- text experts from a causal LM
+def _tiny_lm(family: str, tie: bool, vocab: int = 60, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[family]
+    torch.manual_seed(seed)
+    cfg = config_cls(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=tie)
+    return model_cls(cfg).eval()
+
+
+@pytest.mark.parametrize("family,tie", [("qwen2", True), ("llama", False)])
+def test_lm_text_experts_keep_the_lm_the_student_and_the_cache(family, tie):
+    """Text experts from a causal LM: on text alone the converted model gives the LM's own logits; image
+    states stay the student's; the KV cache equals the uncached forward; gradient checkpointing gives
+    the same gradients; the bridge, the new tokens, the LM and the vision experts all learn."""
+    from grounding_vlm.lm import LMGroundingVLM
+
+    lm = _tiny_lm(family, tie)
+    st = random_student().eval()
+    vlm = LMGroundingVLM(VLMConfig(vision=st.config, vocab_size=70, text="lm", lm=lm.config.to_dict(), lm_vocab=60,
+                                   max_text_len=20), lm).eval()
+    load_vision_experts(vlm, st.state_dict())
+    ids = torch.randint(0, 60, (2, 7))
+    assert (vlm.text_only_logits(ids)[..., :60] - lm(input_ids=ids).logits).abs().max().item() <= 1e-5
+    imgs = [torch.randn(3, 32, 48), torch.randn(3, 64, 32)]
+    texts = [[1, 2, 3, 61], [4, 5, 66, 7, 8]]
+    out = vlm(imgs, texts, cache_room=3)
+    ref = [o.patch_features["siglino"][0] for o in st.forward_packed(imgs)]
+    assert max((r - g).abs().max().item() for r, g in zip(ref, out.patch_features)) <= 1e-5
+    for step in range(3):                              # decode three tokens through the cache
+        nxt = torch.tensor([62 + step, 10 + step])
+        cached = vlm.decode_step(out.cache, nxt)
+        texts = [t + [int(n)] for t, n in zip(texts, nxt)]
+        full = vlm(imgs, texts).logits
+        assert max((cached[b] - full[b][-1]).abs().max().item() for b in range(2)) <= 1e-5
+    # the text depends on the image once the bridge's values are not zero (they start at zero)
+    with torch.no_grad():
+        for b in vlm.text.bridges:
+            b.v.weight.normal_(std=0.1)
+    swapped = vlm([imgs[1], imgs[0]], texts).logits
+    assert (swapped[0] - vlm(imgs, texts).logits[0]).abs().max().item() > 1e-3
+    vlm.train()
+    grads = []
+    for checkpointed in (False, True):
+        vlm.zero_grad()
+        vlm.text.gradient_checkpointing = checkpointed
+        sum(lg.square().mean() for lg in vlm(imgs, texts).logits).backward()
+        grads.append({n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) <= 1e-5
+    parts = vlm.parameter_parts()
+    learning = {parts[n] for n, g in grads[0].items() if g.abs().sum() > 0}
+    assert learning == {"vision", "text", "bridge", "new_tokens"}
+
+
+def test_lm_route_bad_inputs_are_named(tmp_path):
+    from transformers import GPT2Config
+
+    from grounding_vlm.lm import LMGroundingVLM, LMRouteError, check_supported
+
+    with pytest.raises(LMRouteError, match="GPT2.*supported families: LlamaForCausalLM, MistralForCausalLM, "
+                                           "Qwen2ForCausalLM, Qwen3ForCausalLM"):
+        check_supported(GPT2Config(architectures=["GPT2LMHeadModel"]))
+    lm = _tiny_lm("qwen2", True)
+    with pytest.raises(LMRouteError, match="tokenizer holds 80 tokens but the LM's embedding has 60 rows"):
+        LMGroundingVLM(VLMConfig(vision=TINY_STUDENT, vocab_size=90, text="lm", lm=lm.config.to_dict(),
+                                 lm_vocab=80), lm)
+    with pytest.raises(LMRouteError, match="max_text_len=64 exceeds the LM's max_position_embeddings=32"):
+        LMGroundingVLM(VLMConfig(vision=TINY_STUDENT, vocab_size=70, text="lm", lm=lm.config.to_dict(),
+                                 lm_vocab=60, max_text_len=64), lm)
+
+
+def test_location_tokens_start_from_the_lm_embeddings_of_their_numbers():
+    """A location token starts at the mean LM embedding of its bin centre on the 0-1000 scale, as the
+    LM's tokenizer spells it; where it cannot, and for the added specials, at the mean embedding."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from grounding_vlm.lm import LMGroundingVLM, new_token_spellings
+
+    words = ["<unk>", "<pad>", "<bos>", "<eos>", "<sep>", *"0123456"]            # digits 7, 8, 9 missing
+    vocab = {w: i for i, w in enumerate(words)}
+
+    def fast():
+        raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")        # one token per character
+        return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>",
+                                       bos_token="<bos>", eos_token="<eos>", sep_token="<sep>")
+
+    base, tok = fast(), GroundingTokenizer(fast(), bins=4)        # bin centres 125, 375, 625, 875
+    assert len(base) == 12 and tok.vocab_size == 16
+    spell, centres = new_token_spellings(tok, base)
+    d = {c: vocab[c] for c in "0123456"}
+    assert spell == [[d["1"], d["2"], d["5"]], None, [d["6"], d["2"], d["5"]], None]
+    assert centres == [0.125, 0.375, 0.625, 0.875]
+    lm = _tiny_lm("qwen2", True, vocab=12)
+    vlm = LMGroundingVLM(VLMConfig(vision=TINY_STUDENT, vocab_size=16, text="lm", lm=lm.config.to_dict(),
+                                   lm_vocab=12, max_text_len=16), lm)
+    vlm.text.init_new_tokens(spell, centres, torch.Generator().manual_seed(0))
+    emb, new = lm.model.embed_tokens.weight.detach(), vlm.text.new_embed.weight.detach()
+    noise = 0.1 * emb.std().item()
+    assert (new[0] - emb[spell[0]].mean(0)).abs().max().item() < noise
+    assert (new[0] - new[2]).abs().max().item() > noise                        # different numbers differ
+    # unspellable bins: the mean embedding plus an ordinal code of the embeddings' spread, one per bin
+    codes = new[[1, 3]] - emb.mean(0)
+    assert codes.norm(dim=1).min().item() > 3 * noise and (codes[0] - codes[1]).norm().item() > 3 * noise
+    plain = LMGroundingVLM(VLMConfig(vision=TINY_STUDENT, vocab_size=16, text="lm", lm=lm.config.to_dict(),
+                                     lm_vocab=12, max_text_len=16), lm)
+    plain.text.init_new_tokens(spell, None, torch.Generator().manual_seed(0))       # no centres: no code
+    assert (plain.text.new_embed.weight[1] - emb.mean(0)).abs().max().item() < noise
+
+
+@pytest.fixture(scope="module")
+def standin_lm(refer_world, tmp_path_factory) -> Path:
+    from grounding_vlm.standin_lm import pretrain_standin_lm
+
+    out = tmp_path_factory.mktemp("standin") / "lm"
+    pretrain_standin_lm(refer_world, out, {"steps": 5, "warmup_steps": 1}, progress=False)
+    return out
+
+
+def test_lm_route_trains_evaluates_and_resumes(refer_world, student_dir, standin_lm, tmp_path):
+    """`lm.path` puts the stand-in LM's weights and tokenizer in as the text experts: a short run trains
+    with its own rates for the bridge and the new tokens, freezes what it is told to, scores boxes and
+    masks, resumes to the uninterrupted weights, and its run folder loads back without the LM."""
+    from grounding_vlm.evaluate import evaluate
+    from grounding_vlm.train import load_run
+    from transformers import AutoModelForCausalLM
+
+    sets = _tiny_sets(refer_world, student_dir, 4) + [f"lm.path={standin_lm}", "optim.bridge_lr=3e-3",
+                                                      "optim.new_token_lr=2e-3", "mask.weight=1",
+                                                      "optim.freeze=[\"text\"]", "lm.gradient_checkpointing=true"]
+    summary = train("miniworld-student", tmp_path / "run", sets)
+    assert summary["init"]["lm"]["class"] == "Qwen2ForCausalLM" and summary["init"]["lm"]["new_tokens"] == 16
+    model, tok, cfg, _ = load_run(tmp_path / "run")
+    assert type(model).__name__ == "LMGroundingVLM" and tok.vocab_size == model.config.vocab_size
+    lm = AutoModelForCausalLM.from_pretrained(standin_lm)
+    assert torch.equal(model.text.layers[0].mlp.up_proj.weight, lm.model.layers[0].mlp.up_proj.weight)  # frozen
+    assert not torch.equal(model.text.bridges[0].v.weight, torch.zeros_like(model.text.bridges[0].v.weight))
+    rec = evaluate(tmp_path / "run", "val", limit=4, results_dir=tmp_path / "results", progress=False)
+    assert rec["metrics"]["n"] == 4 and "mask_ciou" in rec["metrics"]
+    # killed after 2 steps and resumed: the same weights as the uninterrupted run
+    train("miniworld-student", tmp_path / "again", sets, stop_after=2)
+    train("miniworld-student", tmp_path / "again", sets)
+    resumed, *_ = load_run(tmp_path / "again")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+    with pytest.raises(ValueError, match="uses the LM's own tokenizer; drop tokenizer.path"):
+        train("miniworld-student", tmp_path / "bad", sets + [f"tokenizer.path={standin_lm}"])
+
+
+def test_grounding_memory_plan_counts_parts_and_recomputation(student_dir, standin_lm):
+    """`amoe ground plan`: weights, gradients and AdamW state per part from the real model (frozen parts
+    hold weights only); activations from probes at one and two layers per side, which add up to what
+    the whole model saves; recomputing layers keeps less."""
+    from distill.train.memory_plan import count_saved_bytes
+    from grounding_vlm.plan import plan_grounding
+    from grounding_vlm.train import build_model
+
+    sets = [f"lm.path={standin_lm}", f"init.path={student_dir}", "data.max_pixels=4096", "model.max_text_len=24",
+            "train.batch_size=3"]
+    plan = plan_grounding(load_config("miniworld-student-lm", sets))
+    parts = plan["parts"]
+    assert set(parts) == {"vision", "text", "bridge", "new_tokens"}
+    assert plan["device_bytes"]["weights"] == 4 * plan["params"]
+    assert plan["device_bytes"]["optimizer_adamw"] == 8 * plan["params"]
+    cfg = load_config("miniworld-student-lm", sets)
+    tok = GroundingTokenizer(__import__("grounding_vlm.lm", fromlist=["x"]).lm_tokenizer(str(standin_lm)), 64)
+    model = build_model(cfg, tok)[0].train()
+    assert plan["params"] == sum(p.numel() for p in model.parameters())
+    # the probes' per-layer bytes, scaled to the real depth, equal what the whole model saves on one sample
+    side = plan["activations"]["probe"]["image_side"]
+    ids = [[int(i) for i in torch.randint(0, tok.vocab_size - 64, (24,))]]
+
+    def run(_):
+        model([torch.randn(3, side, side)], ids).logits[0].float().logsumexp(-1).sum().backward()
+    whole = count_saved_bytes(run, exclude=list(model.parameters()))
+    assert plan["activations"]["per_sample_without_checkpointing"] == pytest.approx(whole, rel=0.05)
+    assert plan["device_bytes"]["activations"] == 3 * plan["activations"]["per_sample_bytes"]
+    frozen = plan_grounding(load_config("miniworld-student-lm", sets + ['optim.freeze=["vision"]',
+                                                                        "lm.gradient_checkpointing=true",
+                                                                        "train.activation_checkpointing=true"]))
+    assert frozen["device_bytes"]["grads"] == plan["device_bytes"]["grads"] - 4 * parts["vision"]["params"]
+    assert frozen["activations"]["per_sample_bytes"] < plan["activations"]["per_sample_bytes"]
+
+
+def test_constant_box_baseline_scores_the_mean_training_box_on_the_same_items(refer_world, student_dir, tmp_path):
+    from benchmarks.compare import same_items
+    from grounding_vlm.baseline import evaluate_constant_box, mean_box
+    from grounding_vlm.data import load_split
+    from grounding_vlm.evaluate import evaluate
+
+    cfg = load_config("miniworld-student", [f"data.root={refer_world / 'refer'}"])
+    train_ex = load_split(cfg["data"], "train").examples
+    box = mean_box(train_ex)
+    e = train_ex[0]
+    assert box[0] == pytest.approx(sum(x.box_xyxy[0] / x.width for x in train_ex) / len(train_ex))
+    rec = evaluate_constant_box(cfg, "val", tmp_path / "results")
+    val = load_split(cfg["data"], "val").examples
+    hits = [box_iou([box[0] * x.width, box[1] * x.height, box[2] * x.width, box[3] * x.height], x.box_xyxy) >= 0.5
+            for x in val]
+    assert rec["metrics"]["acc@0.5"] == pytest.approx(100 * sum(hits) / len(val)) and rec["metrics"]["n"] == len(val)
+    assert e.width > 0 and "acc@0.5" in rec["intervals"]["metrics"]
+    run = tmp_path / "run"
+    train("miniworld-student", run, _tiny_sets(refer_world, student_dir, 1))
+    same_items(rec, evaluate(run, "val", results_dir=tmp_path / "results", progress=False))   # pairs item by item
+
+
+def test_image_cache_keeps_images_within_its_byte_budget(refer_world):
+    from grounding_vlm.data import ImageCache, load_split, processor_from
+
+    cfg = load_config("miniworld-student", [f"data.root={refer_world / 'refer'}"])
+    paths = sorted({e.image_path for e in load_split(cfg["data"], "train").examples})[:3]
+    first = ImageCache(processor_from(cfg["data"], 16)).get(paths[0])
+    cache = ImageCache(processor_from(cfg["data"], 16), capacity_bytes=2 * first.nbytes + 1)
+    for p in paths:
+        cache.get(p)
+    assert list(cache._items) == paths[1:] or sum(t.nbytes for t in cache._items.values()) <= cache.capacity_bytes
+    assert paths[0] not in cache._items and paths[-1] in cache._items
+    assert cache._bytes == sum(t.nbytes for t in cache._items.values())

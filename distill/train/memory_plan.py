@@ -76,13 +76,15 @@ def _numel(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def _count_saved(fn) -> int:
+def count_saved_bytes(fn, exclude=()) -> int:
     """Run `fn(total)` under a hook recording every tensor autograd saves (once per storage; attention
-    scores left out); `total()` gives the bytes recorded so far. Returns the bytes recorded in all."""
+    scores and the storages of the `exclude` tensors, e.g. parameters already counted as weights, left
+    out); `total()` gives the bytes recorded so far. Returns the bytes recorded in all."""
     seen: dict[int, int] = {}
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
 
     def pack(t):
-        if not _is_scores(t):
+        if not _is_scores(t) and t.untyped_storage().data_ptr() not in skip:
             seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         return t
 
@@ -115,7 +117,7 @@ def _probe(model, images, autocast_bf16: bool) -> tuple[list[int], int]:
             for h in hooks:
                 h.remove()
 
-    total = _count_saved(run)
+    total = count_saved_bytes(run)
     per_block = [b - a for a, b in zip(marks[0::2], marks[1::2])]
     return per_block, total - sum(per_block)
 
