@@ -143,6 +143,53 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
 
 
+class LMLayer(nn.Module):
+    """One of the LM's decoder layers as a text expert: its own submodules (same names, so the keys read
+    like the LM's), run over [image keys, causal text keys]. A module of its own, so FSDP2 shards it
+    and gradient checkpointing recomputes it as a unit."""
+
+    def __init__(self, hf_layer, n_heads: int, n_kv: int):
+        super().__init__()
+        self.self_attn = hf_layer.self_attn
+        self.mlp = hf_layer.mlp
+        self.input_layernorm = hf_layer.input_layernorm
+        self.post_attention_layernorm = hf_layer.post_attention_layernorm
+        self.n_heads, self.n_kv = n_heads, n_kv
+        self.head_dim, self.scaling = self.self_attn.head_dim, self.self_attn.scaling
+
+    def qkv(self, x: torch.Tensor, cos, sin):
+        """x (..., T, H) -> q (..., T, nh, hd), k/v (..., T, nkv, hd), rotated."""
+        a = self.self_attn
+        h = self.input_layernorm(x)
+        shape = x.shape[:-1]
+        q = a.q_proj(h).view(*shape, self.n_heads, self.head_dim)
+        k = a.k_proj(h).view(*shape, self.n_kv, self.head_dim)
+        v = a.v_proj(h).view(*shape, self.n_kv, self.head_dim)
+        if hasattr(a, "q_norm"):       # Qwen3: per-head RMSNorm before RoPE
+            q, k = a.q_norm(q), a.k_norm(k)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def repeat(self, t: torch.Tensor) -> torch.Tensor:     # GQA: kv head h // groups serves query head h
+        g = self.n_heads // self.n_kv
+        return t.repeat_interleave(g, dim=-2) if g > 1 else t
+
+    def attend(self, x: torch.Tensor, q, keys, values, mask) -> torch.Tensor:
+        """The layer's output from queries (B, T, nh, hd) over keys / values (B, C, nkv, hd) under mask."""
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), self.repeat(keys).transpose(1, 2).to(q.dtype),
+                                           self.repeat(values).transpose(1, 2).to(q.dtype), attn_mask=mask,
+                                           scale=self.scaling)
+        h = x + self.self_attn.o_proj(o.transpose(1, 2).reshape(*x.shape[:-1], -1))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward(self, x, cos, sin, img_k, img_v, mask, keep: list | None = None) -> torch.Tensor:
+        """x (B, T, H) text states; img_k / img_v (B, N, nkv, hd) the sample's bridged image keys;
+        mask (B, 1, T, N + T). `keep` collects the text keys and values (the KV cache's prefill)."""
+        q, k, v = self.qkv(x, cos, sin)
+        if keep is not None:
+            keep.append((k, v))
+        return self.attend(x, q, torch.cat([img_k, k], dim=1), torch.cat([img_v, v], dim=1), mask)
+
+
 class LMTextExperts(nn.Module):
     """The LM's decoder as text experts over bridged image keys (see the module docstring)."""
 
@@ -162,16 +209,13 @@ class LMTextExperts(nn.Module):
         self.hf_config = hf
         self.lm_vocab = lm_vocab
         self.embed_tokens = base.embed_tokens
-        self.layers = base.layers
+        self.layers = nn.ModuleList([LMLayer(layer, hf.num_attention_heads, hf.num_key_value_heads)
+                                     for layer in base.layers])
         self.norm = base.norm
         self.rotary = base.rotary_emb
         self.tied = bool(getattr(hf, "tie_word_embeddings", False))
         self.lm_head = None if self.tied else lm.lm_head
-        attn = self.layers[0].self_attn
-        self.n_heads = hf.num_attention_heads
-        self.n_kv = hf.num_key_value_heads
-        self.head_dim = attn.head_dim
-        self.scaling = attn.scaling
+        self.n_kv, self.head_dim = hf.num_key_value_heads, self.layers[0].head_dim
         H = hf.hidden_size
         self.new_embed = nn.Embedding(n_new, H)
         self.new_head = None if self.tied else nn.Linear(H, n_new, bias=False)
@@ -214,38 +258,6 @@ class LMTextExperts(nn.Module):
                     dst[r] += spread * (_fourier(torch.tensor([bins_of[r]])) @ proj)
             dst.add_(torch.randn(dst.shape, generator=generator) * 0.02 * spread)
 
-    # ------------------------------------------------------------------ one LM layer
-    def _qkv(self, layer, x: torch.Tensor, cos, sin):
-        """x (..., T, H) -> q (..., T, nh, hd), k/v (..., T, nkv, hd), rotated."""
-        a = layer.self_attn
-        h = layer.input_layernorm(x)
-        shape = x.shape[:-1]
-        q = a.q_proj(h).view(*shape, self.n_heads, self.head_dim)
-        k = a.k_proj(h).view(*shape, self.n_kv, self.head_dim)
-        v = a.v_proj(h).view(*shape, self.n_kv, self.head_dim)
-        if hasattr(a, "q_norm"):       # Qwen3: per-head RMSNorm before RoPE
-            q, k = a.q_norm(q), a.k_norm(k)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
-
-    def _out(self, layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        h = x + layer.self_attn.o_proj(attended)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
-
-    def _repeat(self, t: torch.Tensor) -> torch.Tensor:     # GQA: kv head h // groups serves query head h
-        g = self.n_heads // self.n_kv
-        return t.repeat_interleave(g, dim=-2) if g > 1 else t
-
-    def _layer(self, j: int, x, cos, sin, img_k, img_v, mask, keep):
-        layer = self.layers[j]
-        q, k, v = self._qkv(layer, x, cos, sin)                                  # (B, T, *, hd)
-        if keep is not None:
-            keep.append((k, v))
-        keys = self._repeat(torch.cat([img_k, k], dim=1)).transpose(1, 2)       # (B, nh, N+T, hd)
-        vals = self._repeat(torch.cat([img_v, v], dim=1)).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), vals.to(q.dtype),
-                                           attn_mask=mask, scale=self.scaling)
-        return self._out(layer, x, o.transpose(1, 2).reshape(*x.shape[:-1], -1))
-
     # ------------------------------------------------------------------ whole text side
     def image_kv(self, j: int, vision_states: list[torch.Tensor], pos: torch.Tensor):
         """LM layer j's image keys and values, (Ni, nkv, hd) each, packed."""
@@ -277,9 +289,9 @@ class LMTextExperts(nn.Module):
                 img_k = x.new_zeros(B, 0, self.n_kv, self.head_dim)
                 img_v = img_k
             if self.gradient_checkpointing and self.training and keep is None:
-                x = checkpoint(self._layer, j, x, cos, sin, img_k, img_v, mask, None, use_reentrant=False)
+                x = checkpoint(self.layers[j], x, cos, sin, img_k, img_v, mask, use_reentrant=False)
             else:
-                x = self._layer(j, x, cos, sin, img_k, img_v, mask, keep)
+                x = self.layers[j](x, cos, sin, img_k, img_v, mask, keep)
         return x
 
     def decode(self, token_ids: torch.Tensor, cache) -> torch.Tensor:
@@ -287,12 +299,9 @@ class LMTextExperts(nn.Module):
         x = self.embed(token_ids)[:, None]                                      # (B, 1, H)
         cos, sin = self.rotary(x, cache.text_lengths[:, None])
         for j, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
+            q, k, v = layer.qkv(x, cos, sin)
             keys, values, valid = cache.append(j, k[:, 0], v[:, 0])              # (B, C, nkv, hd)
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), self._repeat(keys).transpose(1, 2).to(q.dtype),
-                                               self._repeat(values).transpose(1, 2).to(q.dtype),
-                                               attn_mask=valid[:, None, None, :], scale=self.scaling)
-            x = self._out(layer, x, o.transpose(1, 2).reshape(x.shape[0], 1, -1))
+            x = layer.attend(x, q, keys, values, valid[:, None, None, :])
         return self.logits(x[:, 0])
 
 
@@ -346,6 +355,10 @@ class LMGroundingVLM(nn.Module):
         layers have their own switch, lm.gradient_checkpointing)."""
         return [layer.vision for layer in self.layers.values()]
 
+    def shard_blocks(self) -> list[nn.Module]:
+        """The repeated blocks FSDP2 shards one by one: the student blocks and the LM's layers."""
+        return self.checkpoint_blocks() + list(self.text.layers)
+
     def parameter_parts(self) -> dict[str, str]:
         """Parameter name -> part: 'vision', 'text' (the LM's own weights), 'bridge', 'new_tokens', 'mask'."""
         vision = {id(p) for p in self.vision_parameters()}
@@ -361,13 +374,12 @@ class LMGroundingVLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Sequence[torch.Tensor], text_ids: Sequence[Sequence[int]] | None = None,
-                cache_room: int = 0, mask_at: Sequence[int] | None = None) -> VLMOutput:
+                cache_room: int = 0, mask_at: Sequence[int] | None = None, image_states: bool = True) -> VLMOutput:
         cfg = self.config
         text_ids = check_texts(images, text_ids, cfg.max_text_len)
         P = cfg.vision.n_prefix_tokens
         xi, img_lens, grids, y, xc = embed_images(self.vision_embed, images)
         states = run_vision(self.layers, xi, img_lens, y, xc, self.vision_embed.freqs_cis_golden)
-        zi = self.vision_norm(states[-1])
         device = xi.device
         check_token_ids(text_ids, cfg.vocab_size, device)
         txt_lens = [len(t) for t in text_ids]
@@ -379,8 +391,8 @@ class LMGroundingVLM(nn.Module):
             xt = self.text(ids, txt_lens, states, img_lens, pos, kept)
             logits, zt = self.text.logits(xt), self.text.norm(xt)
         else:            # images only (encode_images)
-            logits = zi.new_zeros(len(txt_lens), 0, cfg.vocab_size)
-            zt = zi.new_zeros(len(txt_lens), 0, self.text.hf_config.hidden_size)
+            logits = xi.new_zeros(len(txt_lens), 0, cfg.vocab_size)
+            zt = xi.new_zeros(len(txt_lens), 0, self.text.hf_config.hidden_size)
         per_logits = [logits[b, :n] for b, n in enumerate(txt_lens)]
         per_states = [zt[b, :n] for b, n in enumerate(txt_lens)]
         cache = None
@@ -393,7 +405,7 @@ class LMGroundingVLM(nn.Module):
                 vt = torch.cat([v[b, :n] for b, n in enumerate(txt_lens)])
                 flat.append((torch.cat([ki.to(kt.dtype), kt]), torch.cat([vi.to(vt.dtype), vt])))
             cache = KVCache.from_prefill(flat, img_lens, txt_lens, cache_room)
-        split = list(zi.split(img_lens))
+        split = list(self.vision_norm(states[-1]).split(img_lens)) if image_states or mask_at is not None else []
         out = VLMOutput(logits=per_logits, patch_features=[s[P:] for s in split], image_states=split, grids=grids,
                         cache=cache, text_states=per_states)
         if mask_at is not None:

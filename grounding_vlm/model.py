@@ -354,6 +354,10 @@ class GroundingVLM(nn.Module):
         """The repeated blocks `train.activation_checkpointing` recomputes in the backward pass."""
         return list(self.layers.values())
 
+    def shard_blocks(self) -> list[nn.Module]:
+        """The repeated blocks FSDP2 shards one by one (`train.parallel: "fsdp"`)."""
+        return list(self.layers.values())
+
     def parameter_parts(self) -> dict[str, str]:
         """Parameter name -> part ('vision', 'text', 'mask'): what optim.freeze and the rates act on."""
         vision = {id(p) for p in self.vision_parameters()}
@@ -362,12 +366,14 @@ class GroundingVLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Sequence[torch.Tensor], text_ids: Sequence[Sequence[int]] | None = None,
-                cache_room: int = 0, mask_at: Sequence[int] | None = None) -> VLMOutput:
+                cache_room: int = 0, mask_at: Sequence[int] | None = None, image_states: bool = True) -> VLMOutput:
         """images: normalised (3, H, W) tensors (sides multiples of the patch size; ImageProcessor.to_tensor);
         text_ids: one token-id list per image (may be empty). All samples are packed into one sequence.
         `cache_room` > 0 also returns a `KVCache` (in `VLMOutput.cache`) with room for that many more
         text tokens per sample, for `decode_step`. `mask_at` (each sample's prompt length) also returns
-        the mask head's logits (`VLMOutput.masks`; inside forward, so DDP syncs the head's gradients)."""
+        the mask head's logits (`VLMOutput.masks`; inside forward, so DDP syncs the head's gradients).
+        `image_states=False` leaves the final-norm image states out (a loss that reads none of them: DDP
+        must not find outputs that never reach the loss)."""
         vc = self.config.vision
         text_ids = check_texts(images, text_ids, self.config.max_text_len)
         emb = self.vision_embed
@@ -391,10 +397,9 @@ class GroundingVLM(nn.Module):
         kept = [] if cache_room else None
         for block in self.layers.values():
             xi, xt = block(xi, xt, cos, sin, mask, kept)
-        zi = self.vision_norm(xi)
         zt = self.text_norm(xt)
         logits = self.lm_head(zt) if n_t else xt.new_zeros(0, self.config.vocab_size)
-        states = list(zi.split(img_lens))
+        states = list(self.vision_norm(xi).split(img_lens)) if image_states or mask_at is not None else []
         cache = KVCache.from_prefill(kept, img_lens, txt_lens, cache_room) if cache_room else None
         out = VLMOutput(logits=list(logits.split(txt_lens)), patch_features=[s[P:] for s in states],
                         image_states=states, grids=grids, cache=cache, text_states=list(zt.split(txt_lens)))

@@ -6,7 +6,8 @@ Counted from real objects: the VLM built on the meta device from the config (vis
 or for the recipes' hub ids the architecture in `PAPER_LMS`), each parameter in its part; weights,
 gradients and AdamW's two moments for the parts that train (`optim.freeze` leaves the rest as weights
 only), in the LM's `dtype` for the text experts and float32 elsewhere (the trainer runs no autocast),
-whole on every rank (DDP, the trainer's mode); with Gram anchoring a frozen float32 copy of the
+whole on every rank under DDP, a 1/N shard plus two unsharded blocks in flight under FSDP2
+(`train.parallel`); with Gram anchoring a frozen float32 copy of the
 student. Activations are measured, not guessed: every tensor autograd saves
 (`saved_tensors_hooks`) in a forward and loss of the real widths with one and two layers per side,
 on one sample of the config's largest image (`data.max_pixels`) and `model.max_text_len` text
@@ -130,7 +131,12 @@ def plan_grounding(cfg: dict, world_size: int = 1, gpu_gib: float = 80.0, measur
             d["optimizer_adamw"] += 2 * p.numel() * width
     n_params = sum(d["params"] for d in per_part.values())
     device = {k: sum(d[k] for d in per_part.values()) for k in ("weights", "grads", "optimizer_adamw")}
-    if world_size > 1:
+    parallel = cfg["train"]["parallel"] if world_size > 1 else "none"
+    if parallel == "fsdp":     # a 1/N shard of everything, plus the unsharded block in flight and the prefetched one
+        block = max(sum(q.numel() for q in b.parameters()) for b in model.shard_blocks()) * 4
+        device = {k: v / world_size for k, v in device.items()}
+        device["fsdp_blocks_in_flight"] = 2 * 2 * block             # weights and gradients of two blocks
+    elif parallel == "ddp":
         device["ddp_buckets"] = device["grads"]            # DDP's gradient buckets: a second copy at most
     if float(cfg["gram"]["weight"]) > 0:
         device["gram_anchor_student"] = 4 * sum(d["params"] for k, d in per_part.items() if k == "vision")
@@ -159,19 +165,22 @@ def plan_grounding(cfg: dict, world_size: int = 1, gpu_gib: float = 80.0, measur
                 "probe": {"image_side": side, "text_tokens": T}}
         device["activations"] = acts["per_sample_bytes"] * B
     peak = sum(device.values())
-    return {"config": cfg["name"], "world_size": world_size, "parallel": "ddp", "batch_size_per_rank": B,
+    device = {k: int(v) for k, v in device.items()}
+    return {"config": cfg["name"], "world_size": world_size, "parallel": parallel, "batch_size_per_rank": B,
             "tokens_per_sample": tokens, "lm": {"path": cfg["lm"]["path"], "dtype": cfg["lm"]["dtype"] or "float32",
                                                 "gradient_checkpointing": bool(cfg["lm"]["gradient_checkpointing"])},
             "vision_activation_checkpointing": bool(cfg["train"]["activation_checkpointing"]),
             "params": n_params, "parts": per_part, "activations": acts, "device_bytes": device,
             "per_rank_peak_bytes": int(peak), "device_budget_bytes": int(gpu_gib * GiB),
             "device_headroom_bytes": int(gpu_gib * GiB - peak), "fits_device": peak <= gpu_gib * GiB,
-            "estimated": ["device_bytes.ddp_buckets (at most one copy of the gradients)"]}
+            "estimated": ["device_bytes.ddp_buckets (at most one copy of the gradients)",
+                          "device_bytes.fsdp_blocks_in_flight (two blocks, float32)"]}
 
 
 def format_plan(plan: dict) -> str:
     g = lambda v: f"{v / GiB:8.2f} GiB"  # noqa: E731
-    lines = [f"grounding memory plan: {plan['config']} on {plan['world_size']} rank(s), {plan['batch_size_per_rank']} "
+    lines = [f"grounding memory plan: {plan['config']} on {plan['world_size']} rank(s) ({plan['parallel']}), "
+             f"{plan['batch_size_per_rank']} "
              f"samples of {plan['tokens_per_sample']} tokens per rank, LM {plan['lm']['path']} "
              f"({plan['lm']['dtype']}, gradient checkpointing {'on' if plan['lm']['gradient_checkpointing'] else 'off'}; "
              f"vision blocks {'recomputed' if plan['vision_activation_checkpointing'] else 'kept'})",

@@ -65,8 +65,10 @@ DEFAULTS: dict[str, Any] = {
               "expert_bias_rate": 1e-3, "freeze": []},
     # activation_checkpointing: recompute the vision blocks (with the scratch text side: whole layers) in
     # the backward pass instead of keeping their activations (distill.train.parallelize)
+    # parallel (under torchrun): "ddp", or "fsdp" (FSDP2: each vision block and LM layer sharded, then the
+    # rest; distill.train.parallelize, as the distiller does it)
     "train": {"steps": 1000, "batch_size": 8, "seed": 0, "log_every": 10, "checkpoint_every": 200, "keep": 2,
-              "device": "auto", "progress": True, "activation_checkpointing": False},
+              "device": "auto", "progress": True, "activation_checkpointing": False, "parallel": "ddp"},
     # suite / dataset_id: where results are filed; null = read from the data (evaluate.result_identity)
     "robustness": {"max_skipped_in_a_row": 5, "grad_spike_factor": 50.0},
     # kv_cache: decode with the KV cache (false: re-run the whole sequence per token, the reference)
@@ -215,9 +217,11 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
     freeze_parts(model, oc["freeze"])
     if tc["activation_checkpointing"]:
         apply_activation_checkpointing(model, model.checkpoint_blocks())
+    fsdp = tc["parallel"] == "fsdp" and info.distributed
+    ddp = data_parallel(model, info, tc["parallel"], model.shard_blocks() if fsdp else ())
+    # after sharding: FSDP2 replaces the parameters the optimizer must hold
     optim = build_adamw(model.named_parameters(), oc["lr"], oc["weight_decay"], betas=oc["betas"],
                         lr_groups=rate_groups(model, oc))
-    ddp = data_parallel(model, info, "ddp")
 
     step = 0
     writer = ckpt.writer_token()
@@ -233,11 +237,21 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
     cfg_fp = fingerprint(ident | {"seed": seed})
     if latest is not None:
         state = ckpt.read_checkpoint(latest, info.rank)
+        if state["trainer"].get("fsdp", False) != fsdp:
+            raise ckpt.ResumeRefused(f"{latest} was written by a {'FSDP2' if not fsdp else 'DDP / single-process'} run; "
+                                     f"resume it with the same train.parallel and number of processes")
         if state["trainer"].get("config_fingerprint") != cfg_fp:
             raise ckpt.ResumeRefused(f"{out} holds a checkpoint of a different config; use a new --out or delete "
                                      f"{ckpt.checkpoint_root(out)} to start over")
-        model.load_state_dict(state["model"])
-        optim.load_state_dict(state["optimizer"])
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            opts = StateDictOptions(full_state_dict=True, strict=True)
+            set_model_state_dict(model, state["model"], options=opts)
+            set_optimizer_state_dict(model, optim, state["optimizer"], options=opts)
+        else:
+            model.load_state_dict(state["model"])
+            optim.load_state_dict(state["optimizer"])
         if state["rng"] is not None:
             ckpt.set_rng_state(*state["rng"])
         step = int(state["trainer"]["step"])
@@ -287,7 +301,7 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
         for g in optim.param_groups:
             g["lr"] = g["base_lr"] * factor
         mask_w = float(cfg["mask"]["weight"])
-        out_ = ddp(images, ids, mask_at=prompt_lens if mask_w > 0 else None)
+        out_ = ddp(images, ids, mask_at=prompt_lens if mask_w > 0 else None, image_states=anchor is not None)
         ce_sum, n_tgt = target_loss(out_.logits, ids, prompt_lens)
         ce = ce_sum / n_tgt
         seg = torch.zeros((), device=info.device)
@@ -338,7 +352,7 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
             metrics.write(last)
             t_log, tokens_log = time.time(), 0
         if (step % int(tc["checkpoint_every"]) == 0 or step == end) and not guard.in_a_row:
-            _save(out, step, model, optim, cfg_fp, info, int(tc["keep"]), guard, writer)
+            _save(out, step, model, optim, cfg_fp, info, int(tc["keep"]), guard, writer, fsdp)
     if bar is not None:
         bar.close()
     metrics.close()
@@ -350,10 +364,19 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
     return summary
 
 
-def _save(out: Path, step: int, model, optim, cfg_fp: str, info, keep: int, guard: StepGuard, writer: str) -> None:
-    ckpt.save_checkpoint(out, step, writer, model.state_dict(), optim.state_dict(),
-                         {"step": step, "config_fingerprint": cfg_fp, "world_size": info.world_size,
-                          "guard": guard.state_dict()}, keep, info.rank, info.is_main)
+def _save(out: Path, step: int, model, optim, cfg_fp: str, info, keep: int, guard: StepGuard, writer: str,
+          fsdp: bool) -> None:
+    if fsdp:   # the full (unsharded) state, gathered to the CPU of the main rank
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optim, options=opts)
+    else:
+        model_sd, optim_sd = model.state_dict(), optim.state_dict()
+    trainer = {"step": step, "config_fingerprint": cfg_fp, "world_size": info.world_size, "guard": guard.state_dict()}
+    if fsdp:
+        trainer["fsdp"] = True     # its optimizer state is keyed by parameter names: resumed only by FSDP2
+    ckpt.save_checkpoint(out, step, writer, model_sd, optim_sd, trainer, keep, info.rank, info.is_main)
 
 
 # ----------------------------------------------------------------------------- loading a trained run

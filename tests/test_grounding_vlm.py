@@ -697,6 +697,10 @@ def test_grounding_memory_plan_counts_parts_and_recomputation(student_dir, stand
                                                                         "train.activation_checkpointing=true"]))
     assert frozen["device_bytes"]["grads"] == plan["device_bytes"]["grads"] - 4 * parts["vision"]["params"]
     assert frozen["activations"]["per_sample_bytes"] < plan["activations"]["per_sample_bytes"]
+    sharded = plan_grounding(load_config("miniworld-student-lm", sets + ["train.parallel=fsdp"]), world_size=4,
+                             measure_activations=False)
+    assert sharded["parallel"] == "fsdp" and sharded["device_bytes"]["weights"] == plan["device_bytes"]["weights"] // 4
+    assert sharded["device_bytes"]["fsdp_blocks_in_flight"] > 0 and "ddp_buckets" not in sharded["device_bytes"]
 
 
 def test_constant_box_baseline_scores_the_mean_training_box_on_the_same_items(refer_world, student_dir, tmp_path):
@@ -733,3 +737,47 @@ def test_image_cache_keeps_images_within_its_byte_budget(refer_world):
     assert list(cache._items) == paths[1:] or sum(t.nbytes for t in cache._items.values()) <= cache.capacity_bytes
     assert paths[0] not in cache._items and paths[-1] in cache._items
     assert cache._bytes == sum(t.nbytes for t in cache._items.values())
+
+
+def test_activation_checkpointing_trains_the_same_weights(refer_world, student_dir, tmp_path):
+    from grounding_vlm.train import load_run
+
+    sets = _tiny_sets(refer_world, student_dir, 2)
+    train("miniworld-student", tmp_path / "kept", sets)
+    train("miniworld-student", tmp_path / "recomputed", sets + ["train.activation_checkpointing=true"])
+    a, b = (load_run(tmp_path / name)[0].state_dict() for name in ("kept", "recomputed"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def _grounding_worker(rank: int, port: int, config: str, out: str, sets: list[str]) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    torch.set_num_threads(1)
+    train(config, out, sets)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_train_the_weights_of_one(refer_world, student_dir, standin_lm, tmp_path, parallel):
+    """The LM route under two gloo processes (DDP, or FSDP2 sharding every vision block and LM layer)
+    trains what one process does with the same global batch, and its checkpoint loads back whole."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from grounding_vlm.train import load_run
+
+    base = [s for s in _tiny_sets(refer_world, student_dir, 2) if not s.startswith("train.batch_size")]
+    base += [f"lm.path={standin_lm}", "train.device=cpu"]
+    train("miniworld-student-lm", tmp_path / "one", base + ["train.batch_size=4"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_grounding_worker, args=(port, "miniworld-student-lm", str(tmp_path / "two"),
+                                                base + ["train.batch_size=2", f"train.parallel={parallel}"]),
+                       nprocs=2, join=True, start_method="spawn")
+    one, two = (load_run(tmp_path / name)[0].state_dict() for name in ("one", "two"))
+    assert one.keys() == two.keys()
+    for k in one:   # Adam turns round-off-sized gradients into lr-sized steps: agree to a fraction of lr
+        assert torch.allclose(one[k], two[k], atol=2e-4), k
+    m1, m2 = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two"))
+    assert [r["ce"] for r in m2] == pytest.approx([r["ce"] for r in m1], rel=1e-4)
