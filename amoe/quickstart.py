@@ -111,7 +111,8 @@ class Run:
         names.update({f"student:{self.data_student(k)}": f"student ({k} data)" for k in SAMPLINGS})
         names[f"student:{self.padded_student}"] = "student (padded batches)"
         names.update({f"grounding-vlm:miniworld-{k}": f"grounding ({k.replace('-', ' + ')})"
-                      for k in ("scratch", "student", "student-gram")})
+                      for k in ("scratch", "student", "student-gram", "student-lm")})
+        names["grounding-baseline:constant-box"] = "grounding (constant box)"
         return names
 
     def sweep_config(self) -> dict:
@@ -324,7 +325,8 @@ STEPS: list[Step] = [
          requires=("world", "teachers"), ablation=True),
     Step("ablation-packing", "distil the main recipe with padded batches instead of token-balanced packing",
          _packing_done, _packing_ablation, requires=("world", "teachers"), ablation=True),
-    Step("grounding", "RefCOCO-style grounding VLM: scratch vs student init vs student + Gram anchoring",
+    Step("grounding", "RefCOCO-style grounding VLM: scratch vs student init vs student + Gram anchoring vs "
+                      "student + stand-in LM, and the constant-box baseline",
          _grounding_done, _grounding_ablation, requires=("world", "distill"), ablation=True),
     Step("bench", "run the mini-world suite on every encoder (zero-shot, kNN, retrieval, segmentation)",
          _bench_done, _run_bench, requires=("world", "teachers", "random-student", "distill", "ablation-relational",

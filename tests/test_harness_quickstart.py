@@ -86,8 +86,9 @@ def test_fast_quickstart_runs_every_step_end_to_end(tmp_path):
         assert f"{k}/export" in table
     evidence = json.loads((run.curation / "evidence.json").read_text())
     assert set(evidence) == {"curated", "random"}
-    for name in ("miniworld-scratch", "miniworld-student", "miniworld-student-gram"):
+    for name in ("miniworld-scratch", "miniworld-student", "miniworld-student-gram", "miniworld-student-lm"):
         assert f"grounding-vlm:{name}" in table
+    assert "grounding-baseline:constant-box" in table          # the floor every init is read against
     # the ablations' evidence page: every claim gets a verdict; the measured ones have intervals
     claims = json.loads((run.leaderboard / "evidence.json").read_text())["claims"]
     assert [c["id"] for c in claims] == ["arkd", "curation", "packing", "agglomerative", "grounding"]
