@@ -114,7 +114,8 @@ def build_tokenizer(tok_cfg: Mapping[str, Any], train_examples: list[GroundingEx
     expressions."""
     bins = int(tok_cfg.get("bins", 1000))
     if lm_path and tok_cfg.get("path"):
-        raise ValueError("with lm.path the grounding VLM uses the LM's own tokenizer; drop tokenizer.path")
+        from .lm import LMRouteError
+        raise LMRouteError("with lm.path the grounding VLM uses the LM's own tokenizer; drop tokenizer.path")
     if tok_cfg.get("path"):
         return GroundingTokenizer.load(tok_cfg["path"], bins)
     if save_dir is not None and (save_dir / "tokenizer.json").exists():   # resume: reuse, never retrain

@@ -25,7 +25,13 @@ from pathlib import Path
 
 import torch
 
+from distill.errors import AmoeError
+
 GiB = 2 ** 30
+
+
+class PlanError(AmoeError, ValueError):
+    """A config the plan cannot read; the message names the key to set."""
 
 # Public config.json / tokenizer of the recipes' LMs (a plan never downloads): architecture, the
 # tokenizer's length (its token ids, added specials included), and how many of the grounding specials
@@ -52,7 +58,7 @@ def _lm_config(path: str, bins: int) -> tuple[dict, int, int]:
     if path in PAPER_LMS:
         config, n, missing = PAPER_LMS[path]
         return copy.deepcopy(config), n, bins + missing
-    raise FileNotFoundError(f"lm.path {path!r} is neither a local folder with config.json nor one of the LMs "
+    raise PlanError(f"lm.path {path!r} is neither a local folder with config.json nor one of the LMs "
                             f"the plan knows offline ({', '.join(PAPER_LMS)})")
 
 
@@ -67,7 +73,7 @@ def _vision_config(cfg: dict):
         if init.get("kind") == "student" and init.get("path"):
             from distill.encoders.student import read_student_config
             return get_config(read_student_config(init["path"])["student_config"])
-        raise ValueError("the plan needs the vision architecture: set init.config (official) or init.path "
+        raise PlanError("the plan needs the vision architecture: set init.config (official) or init.path "
                          "(student export), or model.vision to a student config name")
     return get_config(vision)
 
@@ -110,7 +116,7 @@ def _probe_bytes(cfg: dict, vision, lm_cfg: dict, lm_vocab: int, n_new: int, sid
 def plan_grounding(cfg: dict, world_size: int = 1, gpu_gib: float = 80.0, measure_activations: bool = True) -> dict:
     """The per-rank device plan of a grounding config with text experts from an LM (`lm.path`)."""
     if not cfg["lm"]["path"]:
-        raise ValueError("the grounding plan covers the LM route: set lm.path (a local LM folder or "
+        raise PlanError("the grounding plan covers the LM route: set lm.path (a local LM folder or "
                          f"one of {', '.join(PAPER_LMS)})")
     vision = _vision_config(cfg)
     lm_cfg, lm_vocab, n_new = _lm_config(cfg["lm"]["path"], int(cfg["tokenizer"]["bins"]))

@@ -33,7 +33,7 @@ from distill.train.optim import build_adamw
 from distill.train.parallelize import apply_activation_checkpointing, data_parallel
 from distill.train.schedule import warmup_cosine
 from distill.config import apply_overrides as apply_dotted
-from distill.config import merge, read_config_file
+from distill.config import ConfigError, merge, read_config_file
 
 from .data import (ImageCache, build_tokenizer, check_text_lengths, encode_batch, load_split, processor_from,
                    require_data_root, target_loss)
@@ -133,10 +133,10 @@ def freeze_parts(model, parts: list[str]) -> None:
     part_of = model.parameter_parts()
     bad = sorted(set(parts) - set(FREEZABLE))
     if bad:
-        raise ValueError(f"optim.freeze: unknown part(s) {bad}; choose from {list(FREEZABLE)}")
+        raise ConfigError(f"optim.freeze: unknown part(s) {bad}; choose from {list(FREEZABLE)}")
     absent = sorted(set(parts) - set(part_of.values()) - {"mask"})
     if absent:
-        raise ValueError(f"optim.freeze: this model has no {absent} (those exist with an LM text side, lm.path)")
+        raise ConfigError(f"optim.freeze: this model has no {absent} (those exist with an LM text side, lm.path)")
     for name, p in model.named_parameters():
         if part_of[name] in parts:
             p.requires_grad_(False)
