@@ -39,6 +39,9 @@ def register(sub) -> None:
     f.add_argument("--side", type=int, default=128, help="image side in pixels (a multiple of the patch size)")
     f.add_argument("--words", type=int, default=8, help="words per expression")
     f.add_argument("--repeats", type=int, default=3)
+    f.add_argument("--lm", default=None, help="text experts from this causal LM folder (e.g. the stand-in LM)")
+    f.add_argument("--train-steps", type=int, default=0, help="also time this many training steps")
+    f.add_argument("--train-batch", type=int, default=8, help="expressions per timed training step")
     f.add_argument("--json", action="store_true", help="accepted like the other perf commands (JSON is the output)")
     f.set_defaults(func=_perf)
 
@@ -112,7 +115,8 @@ def _perf(args) -> int:
     from .perf import run_decode_perf
 
     print(json.dumps(run_decode_perf(args.vision, args.expressions, args.batch, args.side, args.words,
-                                     repeats=args.repeats), indent=2))
+                                     repeats=args.repeats, lm=args.lm, train_steps=args.train_steps,
+                                     train_batch=args.train_batch), indent=2))
     return 0
 
 

@@ -781,3 +781,12 @@ def test_two_processes_train_the_weights_of_one(refer_world, student_dir, standi
         assert torch.allclose(one[k], two[k], atol=2e-4), k
     m1, m2 = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two"))
     assert [r["ce"] for r in m2] == pytest.approx([r["ce"] for r in m1], rel=1e-4)
+
+
+def test_decode_perf_runs_the_lm_route_and_times_training_steps(standin_lm):
+    from grounding_vlm.perf import run_decode_perf
+
+    r = run_decode_perf("tiny-moe", expressions=3, batch=2, side=32, words=3, repeats=1, lm=str(standin_lm),
+                        train_steps=2, train_batch=2)
+    assert r["text"] == "lm" and r["same_tokens"] and r["train_step_ms"]["steps"] == 2
+    assert r["train_step_ms"]["median_ms"] > 0
