@@ -1,4 +1,4 @@
-"""Text experts from a pretrained Hugging Face causal LM (`model.text: "lm"`, `lm.path`).
+"""Text experts from a pretrained Hugging Face causal LM (`lm.path` in the training config).
 
 The LM's embeddings, attention, MLPs, norms and head become the text experts; the SigLino student's
 blocks stay the vision experts, unchanged. Attention stays one softmax over both modalities: at
@@ -23,8 +23,9 @@ New tokens (the grounding specials the LM's tokenizer lacks and the location tok
 own embedding table beside the LM's, so they train at their own rate and the LM's matrices keep
 their shape: ids below `lm_vocab` are the LM's, ids from it on are new. A location token's embedding
 starts as the mean of the LM's embeddings of its bin centre written in the 0-1000 convention
-("0".."1000", as Qwen-VL writes box coordinates); a token whose number the tokenizer cannot spell
-and the other specials start at the mean embedding (plus small noise, so tokens differ).
+("0".."1000", as Qwen-VL writes box coordinates); one whose number the tokenizer cannot spell starts
+at the mean embedding plus an ordinal code of its bin, the other specials at the mean embedding (plus
+small noise, so tokens differ).
 """
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ from .mask import MaskHead
 from .model import (KVCache, VisionEmbed, VLMConfig, VLMOutput, check_texts, check_token_ids, embed_images,
                     init_vision_like_student, vision_parameters)
 
-SUPPORTED_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}       # model_type -> class: the decoders whose layers this reads
+SUPPORTED_LMS = tuple(FAMILIES.values())
 
 
 class LMRouteError(AmoeError, ValueError):
@@ -53,9 +56,9 @@ class LMRouteError(AmoeError, ValueError):
 
 
 def check_supported(hf_config) -> str:
+    """The LM's family class name, or an error listing the supported ones."""
     arch = (getattr(hf_config, "architectures", None) or [None])[0] or type(hf_config).__name__
-    family = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-              "qwen3": "Qwen3ForCausalLM"}.get(getattr(hf_config, "model_type", None))
+    family = FAMILIES.get(getattr(hf_config, "model_type", None))
     if family is None:
         raise LMRouteError(f"the LM's class {arch} (model_type {getattr(hf_config, 'model_type', None)!r}) is not "
                            f"supported as text experts; supported families: {', '.join(SUPPORTED_LMS)}")
@@ -465,3 +468,14 @@ def new_token_spellings(tok, base) -> tuple[list[list[int] | None], list[float |
         spellings.append(ids)
         centres.append(centre)
     return spellings, centres
+
+
+def build_lm_vlm(lm_path: str, tok, dtype: str | None = None, **vlm_config) -> LMGroundingVLM:
+    """The LM route's model: the LM by id or path as text experts, the new tokens of `tok` (the LM's
+    tokenizer extended by GroundingTokenizer) initialised from the LM; `vlm_config`: VLMConfig's other
+    fields (vision, max_text_len, mask_head, ...)."""
+    lm, base = load_lm(lm_path, dtype), lm_tokenizer(lm_path)
+    model = LMGroundingVLM(VLMConfig(**vlm_config, vocab_size=tok.vocab_size, text="lm", lm=lm.config.to_dict(),
+                                     lm_vocab=len(base)), lm)
+    model.text.init_new_tokens(*new_token_spellings(tok, base))
+    return model

@@ -35,14 +35,11 @@ def run_decode_perf(vision: str = "moe-cpu-small", expressions: int = 64, batch:
     texts = [" ".join(rng.choice(lexicon) for _ in range(words)) for _ in range(expressions)]
     torch.manual_seed(seed)
     if lm:
-        from .lm import LMGroundingVLM, lm_tokenizer, load_lm, new_token_spellings
+        from .lm import build_lm_vlm, lm_tokenizer
 
         tok = GroundingTokenizer(lm_tokenizer(lm), bins=bins)
         prompts = [tok.encode_prompt(t) for t in texts]
-        hf, base = load_lm(lm), lm_tokenizer(lm)
-        model = LMGroundingVLM(VLMConfig(vision=vision, vocab_size=tok.vocab_size, max_text_len=max(map(len, prompts)) + 5,
-                                         text="lm", lm=hf.config.to_dict(), lm_vocab=len(base)), hf)
-        model.text.init_new_tokens(*new_token_spellings(tok, base))
+        model = build_lm_vlm(lm, tok, vision=vision, max_text_len=max(map(len, prompts)) + 5)
     else:
         tok = GroundingTokenizer(train_tokenizer(texts * 4, vocab_size=400), bins=bins)
         prompts = [tok.encode_prompt(t) for t in texts]

@@ -104,21 +104,18 @@ def build_model(cfg: dict, tok):
             raise ValueError("model.vision='from_init' needs a student init; for init.kind='scratch' give the "
                              "vision architecture (a student config name such as 'moe-cpu-small', or a dict)")
         vision = source[0]
-    common = dict(vision=vision, vocab_size=tok.vocab_size, text_ffn_dim=int(cfg["model"]["text_ffn_dim"]),
+    common = dict(vision=vision, text_ffn_dim=int(cfg["model"]["text_ffn_dim"]),
                   max_text_len=int(cfg["model"]["max_text_len"]), mask_head=float(cfg["mask"]["weight"]) > 0)
     report = {"kind": init["kind"], "path": init.get("path")}
     if cfg["lm"]["path"]:
-        from .lm import LMGroundingVLM, lm_tokenizer, load_lm, new_token_spellings
+        from .lm import build_lm_vlm, check_supported
 
-        lm = load_lm(cfg["lm"]["path"], cfg["lm"]["dtype"])
-        base = lm_tokenizer(cfg["lm"]["path"])
-        model = LMGroundingVLM(VLMConfig(**common, text="lm", lm=lm.config.to_dict(), lm_vocab=len(base)), lm)
-        model.text.init_new_tokens(*new_token_spellings(tok, base))
+        model = build_lm_vlm(cfg["lm"]["path"], tok, cfg["lm"]["dtype"], **common)
         model.text.gradient_checkpointing = bool(cfg["lm"]["gradient_checkpointing"])
-        report["lm"] = {"path": cfg["lm"]["path"], "class": type(lm).__name__, "lm_vocab": len(base),
-                        "new_tokens": tok.vocab_size - len(base)}
+        report["lm"] = {"path": cfg["lm"]["path"], "class": check_supported(model.text.hf_config),
+                        "lm_vocab": model.config.lm_vocab, "new_tokens": tok.vocab_size - model.config.lm_vocab}
     else:
-        model = GroundingVLM(VLMConfig(**common))
+        model = GroundingVLM(VLMConfig(**common, vocab_size=tok.vocab_size))
     if source is not None:
         report.update(load_vision_experts(model, source[1]))
         report["copied"] = len(report["copied"])
