@@ -523,14 +523,3 @@ def embed_images(emb: VisionEmbed, images: Sequence[torch.Tensor]):
         y[cursor + P: cursor + n], xc[cursor + P: cursor + n] = gy, gx
         cursor += n
     return xi, img_lens, grids, y, xc
-
-
-def build_vlm(config: "VLMConfig | Mapping", lm=None) -> nn.Module:
-    """The grounding VLM of a config: text experts from scratch (`GroundingVLM`) or from a pretrained
-    LM (`grounding_vlm.lm.LMGroundingVLM`; `lm`: the loaded LM whose weights it takes, else the
-    architecture alone, for loading a run's checkpoint)."""
-    cfg = config if isinstance(config, VLMConfig) else VLMConfig.from_dict(config)
-    if cfg.text == "lm":
-        from .lm import LMGroundingVLM
-        return LMGroundingVLM(cfg, lm)
-    return GroundingVLM(cfg)

@@ -40,7 +40,7 @@ from .data import (ImageCache, build_tokenizer, check_text_lengths, encode_batch
 from .gram import gram_anchoring_loss, gram_weight
 from .mask import mask_loss
 from .init import anchor_student, load_student_source, load_vision_experts
-from .model import GroundingVLM, VLMConfig, build_vlm
+from .model import GroundingVLM, VLMConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULTS: dict[str, Any] = {
@@ -391,6 +391,15 @@ def load_run_config(run_dir: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise NotARunError(f"{path} is not valid JSON ({e}); the run folder is damaged") from None
+
+
+def build_vlm(config: VLMConfig) -> torch.nn.Module:
+    """The grounding VLM of a saved config, weights not loaded: the scratch text side (`GroundingVLM`) or
+    a pretrained LM's (`LMGroundingVLM`, its architecture from the config alone)."""
+    if config.text == "lm":
+        from .lm import LMGroundingVLM
+        return LMGroundingVLM(config)
+    return GroundingVLM(config)
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
