@@ -43,7 +43,7 @@ from distill.student.model import TransformerBlock
 from distill.student.rope import rotation_angles
 
 from .mask import MaskHead
-from .model import (KVCache, VisionEmbed, VLMConfig, VLMOutput, check_texts, check_token_ids, embed_images,
+from .model import (GroundingVLM, KVCache, VisionEmbed, VLMConfig, VLMOutput, check_texts, check_token_ids, embed_images,
                     init_vision_like_student, vision_parameters)
 
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -271,7 +271,9 @@ class LMTextExperts(nn.Module):
     def forward(self, ids: torch.Tensor, text_lens: Sequence[int], vision_states: list[torch.Tensor] | None,
                 img_lens: Sequence[int], image_pos: torch.Tensor | None = None, keep: list | None = None) -> torch.Tensor:
         """ids (B, T) padded; vision_states: per vision layer (Ni, Dv) packed image states (None: no
-        image), image_pos their `box_frame_features`. Returns the final (un-normed) text states (B, T, H)."""
+        image), image_pos their `box_frame_features`. Returns the final (un-normed) text states (B, T, H).
+        `keep` collects, per layer, the keys and values in `KVCache.from_prefill`'s layout: the image
+        tokens' (bridged) then the text tokens', each packed over the samples."""
         B, T = ids.shape
         device = ids.device
         x = self.embed(ids)
@@ -289,12 +291,17 @@ class LMTextExperts(nn.Module):
                 k_img, v_img = self.image_kv(j, vision_states, image_pos)
                 img_k, img_v = _pad_per_sample(k_img, img_lens, N), _pad_per_sample(v_img, img_lens, N)
             else:
-                img_k = x.new_zeros(B, 0, self.n_kv, self.head_dim)
-                img_v = img_k
+                k_img = v_img = x.new_zeros(0, self.n_kv, self.head_dim)
+                img_k = img_v = x.new_zeros(B, 0, self.n_kv, self.head_dim)
             if self.gradient_checkpointing and self.training and keep is None:
                 x = checkpoint(self.layers[j], x, cos, sin, img_k, img_v, mask, use_reentrant=False)
-            else:
-                x = self.layers[j](x, cos, sin, img_k, img_v, mask, keep)
+                continue
+            text_kv = [] if keep is not None else None
+            x = self.layers[j](x, cos, sin, img_k, img_v, mask, text_kv)
+            if keep is not None:
+                (k, v), = text_kv
+                keep.append(tuple(torch.cat([im.to(t.dtype)] + [t[b, :n] for b, n in enumerate(text_lens)])
+                                  for im, t in ((k_img, k), (v_img, v))))
         return x
 
     def decode(self, token_ids: torch.Tensor, cache) -> torch.Tensor:
@@ -347,7 +354,6 @@ class LMGroundingVLM(nn.Module):
         lm = lm if lm is not None else lm_from_config(cfg.lm)
         self.text = LMTextExperts(lm, vc, cfg.lm_vocab, cfg.vocab_size - cfg.lm_vocab, cfg.max_text_len)
         self.mask_head = MaskHead(vc.dim, lm.config.hidden_size) if cfg.mask_head else None
-        self.attention = "samples"     # the interface's switch; the text side has one path
 
     # ------------------------------------------------------------------ parameter groups
     def vision_parameters(self) -> list[nn.Parameter]:
@@ -400,14 +406,7 @@ class LMGroundingVLM(nn.Module):
         per_states = [zt[b, :n] for b, n in enumerate(txt_lens)]
         cache = None
         if cache_room:
-            # the cache's layout: per layer, the image keys (bridged, flat) then the text keys (flat)
-            flat = []
-            for j, (k, v) in enumerate(kept):
-                ki, vi = self.text.image_kv(j, states, pos)
-                kt = torch.cat([k[b, :n] for b, n in enumerate(txt_lens)])
-                vt = torch.cat([v[b, :n] for b, n in enumerate(txt_lens)])
-                flat.append((torch.cat([ki.to(kt.dtype), kt]), torch.cat([vi.to(vt.dtype), vt])))
-            cache = KVCache.from_prefill(flat, img_lens, txt_lens, cache_room)
+            cache = KVCache.from_prefill(kept, img_lens, txt_lens, cache_room)
         split = list(self.vision_norm(states[-1]).split(img_lens)) if image_states or mask_at is not None else []
         out = VLMOutput(logits=per_logits, patch_features=[s[P:] for s in split], image_states=split, grids=grids,
                         cache=cache, text_states=per_states)
@@ -415,11 +414,7 @@ class LMGroundingVLM(nn.Module):
             out.masks = self.mask_logits(out, mask_at)
         return out
 
-    def mask_logits(self, out, prompt_lens: Sequence[int]) -> list[torch.Tensor]:
-        if self.mask_head is None:
-            raise ValueError("this grounding model has no mask head; train it with mask.weight > 0")
-        return [self.mask_head(pf, g, ts[n - 1].to(pf.dtype))
-                for pf, g, ts, n in zip(out.patch_features, out.grids, out.text_states, prompt_lens)]
+    mask_logits = GroundingVLM.mask_logits      # the same head call on the same output fields
 
     @torch.no_grad()
     def decode_step(self, cache, token_ids: torch.Tensor) -> torch.Tensor:

@@ -412,7 +412,7 @@ class GroundingVLM(nn.Module):
         its last prompt token (<sep>: causal, so it has not seen the box tokens)."""
         if self.mask_head is None:
             raise ValueError("this grounding model has no mask head; train it with mask.weight > 0")
-        return [self.mask_head(pf, g, ts[n - 1])
+        return [self.mask_head(pf, g, ts[n - 1].to(pf.dtype))
                 for pf, g, ts, n in zip(out.patch_features, out.grids, out.text_states, prompt_lens)]
 
     @torch.no_grad()

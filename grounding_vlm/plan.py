@@ -53,8 +53,9 @@ def _lm_config(path: str, bins: int) -> tuple[dict, int, int]:
         from .lm import lm_tokenizer
         from .tokenizer import GroundingTokenizer
 
-        n = len(lm_tokenizer(str(folder)))
-        return json.loads((folder / "config.json").read_text()), n, GroundingTokenizer(lm_tokenizer(str(folder)), bins).vocab_size - n
+        tok = lm_tokenizer(str(folder))
+        n = len(tok)                                   # before GroundingTokenizer extends it
+        return json.loads((folder / "config.json").read_text()), n, GroundingTokenizer(tok, bins).vocab_size - n
     if path in PAPER_LMS:
         config, n, missing = PAPER_LMS[path]
         return copy.deepcopy(config), n, bins + missing
