@@ -75,3 +75,40 @@ def all_reduce_sum(values: dict[str, float | torch.Tensor], device) -> dict[str,
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather forward; backward: the sum over ranks of the gathered rows' gradients, this rank's
+    slice (all_reduce, which gloo has, rather than reduce_scatter, which it lacks)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows = slice(dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rows]
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` concatenated along dim 0 in rank order, differentiably: the backward pass
+    returns each rank the gradient of all ranks' losses with respect to its own rows (the
+    all-gather that contrastive losses need so that a rank's rows meet the whole global batch).
+    On one process: `x` itself. Every rank must pass the same shape."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    return _GatherRows.apply(x)
+
+
+def all_reduce_tensor(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """A copy of `x` SUM- or MEAN-reduced over ranks (no gradient); `x` itself on one process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    out = x.detach().clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size() if op == "mean" else out

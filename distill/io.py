@@ -50,6 +50,46 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def staging_folder(target: str | os.PathLike, identity: dict | None = None, writer: str | None = None) -> Path:
+    """The work folder in which the folder `target` is built: beside it, hidden and named so that it
+    never looks complete (`.NAME.partial`, or `.NAME.WRITER.partial`); `publish_folder` moves it into
+    place. With `identity` (what is being built: seed, sizes, version) a work folder left by a killed
+    writer of the same identity is kept, so the caller can reuse what it finished; any other is
+    removed. Without, it starts empty, and work folders of earlier writers are removed. The caller
+    holds `target`'s lock, so no other writer is alive."""
+    import shutil
+
+    target = Path(target)
+    work = target.parent / f".{target.name}.{writer}.partial" if writer else target.parent / f".{target.name}.partial"
+    stamp = work.with_name(work.name + ".json")     # beside the work folder: its content stays the target's
+    if identity is not None and work.is_dir():
+        try:
+            if json.loads(stamp.read_text()) == json.loads(json.dumps(identity)):
+                return work
+        except (OSError, ValueError):
+            pass
+    for stale in target.parent.glob(f".{target.name}.*partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in target.parent.glob(f".{target.name}.*partial.json"):
+        stale.unlink()
+    work.mkdir(parents=True)
+    if identity is not None:
+        write_json_atomic(stamp, identity)
+    return work
+
+
+def publish_folder(work: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the finished work folder of `staging_folder` into place with one rename, replacing an older
+    `target` (a reader sees the old folder or the new one, never a mix)."""
+    import shutil
+
+    work, target = Path(work), Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(work, target)
+    work.with_name(work.name + ".json").unlink(missing_ok=True)
+
+
 def save_tensors_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                         metadata: dict[str, str] | None = None) -> None:
     """safetensors needs contiguous, non-shared tensors; clone what is shared."""

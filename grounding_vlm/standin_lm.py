@@ -7,7 +7,7 @@ the mini-world with the same classes.
 
 Only the pool's captions (a training split) are read, never the refer expressions. A seeded tenth
 of them is held out: the log reports their loss before and after training, the evidence that the
-model learned the captions' language. The folder is trained under `OUT.partial` and renamed into
+model learned the captions' language. The folder is trained under `.OUT.partial` (`distill.io.staging_folder`) and renamed into
 place with `COMPLETE.json` written last; a complete folder of the same settings and world is kept.
 """
 from __future__ import annotations
@@ -16,13 +16,12 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from distill.io import fingerprint, lock_run_folder, write_json_atomic
+from distill.io import fingerprint, lock_run_folder, publish_folder, staging_folder, write_json_atomic
 
 SETTINGS = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2, "vocab_size": 512, "max_length": 48, "steps": 300, "batch_size": 32,
@@ -121,8 +120,7 @@ def pretrain_standin_lm(world: str | os.PathLike, out: str | os.PathLike, settin
         model.eval()
         after = _loss(model, tok, val, s["max_length"], s["batch_size"])
         require_finite(model.state_dict(), "the stand-in LM")
-        partial = out.with_name(out.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        partial = staging_folder(out)
         model.save_pretrained(partial)
         tok.save_pretrained(partial)
         probe = _batch(tok, val[:2], s["max_length"])
@@ -138,9 +136,7 @@ def pretrain_standin_lm(world: str | os.PathLike, out: str | os.PathLike, settin
                "params": sum(p.numel() for p in model.parameters()), "seconds": round(time.perf_counter() - t0, 2)}
         write_json_atomic(partial / "train_log.json", log)
         write_json_atomic(partial / MARKER, {"fingerprint": fp})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(partial, out)
+        publish_folder(partial, out)
         return log
     finally:
         lock.release()

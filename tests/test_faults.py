@@ -511,3 +511,29 @@ def test_the_teachers_skip_and_count_an_unreadable_training_image(tmp_path, caps
     pairs = data.pairs(use_pool=False)
     assert len(pairs) == 5 and [Path(f).name for f in data.unreadable] == ["1.jpg"]
     assert "1 unreadable image(s) skipped" in capsys.readouterr().err
+
+
+def test_one_staging_rule_for_every_folder_writer(tmp_path):
+    """`distill.io.staging_folder` / `publish_folder` (world generation, the teachers, the stand-in LM):
+    work happens in a hidden `.NAME[.WRITER].partial` beside the target; a killed writer's work is
+    reused only for the same identity; publishing is one rename that replaces an older target."""
+    from distill.io import publish_folder, staging_folder
+
+    target = tmp_path / "world"
+    work = staging_folder(target, {"seed": 1})
+    assert work == tmp_path / ".world.partial" and not target.exists()
+    (work / "part-a").write_text("done")
+    again = staging_folder(target, {"seed": 1})                 # killed, restarted with the same identity
+    assert again == work and (again / "part-a").read_text() == "done"
+    other = staging_folder(target, {"seed": 2})                 # another identity: start over
+    assert other == work and not (other / "part-a").exists()
+    (other / "world.json").write_text("{}")
+    target.mkdir()
+    (target / "old.txt").write_text("stale")
+    publish_folder(other, target)
+    assert sorted(p.name for p in target.iterdir()) == ["world.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]     # no work folder nor stamp left
+    # per-writer work folders: a dead writer's is removed when the next one starts
+    dead = staging_folder(tmp_path / "siglip2", writer="111-aa")
+    live = staging_folder(tmp_path / "siglip2", writer="222-bb")
+    assert live.name == ".siglip2.222-bb.partial" and not dead.exists()

@@ -338,7 +338,7 @@ def test_standin_lm_pretrains_on_pool_captions_in_hub_format(refer_world, tmp_pa
     assert len(caps) == 2 and all(isinstance(c, str) and c for c in caps)
     out = tmp_path / "lm"
     log = pretrain_standin_lm(refer_world, out, {"steps": 5, "warmup_steps": 1}, progress=False)
-    assert (out / "COMPLETE.json").is_file() and not (tmp_path / "lm.partial").exists()
+    assert (out / "COMPLETE.json").is_file() and not (tmp_path / ".lm.partial").exists()
     assert len(log["losses"]) == 5 and log["captions"] == {"train": 1, "held_out": 1}
     model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.vocab_size == len(tok)

@@ -238,3 +238,49 @@ def test_ceiling_reports_floors_and_supervised_ceilings(world, tmp_path, capsys)
     assert all(0.0 <= v <= 100.0 for v in values)
     assert main(["teachers", "ceiling", "--world", str(tmp_path / "nope")]) == 2
     assert "amoe world make" in capsys.readouterr().err
+
+
+def _teacher_rank(rank: int, port: int, world: str, out: str) -> None:
+    import os
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    train_teachers(world, out, fast=True, progress=False)
+
+
+@pytest.mark.distributed
+def test_two_ranks_train_the_teachers_one_process_trains(world, trained, tmp_path):
+    """Under torchrun each teacher trains data-parallel (DDP, half of every global batch per rank, the
+    contrastive losses gathering the other rank's rows, masked-patch means over the global count):
+    the weights and the logged losses are the single-process run's, and only rank 0 writes."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two"
+    mp.start_processes(_teacher_rank, args=(port, str(world), str(two)), nprocs=2, join=True, start_method="spawn")
+    one = trained[0]
+    assert teachers_complete(two)
+    for rel in ("siglip2/model.safetensors", "dinov3/model.safetensors", "dinov3/dinotxt/model.safetensors"):
+        a, b = load_file(one / rel), load_file(two / rel)
+        assert a.keys() == b.keys()
+        for k in a:   # Adam turns round-off-sized gradient differences into steps of up to lr (1e-3, 2e-3)
+            assert torch.allclose(a[k], b[k], atol=1e-3), (rel, k)
+    for name in ("siglip2", "dinov3"):
+        log1, log2 = (json.loads((d / name / "train_log.json").read_text()) for d in (one, two))
+        assert log2["ranks"] == 2 and log1["ranks"] == 1
+        assert log2["losses"] == pytest.approx(log1["losses"], rel=1e-3, abs=1e-4)
+    assert sorted(p.name for p in two.iterdir() if not p.name.endswith(".lock")) == ["dinov3", "siglip2"]
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_named():
+    from distill.distributed import DistInfo
+    from distill.teachers.common import Ranks
+
+    ranks = Ranks(DistInfo(rank=1, world_size=3))
+    assert ranks.block(12, "siglip2") == slice(4, 8)
+    with pytest.raises(TeacherError, match=r"batch_size 10 does not split over 3 ranks.*siglip2.batch_size"):
+        ranks.block(10, "siglip2")

@@ -1,6 +1,6 @@
 """Build a mini-world: plan every part, render in worker processes, write index files, then publish.
 
-Atomic and resumable: everything is written under `.<out>.partial/` beside the target; each finished
+Atomic and resumable: everything is written under `.<out>.partial/` beside the target (`distill.io.staging_folder`); each finished
 part leaves a `.done-<part>` marker (with its summary) so a re-run after a kill redoes only unfinished
 parts; `world.json` is written last and the folder is renamed into place. A folder without
 `world.json` is therefore never a finished world.
@@ -249,16 +249,9 @@ def make_world(out: str | os.PathLike, size: str | dict = "small", seed: int = 0
 
 
 def _build(out: Path, identity: dict, seed: int, cfg: dict, workers: int | None, progress: bool) -> dict:
-    tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
-        try:
-            same = json.loads((tmp / "partial.json").read_text()) == identity
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            shutil.rmtree(tmp)
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "partial.json").write_text(json.dumps(identity))
+    from distill.io import publish_folder, staging_folder
+
+    tmp = staging_folder(out, identity)   # a killed run of the same world resumes from its finished parts
 
     workers = workers or min(2, os.cpu_count() or 1)
     t_start = time.perf_counter()
@@ -285,7 +278,6 @@ def _build(out: Path, identity: dict, seed: int, cfg: dict, workers: int | None,
 
     for part in PART_ORDER:
         (tmp / f".done-{part}").unlink()
-    (tmp / "partial.json").unlink()
     summary = dict(identity)
     summary.update({
         "parts": part_summaries, "vocabulary": vocabulary(),
@@ -301,7 +293,5 @@ def _build(out: Path, identity: dict, seed: int, cfg: dict, workers: int | None,
     world_tmp = tmp / ".world.json.tmp"
     world_tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     world_tmp.replace(tmp / "world.json")
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    os.replace(tmp, out)
+    publish_folder(tmp, out)   # `out` is absent or empty (checked above)
     return summary

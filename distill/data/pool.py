@@ -99,7 +99,9 @@ class WebDatasetPool(IterableDataset):
 
     def _raw_samples(self) -> Iterator[dict]:
         import webdataset as wds
-        return iter(wds.WebDataset(self.shards, shardshuffle=False, empty_check=False))
+        # every shard on every rank (nodesplitter None): callers that split work over ranks do it
+        # themselves (the teachers keep one seeded sample stream on all ranks)
+        return iter(wds.WebDataset(self.shards, shardshuffle=False, empty_check=False, nodesplitter=None))
 
     def _skip(self, key: str, why: str) -> None:
         self.stats["corrupt"] += 1

@@ -9,6 +9,12 @@ Output, loadable exactly like hub models (offline):
     TEACHERS/dinov3/   DINOv3ViTModel + DINOv3ViTImageProcessor (ImageNet mean/std)
     TEACHERS/<name>/train_log.json, TEACHERS/<name>/COMPLETE.json (written last)
     TEACHERS/.<name>.run/checkpoints/   while training: the loop's checkpoints (removed when done)
+
+Under torchrun (`torchrun --nproc_per_node N -m amoe.cli teachers train ...`, CPU processes over
+gloo) each teacher trains data-parallel over the N ranks, one teacher after the other: every global
+batch is split into N blocks and the gradients averaged (DDP through `distill.train.parallelize`),
+with the contrastive losses gathering the other ranks' rows, so the run trains what one process
+trains (up to float reduction order). The global batch sizes must split evenly over N.
 """
 from __future__ import annotations
 
@@ -19,9 +25,11 @@ from pathlib import Path
 
 import torch
 
-from distill.io import lock_run_folder, write_json_atomic
+from distill.distributed import setup, teardown
+from distill.io import lock_run_folder, staging_folder, write_json_atomic
+from distill.train.checkpoint import writer_token
 
-from .common import (LOG, MARKER, TEACHERS, LoopCheckpoints, TeacherError, fresh_partial, finish_dir, is_complete, load_recipe,
+from .common import (LOG, MARKER, TEACHERS, LoopCheckpoints, Ranks, TeacherError, finish_dir, is_complete, load_recipe,
                      machine, teacher_fingerprint)
 from .data import WorldData, check_world
 
@@ -49,19 +57,21 @@ def train_teachers(world: str | os.PathLike, out: str | os.PathLike, fast: bool 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     todo = [n for n in names if not is_complete(out / n, teacher_fingerprint(n, recipe, world_id, seed))]
-    if recipe["parallel"] and len(todo) > 1:
+    ranks = Ranks(setup("cpu") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
+    if recipe["parallel"] and len(todo) > 1 and not ranks.distributed:
         return _train_parallel(world, out, names, todo, fast, seed, progress, overrides)
     threads_before = torch.get_num_threads()
     if recipe.get("threads"):
         torch.set_num_threads(int(recipe["threads"]))
     try:
-        return _train_serial(world, out, names, recipe, world_id, fast, seed, progress)
+        return _train_serial(world, out, names, recipe, world_id, fast, seed, progress and ranks.main, ranks)
     finally:
         torch.set_num_threads(threads_before)
+        teardown(ranks.info)
 
 
 def _train_serial(world, out: Path, names: list[str], recipe: dict, world_id: dict, fast: bool, seed: int,
-                  progress: bool) -> dict:
+                  progress: bool, ranks: Ranks) -> dict:
     data = WorldData(Path(world), progress=progress)
     report = {}
     for name in names:
@@ -70,19 +80,27 @@ def _train_serial(world, out: Path, names: list[str], recipe: dict, world_id: di
         if is_complete(final, fp):
             report[name] = {"status": "skipped (complete)"}
             continue
-        # one writer per teacher: a second `teachers train` on this folder is refused, not interleaved
-        lock = lock_run_folder(out, f"{name} teacher training", name=f".{name}.lock")
+        # one writer per teacher: a second `teachers train` on this folder is refused, not interleaved;
+        # under torchrun the main rank holds the lock and writes, the others compute with it
+        lock = lock_run_folder(out, f"{name} teacher training", name=f".{name}.lock") if ranks.main else None
         try:
-            report[name] = _train_one(data, name, recipe, partial=fresh_partial(out, name), final=final, fp=fp,
-                                      world=world, world_id=world_id, fast=fast, seed=seed, progress=progress)
+            writer = writer_token()   # names this writer's work folders (collective: every rank asks)
+            # a work folder of its own (one of a writer that died is removed: the lock says none is alive)
+            partial = staging_folder(final, writer=writer) if ranks.main else None
+            report[name] = _train_one(data, name, recipe, partial=partial, final=final, fp=fp, world=world,
+                                      world_id=world_id, fast=fast, seed=seed, progress=progress, ranks=ranks,
+                                      writer=writer)
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
+        ranks.barrier()   # every rank sees the finished teacher before the next one starts
     return report
 
 
-def _train_one(data, name: str, recipe: dict, partial: Path, final: Path, fp: str, world, world_id: dict,
-               fast: bool, seed: int, progress: bool) -> dict:
-    """Train teacher `name` into `partial`, log it, and move it into place (marker last)."""
+def _train_one(data, name: str, recipe: dict, partial: Path | None, final: Path, fp: str, world, world_id: dict,
+               fast: bool, seed: int, progress: bool, ranks: Ranks, writer: str) -> dict:
+    """Train teacher `name` into `partial`, log it, and move it into place (marker last); ranks other
+    than the main one (`partial` None) train alongside and write nothing."""
     t0, c0 = time.perf_counter(), time.process_time()
     if name == "siglip2":
         from . import siglip2 as trainer
@@ -90,9 +108,11 @@ def _train_one(data, name: str, recipe: dict, partial: Path, final: Path, fp: st
         from . import dinov3 as trainer
     run = final.parent / f".{name}.run"        # mid-training checkpoints: a killed teacher resumes from them
     info = trainer.train(data, recipe[name], partial, seed=seed, progress=progress,
-                         checkpoints=LoopCheckpoints(run, fp, recipe["checkpoint_every"]))
+                         checkpoints=LoopCheckpoints(run, fp, recipe["checkpoint_every"], ranks, writer), ranks=ranks)
+    if not ranks.main:
+        return info
     info.update({"teacher": name, "fast": fast, "seed": seed, "recipe": recipe[name], "world": str(world),
-                 "world_id": world_id, "machine": machine(), "wall_seconds": round(time.perf_counter() - t0, 2),
+                 "world_id": world_id, "machine": machine(), "ranks": ranks.world, "wall_seconds": round(time.perf_counter() - t0, 2),
                  "cpu_seconds": round(time.process_time() - c0, 2),  # honest under a shared CPU
                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     write_json_atomic(partial / LOG, info)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from distill.config import apply_overrides
@@ -13,7 +14,8 @@ from .common import TeacherError
 def register(subparsers) -> None:
     p = subparsers.add_parser("teachers", help="train the mini-world SigLIP2 and DINOv3 teachers; their budget's ceiling")
     sub = p.add_subparsers(dest="teachers_command", metavar="SUBCOMMAND")
-    t = sub.add_parser("train", help="train both teachers on a mini-world (resumable per teacher)")
+    t = sub.add_parser("train", help="train both teachers on a mini-world (resumable per teacher; "
+                                     "data-parallel under torchrun)")
     t.add_argument("--world", required=True, help="mini-world folder (made by `amoe world make`)")
     t.add_argument("--out", default="runs/teachers", help="output folder (default runs/teachers)")
     t.add_argument("--fast", action="store_true", help="the < 1 min smoke recipe (tests, quickstart --fast)")
@@ -45,6 +47,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TeacherError as e:
         print(f"amoe teachers train: error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")):   # under torchrun the main rank reports
+        return 0
     for name, info in report.items():
         status = info.get("status") or f"trained in {info['seconds']:.1f}s, final loss {info['losses'][-1]:.4f}"
         print(f"{name}: {status} -> {args.out}/{name}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -10,8 +11,9 @@ from pathlib import Path
 import torch
 
 from distill.config import merge
+from distill.distributed import DistInfo, all_reduce_tensor, barrier, gather_rows
 from distill.errors import AmoeError
-from distill.io import fingerprint, write_json_atomic
+from distill.io import fingerprint, publish_folder, write_json_atomic
 from distill.train.guard import StepGuard, optimizer_step as guarded_update
 
 RECIPES_FILE = Path(__file__).resolve().parent / "recipes.json"
@@ -55,28 +57,83 @@ def is_complete(d: str | os.PathLike, fp: str | None = None) -> bool:
 def finish_dir(partial: Path, final: Path, marker: dict) -> None:
     """Write the marker last inside `partial`, then move it into place (replacing a stale `final`)."""
     write_json_atomic(partial / MARKER, marker)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
-
-
-def fresh_partial(out: Path, name: str) -> Path:
-    """An empty work folder for teacher `name`, named for this writer (pid + random); work folders of
-    a writer that died are removed (the teacher's lock says no other writer is alive)."""
-    import secrets
-
-    for stale in out.glob(f".{name}.*partial"):
-        shutil.rmtree(stale, ignore_errors=True)
-    partial = out / f".{name}.{os.getpid()}-{secrets.token_hex(4)}.partial"
-    partial.mkdir(parents=True)
-    return partial
+    publish_folder(partial, final)
 
 
 def optimizer_step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, params, clip: float,
-                   guard: StepGuard, what: str) -> float:
-    """A teacher loop's update (`distill.train.guard.optimizer_step`), its abort naming the recipe."""
+                   guard: StepGuard, what: str, ranks: "Ranks | None" = None) -> float:
+    """A teacher loop's update (`distill.train.guard.optimizer_step`), its abort naming the recipe.
+    Under `ranks` the guard judges (and the log keeps) the global batch's loss, the same on every rank."""
+    value = None if ranks is None or not ranks.distributed else ranks.mean(loss)
     return guarded_update(opt, sched, loss, params, clip, guard, what,
-                          f"lower the learning rate in its teacher recipe ({RECIPES_FILE.name})")
+                          f"lower the learning rate in its teacher recipe ({RECIPES_FILE.name})", value=value)
+
+
+class StepForward(torch.nn.Module):
+    """A teacher step's whole forward (`fn(model, *inputs)`) as one module call: DDP syncs the
+    gradients of what runs inside a wrapped module's forward, and a loop that calls several towers
+    and heads (and reads a temperature) must do all of it there."""
+
+    def __init__(self, model: torch.nn.Module, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, *inputs):
+        return self.fn(self.model, *inputs)
+
+
+class Ranks:
+    """How a teacher loop splits its global batches over a torchrun group; on one process every
+    method is the identity, so a single-process run computes exactly what it did before.
+
+    Every rank draws the same sample order, crops and masks from the same seeded stream (so the run
+    is the single-process run, whatever the world size), keeps its contiguous block of each global
+    batch, and runs its forward through `distill.train.parallelize.data_parallel` (DDP, gradients
+    averaged). Losses that average over the batch then average to the global loss; contrastive losses
+    gather the other ranks' rows (`gather`); means over a count that differs per rank go through
+    `masked_mean`. Only the main rank writes (`main`)."""
+
+    def __init__(self, info: DistInfo | None = None):
+        self.info = info or DistInfo()
+        self.rank, self.world = self.info.rank, self.info.world_size
+        self.distributed, self.main = self.info.distributed, self.info.is_main
+
+    def block(self, batch: int, what: str) -> slice:
+        """This rank's rows of a global batch of `batch` rows (which must split evenly)."""
+        if batch % self.world:
+            raise TeacherError(f"{what}: batch_size {batch} does not split over {self.world} ranks; "
+                               f"set a batch size divisible by {self.world} (--set {what}.batch_size=...)")
+        n = batch // self.world
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        from distill.train.parallelize import data_parallel
+
+        return data_parallel(module, self.info, "ddp")
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_rows(x)
+
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean over ranks of a scalar (a loss averaged over equal blocks: the global batch's)."""
+        return float(all_reduce_tensor(value.detach().reshape(()), "mean"))
+
+    def mean0(self, x: torch.Tensor) -> torch.Tensor:
+        """The global batch's mean over dim 0 of `x` (equal blocks on every rank), no gradient."""
+        return all_reduce_tensor(x.mean(0), "mean")
+
+    def masked_mean(self, x: torch.Tensor, total: int, dim: int | None = None) -> torch.Tensor:
+        """Mean of `x` over the `total` rows that all ranks hold together (a rank's count varies, as
+        with masked patches). As a loss (dim None) it is scaled so that DDP's average of the ranks'
+        gradients is the global mean's gradient; with `dim` 0 it is the global mean itself (no grad)."""
+        if not self.distributed:
+            return x.mean() if dim is None else x.mean(dim)
+        if dim is None:
+            return x.sum() * self.world / (total * math.prod(x.shape[1:]))
+        return all_reduce_tensor(x.sum(0)) / total
+
+    def barrier(self) -> None:
+        barrier()
 
 
 class LoopCheckpoints:
@@ -88,12 +145,17 @@ class LoopCheckpoints:
     newest one and ends with the same weights as a run that was never stopped; one of other settings
     is discarded. `root` None turns it off."""
 
-    def __init__(self, root: Path | None, fp: str, every: int):
+    def __init__(self, root: Path | None, fp: str, every: int, ranks: "Ranks | None" = None,
+                 writer: str | None = None):
         self.root, self.fp, self.every = root, fp, max(1, int(every))
+        # under torchrun every rank restores and saves (the save is collective; the main rank writes)
+        self.ranks = ranks or Ranks()
+        self.writer = writer or f"{os.getpid()}"   # names its staging folders (under torchrun: writer_token())
 
     def sub(self, name: str) -> "LoopCheckpoints":
         """The checkpoints of a loop nested in this teacher's training (the dino.txt head)."""
-        return LoopCheckpoints(None if self.root is None else self.root / name, self.fp, self.every)
+        return LoopCheckpoints(None if self.root is None else self.root / name, self.fp, self.every, self.ranks,
+                               self.writer)
 
     def restore(self, parts: dict, opt, sched, guard: StepGuard, rng) -> tuple[int, dict]:
         """(steps done, loop state) after loading the newest checkpoint into `parts` (modules or
@@ -103,10 +165,12 @@ class LoopCheckpoints:
         latest = None if self.root is None else ckpt.latest_checkpoint(self.root)
         if latest is None:
             return 0, {}
-        state = ckpt.read_checkpoint(latest, rank=0)
+        state = ckpt.read_checkpoint(latest, rank=self.ranks.rank)
         trainer = state["trainer"]
         if trainer.get("fingerprint") != self.fp:        # another recipe, world or seed: start over
-            shutil.rmtree(self.root)
+            self.ranks.barrier()                         # (every rank has read it before it goes)
+            if self.ranks.main:
+                shutil.rmtree(self.root)
             return 0, {}
         for name, part in parts.items():
             if isinstance(part, torch.Tensor):
@@ -135,9 +199,10 @@ class LoopCheckpoints:
             else:
                 tensors.update({f"{name}.{k}": v for k, v in part.state_dict().items()})
         version, internal, gauss = rng.getstate()
-        ckpt.save_checkpoint(self.root, step, f"{os.getpid()}", tensors, opt.state_dict(), {
+        ckpt.save_checkpoint(self.root, step, self.writer, tensors, opt.state_dict(), {
             "step": step, "fingerprint": self.fp, "scheduler": sched.state_dict(), "guard": guard.state_dict(),
-            "loop_rng": [version, list(internal), gauss], "loop": loop}, keep=1)
+            "loop_rng": [version, list(internal), gauss], "loop": loop}, keep=1,
+            rank=self.ranks.rank, is_main=self.ranks.main)
 
 
 def machine() -> dict:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from distill.encoders.dinotxt import SUBFOLDER, MiniDinoTxt, contrastive_loss, save_mini_dinotxt
@@ -25,7 +26,7 @@ from distill.train.guard import StepGuard, require_finite
 from distill.train.schedule import warmup_cosine
 from distill.train.optim import build_adamw
 
-from .common import LoopCheckpoints, optimizer_step
+from .common import LoopCheckpoints, Ranks, StepForward, optimizer_step
 from .data import WorldData
 from .tokenizer import encode, train_tokenizer
 
@@ -43,10 +44,31 @@ def backbone_tokens(backbone, processor, images: list, batch: int = 64, progress
     return torch.cat(out)
 
 
+def _embed(model: MiniDinoTxt, tokens: torch.Tensor, ids: torch.Tensor):
+    h = model.visual_model.head(tokens)
+    # the temperature as an output (a copy), as in the SigLIP2 teacher's `_towers`
+    return torch.cat([h[:, 0], h[:, 1:].mean(1)], -1), model.encode_text(ids), model.logit_scale.clone()
+
+
+def sharded_contrastive_loss(img, txt, logit_scale, groups_local, groups_all, ranks: Ranks) -> torch.Tensor:
+    """`contrastive_loss` with the batch split over ranks: this rank's images against every rank's
+    texts and its texts against every rank's images (gathered), averaged over its own rows, so DDP's
+    average over ranks is the single-process loss of the global batch."""
+    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    scale = logit_scale.exp().clamp(max=100)
+    pos = (groups_local[:, None] == groups_all[None, :]).float()
+    target = pos / pos.sum(-1, keepdim=True)
+    return (-(target * F.log_softmax(scale * img @ ranks.gather(txt).t(), -1)).sum(-1).mean()
+            - (target * F.log_softmax(scale * txt @ ranks.gather(img).t(), -1)).sum(-1).mean()) / 2
+
+
 def train_dinotxt(data: WorldData, backbone, processor, r: dict, out_dir: Path, seed: int,
-                  progress: bool = True, checkpoints: LoopCheckpoints | None = None) -> dict:
-    """Train the head on the frozen `backbone`; write it to `out_dir/dinotxt/`; return its log."""
+                  progress: bool = True, checkpoints: LoopCheckpoints | None = None,
+                  ranks: Ranks | None = None) -> dict:
+    """Train the head on the frozen `backbone`; write it to `out_dir/dinotxt/` (main rank); return its
+    log. Under a torchrun group (`ranks`) each rank computes its block of every global batch."""
     t0 = time.perf_counter()
+    ranks = ranks or Ranks()
     rng = random.Random(seed)
     torch.manual_seed(seed)
     pairs = data.pairs(True, True, 1)
@@ -68,6 +90,8 @@ def train_dinotxt(data: WorldData, backbone, processor, r: dict, out_dir: Path, 
     parts = {"model": model}
     start, loop = checkpoints.restore(parts, opt, sched, guard, rng)
     bs = min(r["batch_size"], len(pairs))
+    mine = ranks.block(bs, "dinov3.dinotxt")
+    embed = ranks.wrap(StepForward(model, _embed))
     order: list[int] = loop.get("order", [])
     losses = loop.get("losses", [])
     for step in tqdm(range(start, r["steps"]), desc="dinotxt train", disable=not progress, leave=False,
@@ -75,14 +99,18 @@ def train_dinotxt(data: WorldData, backbone, processor, r: dict, out_dir: Path, 
         if len(order) < bs:
             order += rng.sample(range(len(pairs)), len(pairs))
         idx, order = order[:bs], order[bs:]
-        h = model.visual_model.head(tokens[idx].float())
-        img = torch.cat([h[:, 0], h[:, 1:].mean(1)], -1)
-        txt = model.encode_text(torch.stack([ids[token_row[rng.choice(pairs[i].captions)]] for i in idx]))
-        loss = contrastive_loss(img, txt, model.logit_scale, groups[idx])
-        losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0, guard, "dino.txt head"))
+        text = torch.stack([ids[token_row[rng.choice(pairs[i].captions)]] for i in idx])
+        local = idx[mine]
+        img, txt, logit_scale = embed(tokens[local].float(), text[mine])
+        if ranks.distributed:
+            loss = sharded_contrastive_loss(img, txt, logit_scale, groups[local], groups[idx], ranks)
+        else:
+            loss = contrastive_loss(img, txt, logit_scale, groups[idx])
+        losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0, guard, "dino.txt head", ranks))
         checkpoints.save(step + 1, r["steps"], parts, opt, sched, guard, rng, {"order": order, "losses": losses})
     model.eval()
     require_finite(model.state_dict(), "the dino.txt head")
-    save_mini_dinotxt(model, tokenizer, out_dir / SUBFOLDER)
+    if ranks.main:
+        save_mini_dinotxt(model, tokenizer, out_dir / SUBFOLDER)
     return {"steps": r["steps"], "batch_size": bs, "pairs": len(pairs), "losses": losses,
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -36,7 +36,7 @@ from distill.train.guard import StepGuard, require_finite
 from distill.train.schedule import warmup_cosine
 from distill.train.optim import build_adamw
 
-from .common import LoopCheckpoints, optimizer_step
+from .common import LoopCheckpoints, Ranks, StepForward, optimizer_step
 from .data import WorldData
 from .probe import check_roundtrip, probe_outputs
 
@@ -167,9 +167,28 @@ def random_masks(n: int, tokens: int, r: dict, rng: random.Random) -> torch.Tens
     return mask
 
 
+def _student_views(m: SSLModel, g_in: torch.Tensor, mask: torch.Tensor, l_in: torch.Tensor | None,
+                   masked: bool, dense: bool):
+    """Everything of one step the trained network computes: DINO logits of every view (global crops
+    first), and on the global crops' patches the iBOT logits and pixel predictions of the masked ones
+    (when any patch of the global batch is masked) and the dense shape / colour logits."""
+    s_cls, s_patch = m(g_in, mask)
+    views = [m.dino_head(s_cls)]
+    if l_in is not None:
+        l_cls, _ = m(l_in)
+        views.append(m.dino_head(l_cls))
+    ibot = m.ibot_head(s_patch[mask]) if masked else None
+    pixels = m.pixel_head(s_patch[mask]) if masked else None
+    dense_logits = (m.shape_head(s_patch), m.colour_head(s_patch)) if dense else None
+    return torch.cat(views), ibot, pixels, dense_logits
+
+
 def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = True,
-          checkpoints: LoopCheckpoints | None = None) -> dict:
+          checkpoints: LoopCheckpoints | None = None, ranks: Ranks | None = None) -> dict:
+    """Train the teacher (and its dino.txt head) and save it to `out_dir` (main rank); returns its log.
+    Under a torchrun group (`ranks`) each rank computes its block of every global batch (see `Ranks`)."""
     t0 = time.perf_counter()
+    ranks = ranks or Ranks()
     rng = random.Random(seed)
     torch.manual_seed(seed)
     vocab = dense_vocab(data)
@@ -189,6 +208,9 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     start, loop = checkpoints.restore(parts, opt, sched, guard, rng)
     p, g_tokens = r["patch_size"], (r["global_size"] // r["patch_size"]) ** 2
     bs = min(r["batch_size"], len(images))
+    mine = ranks.block(bs, "dinov3")
+    n = mine.stop - mine.start                                   # this rank's samples of a global batch
+    views = ranks.wrap(StepForward(student, _student_views))
     ts, tt = r["student_temp"], r["teacher_temp"]
     log = loop.get("log", {"loss": [], "dino": [], "ibot": [], "pixel": [], "dense": []})
     order: list[int] = loop.get("order", [])
@@ -197,63 +219,67 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
         if len(order) < bs:
             order += rng.sample(range(len(images)), len(images))
         idx, order = order[:bs], order[bs:]
+        # the whole global batch's crops and masks from the one seeded stream, then this rank's rows:
+        # crop v of sample i sits at row v * bs + i
         g_crops = [random_crop(images[i], r["global_size"], r["global_scale"], r, rng) for _ in range(2) for i in idx]
-        globals_ = torch.stack([c for c, _ in g_crops])                               # (2B, 3, g, g)
-        g_labels = torch.stack([lab for _, lab in g_crops]).flatten(2)                # (2B, 2, tokens)
-        locals_ = [random_crop(images[i], r["local_size"], r["local_scale"], r, rng)[0]
+        l_crops = [random_crop(images[i], r["local_size"], r["local_scale"], r, rng)[0]
                    for _ in range(r["local_crops"]) for i in idx]
-        g_in = normalise(globals_)
         mask = random_masks(2 * bs, g_tokens, r, rng)
+        masked_total = int(mask.sum())
+        g_rows = [v * bs + i for v in range(2) for i in range(mine.start, mine.stop)]
+        l_rows = [v * bs + i for v in range(r["local_crops"]) for i in range(mine.start, mine.stop)]
+        globals_ = torch.stack([g_crops[j][0] for j in g_rows])                       # (2n, 3, g, g)
+        g_labels = torch.stack([g_crops[j][1] for j in g_rows]).flatten(2)            # (2n, 2, tokens)
+        locals_ = [l_crops[j] for j in l_rows]
+        mask = mask[g_rows]
+        g_in = normalise(globals_)
 
         with torch.no_grad():
             t_cls, t_patch = teacher(g_in)
             t_cls_logits = teacher.dino_head(t_cls)
             t_cls_p = F.softmax((t_cls_logits - center_cls) / tt, dim=-1)
-            t_patch_logits = teacher.ibot_head(t_patch[mask]) if mask.any() else None
+            t_patch_logits = teacher.ibot_head(t_patch[mask]) if masked_total else None
 
-        s_cls, s_patch = student(g_in, mask)
-        s_views = [student.dino_head(s_cls)]
-        if locals_:
-            l_cls, _ = student(normalise(torch.stack(locals_)))
-            s_views.append(student.dino_head(l_cls))
-        s_all = torch.cat(s_views)                                                   # (2B + LB, K)
-        # DINO: every student view against each teacher global view except its own
-        t_views = t_cls_p.view(2, bs, -1)
+        s_all, s_ibot, s_pixels, dense_logits = views(g_in, mask, normalise(torch.stack(locals_)) if locals_ else None,
+                                                      masked_total > 0, bool(r["dense_weight"]))
+        # DINO: every student view (2n + Ln rows) against each teacher global view except its own
+        t_views = t_cls_p.view(2, n, -1)
         s_logp = F.log_softmax(s_all / ts, dim=-1)
-        n_views = s_all.shape[0] // bs
+        n_views = s_all.shape[0] // n
         dino, terms = 0.0, 0
         for tv in range(2):
             for sv in range(n_views):
                 if sv == tv:
                     continue
-                dino = dino + -(t_views[tv] * s_logp[sv * bs:(sv + 1) * bs]).sum(-1).mean()
+                dino = dino + -(t_views[tv] * s_logp[sv * n:(sv + 1) * n]).sum(-1).mean()
                 terms += 1
         dino = dino / terms
-        if t_patch_logits is not None:
+        if t_patch_logits is not None:    # means over the masked patches of the whole global batch
             t_patch_p = F.softmax((t_patch_logits - center_patch) / tt, dim=-1)
-            ibot = -(t_patch_p * F.log_softmax(student.ibot_head(s_patch[mask]) / ts, dim=-1)).sum(-1).mean()
+            ibot = ranks.masked_mean(-(t_patch_p * F.log_softmax(s_ibot / ts, dim=-1)).sum(-1), masked_total)
             target = patch_targets(globals_, p)[mask]
-            pixel = F.mse_loss(student.pixel_head(s_patch[mask]), target)
+            pixel = F.mse_loss(s_pixels, target) if not ranks.distributed else \
+                ranks.masked_mean((s_pixels - target) ** 2, masked_total)
         else:
             ibot = pixel = torch.zeros(())
-        if r["dense_weight"]:
-            dense = (F.cross_entropy(student.shape_head(s_patch).flatten(0, 1), g_labels[:, 0].flatten())
-                     + F.cross_entropy(student.colour_head(s_patch).flatten(0, 1), g_labels[:, 1].flatten())) / 2
+        if dense_logits is not None:
+            dense = (F.cross_entropy(dense_logits[0].flatten(0, 1), g_labels[:, 0].flatten())
+                     + F.cross_entropy(dense_logits[1].flatten(0, 1), g_labels[:, 1].flatten())) / 2
         else:
             dense = torch.zeros(())
         loss = (r["dino_weight"] * dino + r["ibot_weight"] * ibot + r["pixel_weight"] * pixel
                 + r["dense_weight"] * dense)
-        optimizer_step(opt, sched, loss, student.parameters(), 3.0, guard, "DINOv3 teacher")
+        optimizer_step(opt, sched, loss, student.parameters(), 3.0, guard, "DINOv3 teacher", ranks)
         with torch.no_grad():
             m = r["ema"][1] - (r["ema"][1] - r["ema"][0]) * (math.cos(math.pi * step / r["steps"]) + 1) / 2
             for ps, pt in zip(student.parameters(), teacher.parameters()):
                 pt.mul_(m).add_(ps.detach(), alpha=1 - m)
             cm = r["center_momentum"]
-            center_cls.mul_(cm).add_(t_cls_logits.mean(0), alpha=1 - cm)
+            center_cls.mul_(cm).add_(ranks.mean0(t_cls_logits), alpha=1 - cm)
             if t_patch_logits is not None:
-                center_patch.mul_(cm).add_(t_patch_logits.mean(0), alpha=1 - cm)
+                center_patch.mul_(cm).add_(ranks.masked_mean(t_patch_logits, masked_total, dim=0), alpha=1 - cm)
         for k, v in (("loss", loss), ("dino", dino), ("ibot", ibot), ("pixel", pixel), ("dense", dense)):
-            log[k].append(round(float(v.detach()) if torch.is_tensor(v) else float(v), 5))
+            log[k].append(round(ranks.mean(v) if torch.is_tensor(v) else float(v), 5))
         checkpoints.save(step + 1, r["steps"], parts, opt, sched, guard, rng, {"order": order, "log": log})
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", pix=f"{float(pixel.detach()):.3f}")
@@ -262,15 +288,16 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     backbone = (student if r["save"] == "student" else teacher).backbone.eval()
     probe = probe_outputs("dinov3", backbone, image_processor(r))
     require_finite(backbone.state_dict(), "the DINOv3 teacher")
-    backbone.save_pretrained(out_dir)
-    image_processor(r).save_pretrained(out_dir)
-    check_roundtrip(probe, probe_outputs("dinov3", DINOv3ViTModel.from_pretrained(out_dir),
-                                         DINOv3ViTImageProcessor.from_pretrained(out_dir)), str(out_dir))
+    if ranks.main:
+        backbone.save_pretrained(out_dir)
+        image_processor(r).save_pretrained(out_dir)
+        check_roundtrip(probe, probe_outputs("dinov3", DINOv3ViTModel.from_pretrained(out_dir),
+                                             DINOv3ViTImageProcessor.from_pretrained(out_dir)), str(out_dir))
     text = None
     if r["dinotxt"].get("enabled", True):  # the DINOv3 text branch (dino.txt) on the frozen, saved backbone
         from .dinotxt import train_dinotxt
         text = train_dinotxt(data, backbone, image_processor(r), r["dinotxt"], out_dir, seed, progress,
-                             checkpoints.sub("dinotxt"))
+                             checkpoints.sub("dinotxt"), ranks)
     return {"dinotxt": text, "probe": probe, "steps": r["steps"], "batch_size": bs, "images": len(images), "losses": log["loss"],
             "dino_losses": log["dino"], "ibot_losses": log["ibot"], "pixel_losses": log["pixel"], "dense_losses": log["dense"],
             "dense_vocab": {"shapes": vocab[0], "colours": vocab[1]},

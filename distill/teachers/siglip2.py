@@ -22,7 +22,7 @@ from distill.train.guard import StepGuard, require_finite
 from distill.train.schedule import warmup_cosine
 from distill.train.optim import build_adamw
 
-from .common import LoopCheckpoints, optimizer_step
+from .common import LoopCheckpoints, Ranks, StepForward, optimizer_step
 from .data import WorldData
 from .probe import check_roundtrip, probe_outputs
 from .tokenizer import encode, train_tokenizer
@@ -68,19 +68,34 @@ def preprocess_images(proc: Siglip2ImageProcessor, images: list, chunk: int = 12
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def sigmoid_loss(model: Siglip2Model, img: torch.Tensor, txt: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """SigLIP's pairwise sigmoid loss; pairs of one group (same class prompt) count as positives,
-    so duplicate classes in a batch are not pushed apart."""
-    img = F.normalize(img, dim=-1)
+def sigmoid_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                 txt_groups: torch.Tensor, img_groups: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss of this rank's texts against the images of the whole global
+    batch (gathered from every rank); pairs of one group (same class prompt) count as positives, so
+    duplicate classes in a batch are not pushed apart. Averaged over this rank's rows, so DDP's
+    average over ranks is the global batch's loss."""
+    img = ranks.gather(F.normalize(img, dim=-1))
     txt = F.normalize(txt, dim=-1)
-    logits = txt @ img.t() * model.logit_scale.exp() + model.logit_bias
-    labels = 2.0 * (groups[:, None] == groups[None, :]).float() - 1.0
+    logits = txt @ img.t() * scale.exp() + bias
+    labels = 2.0 * (txt_groups[:, None] == img_groups[None, :]).float() - 1.0
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
 
+def _towers(model: Siglip2Model, pixel_values, pixel_attention_mask, spatial_shapes, input_ids):
+    img = model.get_image_features(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
+                                   spatial_shapes=spatial_shapes)
+    txt = model.get_text_features(input_ids=input_ids)
+    # the temperature and bias as outputs of the forward (copies): DDP counts a parameter ready once per
+    # backward, and one read outside the wrapped forward would be counted again
+    return img.pooler_output, txt.pooler_output, model.logit_scale.clone(), model.logit_bias.clone()
+
+
 def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = True,
-          checkpoints: LoopCheckpoints | None = None) -> dict:
+          checkpoints: LoopCheckpoints | None = None, ranks: Ranks | None = None) -> dict:
+    """Train the teacher and save it to `out_dir` (main rank); returns its log. Under a torchrun group
+    (`ranks`) each rank computes its block of every global batch (see `Ranks`)."""
     t0 = time.perf_counter()
+    ranks = ranks or Ranks()
     rng = random.Random(seed)
     torch.manual_seed(seed)
     pairs = data.pairs(r["use_pool"], r["use_classification_train"], r["classification_repeat"])
@@ -104,18 +119,19 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     order: list[int] = loop.get("order", [])
     losses = loop.get("losses", [])
     bs = min(r["batch_size"], len(pairs))
+    mine = ranks.block(bs, "siglip2")
+    towers = ranks.wrap(StepForward(model, _towers))
     bar = tqdm(range(start, r["steps"]), desc="siglip2 train", disable=not progress, initial=start, total=r["steps"])
     for step in bar:
         if len(order) < bs:  # epochs without replacement
             order += rng.sample(range(len(pairs)), len(pairs))
         idx, order = order[:bs], order[bs:]
         ids = torch.stack([tokens[token_row[rng.choice(pairs[i].captions)]] for i in idx])
-        out_img = model.get_image_features(pixel_values=inputs["pixel_values"][idx].float(),
-                                           pixel_attention_mask=inputs["pixel_attention_mask"][idx],
-                                           spatial_shapes=inputs["spatial_shapes"][idx])
-        out_txt = model.get_text_features(input_ids=ids)
-        loss = sigmoid_loss(model, out_img.pooler_output, out_txt.pooler_output, groups[idx])
-        losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0, guard, "SigLIP2 teacher"))
+        local = idx[mine]
+        img, txt, scale, bias = towers(inputs["pixel_values"][local].float(), inputs["pixel_attention_mask"][local],
+                                       inputs["spatial_shapes"][local], ids[mine])
+        loss = sigmoid_loss(img, txt, scale, bias, groups[local], groups[idx], ranks)
+        losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0, guard, "SigLIP2 teacher", ranks))
         checkpoints.save(step + 1, r["steps"], parts, opt, sched, guard, rng, {"order": order, "losses": losses})
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -123,10 +139,11 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     processor = Siglip2Processor(image_processor=proc, tokenizer=tokenizer)
     probe = probe_outputs("siglip2", model, processor)
     require_finite(model.state_dict(), "the SigLIP2 teacher")
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    check_roundtrip(probe, probe_outputs("siglip2", Siglip2Model.from_pretrained(out_dir),
-                                         Siglip2Processor.from_pretrained(out_dir)), str(out_dir))
+    if ranks.main:
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+        check_roundtrip(probe, probe_outputs("siglip2", Siglip2Model.from_pretrained(out_dir),
+                                             Siglip2Processor.from_pretrained(out_dir)), str(out_dir))
     return {"probe": probe, "steps": r["steps"], "batch_size": bs, "pairs": len(pairs), "captions": len(corpus),
             "vocab_size": len(tokenizer), "losses": losses, "data_seconds": round(t_data, 2),
             "seconds": round(time.perf_counter() - t0, 2),

@@ -101,18 +101,20 @@ def guarded_step(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor
 
 
 def optimizer_step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, params, clip: float,
-                   guard: StepGuard, what: str, fix: str) -> float:
-    """One update of a single-process loop (the mini-world teachers, the stand-in LM): backward, then
-    the guarded step (clip the global grad norm; skip a non-finite step), the schedule on an applied
-    step, and an abort after too many skips in a row that says `fix`. Returns the loss."""
+                   guard: StepGuard, what: str, fix: str, value: float | None = None) -> float:
+    """One update of a small loop (the mini-world teachers, the stand-in LM): backward, then the
+    guarded step (clip the global grad norm; skip a non-finite step), the schedule on an applied
+    step, and an abort after too many skips in a row that says `fix`. Returns the loss, or `value`:
+    the loss of the whole global batch where `loss` is one DDP rank's share (so ranks agree)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    skipped, _ = guarded_step(opt, params, loss.item(), clip, guard)
+    value = loss.item() if value is None else value
+    skipped, _ = guarded_step(opt, params, value, clip, guard)
     if skipped is None:
         sched.step()
     elif guard.exhausted:
         raise TrainingAborted(f"{what}: {guard.in_a_row} skipped steps in a row ({skipped}); {fix}")
-    return round(loss.item(), 5)
+    return round(value, 5)
 
 
 def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
