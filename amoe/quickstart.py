@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from distill.io import write_json_atomic
+from distill.io import portable, write_json_atomic
 
 SETTINGS_FILE = Path(__file__).resolve().parent / "quickstart.json"
 
@@ -232,7 +232,7 @@ def _curation_ablation(r: Run) -> dict:
     sample_manifest(clusters, c["target"], manifests["curated"], seed=c.get("seed", 0))
     random_manifest(embeddings, c["target"], manifests["random"], seed=c.get("seed", 0))
     evidence = {k: evaluate_manifest(m, r.world / "pool") for k, m in manifests.items()}
-    write_json_atomic(r.curation / "evidence.json", evidence)
+    write_json_atomic(r.curation / "evidence.json", portable(evidence, r.curation))
     main = r.settings["distill"]["relational"]
     for k in SAMPLINGS:
         if not student_export_complete(r.data_student(k)):
@@ -377,7 +377,7 @@ def run_steps(run: Run, steps: list[Step] | None = None, only: list[str] | None 
         except BaseException as e:
             state["steps"][step.name] = {"status": "failed", "error": f"{type(e).__name__}: {e}",
                                          "seconds": round(time.perf_counter() - t0, 2)}
-            write_json_atomic(state_path, state)
+            write_json_atomic(state_path, portable(state, run.out))
             raise
         seconds = time.perf_counter() - t0
         if not step.done(run):
@@ -386,7 +386,7 @@ def run_steps(run: Run, steps: list[Step] | None = None, only: list[str] | None 
         state["steps"][step.name] = {"status": "done", "seconds": round(seconds, 2),
                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                      **({"info": info} if isinstance(info, dict) else {})}
-        write_json_atomic(state_path, state)
+        write_json_atomic(state_path, portable(state, run.out))
         run.log(f"{tag}: done in {seconds:.1f}s")
         report.append({"step": step.name, "status": "done", "seconds": round(seconds, 2)})
     run.log(f"quickstart: all steps complete in {time.perf_counter() - t_all:.1f}s; "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from distill.io import relative_spec
 from distill.results import load_results
 from benchmarks.suites import SuiteError, load_suite
 
@@ -24,21 +25,6 @@ REPORTED_CSV = Path(__file__).resolve().parent / "suites" / "reported.csv"
 TASK_ORDER = ("zeroshot", "knn", "retrieval", "segmentation")
 TASK_LABELS = {"zeroshot": "zero-shot", "knn": "kNN", "retrieval": "retrieval", "segmentation": "seg"}
 LABELS_FILE = "labels.json"   # optional [{"spec", "name"}, ...] beside the result JSONs (rows in that order)
-
-
-def relative_spec(spec: str, base: Path) -> str:
-    """An encoder spec whose path lies under `base` (the run folder), written relative to it, so no
-    table carries a path of the machine it was made on."""
-    body, q, query = spec.partition("?")
-    kind, sep, arg = body.partition(":")
-    if not sep or len(kind) == 1:  # a bare path (or a Windows drive letter)
-        kind, sep, arg = "", "", body
-    if arg and os.path.isabs(arg):
-        try:
-            arg = os.path.relpath(arg, base)
-        except ValueError:
-            pass
-    return f"{kind}{sep}{arg}{q}{query}"
 
 
 def read_labels(results_dir: str | os.PathLike) -> dict[str, str]:

@@ -50,6 +50,55 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def _split_spec(spec: str) -> tuple[str, str, str]:
+    """'kind:arg?query' -> (kind + ':', arg, '?' + query); a bare path (or a Windows drive letter) has no kind."""
+    body, q, query = spec.partition("?")
+    kind, sep, arg = body.partition(":")
+    if not sep or len(kind) == 1:
+        return "", body, q + query
+    return kind + sep, arg, q + query
+
+
+def relative_spec(spec: str, base: str | os.PathLike, existing: bool = False) -> str:
+    """A path or an encoder spec (`kind:PATH?query`) with its path written relative to `base`, so that
+    a file written in `base` carries no path of the machine it was made on and still finds its inputs
+    after the folder moves with them (`resolve_spec` reads it back). Absolute paths are rewritten; with
+    `existing`, exactly the paths that exist here (working-directory-relative ones too). Hub ids and
+    URLs stay as given."""
+    kind, arg, query = _split_spec(spec)
+    if not arg or "://" in spec:
+        return spec
+    if not (Path(arg).exists() if existing else os.path.isabs(arg)):
+        return spec
+    try:
+        rel = os.path.relpath(os.path.abspath(arg), os.path.abspath(os.path.expanduser(base)))
+    except ValueError:   # another drive
+        return spec
+    return f"{kind}{rel}{query}"
+
+
+def resolve_spec(spec: str, base: str | os.PathLike) -> str:
+    """`relative_spec` read back: a relative path that exists under `base` is made absolute; a path
+    relative to the working directory that does not exist there stays as given."""
+    kind, arg, query = _split_spec(spec)
+    if not arg or os.path.isabs(arg) or "://" in spec:
+        return spec
+    there = os.path.normpath(os.path.join(os.path.abspath(os.path.expanduser(base)), arg))
+    return f"{kind}{there}{query}" if os.path.exists(there) else spec
+
+
+def portable(obj: Any, base: str | os.PathLike) -> Any:
+    """A copy of the JSON-able `obj` with every absolute path in it (bare or inside an encoder spec)
+    written relative to `base`, the folder the file goes to: written records carry no absolute paths."""
+    if isinstance(obj, dict):
+        return {k: portable(v, base) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v, base) for v in obj]
+    if isinstance(obj, os.PathLike):
+        obj = os.fspath(obj)
+    return relative_spec(obj, base) if isinstance(obj, str) else obj
+
+
 def staging_folder(target: str | os.PathLike, identity: dict | None = None, writer: str | None = None) -> Path:
     """The work folder in which the folder `target` is built: beside it, hidden and named so that it
     never looks complete (`.NAME.partial`, or `.NAME.WRITER.partial`); `publish_folder` moves it into

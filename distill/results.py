@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from distill.errors import AmoeError
-from distill.io import atomic_path, file_sha256, fingerprint, write_json_atomic
+from distill.io import atomic_path, file_sha256, fingerprint, portable, write_json_atomic
 
 SCHEMA_VERSION = 3   # 2: the cell carries `limit` and `settings`; 3: optional `intervals` and per-item scores
 READABLE_VERSIONS = (2, 3)   # 3 only adds optional fields, so version-2 files still read
@@ -194,6 +194,9 @@ def write_result(out_dir: str | os.PathLike, record: dict, items: dict | None = 
     matches it."""
     validate(record)
     path = result_path(out_dir, Cell(**record["cell"]))
+    # paths relative to the results folder, except the cell's identity (the model as the sweep names it)
+    # (in place, as `items` below: the caller's record is the one written)
+    record.update({k: portable(v, out_dir) for k, v in record.items() if k not in ("cell", "model")})
     side = None
     if items:
         keys = {metric: f"m{i}" for i, metric in enumerate(sorted(items))}

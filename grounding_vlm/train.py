@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from distill.distributed import all_reduce_sum, barrier, setup, teardown
 from distill.errors import AmoeError
-from distill.io import fingerprint, write_json_atomic
+from distill.io import fingerprint, portable, resolve_spec, write_json_atomic
 from distill.student import update_expert_bias
 from distill.train import checkpoint as ckpt
 from distill.train.guard import StepGuard, TrainingAborted, guarded_step
@@ -257,9 +257,10 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
         if info.is_main:
             print(f"[amoe ground] resumed from {latest.name} (step {step})", flush=True)
     if info.is_main:   # only now: a refused resume leaves the run's files as they were
-        write_json_atomic(out / "config.json", cfg)
-        write_json_atomic(out / "vlm_config.json", model.config.to_dict())
-        write_json_atomic(out / "data_report.json", {"train": train_data.report(), "init": init_report})
+        # paths relative to the run folder (no path of this machine; `load_run_config` reads them back)
+        write_json_atomic(out / "config.json", portable(cfg, out))
+        write_json_atomic(out / "vlm_config.json", portable(model.config.to_dict(), out))
+        write_json_atomic(out / "data_report.json", portable({"train": train_data.report(), "init": init_report}, out))
         if train_data.missing_images:
             print(f"[amoe ground] {train_data.missing_images} of {train_data.refs} train refs skipped: image "
                   f"file missing (e.g. {train_data.missing_files[0]})", flush=True)
@@ -357,7 +358,7 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
                "train": {**train_data.report(), "unreadable_images": cache.unreadable_report(cfg["data"]["root"])[:20]},
                "init": init_report}
     if info.is_main:
-        write_json_atomic(out / "train_summary.json", summary)
+        write_json_atomic(out / "train_summary.json", portable(summary, out))
     return summary
 
 
@@ -381,6 +382,9 @@ class NotARunError(AmoeError, FileNotFoundError):
     """A folder given as a grounding run is not one (or has no finished checkpoint yet)."""
 
 
+RUN_PATHS = (("data", "root"), ("init", "path"), ("lm", "path"), ("tokenizer", "path"))
+
+
 def load_run_config(run_dir: str | Path) -> dict:
     """The config a run was trained with (RUN/config.json)."""
     path = Path(run_dir) / "config.json"
@@ -388,9 +392,13 @@ def load_run_config(run_dir: str | Path) -> dict:
         raise NotARunError(f"{run_dir} is not a grounding run (no config.json); train one with "
                            "`amoe ground train CONFIG --out DIR`")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise NotARunError(f"{path} is not valid JSON ({e}); the run folder is damaged") from None
+    for section, key in RUN_PATHS:   # written relative to the run folder
+        if isinstance(cfg.get(section, {}).get(key), str):
+            cfg[section][key] = resolve_spec(cfg[section][key], run_dir)
+    return cfg
 
 
 def build_vlm(config: VLMConfig) -> torch.nn.Module:

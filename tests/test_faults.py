@@ -280,16 +280,16 @@ def test_a_skip_caused_by_this_machine_is_retried_and_a_real_one_is_not(tmp_path
 def test_an_export_records_teacher_paths_that_resolve_from_anywhere(tmp_path, monkeypatch):
     """Reproduced: exports recorded the trainer's working-directory-relative teacher paths, so from
     another directory the text towers could not load."""
-    from distill.encoders.student import _resolve_spec, portable_spec
+    from distill.io import relative_spec, resolve_spec
 
     (tmp_path / "teachers" / "siglip2").mkdir(parents=True)
     (tmp_path / "runs" / "a" / "export").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    spec = portable_spec("siglip2:teachers/siglip2?x=1", tmp_path / "runs" / "a" / "export")
+    spec = relative_spec("siglip2:teachers/siglip2?x=1", tmp_path / "runs" / "a" / "export", existing=True)
     assert spec == "siglip2:../../../teachers/siglip2?x=1"
     monkeypatch.chdir(tmp_path / "runs")
-    assert _resolve_spec(spec, tmp_path / "runs" / "a" / "export") == f"siglip2:{tmp_path / 'teachers' / 'siglip2'}?x=1"
-    assert portable_spec("siglip2:google/siglip2-base", tmp_path) == "siglip2:google/siglip2-base"   # a hub id
+    assert resolve_spec(spec, tmp_path / "runs" / "a" / "export") == f"siglip2:{tmp_path / 'teachers' / 'siglip2'}?x=1"
+    assert relative_spec("siglip2:google/siglip2-base", tmp_path, existing=True) == "siglip2:google/siglip2-base"   # a hub id
 
 
 def test_events_are_truncated_on_resume_like_the_metrics(tmp_path):

@@ -236,7 +236,10 @@ def test_sweep_records_ok_skipped_failed_and_skips_finished(tmp_path):
     assert ok["status"] == "ok" and ok["metrics"]["a/top1"] == 100.0
     assert ok["dataset"]["sizes"] == {"train": 20, "test": 20} and ok["dataset"]["fingerprint"]
     assert ok["model"]["fingerprint"] == "fake0-seed0" and ok["task"]["version"] == "1"
-    assert ok["config"]["dataset_cfg"]["root"] == str(tmp_path / "data" / "colours")
+    # written relative to the results folder (no path of this machine), and it reads back
+    from distill.io import resolve_spec
+    assert not Path(ok["config"]["dataset_cfg"]["root"]).is_absolute()
+    assert resolve_spec(ok["config"]["dataset_cfg"]["root"], h.out_dir) == str(tmp_path / "data" / "colours")
     assert ok["timings"]["total_s"] >= ok["timings"]["features_s"] > 0
     skipped = results[("fake:0", "textonly_b", "colours")]
     assert skipped["status"] == "skipped" and "text tower 'b'" in skipped["reason"]

@@ -96,5 +96,20 @@ def test_fast_quickstart_runs_every_step_end_to_end(tmp_path):
     measured = [t for c in claims for t in c["tests"] if "difference" in t]
     assert len(measured) == sum(len(c["tests"]) for c in claims) and all(t["low"] <= t["difference"] <= t["high"] for t in measured)
     assert "± " in (run.leaderboard / "miniworld.md").read_text()
+    # records and tables carry no path of this machine (paths relative to the folder they are in); kept
+    # absolute: the feature cache (a machine-local store keyed by where the data is), the re-runnable
+    # sweep.json, and the model specs that are a result cell's identity (the sweep's names for them)
+    here = str(tmp_path)
+    for f in sorted(run.out.rglob("*")):
+        rel = f.relative_to(run.out)
+        if f.suffix not in (".json", ".jsonl", ".md", ".csv") or rel.parts[0] == "cache" or rel.name == "sweep.json":
+            continue
+        text = f.read_text()
+        if rel.parts[0] == "results":
+            record = json.loads(text)
+            if rel.name == "labels.json":
+                continue
+            text = json.dumps({k: v for k, v in record.items() if k not in ("cell", "model")})
+        assert here not in text, f"{rel} holds an absolute path"
     # a second run finds every step complete and does nothing
     assert all(r["status"] == "skipped" for r in run_steps(run))

@@ -119,7 +119,8 @@ def test_build_without_results_is_a_clear_error(tmp_path):
 
 
 def test_rows_get_display_names_and_no_machine_paths(tmp_path):
-    from benchmarks.leaderboard import LABELS_FILE, build, relative_spec
+    from benchmarks.leaderboard import LABELS_FILE, build
+    from distill.io import relative_spec
     results = tmp_path / "run" / "results"
     _write_paper_results(results)
     (results / LABELS_FILE).write_text(json.dumps([{"spec": "siglino:somewhere", "name": "B first"},

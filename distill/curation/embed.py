@@ -30,7 +30,7 @@ from distill.data.base import decode_rgb
 from distill.data.pool import sample_key, tar_members
 from distill.encoders.base import Encoder
 from distill.errors import AmoeError
-from distill.io import atomic_path, write_json_atomic
+from distill.io import atomic_path, portable, write_json_atomic
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 LIST_CHUNK = 1000          # images per unit when the pool is an image list
@@ -184,7 +184,7 @@ def embed_unit(encoder: Encoder, unit: Unit, out_dir: Path, head: str, resolutio
     record = {"unit": unit.name, "shard": unit.shard, "path": unit.path, "rows": len(keys), "dim": width,
               "keys": keys, "valid": valid.tolist(), "corrupt": int((~valid).sum())}
     # the done file is the commit point: written only after the rows above are flushed and renamed
-    write_json_atomic(out_dir / "units" / f"{unit.name}.done.json", record)
+    write_json_atomic(out_dir / "units" / f"{unit.name}.done.json", portable(record, out_dir / "units"))
     return record
 
 

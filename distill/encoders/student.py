@@ -37,7 +37,7 @@ from distill.encoders.common import (ModuleEncoder, as_bool, as_image_list, hub_
                                      pad_stack, require_remote_code)
 from distill.encoders.registry import register_loader
 from distill.features import Features
-from distill.io import load_tensors, save_tensors_atomic, write_json_atomic
+from distill.io import load_tensors, resolve_spec, save_tensors_atomic, write_json_atomic
 from distill.student import ImageProcessor, Student, get_config, load_official_checkpoint
 from distill.student.config import CONFIGS_FILE, known_configs
 from distill.student.processor import chw_to_patches
@@ -389,34 +389,6 @@ def export_random_student(path, config="tiny-moe", seed: int = 0, teachers=None,
     return save_student(model.state_dict(), cfg, path, metadata=meta)
 
 
-def portable_spec(spec: str, export_dir: str | os.PathLike) -> str:
-    """A teacher spec as an export should record it: a path that exists (relative to the working
-    directory or absolute) is written relative to the export directory, so the export loads its text
-    towers from any working directory and after the run folder moves (`_resolve_spec` reads it back)."""
-    body, q, query = spec.partition("?")
-    kind, sep, arg = body.partition(":")
-    if not sep:
-        kind, arg = "", body
-    if not arg or not Path(arg).exists():
-        return spec   # a hub id or a path that is not here: as given
-    rel = os.path.relpath(Path(arg).resolve(), Path(export_dir).expanduser().resolve())
-    return (f"{kind}:{rel}" if kind else rel) + (q + query)
-
-
-def _resolve_spec(spec: str, base: Path) -> str:
-    """A teacher spec whose path is relative to the export directory still resolves after a move."""
-    body, q, query = spec.partition("?")
-    kind, sep, arg = body.partition(":")
-    if not sep:
-        kind, arg = "", body
-    # relative paths are relative to the export directory (what export_random_student writes), so a
-    # whole run folder can move; the trainer's CWD-relative specs still work where they exist
-    if arg and not Path(arg).is_absolute() and (base / arg).exists():
-        arg = os.path.normpath(base / arg)
-        return (f"{kind}:{arg}" if kind else arg) + (q + query)
-    return spec
-
-
 # ====================================================================== loaders
 
 @register_loader("student", "our distilled SigLino student export (model.safetensors + config.json); heads "
@@ -449,7 +421,7 @@ def load_student(arg: str, phis_inverse=True, attention_backend: str = "auto", e
             loaded = {k: PhiS.load(path / rel) for k, rel in kinds.items() if k in PHIS_KINDS}
             if loaded:
                 phis[head] = loaded
-    teachers = {h: {"spec": _resolve_spec(t["spec"], path), "head": t.get("head", h)}
+    teachers = {h: {"spec": resolve_spec(t["spec"], path), "head": t.get("head", h)}
                 for h, t in (cfg.get("teachers") or {}).items() if t.get("spec")}
     load_txt, missing = _dinotxt_source(dinotxt, teachers.get("dinov3"), trust_remote_code, hub_load)
     return SiglinoEncoder(model, f"student:{path}", kind="student", phis=phis, teachers=teachers,

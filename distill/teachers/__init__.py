@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from distill.distributed import setup, teardown
-from distill.io import lock_run_folder, staging_folder, write_json_atomic
+from distill.io import lock_run_folder, portable, staging_folder, write_json_atomic
 from distill.train.checkpoint import writer_token
 
 from .common import (LOG, MARKER, TEACHERS, LoopCheckpoints, Ranks, TeacherError, finish_dir, is_complete, load_recipe,
@@ -115,7 +115,7 @@ def _train_one(data, name: str, recipe: dict, partial: Path | None, final: Path,
                  "world_id": world_id, "machine": machine(), "ranks": ranks.world, "wall_seconds": round(time.perf_counter() - t0, 2),
                  "cpu_seconds": round(time.process_time() - c0, 2),  # honest under a shared CPU
                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    write_json_atomic(partial / LOG, info)
+    write_json_atomic(partial / LOG, portable(info, final))   # paths relative to the teacher folder
     _write_metrics(partial, info)
     finish_dir(partial, final, {"teacher": name, "fingerprint": fp, "finished": info["finished"]})
     shutil.rmtree(run, ignore_errors=True)

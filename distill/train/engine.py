@@ -24,7 +24,7 @@ from torch import nn
 
 from distill import losses as L
 from distill.distributed import DistInfo, all_reduce_sum, barrier, setup, teardown
-from distill.io import fingerprint, write_json_atomic
+from distill.io import fingerprint, portable, write_json_atomic
 from distill.train import checkpoint as ckpt
 from distill.train.batching import SamplerStateError, TokenBalancedSampler
 from distill.train.checkpoint import ResumeRefused
@@ -121,7 +121,7 @@ class Distiller:
         if resume:
             self._maybe_resume()
         if self.info.is_main:   # only now: a refused resume leaves the run's config.json as it was
-            write_json_atomic(self.out / "config.json", self.cfg.to_json())
+            write_json_atomic(self.out / "config.json", portable(self.cfg.to_json(), self.out))
 
     # ------------------------------------------------------------------ construction
     def _build_data(self) -> None:

@@ -31,7 +31,7 @@ def _registry_saver():
 
 def export_student(trainer, export_dir: str | Path, state_dict: dict) -> Path:
     """Write the export; `state_dict` is the full (unsharded) student state from the trainer."""
-    from distill.encoders.student import portable_spec
+    from distill.io import relative_spec
 
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,7 @@ def export_student(trainer, export_dir: str | Path, state_dict: dict) -> Path:
                 s.save(f)
                 phis_files.setdefault(name, {})[kind] = f"phis/{f.name}"
     meta = {"format": FORMAT, "student_config": student.config.to_dict(),
-            "teachers": {t.name: {"spec": portable_spec(t.spec, export_dir), "head": t.head or t.name}
+            "teachers": {t.name: {"spec": relative_spec(t.spec, export_dir, existing=True), "head": t.head or t.name}
                          for t in trainer.cfg.teachers},
             "phis": phis_files, "phis_exclude_registers": list(trainer.cfg.phis.exclude_registers),
             "recipe": trainer.cfg.name, "step": trainer.step}
