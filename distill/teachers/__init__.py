@@ -82,7 +82,7 @@ def _train_serial(world, out: Path, names: list[str], recipe: dict, world_id: di
             continue
         # one writer per teacher: a second `teachers train` on this folder is refused, not interleaved;
         # under torchrun the main rank holds the lock and writes, the others compute with it
-        lock = lock_run_folder(out, f"{name} teacher training", name=f".{name}.lock") if ranks.main else None
+        lock = ranks.on_main(lambda: lock_run_folder(out, f"{name} teacher training", name=f".{name}.lock"))
         try:
             writer = writer_token()   # names this writer's work folders (collective: every rank asks)
             # a work folder of its own (one of a writer that died is removed: the lock says none is alive)

@@ -135,6 +135,25 @@ class Ranks:
     def barrier(self) -> None:
         barrier()
 
+    def on_main(self, fn):
+        """`fn()` on the main rank (None elsewhere); a user error it raises (a lock another writer
+        holds) is raised on every rank, so no rank is left waiting in a collective for the main one."""
+        error, result = None, None
+        if self.main:
+            try:
+                result = fn()
+            except AmoeError as e:
+                error = e
+        if self.distributed:
+            import torch.distributed as dist
+            said = [None if error is None else (type(error).__name__, str(error))]
+            dist.broadcast_object_list(said, src=0)
+            if said[0] is not None and error is None:
+                error = TeacherError(said[0][1])
+        if error is not None:
+            raise error
+        return result
+
 
 class LoopCheckpoints:
     """Mid-run resume of a teacher's training loop, in the shared checkpoint layout
