@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from distill.config import merge
-from distill.distributed import DistInfo, all_reduce_tensor, barrier, gather_rows
+from distill.distributed import DistInfo, all_reduce_tensor, barrier
 from distill.errors import AmoeError
 from distill.io import fingerprint, publish_folder, write_json_atomic
 from distill.train.guard import StepGuard, optimizer_step as guarded_update
@@ -90,7 +90,7 @@ class Ranks:
     is the single-process run, whatever the world size), keeps its contiguous block of each global
     batch, and runs its forward through `distill.train.parallelize.data_parallel` (DDP, gradients
     averaged). Losses that average over the batch then average to the global loss; contrastive losses
-    gather the other ranks' rows (`gather`); means over a count that differs per rank go through
+    gather the other ranks' rows (`distill.distributed.gather_rows`); means over a count that differs per rank go through
     `masked_mean`. Only the main rank writes (`main`)."""
 
     def __init__(self, info: DistInfo | None = None):
@@ -110,9 +110,6 @@ class Ranks:
         from distill.train.parallelize import data_parallel
 
         return data_parallel(module, self.info, "ddp")
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        return gather_rows(x)
 
     def mean(self, value: torch.Tensor) -> float:
         """The mean over ranks of a scalar (a loss averaged over equal blocks: the global batch's)."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from distill.encoders.dinotxt import SUBFOLDER, MiniDinoTxt, contrastive_loss, save_mini_dinotxt
+from distill.distributed import gather_rows
 from distill.train.guard import StepGuard, require_finite
 
 from distill.train.schedule import warmup_cosine
@@ -50,7 +51,7 @@ def _embed(model: MiniDinoTxt, tokens: torch.Tensor, ids: torch.Tensor):
     return torch.cat([h[:, 0], h[:, 1:].mean(1)], -1), model.encode_text(ids), model.logit_scale.clone()
 
 
-def sharded_contrastive_loss(img, txt, logit_scale, groups_local, groups_all, ranks: Ranks) -> torch.Tensor:
+def sharded_contrastive_loss(img, txt, logit_scale, groups_local, groups_all) -> torch.Tensor:
     """`contrastive_loss` with the batch split over ranks: this rank's images against every rank's
     texts and its texts against every rank's images (gathered), averaged over its own rows, so DDP's
     average over ranks is the single-process loss of the global batch."""
@@ -58,8 +59,8 @@ def sharded_contrastive_loss(img, txt, logit_scale, groups_local, groups_all, ra
     scale = logit_scale.exp().clamp(max=100)
     pos = (groups_local[:, None] == groups_all[None, :]).float()
     target = pos / pos.sum(-1, keepdim=True)
-    return (-(target * F.log_softmax(scale * img @ ranks.gather(txt).t(), -1)).sum(-1).mean()
-            - (target * F.log_softmax(scale * txt @ ranks.gather(img).t(), -1)).sum(-1).mean()) / 2
+    return (-(target * F.log_softmax(scale * img @ gather_rows(txt).t(), -1)).sum(-1).mean()
+            - (target * F.log_softmax(scale * txt @ gather_rows(img).t(), -1)).sum(-1).mean()) / 2
 
 
 def train_dinotxt(data: WorldData, backbone, processor, r: dict, out_dir: Path, seed: int,
@@ -103,7 +104,7 @@ def train_dinotxt(data: WorldData, backbone, processor, r: dict, out_dir: Path, 
         local = idx[mine]
         img, txt, logit_scale = embed(tokens[local].float(), text[mine])
         if ranks.distributed:
-            loss = sharded_contrastive_loss(img, txt, logit_scale, groups[local], groups[idx], ranks)
+            loss = sharded_contrastive_loss(img, txt, logit_scale, groups[local], groups[idx])
         else:
             loss = contrastive_loss(img, txt, logit_scale, groups[idx])
         losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0, guard, "dino.txt head", ranks))

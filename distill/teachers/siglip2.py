@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import (Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Siglip2Processor,
                           Siglip2TextConfig, Siglip2VisionConfig)
 
+from distill.distributed import gather_rows
 from distill.train.guard import StepGuard, require_finite
 
 from distill.train.schedule import warmup_cosine
@@ -69,12 +70,12 @@ def preprocess_images(proc: Siglip2ImageProcessor, images: list, chunk: int = 12
 
 
 def sigmoid_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                 txt_groups: torch.Tensor, img_groups: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+                 txt_groups: torch.Tensor, img_groups: torch.Tensor) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss of this rank's texts against the images of the whole global
     batch (gathered from every rank); pairs of one group (same class prompt) count as positives, so
     duplicate classes in a batch are not pushed apart. Averaged over this rank's rows, so DDP's
     average over ranks is the global batch's loss."""
-    img = ranks.gather(F.normalize(img, dim=-1))
+    img = gather_rows(F.normalize(img, dim=-1))
     txt = F.normalize(txt, dim=-1)
     logits = txt @ img.t() * scale.exp() + bias
     labels = 2.0 * (txt_groups[:, None] == img_groups[None, :]).float() - 1.0
@@ -130,7 +131,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
         local = idx[mine]
         img, txt, scale, bias = towers(inputs["pixel_values"][local].float(), inputs["pixel_attention_mask"][local],
                                        inputs["spatial_shapes"][local], ids[mine])
-        loss = sigmoid_loss(img, txt, scale, bias, groups[local], groups[idx], ranks)
+        loss = sigmoid_loss(img, txt, scale, bias, groups[local], groups[idx])
         losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0, guard, "SigLIP2 teacher", ranks))
         checkpoints.save(step + 1, r["steps"], parts, opt, sched, guard, rng, {"order": order, "losses": losses})
         if step % 10 == 0:
