@@ -18,9 +18,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from distill.errors import AmoeError
 from distill.io import portable, write_json_atomic
 
 SETTINGS_FILE = Path(__file__).resolve().parent / "quickstart.json"
+
+
+RELATIONAL_LABELS = {"arkd": "ARKD", "rkd": "RKD", "none": "no relational"}
+SAMPLINGS = ("curated", "random")   # the curation ablation's two pool samples of equal size
+SINGLE_TEACHERS = {"siglip2": "SigLIP2", "dinov3": "DINOv3"}   # students distilled from one teacher alone
+RAW_PIXELS = "pixels:24"   # the floor row: kNN on 24-px images, the segmentation probe on raw 16-px patches
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A student the pipeline distils: its folder under students/ (seed 0; seed s adds `-seedS`), its
+    leaderboard row, and what it changes in the main recipe."""
+
+    folder: str
+    label: str
+    relational: str
+    sampling: str | None = None               # the curation ablation's pool sample (curation/<sampling>.parquet)
+    overrides: tuple = ()                     # (dotted key, value) recipe overrides, e.g. padded batches
+    teacher: str | None = None                # distilled from this teacher alone (a grounding init)
 
 
 @dataclass
@@ -47,17 +67,9 @@ class Run:
     def students(self) -> Path:
         return self.out / "students"
 
-    def distilled(self, relational: str) -> Path:
-        """Export folder of the student distilled with relational term `relational`."""
-        return self.students / f"distilled-{relational}" / "export"
-
     @property
     def curation(self) -> Path:
         return self.out / "curation"
-
-    def data_student(self, sampling: str) -> Path:
-        """Export folder of the student distilled on the `curated` or `random` pool sample."""
-        return self.students / f"data-{sampling}" / "export"
 
     @property
     def grounding(self) -> Path:
@@ -65,8 +77,24 @@ class Run:
 
     @property
     def ablations(self) -> bool:
-        """Whether the ablation steps (relational terms, grounding inits) are part of this run."""
+        """Whether the ablation steps (relational terms, data, packing, grounding inits) are part of this run."""
         return bool(self.settings.get("ablations"))
+
+    @property
+    def seeds(self) -> int:
+        """Training seeds per ablation arm (seed 0 is the arm's plain folder); 1 without ablations."""
+        return max(1, int(self.settings.get("seeds", 1))) if self.ablations else 1
+
+    @property
+    def workers(self) -> int:
+        """Ablation arms trained side by side (distill.jobs: one torch thread each); `workers` in the
+        settings, default two on a machine with two cores or more."""
+        from distill.jobs import default_workers
+        return int(self.settings.get("workers") or default_workers(2))
+
+    def export(self, arm: Arm, seed: int = 0) -> Path:
+        """Export folder of `arm` distilled with training seed `seed`."""
+        return self.students / (arm.folder if seed == 0 else f"{arm.folder}-seed{seed}") / "export"
 
     def relational_variants(self) -> list[str]:
         """The main recipe's relational term first, then (with ablations) the ablation's other terms."""
@@ -74,10 +102,46 @@ class Run:
         extra = [k for k in d.get("ablation", []) if k != d["relational"]] if self.ablations else []
         return [d["relational"]] + extra
 
+    def relational_arm(self, relational: str) -> Arm:
+        return Arm(f"distilled-{relational}", f"student ({RELATIONAL_LABELS.get(relational, relational)})", relational)
+
+    @property
+    def main_arm(self) -> Arm:
+        return self.relational_arm(self.relational_variants()[0])
+
+    def distilled(self, relational: str) -> Path:
+        """Export folder of the (seed-0) student distilled with relational term `relational`."""
+        return self.export(self.relational_arm(relational))
+
+    def arms(self, step: str) -> list[Arm]:
+        """The arms an ablation step distils (`relational`, `curation`, `packing`, `single-teacher`)."""
+        main = self.main_arm.relational
+        if step == "relational":
+            return [self.relational_arm(k) for k in self.relational_variants()]
+        if step == "curation":
+            return [Arm(f"data-{k}", f"student ({k} data)", main, sampling=k) for k in SAMPLINGS]
+        if step == "packing":
+            return [Arm("distilled-padded", "student (padded batches)", main,
+                        overrides=tuple(sorted(self.settings["packing"]["overrides"].items())))]
+        if step == "single-teacher":
+            return [Arm(f"distilled-{t}-only", f"student ({name} only)", main, teacher=t)
+                    for t, name in SINGLE_TEACHERS.items()]
+        raise KeyError(step)
+
+    def benched(self) -> list[tuple[Arm, int]]:
+        """(arm, seed) of every distilled student the suite runs on: the main one, and with ablations every
+        seed of the relational, curation and packing arms (single-teacher students are grounding inits)."""
+        if not self.ablations:
+            return [(self.main_arm, 0)]
+        return [(a, s) for step in ("relational", "curation", "packing") for a in self.arms(step)
+                for s in range(self.seeds)]
+
+    def data_student(self, sampling: str) -> Path:
+        return self.export(self.arms("curation")[SAMPLINGS.index(sampling)])
+
     @property
     def padded_student(self) -> Path:
-        """The packing ablation's student: the main recipe with padded instead of packed batches."""
-        return self.out / "students" / "distilled-padded" / "export"
+        return self.export(self.arms("packing")[0])
 
     @property
     def results(self) -> Path:
@@ -93,27 +157,28 @@ class Run:
 
     def models(self) -> list[str]:
         """Every encoder the mini-world suite runs on: raw pixels (the floor), both teachers, the
-        random-init student and the distilled students (the main one and the relational-ablation variants)."""
+        random-init student and the distilled students (the main one, and with ablations every arm's seeds)."""
         return [RAW_PIXELS, f"siglip2:{self.teachers / 'siglip2'}", f"dinov3:{self.teachers / 'dinov3'}",
-                f"student:{self.random_student}"] + [f"student:{self.distilled(k)}"
-                                                     for k in self.relational_variants()] + \
-            ([f"student:{self.data_student(k)}" for k in SAMPLINGS] + [f"student:{self.padded_student}"]
-             if self.ablations else [])
+                f"student:{self.random_student}"] + [f"student:{self.export(a, s)}" for a, s in self.benched()]
 
-    def labels(self) -> dict[str, str]:
-        """Display names of the leaderboard rows (the specs stay in the CSVs)."""
-        relational = {"arkd": "ARKD", "rkd": "RKD", "none": "no relational"}
-        names = {RAW_PIXELS: "raw pixels", f"siglip2:{self.teachers / 'siglip2'}": "SigLIP2 teacher",
-                 f"dinov3:{self.teachers / 'dinov3'}": "DINOv3 teacher",
-                 f"student:{self.random_student}": "student (random init)"}
-        names.update({f"student:{self.distilled(k)}": f"student ({relational.get(k, k)})"
-                      for k in self.relational_variants()})
-        names.update({f"student:{self.data_student(k)}": f"student ({k} data)" for k in SAMPLINGS})
-        names[f"student:{self.padded_student}"] = "student (padded batches)"
-        names.update({f"grounding-vlm:miniworld-{k}": f"grounding ({k.replace('-', ' + ')})"
-                      for k in ("scratch", "student", "student-gram", "student-lm")})
-        names["grounding-baseline:constant-box"] = "grounding (constant box)"
-        return names
+    def labels(self) -> list[dict]:
+        """Leaderboard rows in order, {spec, name}, and for an arm's seed s > 0 also {arm, seed}: the
+        evidence page reads the seeds of an arm together (the specs stay in the CSVs)."""
+        from grounding_vlm.ablation import CONFIGS, arm_name, single_teacher_arm
+
+        def entry(spec: str, label: str, seed: int) -> dict:
+            return {"spec": spec, "name": label} if seed == 0 else \
+                {"spec": spec, "name": f"{label} · seed {seed}", "arm": label, "seed": seed}
+
+        rows = [entry(RAW_PIXELS, "raw pixels", 0), entry(f"siglip2:{self.teachers / 'siglip2'}", "SigLIP2 teacher", 0),
+                entry(f"dinov3:{self.teachers / 'dinov3'}", "DINOv3 teacher", 0),
+                entry(f"student:{self.random_student}", "student (random init)", 0)]
+        rows += [entry(f"student:{self.export(a, s)}", a.label, s) for a, s in self.benched()]
+        grounding = {c: f"grounding ({c.removeprefix('miniworld-').replace('-', ' + ')})" for c in CONFIGS}
+        grounding.update({single_teacher_arm(t): f"grounding ({name}-only student)" for t, name in SINGLE_TEACHERS.items()})
+        rows += [entry(f"grounding-vlm:{arm_name(run, s)}", label, s) for s in range(self.seeds)
+                 for run, label in grounding.items()]
+        return rows + [entry("grounding-baseline:constant-box", "grounding (constant box)", 0)]
 
     def sweep_config(self) -> dict:
         s = self.settings["sweep"]
@@ -131,6 +196,10 @@ class Step:
     run: Callable[[Run], object]
     requires: tuple[str, ...] = field(default_factory=tuple)
     ablation: bool = False      # runs only when the settings ask for ablations (`--ablations`)
+
+
+class SeedConfigMismatch(AmoeError, ValueError):
+    """A student folder of the run holds a run of another recipe than the one planned for it."""
 
 
 # ---------------------------------------------------------------- steps
@@ -170,50 +239,99 @@ def _export_random_student(r: Run) -> None:
     export_random_student(r.random_student, config=config, seed=int(s.get("seed", 0)), teachers=r.teachers)
 
 
-SAMPLINGS = ("curated", "random")   # the curation ablation's two pool samples of equal size
-RAW_PIXELS = "pixels:24"   # the floor row: kNN on 24-px images, the segmentation probe on raw 16-px patches
-
-
-def _distill_one(r: Run, relational: str, export: Path, manifest: Path | None = None,
-                 extra: dict | None = None) -> None:
-    from distill.train import run_distillation
+def _arm_config(r: Run, arm: Arm, seed: int):
+    """The recipe `arm` is distilled with at `seed`: the main recipe and its overrides, the arm's
+    relational term, pool sample, recipe overrides or single teacher, and the seed."""
     from distill.train.config import load_config
     d = r.settings["distill"]
+    export = r.export(arm, seed)
     overrides = {"world": str(r.world), "teachers_dir": str(r.teachers),
-                 "teachers.0.relational": relational, "teachers.1.relational": relational,
+                 "teachers.0.relational": arm.relational, "teachers.1.relational": arm.relational,
                  "name": f"{d['recipe']}-{export.parent.name}", **(d.get("overrides") or {})}
-    if manifest is not None:
-        overrides["data.sources.0.manifest"] = str(manifest)
-    overrides.update(extra or {})
+    if arm.sampling is not None:
+        overrides["data.sources.0.manifest"] = str(r.curation / f"{arm.sampling}.parquet")
+    overrides.update(dict(arm.overrides))
+    if seed:
+        overrides["seed"] = seed
     cfg = load_config(d["recipe"], overrides)
-    run_distillation(cfg.to_json(), export.parent)
+    if arm.teacher is not None:
+        # the student keeps both adapters (the release's layout), sized as the main student's; the other
+        # teacher's adapter is simply never trained
+        main = json.loads((r.export(r.main_arm) / "config.json").read_text())["student_config"]
+        raw = cfg.to_json()
+        raw["teachers"] = [t for t in raw["teachers"] if t["name"] == arm.teacher]
+        raw["student"]["config"] = {**raw["student"]["config"], "teachers": main["teachers"],
+                                    "teachers_dim": main["teachers_dim"]}
+        cfg = load_config(raw)
+    return cfg
+
+
+def _arm_done(r: Run, arm: Arm, seed: int) -> bool:
+    """Whether the arm's seed is exported. A folder holding a run of another recipe is refused, naming
+    the keys that differ (a re-run with a changed recipe must not mix with the old seeds)."""
+    from distill.config import differing_keys
+    from distill.encoders.student import student_export_complete
+    from distill.train.engine import RESUME_MAY_CHANGE
+    folder = r.export(arm, seed).parent
+    recorded = folder / "config.json"
+    if recorded.is_file():
+        cfg = _arm_config(r, arm, seed).resolve_paths(folder)
+        planned = json.loads(json.dumps(portable(cfg.to_json(), folder)))
+        diff = differing_keys(planned, json.loads(recorded.read_text()),
+                              ignore=("logging", "checkpoint", "description") + RESUME_MAY_CHANGE)
+        if diff:
+            raise SeedConfigMismatch(
+                f"{folder} holds a student of another recipe ({', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''} "
+                f"differ from the planned {arm.label}, seed {seed}); use a new --out, or delete that folder "
+                "to retrain it")
+    return student_export_complete(r.export(arm, seed))
+
+
+def _distill_arm(r: Run, arm: Arm, seed: int, progress: bool = True) -> None:
+    from distill.train import run_distillation
+    cfg = _arm_config(r, arm, seed).to_json()
+    if not progress:
+        cfg["logging"]["progress"] = False
+    run_distillation(cfg, r.export(arm, seed).parent)
+
+
+def _distill_arms(r: Run, todo: list[tuple[Arm, int]]) -> None:
+    """Distil the unfinished (arm, seed) pairs, `r.workers` at a time side by side."""
+    from distill.jobs import side_by_side
+    todo = [(a, s) for a, s in todo if not _arm_done(r, a, s)]
+    side = r.workers > 1 and len(todo) > 1
+
+    def done(i: int, seconds: float) -> None:
+        a, s = todo[i]
+        r.log(f"  {a.label}{f' · seed {s}' if s else ''}: distilled in {seconds:.0f} s")
+
+    side_by_side([(_distill_arm, (r, a, s, not side), {}) for a, s in todo],
+                 workers=r.workers if side else 1, on_done=done)
+
+
+def _step_arms(r: Run, step: str) -> list[tuple[Arm, int]]:
+    """(arm, seed) pairs an ablation step distils; the main student's seed 0 is the `distill` step's."""
+    return [(a, s) for a in r.arms(step) for s in range(r.seeds) if (a, s) != (r.main_arm, 0)]
 
 
 def _distill_done(r: Run) -> bool:
-    from distill.encoders.student import student_export_complete
-    return student_export_complete(r.distilled(r.relational_variants()[0]))
+    return _arm_done(r, r.main_arm, 0)
 
 
 def _distill_main(r: Run) -> None:
-    main = r.relational_variants()[0]
-    _distill_one(r, main, r.distilled(main))
+    _distill_arm(r, r.main_arm, 0)
 
 
 def _ablation_done(r: Run) -> bool:
-    from distill.encoders.student import student_export_complete
-    return all(student_export_complete(r.distilled(k)) for k in r.relational_variants()[1:])
+    return all(_arm_done(r, a, s) for a, s in _step_arms(r, "relational"))
 
 
 def _distill_ablation(r: Run) -> None:
-    from distill.encoders.student import student_export_complete
-    for k in r.relational_variants()[1:]:
-        if not student_export_complete(r.distilled(k)):
-            _distill_one(r, k, r.distilled(k))
+    _distill_arms(r, _step_arms(r, "relational"))
 
 
 def _curation_done(r: Run) -> bool:
-    from distill.encoders.student import student_export_complete
-    return all(student_export_complete(r.data_student(k)) for k in SAMPLINGS)
+    return all(_arm_done(r, a, s) for a, s in _step_arms(r, "curation"))
 
 
 def _curation_ablation(r: Run) -> dict:
@@ -222,7 +340,6 @@ def _curation_ablation(r: Run) -> dict:
     from distill.curation import (cluster_embeddings, embed_pool, evaluate_manifest, random_manifest,
                                   sample_manifest)
     from distill.encoders.registry import load_encoder
-    from distill.encoders.student import student_export_complete
     c = r.settings["curation"]
     pool = r.world / "pool" / "shards"
     embeddings, clusters = r.curation / "embeddings", r.curation / "clusters"
@@ -233,33 +350,42 @@ def _curation_ablation(r: Run) -> dict:
     random_manifest(embeddings, c["target"], manifests["random"], seed=c.get("seed", 0))
     evidence = {k: evaluate_manifest(m, r.world / "pool") for k, m in manifests.items()}
     write_json_atomic(r.curation / "evidence.json", portable(evidence, r.curation))
-    main = r.settings["distill"]["relational"]
-    for k in SAMPLINGS:
-        if not student_export_complete(r.data_student(k)):
-            _distill_one(r, main, r.data_student(k), manifest=manifests[k])
+    _distill_arms(r, _step_arms(r, "curation"))
     return {"target": c["target"]}
 
 
 def _packing_done(r: Run) -> bool:
-    from distill.encoders.student import student_export_complete
-    return student_export_complete(r.padded_student)
+    return all(_arm_done(r, a, s) for a, s in _step_arms(r, "packing"))
 
 
 def _packing_ablation(r: Run) -> None:
     """The main recipe, relational term and steps with padded batches instead of token-balanced packing."""
-    _distill_one(r, r.settings["distill"]["relational"], r.padded_student,
-                 extra=r.settings["packing"]["overrides"])
+    _distill_arms(r, _step_arms(r, "packing"))
+
+
+def _single_teacher_done(r: Run) -> bool:
+    return all(_arm_done(r, a, s) for a, s in _step_arms(r, "single-teacher"))
+
+
+def _single_teacher_ablation(r: Run) -> None:
+    """The main recipe distilled from each teacher alone: the grounding ablation's single-teacher inits."""
+    _distill_arms(r, _step_arms(r, "single-teacher"))
 
 
 def _grounding_done(r: Run) -> bool:
-    return (r.grounding / "ablation.json").is_file()
+    summary = r.grounding / "ablation.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("seeds", 1) == r.seeds
 
 
 def _grounding_ablation(r: Run) -> dict:
     from grounding_vlm.ablation import run_ablation
     g = r.settings["grounding"]
-    return run_ablation(r.world, r.distilled(r.relational_variants()[0]), r.grounding, fast=bool(g.get("fast")),
-                        steps=g.get("steps"), results_dir=r.results)
+    main = r.main_arm
+    single = {a.teacher: [r.export(a, s) for s in range(r.seeds)] for a in r.arms("single-teacher")}
+    summary = run_ablation(r.world, r.export(main), r.grounding, fast=bool(g.get("fast")), steps=g.get("steps"),
+                           results_dir=r.results, student_seeds=[r.export(main, s) for s in range(r.seeds)],
+                           single_teacher=single, workers=r.workers, progress=r.workers <= 1)
+    return {"wall_s": summary["wall_s"]}
 
 
 def _bench_done(r: Run) -> bool:
@@ -279,8 +405,7 @@ def _run_bench(r: Run) -> dict:
     write_json_atomic(r.out / "sweep.json", cfg)  # the exact sweep, re-runnable with `amoe bench sweep`
     from benchmarks.leaderboard import LABELS_FILE
     r.results.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(r.results / LABELS_FILE,            # row names (and order) for `amoe leaderboard build`
-                      [{"spec": spec, "name": name} for spec, name in r.labels().items()])
+    write_json_atomic(r.results / LABELS_FILE, r.labels())   # row names, order and seeds for the leaderboard
     summary = run_sweep(cfg, harness_from_config(cfg))
     if summary.failed:
         lines = "\n  ".join(f"{f['cell']}: {f['reason']} ({f['path']})" for f in summary.failures)
@@ -318,16 +443,19 @@ STEPS: list[Step] = [
          _student_done, _export_random_student, requires=("teachers",)),
     Step("distill", "distil the mini-world MoE student from both teachers (ARKD, PHI-S, packing)",
          _distill_done, _distill_main, requires=("world", "teachers")),
-    Step("ablation-relational", "distil the relational-term ablation students (none, RKD)",
+    Step("ablation-relational", "distil the relational-term ablation students (none, RKD; every seed)",
          _ablation_done, _distill_ablation, requires=("world", "teachers"), ablation=True),
     Step("ablation-curation", "curate the pool (hierarchical k-means, balanced sampling) and distil on the "
          "curated vs a random sample of equal size", _curation_done, _curation_ablation,
          requires=("world", "teachers"), ablation=True),
     Step("ablation-packing", "distil the main recipe with padded batches instead of token-balanced packing",
          _packing_done, _packing_ablation, requires=("world", "teachers"), ablation=True),
+    Step("ablation-single-teacher", "distil the main recipe from each teacher alone (grounding inits)",
+         _single_teacher_done, _single_teacher_ablation, requires=("world", "teachers", "distill"), ablation=True),
     Step("grounding", "RefCOCO-style grounding VLM: scratch vs student init vs student + Gram anchoring vs "
-                      "student + stand-in LM, and the constant-box baseline",
-         _grounding_done, _grounding_ablation, requires=("world", "distill"), ablation=True),
+                      "student + stand-in LM vs single-teacher students, and the constant-box baseline",
+         _grounding_done, _grounding_ablation, requires=("world", "distill", "ablation-relational",
+                                                         "ablation-single-teacher"), ablation=True),
     Step("bench", "run the mini-world suite on every encoder (zero-shot, kNN, retrieval, segmentation)",
          _bench_done, _run_bench, requires=("world", "teachers", "random-student", "distill", "ablation-relational",
                                             "ablation-curation", "ablation-packing")),
@@ -400,8 +528,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
     p.add_argument("--fast", action="store_true", help="a small smoke version (tiny world, short training)")
     p.add_argument("--ablations", action="store_true",
-                   help="also run the ablations: relational term (none / RKD beside ARKD) and grounding init "
-                        "(scratch / student / student + Gram); about 20 more minutes on 2 CPU cores")
+                   help="also run the ablations that test the paper's claims (relational term, data curation, "
+                        "packing, grounding init), each arm with --seeds training seeds, and write the evidence page")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="training seeds per ablation arm (default 3, from the settings)")
     p.add_argument("--only", action="append", metavar="STEP",
                    help=f"run only this step (repeatable): {', '.join(s.name for s in STEPS)}")
     p.add_argument("--list", action="store_true", help="list the steps and whether each is complete")
@@ -413,6 +543,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     settings = load_settings(args.fast, args.settings)
     if args.ablations:
         settings["ablations"] = True
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise AmoeError(f"--seeds must be >= 1, got {args.seeds}")
+        settings["seeds"] = args.seeds
     run = Run(Path(args.out), settings)
     if args.list:
         for i, step in enumerate(STEPS, start=1):

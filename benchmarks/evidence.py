@@ -32,7 +32,7 @@ from distill.io import write_json_atomic, write_text_atomic
 from distill.results import load_results, read_items
 
 from benchmarks.compare import CompareError, same_items
-from benchmarks.leaderboard import display_names, pick_metric, read_labels
+from benchmarks.leaderboard import display_names, pick_metric, read_arms, read_labels
 from benchmarks.suites import load_suite
 
 CLAIMS_DIR = Path(__file__).resolve().parent / "suites" / "claims"
@@ -99,36 +99,55 @@ def _subset(scores: stats.ItemScores, keep_classes: list[int]) -> stats.ItemScor
 
 
 class _Rows:
-    """The ok results of a folder, found by display name, task and dataset."""
+    """The ok results of a folder, found by arm (a display name, as in labels.json), task and dataset.
+    An arm trained with several seeds has one row per seed (labels.json names its arm and seed)."""
 
     def __init__(self, results_dir: Path):
         self.records = load_results(results_dir, statuses=("ok",))
         self.names = display_names(self.records, results_dir.resolve().parent, read_labels(results_dir))
+        self.arms = read_arms(results_dir)
 
-    def find(self, row: str, task: str, dataset: str) -> dict | None:
-        """The row's native-resolution result for (task, dataset): a full run before a `--limit` one,
-        then the newest."""
-        found = [r for r in self.records if self.names.get(r["cell"]["model"], r["cell"]["model"]) == row
-                 and r["cell"]["task"] == task and r["cell"]["dataset"] == dataset
-                 and r["cell"]["resolution"] is None]
-        return max(found, key=lambda r: (r["cell"]["limit"] is None, r["created"])) if found else None
+    def find(self, row: str, task: str, dataset: str) -> dict[int, dict]:
+        """{seed: result}: for each seed of the arm, its native-resolution result for (task, dataset), a
+        full run before a `--limit` one, then the newest."""
+        by_seed: dict[int, list[dict]] = {}
+        for r in self.records:
+            spec = r["cell"]["model"]
+            arm, seed = self.arms.get(spec, (self.names.get(spec, spec), 0))
+            if arm == row and r["cell"]["task"] == task and r["cell"]["dataset"] == dataset \
+                    and r["cell"]["resolution"] is None:
+                by_seed.setdefault(seed, []).append(r)
+        return {k: max(v, key=lambda r: (r["cell"]["limit"] is None, r["created"])) for k, v in sorted(by_seed.items())}
+
+
+def _paired_seeds(a: dict[int, dict], b: dict[int, dict]) -> tuple[list[dict], list[dict]]:
+    """The seeds the two arms are compared on: the common ones, or all of one arm against the other's
+    single row (a teacher is trained once)."""
+    if len(a) > 1 and len(b) > 1:
+        common = sorted(set(a) & set(b))
+        return [a[k] for k in common], [b[k] for k in common]
+    return list(a.values()), list(b.values())
 
 
 def _one_test(t: dict, rows: _Rows, prefs: list[str], margin: float, world: Path | None, bootstrap: dict) -> dict:
     out = {k: t[k] for k in ("a", "b", "task", "dataset", "metric", "expect")}
     if t.get("subset"):
         out["subset"] = t["subset"]
-    recs = {side: rows.find(t[side], t["task"], t["dataset"]) for side in ("a", "b")}
-    absent = [t[s] for s, r in recs.items() if r is None]
+    found = {side: rows.find(t[side], t["task"], t["dataset"]) for side in ("a", "b")}
+    absent = [t[s] for s, r in found.items() if not r]
     if absent:
         return {**out, "verdict": "not run", "why": f"no {t['task']} {t['dataset']} result of "
                                                     f"{' and '.join(absent)} in the results"}
+    recs = dict(zip(("a", "b"), _paired_seeds(found["a"], found["b"])))
+    if not recs["a"]:
+        return {**out, "verdict": "not run", "why": f"{t['a']} and {t['b']} share no training seed"}
     try:
-        same_items(recs["a"], recs["b"])
+        for rec in recs["a"][1:] + recs["b"]:
+            same_items(recs["a"][0], rec)
     except CompareError as e:
         return {**out, "verdict": "not run", "why": str(e)}
-    if recs["a"]["cell"]["limit"] is not None:
-        out["limit"] = recs["a"]["cell"]["limit"]
+    if recs["a"][0]["cell"]["limit"] is not None:
+        out["limit"] = recs["a"][0]["cell"]["limit"]
     tail = None
     if t.get("subset") == "pool_tail":
         if world is None:
@@ -136,23 +155,29 @@ def _one_test(t: dict, rows: _Rows, prefs: list[str], margin: float, world: Path
         classes = [c for c in (world / "classification" / "classnames.txt").read_text().split("\n") if c]
         tail = pool_tail_classes(world, classes, float(t.get("tail_fraction", 0.25)))
         out["tail_classes"] = len(tail)
-    scores = {}
-    for side, rec in recs.items():
+    scores: dict[str, list] = {}
+    for side in ("a", "b"):
         base = "mean_per_class_recall" if tail is not None else t["metric"]   # tail rows carry the labels
-        picked = pick_metric(rec["metrics"], base, prefs)
-        items = read_items(rec)
-        key = f"{picked[0]}/{base}" if picked and picked[0] else base
-        if picked is None or key not in items:
-            return {**out, "verdict": "not run", "why": f"{t[side]} has no per-item scores for {t['metric']}"}
-        scores[side] = items[key] if tail is None else _subset(items[key], tail)
+        scores[side] = []
+        for rec in recs[side]:
+            picked = pick_metric(rec["metrics"], base, prefs)
+            items = read_items(rec)
+            key = f"{picked[0]}/{base}" if picked and picked[0] else base
+            if picked is None or key not in items:
+                return {**out, "verdict": "not run", "why": f"{t[side]} has no per-item scores for {t['metric']}"}
+            scores[side].append(items[key] if tail is None else _subset(items[key], tail))
+        values = [x.metric() for x in scores[side]]
+        intervals = [stats.bootstrap_interval(x, **bootstrap) for x in scores[side]]
         out[f"{side}_head"] = picked[0]
-        out[f"{side}_value"] = scores[side].metric()
-        out[f"{side}_interval"] = list(stats.bootstrap_interval(scores[side], **bootstrap))
-    if len(scores["a"]) != len(scores["b"]):
-        return {**out, "verdict": "not run", "why": f"{len(scores['a'])} vs {len(scores['b'])} items"}
-    d = stats.paired_difference(scores["a"], scores["b"], **bootstrap)
-    out.update(difference=d["difference"], low=d["low"], high=d["high"], items=d["items"],
-               verdict=verdict(d["low"], d["high"], t["expect"], margin))
+        out[f"{side}_value"] = float(np.mean(values))          # the mean over the arm's seeds
+        out[f"{side}_half_width"] = float(np.mean([(hi - lo) / 2 for lo, hi in intervals]))   # item noise
+        out[f"{side}_seeds"] = len(values)
+        out[f"{side}_seed_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else None   # training noise
+    if len({len(x) for x in scores["a"] + scores["b"]}) != 1:
+        return {**out, "verdict": "not run", "why": f"{len(scores['a'][0])} vs {len(scores['b'][0])} items"}
+    d = stats.seeded_difference(scores["a"], scores["b"], **bootstrap)
+    out.update(difference=d["difference"], low=d["low"], high=d["high"], items=d["items"], seeds=d["seeds"],
+               per_seed=d["per_seed"], verdict=verdict(d["low"], d["high"], t["expect"], margin))
     return out
 
 
@@ -176,10 +201,11 @@ def evaluate_claims(results_dir: str | os.PathLike, claims: dict, world: str | o
     return out
 
 
-def _fmt(v, lo=None, hi=None) -> str:
-    if v is None:
-        return "–"
-    return f"{v:.2f}" if lo is None else f"{v:.2f} ± {(hi - lo) / 2:.2f}"
+def _fmt(t: dict, side: str) -> str:
+    """An arm's value: the mean over its seeds ± the item interval's half-width, and with several seeds
+    their standard deviation (the training noise)."""
+    text = f"{t[side + '_value']:.2f} ± {t[side + '_half_width']:.2f}"
+    return text + (f", sd {t[side + '_seed_sd']:.2f}" if t.get(side + "_seed_sd") is not None else "")
 
 
 def _plot(claim: dict, margin: float, path: Path) -> Path | None:
@@ -224,9 +250,13 @@ def write_evidence(results_dir: str | os.PathLike, out_dir: str | os.PathLike, c
              "interval lies above 0, contradicted below 0; `not_worse`: reproduced when it lies above "
              f"-{ev['margin']:g} points, contradicted below. Otherwise inconclusive. A claim is reproduced when "
              "all its comparisons are, contradicted when any is. `ᴸN`: both rows were measured on a `--limit N` "
-             "subset. The intervals resample evaluation items for fixed weights: they do not cover training "
-             "noise, and another seed or another CPU retrains every row (on the mini-world that moved a "
-             "teacher's kNN by 3 points and flipped verdicts; docs/teachers.md, \"Reproducibility\").\n\n",
+             "subset. An arm trained with several seeds (`seeds` > 1) shows the mean over its seeds, the item "
+             "interval's half-width and the standard deviation across seeds (`sd`); its interval is a hierarchical "
+             "bootstrap that resamples the seeds as well as the items, so it covers training noise too (with 3 "
+             "seeds it is still narrower than it should be: read the per-seed differences beside it). With one "
+             "seed the intervals resample evaluation items for fixed weights and do not cover training noise: "
+             "another seed or another CPU retrains every row (on the mini-world that moved a teacher's kNN by 3 "
+             "points and flipped verdicts; docs/teachers.md, \"Reproducibility\").\n\n",
              "| claim | verdict |\n|---|---|\n"]
     lines += [f"| {c['title']} | **{c['verdict']}** |\n" for c in ev["claims"]]
     for c in ev["claims"]:
@@ -234,19 +264,19 @@ def write_evidence(results_dir: str | os.PathLike, out_dir: str | os.PathLike, c
                      + f"Verdict: **{c['verdict']}**")
         lines.append(f" ({c['why']})\n" if c.get("why") else "\n")
         if c["tests"]:
-            lines.append("\n| A | B | task / metric | expect | A | B | A - B [95 %] | verdict |\n"
-                         "|---|---|---|---|---:|---:|---:|---|\n")
+            lines.append("\n| A | B | task / metric | expect | A | B | seeds | A - B per seed | A - B [95 %] | verdict |\n"
+                         "|---|---|---|---|---:|---:|---:|---:|---:|---|\n")
             for t in c["tests"]:
                 what = f"{t['task']} {t['dataset']} {t['metric']}" + (f" ({t['tail_classes']} rarest pool concepts)"
                                                                       if t.get("tail_classes") else "") + \
                     (f" ᴸ{t['limit']}" if t.get("limit") else "")
                 if "difference" not in t:
-                    lines.append(f"| {t['a']} | {t['b']} | {what} | {t['expect']} | – | – | – | "
+                    lines.append(f"| {t['a']} | {t['b']} | {what} | {t['expect']} | – | – | – | – | – | "
                                  f"{t['verdict']}: {t['why']} |\n")
                     continue
                 lines.append(f"| {t['a']} | {t['b']} | {what} | {t['expect']} | "
-                             f"{_fmt(t['a_value'], *t['a_interval'])} | {_fmt(t['b_value'], *t['b_interval'])} | "
-                             f"{t['difference']:+.2f} [{t['low']:+.2f}, {t['high']:+.2f}] | {t['verdict']} |\n")
+                             f"{_fmt(t, 'a')} | {_fmt(t, 'b')} | {t['seeds']} | "
+                             f"{' / '.join(f'{v:+.2f}' for v in t['per_seed'])} | {t['difference']:+.2f} [{t['low']:+.2f}, {t['high']:+.2f}] | {t['verdict']} |\n")
             plot = _plot(c, ev["margin"], out / f"evidence_{c['id']}.png")
             if plot is not None:
                 lines.append(f"\n![{c['id']}]({plot.name})\n")

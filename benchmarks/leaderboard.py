@@ -24,17 +24,26 @@ from benchmarks.suites import SuiteError, load_suite
 REPORTED_CSV = Path(__file__).resolve().parent / "suites" / "reported.csv"
 TASK_ORDER = ("zeroshot", "knn", "retrieval", "segmentation")
 TASK_LABELS = {"zeroshot": "zero-shot", "knn": "kNN", "retrieval": "retrieval", "segmentation": "seg"}
-LABELS_FILE = "labels.json"   # optional [{"spec", "name"}, ...] beside the result JSONs (rows in that order)
+LABELS_FILE = "labels.json"   # optional [{"spec", "name"[, "arm", "seed"]}, ...] beside the result JSONs (rows in that order)
+
+
+def _saved_labels(results_dir: str | os.PathLike) -> list[dict]:
+    path = Path(results_dir) / LABELS_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else []
+    return [{"spec": k, "name": v} for k, v in saved.items()] if isinstance(saved, dict) else saved
 
 
 def read_labels(results_dir: str | os.PathLike) -> dict[str, str]:
     """{spec: display name} from `results_dir/labels.json` (a list of {"spec", "name"} in row order, or a
     {spec: name} dict); empty when there is none."""
-    path = Path(results_dir) / LABELS_FILE
-    saved = json.loads(path.read_text()) if path.is_file() else []
-    if isinstance(saved, dict):
-        return dict(saved)
-    return {e["spec"]: e["name"] for e in saved}
+    return {e["spec"]: e["name"] for e in _saved_labels(results_dir)}
+
+
+def read_arms(results_dir: str | os.PathLike) -> dict[str, tuple[str, int]]:
+    """{spec: (arm, training seed)} from labels.json: rows trained with several seeds name the arm they
+    belong to (`arm`, the display name of its seed-0 row) and their `seed`; any other row is its own arm,
+    seed 0."""
+    return {e["spec"]: (e.get("arm", e["name"]), int(e.get("seed", 0))) for e in _saved_labels(results_dir)}
 
 
 def display_names(records: list[dict], base: Path, labels: dict[str, str]) -> dict[str, str]:

@@ -82,6 +82,26 @@ def _merge_into(out: dict, over: Mapping, strict: bool, where: str) -> None:
             out[k] = copy.deepcopy(v)
 
 
+def flat_keys(raw: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: leaf value} of a JSON config, lists indexed as the overrides spell them (teachers.0.spec)."""
+    items = raw.items() if isinstance(raw, Mapping) else enumerate(raw) if isinstance(raw, list) else None
+    if items is None or not raw:
+        return {prefix[:-1]: raw} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in items:
+        out.update(flat_keys(v, f"{prefix}{k}."))
+    return out
+
+
+def differing_keys(a: Mapping, b: Mapping, ignore: Iterable[str] = ()) -> list[str]:
+    """The dotted keys whose values differ between two configs (or that only one has), except those
+    equal to or below an `ignore` prefix."""
+    fa, fb = flat_keys(a), flat_keys(b)
+    skip = tuple(ignore)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k, ...) != fb.get(k, ...)
+                  and not any(k == p or k.startswith(p + ".") for p in skip))
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=VALUE` -> (["a", "b"], parsed VALUE)."""
     if "=" not in text:

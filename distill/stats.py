@@ -140,6 +140,43 @@ def paired_difference(a: ItemScores, b: ItemScores, resamples: int = 1000, confi
             "resamples": resamples, "confidence": confidence}
 
 
+def seeded_difference(a: list[ItemScores], b: list[ItemScores], resamples: int = 1000, confidence: float = 0.95,
+                      seed: int = 0) -> dict:
+    """Mean over training seeds of metric(a_s) - metric(b_s), on the same items, with a hierarchical
+    bootstrap interval that covers training noise as well as item noise.
+
+    `a[s]` and `b[s]` are the two arms trained with seed s (paired: the same seed gives both arms the
+    same data order and init draws). A side with one entry (a teacher, trained once) is paired with
+    every seed of the other. Each resample draws the seeds with replacement and, independently, the
+    items (the same item draws for every seed, as in `paired_difference`); its value is the mean of the
+    drawn seeds' differences on the drawn items. With one seed this is `paired_difference`, draw for
+    draw. With few seeds (3) the seed draw under-covers (the bootstrap of a mean of 3 values is
+    narrower than a t interval), which is why the per-seed spread is reported beside it."""
+    _check(resamples, confidence)
+    if not a or not b or (len(a) > 1 and len(b) > 1 and len(a) != len(b)):
+        raise ValueError(f"seeded difference needs one or S seeds on each side, got {len(a)} and {len(b)}")
+    s = max(len(a), len(b))
+    a, b = (a * s if len(a) == 1 else a), (b * s if len(b) == 1 else b)
+    n = len(a[0])
+    for x, y in zip(a, b):
+        if len(x) != n or len(y) != n or x.reduce != y.reduce:
+            raise ValueError(f"seeded difference needs scores of the same {n} items and metric on every seed")
+    per_seed = np.array([x.metric() - y.metric() for x, y in zip(a, b)])
+    seed_rng = np.random.default_rng([seed, n, s])
+    diffs = []
+    for counts in resample_counts(n, resamples, seed):
+        d = np.stack([x.resampled(counts) - y.resampled(counts) for x, y in zip(a, b)], axis=1)   # (B, S)
+        if s == 1:
+            diffs.append(d[:, 0])
+            continue
+        picks = seed_rng.integers(0, s, size=(len(d), s))
+        diffs.append(np.take_along_axis(d, picks, axis=1).mean(axis=1))
+    lo, hi = _percentiles(np.concatenate(diffs), confidence)
+    return {"difference": float(per_seed.mean()), "low": lo, "high": hi, "items": n, "seeds": s,
+            "per_seed": [float(v) for v in per_seed], "seed_sd": float(per_seed.std(ddof=1)) if s > 1 else 0.0,
+            "resamples": resamples, "confidence": confidence}
+
+
 # ---------------------------------------------------------------- per-item rows the tasks build
 
 def hits(correct) -> ItemScores:

@@ -51,7 +51,8 @@ def test_only_unknown_step_is_rejected(tmp_path):
 
 def test_pipeline_shape_and_settings(tmp_path):
     assert [s.name for s in STEPS] == ["world", "teachers", "random-student", "distill", "ablation-relational",
-                                       "ablation-curation", "ablation-packing", "grounding", "bench", "leaderboard"]
+                                       "ablation-curation", "ablation-packing", "ablation-single-teacher", "grounding",
+                                       "bench", "leaderboard"]
     fast, full = load_settings(fast=True), load_settings()
     assert fast["sweep"]["limit"] and full["sweep"]["limit"] is None
     assert fast["sweep"]["tasks"] == full["sweep"]["tasks"]   # fast overrides only what it names
@@ -64,8 +65,15 @@ def test_pipeline_shape_and_settings(tmp_path):
     assert not full["ablations"] and fast["ablations"]
     ablating = Run(tmp_path / "qs", {**full, "ablations": True})
     assert ablating.relational_variants() == ["arkd", "none", "rkd"]   # the main student comes first
-    assert ablating.sweep_config()["models"][-3:] == [f"student:{ablating.data_student(k)}"
-                                                      for k in ("curated", "random")] + [f"student:{ablating.padded_student}"]
+    assert ablating.seeds == 3 and Run(tmp_path, full).seeds == 1      # seeds per arm only with ablations
+    models = ablating.sweep_config()["models"]
+    assert models[4] == f"student:{ablating.distilled('arkd')}" and len(models) == 4 + 6 * 3   # 6 arms x 3 seeds
+    assert f"student:{tmp_path / 'qs/students/distilled-padded-seed2/export'}" in models
+    labels = {e["spec"]: e for e in ablating.labels()}
+    seed1 = labels[f"student:{tmp_path / 'qs/students/data-curated-seed1/export'}"]
+    assert seed1 == {"spec": seed1["spec"], "name": "student (curated data) · seed 1", "arm": "student (curated data)",
+                     "seed": 1}
+    assert labels["grounding-vlm:miniworld-student-dinov3-only-seed2"]["arm"] == "grounding (DINOv3-only student)"
 
 
 def test_ablation_steps_run_only_when_selected(tmp_path):

@@ -30,12 +30,13 @@ def _pick(rng, options):
     return options[int(rng.integers(len(options)))]
 
 
-def _scene(rng, width, height, specs, overlap: bool) -> dict:
-    """specs: list of (shape, colour, texture, size); objects that cannot be placed are dropped."""
+def _scene(rng, width, height, specs, overlap: bool, scale: float = 1.0) -> dict:
+    """specs: list of (shape, colour, texture, size); objects that cannot be placed are dropped. `scale`
+    multiplies every object's size band (vocab.SIZES is relative to the short side)."""
     objs: list[dict] = []
     short = min(width, height)
     for shape, colour, texture, size in specs:
-        probe = make_object(rng, shape, colour, texture, size, 0, 0, short)
+        probe = make_object(rng, shape, colour, texture, size, 0, 0, round(short * scale))
         pos = place(rng, width, height, probe["r"], objs, overlap)
         if pos is None:
             continue
@@ -129,7 +130,7 @@ def refer_task(seed: int, root: str, items: list[tuple], cfg: dict) -> list:
         n = int(rng.integers(cfg["min_objects"], cfg["max_objects"] + 1))
         specs = [(str(_pick(rng, shapes)), str(_pick(rng, colours)), _pick(rng, TEXTURES), _pick(rng, SIZE_NAMES))
                  for _ in range(n)]
-        scene = _scene(rng, w, h, specs, overlap=False)
+        scene = _scene(rng, w, h, specs, overlap=False, scale=float(cfg.get("object_scale", 1.0)))
         image, instances = render(scene, rng)
         file_name = f"COCO_train2014_{image_id:012d}.jpg"
         _save_jpeg(image, Path(root) / "images" / "train2014" / file_name)

@@ -137,15 +137,14 @@ def _write_metrics(folder: Path, info: dict) -> None:
 
 def _train_parallel(world, out: Path, names: list[str], todo: list[str], fast: bool, seed: int, progress: bool,
                     overrides: dict) -> dict:
-    """One spawned process per teacher, one torch thread each; a failure in either is raised here."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    """One spawned process per teacher, one torch thread each (distill.jobs); a failure in either is
+    raised here once both have ended."""
+    from distill.jobs import side_by_side
 
     overrides = {**overrides, "parallel": False, "threads": overrides.get("threads") or 1}
     report = {n: {"status": "skipped (complete)"} for n in names if n not in todo}
-    with ProcessPoolExecutor(max_workers=len(todo), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {n: pool.submit(train_teachers, str(world), str(out), fast, seed, progress, [n], **overrides)
-                   for n in todo}
-        for n, fut in futures.items():
-            report[n] = fut.result()[n]
+    done = side_by_side([(train_teachers, (str(world), str(out), fast, seed, progress, [n]), overrides) for n in todo],
+                        workers=len(todo), threads=int(overrides["threads"]))
+    for n, result in zip(todo, done):
+        report[n] = result[n]
     return {n: report[n] for n in names}
