@@ -37,3 +37,12 @@ def test_types_are_checked_and_converted():
                      ({"inner": {"kk": 1}}, r"unknown key 'kk' in inner \(did you mean 'k'\?\)")):
         with pytest.raises(ConfigError, match=msg):
             parse_dataclass(Outer, raw, "")
+
+
+def test_differing_keys_name_dotted_paths_lists_included():
+    from distill.config import differing_keys
+    a = {"optim": {"lr": 1e-3, "betas": [0.9, 0.98]}, "teachers": [{"spec": "x"}], "logging": {"every": 5}}
+    b = {"optim": {"lr": 1e-3, "betas": [0.9, 0.99]}, "teachers": [{"spec": "y"}, {"spec": "z"}],
+         "logging": {"every": 1}, "seed": 1}
+    assert differing_keys(a, b, ignore=("logging",)) == ["optim.betas.1", "seed", "teachers.0.spec", "teachers.1.spec"]
+    assert differing_keys(a, a) == []

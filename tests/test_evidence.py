@@ -94,3 +94,47 @@ def test_evidence_page_from_a_real_sweep(tmp_path, digits_root):
     assert (tmp_path / "lb" / "evidence_up.png").stat().st_size > 0
     assert str(tmp_path) not in md      # the results folder is named relative to the page
     assert np.isfinite(json.loads((tmp_path / "lb" / "evidence.json").read_text())["claims"][0]["tests"][0]["low"])
+
+
+class _NoisyRun(_Degraded):
+    """The degraded encoder as one training seed of an arm: other noise for every seed."""
+
+    def __init__(self, prototypes, seed: int):
+        super().__init__(prototypes)
+        self.seed = seed
+
+    def fingerprint(self):
+        return f"pixels-noisy-seed{self.seed}"
+
+    def encode(self, images):
+        f = PixelEncoder.encode(self, images)
+        g = torch.Generator().manual_seed(1000 * self.seed + len(images))
+        s = f.summary["pix"]
+        return Features(summary={"pix": 0.2 * s + torch.randn(s.shape, generator=g)}, patches=f.patches, grids=f.grids)
+
+
+def test_an_arm_of_several_seeds_is_read_together(tmp_path, digits_root):
+    """labels.json names the seeds of an arm; the comparison pairs the arm's seeds with a single row
+    (a teacher's), reports the mean, the spread and each seed's difference, and its interval resamples
+    the seeds too."""
+    good = pixel_encoder(digits_root)
+    cfg = {"suite": str(suite_file(digits_root, tmp_path)), "tasks": ["knn"], "datasets": ["digits"]}
+    run_sweep({**cfg, "models": ["pixels"]}, harness(tmp_path, good))
+    labels = [{"spec": "pixels", "name": "good"}]
+    for seed in range(3):
+        spec = f"noisy{seed}"
+        run_sweep({**cfg, "models": [spec]}, harness(tmp_path, _NoisyRun(good.prototypes, seed)))
+        labels.append({"spec": spec, "name": "bad"} if seed == 0 else
+                      {"spec": spec, "name": f"bad · seed {seed}", "arm": "bad", "seed": seed})
+    results = tmp_path / "results"
+    (results / "labels.json").write_text(json.dumps(labels))
+    test = {"task": "knn", "dataset": "digits", "metric": "top1"}
+    claims = {"name": "t", "suite": str(suite_file(digits_root, tmp_path)), "margin": 1.0, "claims": [
+        {"id": "up", "title": "good beats bad", "paper": "-", "tests": [{**test, "a": "good", "b": "bad", "expect": "better"}]}]}
+    ev = write_evidence(results, tmp_path / "lb", claims)
+    t = ev["claims"][0]["tests"][0]
+    assert t["seeds"] == 3 and t["a_seeds"] == 1 and t["b_seeds"] == 3 and len(t["per_seed"]) == 3
+    assert t["difference"] == pytest.approx(np.mean(t["per_seed"])) and t["b_seed_sd"] > 0 and t["a_seed_sd"] is None
+    assert t["low"] > 0 and t["verdict"] == "reproduced"
+    row = [line for line in (tmp_path / "lb" / "evidence.md").read_text().splitlines() if line.startswith("| good | bad")]
+    assert len(row) == 1 and f", sd {t['b_seed_sd']:.2f}" in row[0] and " | 3 | " in row[0]

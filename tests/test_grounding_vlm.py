@@ -789,3 +789,21 @@ def test_decode_perf_runs_the_lm_route_and_times_training_steps(standin_lm):
                         train_steps=2, train_batch=2)
     assert r["text"] == "lm" and r["same_tokens"] and r["train_step_ms"]["steps"] == 2
     assert r["train_step_ms"]["median_ms"] > 0
+
+
+def test_a_finished_ablation_arm_is_kept_and_one_of_another_config_refused(tmp_path):
+    from distill.io import portable
+    from grounding_vlm.ablation import ARM_FILE, AblationConfigMismatch, arm_finished, arm_name
+
+    assert arm_name("miniworld-student", 0) == "miniworld-student"
+    run = tmp_path / arm_name("miniworld-student", 2)
+    assert run.name == "miniworld-student-seed2"
+    cfg = load_config("miniworld-student", [f"data.root={tmp_path / 'refer'}", "init.path=../student",
+                                            "train.seed=2"])
+    run.mkdir()
+    assert arm_finished(run, cfg) is None                     # not finished: train it
+    (run / "config.json").write_text(json.dumps(portable(cfg, run)))
+    (run / ARM_FILE).write_text(json.dumps({"acc@0.5": {"val": 3.0}}))
+    assert arm_finished(run, load_config(cfg, ["train.progress=false"])) == {"val": 3.0}   # reporting may differ
+    with pytest.raises(AblationConfigMismatch, match=r"\(optim\.lr, train\.seed differ\)"):
+        arm_finished(run, load_config(cfg, ["train.seed=1", "optim.lr=0.01"]))

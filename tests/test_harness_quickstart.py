@@ -121,3 +121,32 @@ def test_fast_quickstart_runs_every_step_end_to_end(tmp_path):
         assert here not in text, f"{rel} holds an absolute path"
     # a second run finds every step complete and does nothing
     assert all(r["status"] == "skipped" for r in run_steps(run))
+
+
+def test_a_student_folder_of_another_recipe_is_refused_naming_the_keys(tmp_path):
+    """A re-run with a changed recipe in the same folder must not mix its seeds with the old ones."""
+    from amoe.quickstart import SeedConfigMismatch, _arm_config, _arm_done
+    from distill.io import portable
+
+    run = Run(tmp_path / "qs", {**load_settings(), "ablations": True}, log=lambda m: None)
+    arm = run.arms("relational")[1]                                    # no relational term
+    folder = run.export(arm, 2).parent
+    folder.mkdir(parents=True)
+    cfg = _arm_config(run, arm, 2)
+    assert cfg.seed == 2 and cfg.teachers[0].relational == "none"
+    recorded = portable(cfg.resolve_paths(folder).to_json(), folder)
+    (folder / "config.json").write_text(json.dumps(recorded))
+    assert _arm_done(run, arm, 2) is False                              # same recipe, not exported yet
+    recorded["optim"]["weight_decay"] = 0.1
+    recorded["logging"]["every_steps"] = 50                             # how it reports may differ
+    (folder / "config.json").write_text(json.dumps(recorded))
+    with pytest.raises(SeedConfigMismatch, match=r"optim\.weight_decay differ from the planned student "
+                                                 r"\(no relational\), seed 2"):
+        _arm_done(run, arm, 2)
+
+
+def test_seeds_below_one_are_refused_in_one_line(tmp_path, capsys):
+    from amoe.cli import main
+    assert main(["quickstart", "--ablations", "--seeds", "0", "--out", str(tmp_path / "qs"), "--list"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seeds must be >= 1" in err[0]

@@ -1,0 +1,36 @@
+"""distill.jobs: independent jobs side by side in spawned processes with a fixed thread count."""
+from __future__ import annotations
+
+import pytest
+
+from distill.jobs import default_workers, side_by_side
+
+
+def _threads_and_value(x: int) -> tuple[int, int]:
+    import torch
+    return torch.get_num_threads(), x * x
+
+
+def _write_or_fail(path: str, fail: bool) -> str:
+    if fail:
+        raise ValueError("job broke")
+    import time
+    time.sleep(0.5)         # ends after the failing job: its work must still be done
+    open(path, "w").write("done")
+    return path
+
+
+def test_jobs_run_side_by_side_with_one_thread_each_in_job_order():
+    results = side_by_side([(_threads_and_value, (k,), {}) for k in range(3)], workers=2, threads=1)
+    assert results == [(1, 0), (1, 1), (1, 4)]
+    assert side_by_side([(_threads_and_value, (5,), {})], workers=1)[0][1] == 25   # in this process
+    assert default_workers(1) == 1 and 1 <= default_workers(8) <= 2
+
+
+def test_a_failed_job_is_raised_after_the_others_have_finished(tmp_path):
+    out = tmp_path / "kept.txt"
+    seen = []
+    with pytest.raises(ValueError, match="job broke"):
+        side_by_side([(_write_or_fail, ("-", True), {}), (_write_or_fail, (str(out), False), {})], workers=2,
+                     on_done=lambda i, s: seen.append(i))
+    assert out.read_text() == "done" and sorted(seen) == [0, 1]
