@@ -44,7 +44,8 @@ MAY_DIFFER = ("train.progress",)       # how a run reports, not what it trains
 
 
 class AblationConfigMismatch(AmoeError, ValueError):
-    """A finished arm in the ablation folder was trained with another config than the planned one."""
+    """A finished arm in the ablation folder was trained with another config than the planned one, or
+    the inits given do not fit together."""
 
 
 def arm_name(base: str, seed: int) -> str:
@@ -122,7 +123,8 @@ def run_ablation(world: str | Path, student_dir: str | Path, out: str | Path, fa
     single = {t: [Path(p) for p in dirs] for t, dirs in (single_teacher or {}).items()}
     bad = {t: len(d) for t, d in single.items() if len(d) != len(seeds)}
     if bad:
-        raise ValueError(f"single-teacher students per seed {bad} do not match the {len(seeds)} student seeds")
+        raise AblationConfigMismatch(f"single-teacher students per seed {bad} do not match the {len(seeds)} student "
+                                     "seed(s): give one single-teacher student per seed")
     results_dir = Path(results_dir) if results_dir is not None else out / "results"
     summary: dict = {"world": world.name, "student": Path(student_dir).name, "fast": fast, "seeds": len(seeds),
                      "runs": {}, "wall_s": {}}

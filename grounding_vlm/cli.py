@@ -70,12 +70,18 @@ def register(sub) -> None:
                     help="a setting of grounding_vlm.standin_lm.SETTINGS, e.g. --set steps=100")
     lm.set_defaults(func=_lm_pretrain)
 
-    a = g.add_parser("ablation", help="mini-world ablation: scratch / student / student + Gram")
+    a = g.add_parser("ablation", help="mini-world ablation: scratch / student / student + Gram / student + LM "
+                                      "[/ single-teacher students], and the constant box")
     a.add_argument("--world", required=True)
-    a.add_argument("--student", required=True, help="student export folder (model.safetensors + config.json)")
+    a.add_argument("--student", required=True, action="append",
+                   help="student export folder (model.safetensors + config.json); repeat it to train every arm "
+                        "with one seed per student (the i-th student is seed i)")
+    a.add_argument("--single-teacher", action="append", default=[], metavar="TEACHER=EXPORT",
+                   help="a student distilled from TEACHER alone as another init (repeat per seed, in seed order)")
     a.add_argument("--out", required=True)
     a.add_argument("--fast", action="store_true", help="smoke setting: a few steps, capped eval")
-    a.add_argument("--steps", type=int, default=None, help="override the training steps of all three runs")
+    a.add_argument("--steps", type=int, default=None, help="override the training steps of every arm")
+    a.add_argument("--workers", type=int, default=1, help="arms trained side by side, one thread each (default 1)")
     a.set_defaults(func=_ablation)
 
 
@@ -154,8 +160,17 @@ def _lm_pretrain(args) -> int:
 
 
 def _ablation(args) -> int:
+    from distill.errors import AmoeError
+
     from .ablation import run_ablation
 
-    summary = run_ablation(args.world, args.student, args.out, fast=args.fast, steps=args.steps)
+    single: dict[str, list[str]] = {}
+    for item in args.single_teacher:
+        teacher, sep, export = item.partition("=")
+        if not sep or not export:
+            raise AmoeError(f"--single-teacher {item!r}: write TEACHER=EXPORT, e.g. siglip2=runs/siglip2-only/export")
+        single.setdefault(teacher, []).append(export)
+    summary = run_ablation(args.world, args.student[0], args.out, fast=args.fast, steps=args.steps,
+                           student_seeds=args.student, single_teacher=single, workers=args.workers)
     print(json.dumps(summary["runs"]))
     return 0
