@@ -109,10 +109,6 @@ class Run:
     def main_arm(self) -> Arm:
         return self.relational_arm(self.relational_variants()[0])
 
-    def distilled(self, relational: str) -> Path:
-        """Export folder of the (seed-0) student distilled with relational term `relational`."""
-        return self.export(self.relational_arm(relational))
-
     def arms(self, step: str) -> list[Arm]:
         """The arms an ablation step distils (`relational`, `curation`, `packing`, `single-teacher`)."""
         main = self.main_arm.relational
@@ -135,13 +131,6 @@ class Run:
             return [(self.main_arm, 0)]
         return [(a, s) for step in ("relational", "curation", "packing") for a in self.arms(step)
                 for s in range(self.seeds)]
-
-    def data_student(self, sampling: str) -> Path:
-        return self.export(self.arms("curation")[SAMPLINGS.index(sampling)])
-
-    @property
-    def padded_student(self) -> Path:
-        return self.export(self.arms("packing")[0])
 
     @property
     def results(self) -> Path:

@@ -67,7 +67,7 @@ def test_pipeline_shape_and_settings(tmp_path):
     assert ablating.relational_variants() == ["arkd", "none", "rkd"]   # the main student comes first
     assert ablating.seeds == 3 and Run(tmp_path, full).seeds == 1      # seeds per arm only with ablations
     models = ablating.sweep_config()["models"]
-    assert models[4] == f"student:{ablating.distilled('arkd')}" and len(models) == 4 + 6 * 3   # 6 arms x 3 seeds
+    assert models[4] == f"student:{ablating.export(ablating.main_arm)}" and len(models) == 4 + 6 * 3   # 6 arms x 3 seeds
     assert f"student:{tmp_path / 'qs/students/distilled-padded-seed2/export'}" in models
     labels = {e["spec"]: e for e in ablating.labels()}
     seed1 = labels[f"student:{tmp_path / 'qs/students/data-curated-seed1/export'}"]
