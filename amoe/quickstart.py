@@ -242,6 +242,10 @@ def _arm_config(r: Run, arm: Arm, seed: int):
     overrides.update(dict(arm.overrides))
     if seed:
         overrides["seed"] = seed
+    if (arm, seed) != (r.main_arm, 0):
+        # every arm distils the same teachers on the same pool: read the main student's teacher outputs
+        # (complete before any arm starts; read-only, so an arm's inputs do not depend on its neighbours)
+        overrides["target_cache.shared"] = str(r.export(r.main_arm).parent / "target_cache")
     cfg = load_config(d["recipe"], overrides)
     if arm.teacher is not None:
         # the student keeps both adapters (the release's layout), sized as the main student's; the other
@@ -279,8 +283,9 @@ def _arm_done(r: Run, arm: Arm, seed: int) -> bool:
 def _distill_arm(r: Run, arm: Arm, seed: int, progress: bool = True) -> None:
     from distill.train import run_distillation
     cfg = _arm_config(r, arm, seed).to_json()
-    if not progress:
+    if not progress:   # side by side, one core each: decoding in worker processes would only add hand-overs
         cfg["logging"]["progress"] = False
+        cfg["data"]["workers"] = 0
     run_distillation(cfg, r.export(arm, seed).parent)
 
 

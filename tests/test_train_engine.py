@@ -217,6 +217,50 @@ def test_export_loads_into_student_and_target_cache_reused(world, tmp_path):
     assert counts["count/corrupt_images"] >= 1       # the broken jpeg of the pool is skipped and counted
 
 
+def test_shared_target_cache_is_read_and_never_written(world, tmp_path):
+    """An ablation arm reads another run's teacher outputs (`target_cache.shared`): the same losses as
+    that run, nothing written into the shared cache, and only its own misses in its own cache."""
+    recipe = tiny_recipe(world, steps=3, target_cache__enabled=True, phis__enabled=False, data__workers=0)
+    run_distillation(recipe, tmp_path / "main", teachers=make_teachers())
+    shared = tmp_path / "main" / "target_cache"
+    before = sorted((f.relative_to(shared), f.stat().st_mtime_ns) for f in shared.rglob("*.safetensors"))
+    assert before
+    recipe["target_cache"]["shared"] = str(shared)
+    run_distillation(recipe, tmp_path / "arm", teachers=make_teachers())
+    assert sorted((f.relative_to(shared), f.stat().st_mtime_ns) for f in shared.rglob("*.safetensors")) == before
+    own = list((tmp_path / "arm" / "target_cache").rglob("*.safetensors"))
+    assert own == []                     # the same seed visits the same images: every output was a hit
+    la = [r["loss/total"] for r in read_metrics(tmp_path / "main")]
+    lb = [r["loss/total"] for r in read_metrics(tmp_path / "arm")]
+    assert la == lb
+    # another seed visits other images too: those misses land in the arm's own cache only
+    recipe["seed"] = 1
+    recipe["steps"] = 6
+    run_distillation(recipe, tmp_path / "arm1", teachers=make_teachers())
+    assert sorted((f.relative_to(shared), f.stat().st_mtime_ns) for f in shared.rglob("*.safetensors")) == before
+
+
+def test_student_inputs_are_decoded_once_per_process(world, tmp_path, monkeypatch):
+    """Later epochs reuse the student inputs of the first (no decode, no resize) and train the same
+    steps, bit for bit, as decoding every visit; the corrupt image is still skipped and counted."""
+    import distill.train.inputs as inputs
+
+    decodes = []
+    real = inputs.read_image
+    monkeypatch.setattr(inputs, "read_image", lambda entry: decodes.append(entry.key) or real(entry))
+    recipe = dict(steps=16, data__workers=0, target_cache__enabled=True)   # passes over the 48-image pool
+    run_distillation(tiny_recipe(world, **recipe), tmp_path / "cached", teachers=make_teachers())
+    cached = len(decodes)
+    decodes.clear()
+    monkeypatch.setattr(inputs.StudentInputCache.__init__, "__defaults__", (0,))   # keeps one tensor at most
+    run_distillation(tiny_recipe(world, **recipe), tmp_path / "plain", teachers=make_teachers())
+    assert cached <= 48 + 1 < len(decodes)      # each image once (+ the corrupt one, decoded each visit)
+    a, b = read_metrics(tmp_path / "cached"), read_metrics(tmp_path / "plain")
+    for x, y in zip(a, b, strict=True):
+        for k in ("loss/total", "images", "tokens", "count/corrupt_images"):
+            assert x[k] == y[k], (x["step"], k)
+
+
 def test_loader_workers_give_the_in_process_reference_results(world, tmp_path):
     """The input pipeline's workers (default 2, running ahead of training) and workers=0 (every image
     decoded in the training process) give the same steps, bit for bit, including the skipped corrupt

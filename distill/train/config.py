@@ -138,6 +138,7 @@ class RobustnessConfig:
 class TargetCacheConfig:
     enabled: bool = False                   # cache teacher targets on disk (small experiments)
     dir: str | None = None                  # default: OUT/target_cache
+    shared: str | None = None               # another run's cache of the same teachers, read first, never written
 
 
 @dataclass

@@ -41,7 +41,7 @@ from distill.train.pool import TrainingPool, read_image
 # keys a resume may change (recorded in OUT/history.jsonl): what the abort message suggests changing
 RESUME_MAY_CHANGE = ("optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.schedule", "optim.grad_clip",
                      "robustness.max_skipped_in_a_row", "robustness.grad_spike_factor",
-                     "data.workers", "data.prefetch")
+                     "data.workers", "data.prefetch", "target_cache.shared")
 _UNFINGERPRINTED = ("steps", "checkpoint", "logging", "description")
 
 
@@ -158,17 +158,19 @@ class Distiller:
     def _build_teachers(self, injected: dict | None) -> None:
         from distill.train.targets import TeacherRunner, load_teacher
 
-        cache = None
+        cache, shared = None, None
         if self.cfg.target_cache.enabled:
             cache = self.cfg.target_cache.dir or str(self.out / "target_cache")
+            shared = self.cfg.target_cache.shared
         self.teachers: dict[str, TeacherRunner] = {}
         for t in self.cfg.teachers:
             if injected is not None:
                 if t.name not in injected:
                     raise KeyError(f"teacher '{t.name}' of the recipe was not provided")
-                self.teachers[t.name] = TeacherRunner(t.name, injected[t.name], t.head or t.name, t.resolution, cache)
+                self.teachers[t.name] = TeacherRunner(t.name, injected[t.name], t.head or t.name, t.resolution,
+                                                      cache, shared)
             else:
-                self.teachers[t.name] = load_teacher(t, self.device, cache)
+                self.teachers[t.name] = load_teacher(t, self.device, cache, shared)
         self.weights = {t.name: L.TeacherLossWeights(
             weight=t.weight, summary=t.summary_weight, patch=t.patch_weight, register=t.register_weight,
             relational=t.relational, relational_weight=t.relational_weight, smooth_l1_beta=t.smooth_l1_beta)

@@ -11,10 +11,15 @@ carried by the last step it *consumed*, not the sampler's own. An image that fai
 out of its step and counted (`corrupt`); a step whose images all fail on this rank comes back empty
 and the trainer runs its placeholder. `workers=0` does the same work in the main process (the
 reference path the tests compare against).
+
+Each process keeps the student inputs it has made (`StudentInputCache`): the planned size of an image
+is the same every epoch, so a later visit costs neither the decode nor the resize, and an image is
+decoded only when the student input or a teacher's uncached output needs it.
 """
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -30,6 +35,29 @@ from distill.train.pool import PlannedImage, TrainingPool, read_image
 def student_tensor(image, size: tuple[int, int]) -> torch.Tensor:
     """PIL image -> (3, H, W) float32 in [-1, 1] at the planned size (bicubic; SigLino normalisation)."""
     return resize_normalize(image, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), Image.BICUBIC)
+
+
+class StudentInputCache:
+    """Student input tensors by (image key, planned size), least recently used out beyond
+    `capacity_bytes` (256 MiB holds every mini-world pool image at its planned size; a large pool
+    simply keeps the recent ones). Exact: a hit returns the tensor the miss computed."""
+
+    def __init__(self, capacity_bytes: int = 256 * 2 ** 20):
+        self.capacity_bytes = capacity_bytes
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        t = self._items.get(key)
+        if t is not None:
+            self._items.move_to_end(key)
+        return t
+
+    def put(self, key: tuple, t: torch.Tensor) -> None:
+        self._items[key] = t
+        self._bytes += t.nbytes
+        while self._bytes > self.capacity_bytes and len(self._items) > 1:
+            self._bytes -= self._items.popitem(last=False)[1].nbytes
 
 
 class PackedTensors:
@@ -103,6 +131,7 @@ class StepTickets(Sampler):
                              self.sampler.state_dict())
 
 
+# (PIL image or a callable decoding it, image key, resolution) -> the teacher's pixels, None when cached
 Prepare = Callable[[object, str, int], "torch.Tensor | None"]
 
 
@@ -111,6 +140,24 @@ class StepDataset(Dataset):
 
     def __init__(self, pool: TrainingPool, prepare: dict[str, Prepare]):
         self.pool, self.prepare = pool, prepare
+        self.student_inputs = StudentInputCache()   # per process: each DataLoader worker fills its own copy
+
+    def _load(self, item: PlannedImage) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        """(student input, {teacher: preprocessed pixels or None when cached}); raises when the image
+        does not decode, which only a miss can (a hit was decoded before)."""
+        decoded = []
+
+        def image():
+            if not decoded:
+                decoded.append(read_image(item.entry))
+            return decoded[0]
+
+        key = (item.entry.key, tuple(item.size))
+        student = self.student_inputs.get(key)
+        if student is None:
+            student = student_tensor(image(), item.size)
+            self.student_inputs.put(key, student)
+        return student, {name: prep(image, item.entry.key, item.resolution) for name, prep in self.prepare.items()}
 
     def __getitem__(self, ticket: StepTicket) -> StepInputs:
         items, sequences, pixels, corrupt = [], [], [], 0
@@ -120,15 +167,15 @@ class StepDataset(Dataset):
             for idx in seq:
                 item = self.pool.item(idx)
                 try:
-                    image = read_image(item.entry)
+                    student, teachers = self._load(item)
                 except Exception:  # undecodable despite a valid header: skip and count
                     corrupt += 1
                     continue
                 positions.append(len(items))
                 items.append(item)
-                pixels.append(student_tensor(image, item.size))
-                for name, prep in self.prepare.items():
-                    teacher_pixels[name].append(prep(image, item.entry.key, item.resolution))
+                pixels.append(student)
+                for name, px in teachers.items():
+                    teacher_pixels[name].append(px)
             if positions:
                 sequences.append(positions)
         return StepInputs(items, sequences, PackedTensors(pixels),

@@ -5,7 +5,9 @@ student's grid, and (DINOv3) the register tokens -- all in the teacher's PHI-S-s
 
 Raw teacher outputs (before PHI-S) can be cached on disk per (teacher fingerprint, image key,
 resolution) so that small experiments encode every image once; PHI-S is applied after the cache,
-so refitting it does not invalidate cached features.
+so refitting it does not invalidate cached features. Runs of the same teachers on the same pool (the
+arms of an ablation) can also read another run's cache, read-only (`shared`): they never write
+into it, so what one arm reads does not depend on what runs beside it.
 """
 from __future__ import annotations
 
@@ -33,26 +35,39 @@ class RawTeacherOutput:
 class TeacherRunner:
     """A frozen teacher encoder plus everything to turn images into standardised targets."""
 
-    def __init__(self, name: str, encoder, head: str, resolution: int | None, cache_dir: str | None):
+    def __init__(self, name: str, encoder, head: str, resolution: int | None, cache_dir: str | None,
+                 shared_cache_dir: str | None = None):
         self.name, self.encoder, self.head = name, encoder, head
         self.resolution = resolution
         self.cache_dir = None if cache_dir is None else Path(cache_dir) / name
+        self.shared_cache_dir = None if shared_cache_dir is None or cache_dir is None \
+            else Path(shared_cache_dir) / name
         self.standardizers: dict[str, object] = {}    # "summary" / "patches" / "registers" -> PhiS
         encoder.require_head(head)
         self._fingerprint = str(encoder.fingerprint())
 
     # ------------------------------------------------------------------ raw outputs
-    def _cache_file(self, key: str, resolution: int) -> Path:
+    def _cache_file(self, key: str, resolution: int, folder: Path | None = None) -> Path:
         h = hashlib.sha1(f"{self._fingerprint}|{key}|{resolution}".encode()).hexdigest()
-        return self.cache_dir / h[:2] / f"{h}.safetensors"
+        return (folder or self.cache_dir) / h[:2] / f"{h}.safetensors"
+
+    def _cached(self, key: str, resolution: int) -> Path | None:
+        """The cache file holding this output (this run's own first, then the shared one), or None."""
+        if self.cache_dir is None:
+            return None
+        for folder in (self.cache_dir, self.shared_cache_dir):
+            if folder is not None and (f := self._cache_file(key, resolution, folder)).exists():
+                return f
+        return None
 
     def prepare(self, image, key: str, resolution: int) -> torch.Tensor | None:
         """The teacher's preprocessed pixels for one PIL image, or None when its output is cached. Pure
-        CPU work on picklable inputs: the input pipeline runs it in DataLoader workers."""
+        CPU work on picklable inputs: the input pipeline runs it in DataLoader workers. `image` may be a
+        callable that decodes it: it is called only when the output is not cached."""
         res = self.resolution or resolution
-        if self.cache_dir is not None and self._cache_file(key, res).exists():
+        if self._cached(key, res) is not None:
             return None
-        return self.encoder.preprocess(image, resolution=res)
+        return self.encoder.preprocess(image() if callable(image) else image, resolution=res)
 
     @torch.no_grad()
     def raw_prepared(self, pixels: list[torch.Tensor | None], keys: list[str],
@@ -62,15 +77,15 @@ class TeacherRunner:
         todo = []
         for i, (px, k, r) in enumerate(zip(pixels, keys, resolutions)):
             res = self.resolution or r
-            f = self._cache_file(k, res) if self.cache_dir is not None else None
             if px is None:
-                if f is None or not f.exists():
+                f = self._cached(k, res)
+                if f is None:
                     raise FileNotFoundError(f"teacher {self.name}: no cached output for {k} at {res} px and no "
                                             "pixels to compute it (was the target cache deleted during the run?)")
                 t = load_tensors(f)
                 out[i] = RawTeacherOutput(t["summary"], t["patches"], tuple(t["grid"].tolist()), t.get("registers"))
             else:
-                todo.append((i, px, f))
+                todo.append((i, px, self._cache_file(k, res) if self.cache_dir is not None else None))
         if todo:
             enc = self.encoder
             feats = enc.encode([px.to(enc.device, enc.dtype) for _, px, _ in todo])
@@ -123,7 +138,8 @@ def encoder_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_teacher(cfg, device: torch.device, cache_dir: str | os.PathLike | None) -> TeacherRunner:
+def load_teacher(cfg, device: torch.device, cache_dir: str | os.PathLike | None,
+                 shared_cache_dir: str | os.PathLike | None = None) -> TeacherRunner:
     """Load a frozen teacher through the encoder registry (bf16 on GPU by default)."""
     from distill.encoders.registry import load_encoder
 
@@ -134,7 +150,8 @@ def load_teacher(cfg, device: torch.device, cache_dir: str | os.PathLike | None)
         for p in m.parameters():
             p.requires_grad_(False)
     return TeacherRunner(cfg.name, enc, cfg.head or cfg.name, cfg.resolution,
-                         None if cache_dir is None else str(cache_dir))
+                         None if cache_dir is None else str(cache_dir),
+                         None if shared_cache_dir is None else str(shared_cache_dir))
 
 
 def _modules_of(enc):
