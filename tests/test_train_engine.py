@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 from train_standins import ConvTeacher, make_teachers, tiny_recipe, write_pool  # noqa: E402
 
+from distill.config import ConfigError  # noqa: E402
 from distill.io import load_tensors  # noqa: E402
 from distill.train import run_distillation  # noqa: E402
 from distill.train.metrics import read_metrics  # noqa: E402
@@ -238,6 +239,10 @@ def test_shared_target_cache_is_read_and_never_written(world, tmp_path):
     recipe["steps"] = 6
     run_distillation(recipe, tmp_path / "arm1", teachers=make_teachers())
     assert sorted((f.relative_to(shared), f.stat().st_mtime_ns) for f in shared.rglob("*.safetensors")) == before
+    # a shared cache that is not there is a setting to fix, not a silent slow run
+    recipe["target_cache"]["shared"] = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="target_cache.shared"):
+        run_distillation(recipe, tmp_path / "arm2", teachers=make_teachers())
 
 
 def test_student_inputs_are_decoded_once_per_process(world, tmp_path, monkeypatch):

@@ -162,6 +162,10 @@ class Distiller:
         if self.cfg.target_cache.enabled:
             cache = self.cfg.target_cache.dir or str(self.out / "target_cache")
             shared = self.cfg.target_cache.shared
+            if shared is not None and not Path(shared).is_dir():
+                from distill.config import ConfigError
+                raise ConfigError(f"target_cache.shared: '{shared}' is not a folder; point it at another run's "
+                                  "OUT/target_cache (of the same teachers), or drop the key")
         self.teachers: dict[str, TeacherRunner] = {}
         for t in self.cfg.teachers:
             if injected is not None:
