@@ -238,6 +238,7 @@ def test_shared_target_cache_is_read_and_never_written(world, tmp_path):
     recipe["seed"] = 1
     recipe["steps"] = 6
     run_distillation(recipe, tmp_path / "arm1", teachers=make_teachers())
+    assert list((tmp_path / "arm1" / "target_cache").rglob("*.safetensors"))
     assert sorted((f.relative_to(shared), f.stat().st_mtime_ns) for f in shared.rglob("*.safetensors")) == before
     # a shared cache that is not there is a setting to fix, not a silent slow run
     recipe["target_cache"]["shared"] = str(tmp_path / "nowhere")

@@ -288,8 +288,9 @@ class Distiller:
 
     # ------------------------------------------------------------------ checkpoints
     def _resumable_settings(self) -> dict:
-        """The RESUME_MAY_CHANGE settings of this run, as flat dotted keys."""
-        return {k: v for k, v in _flat(self.cfg.to_json()).items() if k in RESUME_MAY_CHANGE}
+        """The RESUME_MAY_CHANGE settings of this run, as flat dotted keys (paths relative to OUT: they are
+        written into checkpoints and history.jsonl)."""
+        return portable({k: v for k, v in _flat(self.cfg.to_json()).items() if k in RESUME_MAY_CHANGE}, self.out)
 
     def _config_fingerprint(self) -> str:
         """What a resume must not change: everything but steps, checkpoint, logging, description and

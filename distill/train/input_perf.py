@@ -59,8 +59,9 @@ def write_jpeg_shards(folder: Path, n: int, size_wh: tuple[int, int], seed: int 
 
 
 def paper_teacher_preprocessing() -> dict:
-    """`prepare(image, key, resolution)` of the paper's two teachers: the real encoder classes and image
-    processors, around tiny randomly initialised models (preprocessing never runs the model)."""
+    """`prepare(image, key, resolution)` of the paper's two teachers (`image()` decodes the image, as
+    the input pipeline passes it): the real encoder classes and image processors, around tiny randomly
+    initialised models (preprocessing never runs the model)."""
     from transformers import (DINOv3ViTConfig, DINOv3ViTModel, Siglip2Config, Siglip2ImageProcessor,
                               Siglip2Model)
 
@@ -75,7 +76,7 @@ def paper_teacher_preprocessing() -> dict:
     dino = DINOv3ViTModel(DINOv3ViTConfig(patch_size=16, num_register_tokens=4, image_size=224, **tiny))
     dinov3 = DINOv3Encoder(dino, "perf-standin", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), resample=3,
                            default_side=256)
-    return {name: (lambda image, key, res, enc=enc: enc.preprocess(image, resolution=res))
+    return {name: (lambda image, key, res, enc=enc: enc.preprocess(image(), resolution=res))
             for name, enc in (("siglip2", siglip2), ("dinov3", dinov3))}
 
 
@@ -87,7 +88,10 @@ def worker_rate(pool, prepare: dict, sampler, images: int) -> tuple[float, int]:
     data[next(tickets)]              # warm-up (first-call costs of the processors)
     n_img, t0 = 0, time.perf_counter()
     while n_img < images:
-        n_img += len(data[next(tickets)].items)
+        step = data[next(tickets)]
+        if not step.items:    # every image failed: a broken pool or preprocessing, not a rate to measure
+            raise RuntimeError(f"input bench: a step decoded none of its images ({step.corrupt} failed)")
+        n_img += len(step.items)
     return n_img / (time.perf_counter() - t0), len(data[next(tickets)].items)
 
 

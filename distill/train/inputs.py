@@ -131,8 +131,13 @@ class StepTickets(Sampler):
                              self.sampler.state_dict())
 
 
-# (PIL image or a callable decoding it, image key, resolution) -> the teacher's pixels, None when cached
+# (image, image key, resolution) -> the teacher's pixels, or None when its output is cached; `image()`
+# decodes the image (at most once per visit, shared with the student input), so a cached teacher costs none
 Prepare = Callable[[object, str, int], "torch.Tensor | None"]
+
+
+class _Undecodable(Exception):
+    """An image of the pool that does not decode (skipped and counted, not raised)."""
 
 
 class StepDataset(Dataset):
@@ -143,13 +148,16 @@ class StepDataset(Dataset):
         self.student_inputs = StudentInputCache()   # per process: each DataLoader worker fills its own copy
 
     def _load(self, item: PlannedImage) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-        """(student input, {teacher: preprocessed pixels or None when cached}); raises when the image
-        does not decode, which only a miss can (a hit was decoded before)."""
+        """(student input, {teacher: preprocessed pixels or None when cached}); `_Undecodable` when the
+        image does not decode (only a miss can: a hit was decoded before)."""
         decoded = []
 
         def image():
             if not decoded:
-                decoded.append(read_image(item.entry))
+                try:
+                    decoded.append(read_image(item.entry))
+                except Exception as e:  # undecodable despite a valid header
+                    raise _Undecodable() from e
             return decoded[0]
 
         key = (item.entry.key, tuple(item.size))
@@ -168,7 +176,7 @@ class StepDataset(Dataset):
                 item = self.pool.item(idx)
                 try:
                     student, teachers = self._load(item)
-                except Exception:  # undecodable despite a valid header: skip and count
+                except _Undecodable:  # skip and count; any other error is a bug and propagates
                     corrupt += 1
                     continue
                 positions.append(len(items))
