@@ -280,11 +280,11 @@ def _arm_done(r: Run, arm: Arm, seed: int) -> bool:
     return student_export_complete(r.export(arm, seed))
 
 
-def _distill_arm(r: Run, arm: Arm, seed: int, progress: bool = True) -> None:
+def _distill_arm(r: Run, arm: Arm, seed: int, alongside: bool = False) -> None:
     from distill.train import run_distillation
     cfg = _arm_config(r, arm, seed).to_json()
-    if not progress:   # side by side, one core each: decoding in worker processes would only add hand-overs
-        cfg["logging"]["progress"] = False
+    if alongside:   # side by side, one core each: no interleaved progress bars, and decoding in
+        cfg["logging"]["progress"] = False    # worker processes would only add hand-overs
         cfg["data"]["workers"] = 0
     run_distillation(cfg, r.export(arm, seed).parent)
 
@@ -299,7 +299,7 @@ def _distill_arms(r: Run, todo: list[tuple[Arm, int]]) -> None:
         a, s = todo[i]
         r.log(f"  {a.label}{f' · seed {s}' if s else ''}: distilled in {seconds:.0f} s")
 
-    side_by_side([(_distill_arm, (r, a, s, not side), {}) for a, s in todo],
+    side_by_side([(_distill_arm, (r, a, s, side), {}) for a, s in todo],
                  workers=r.workers if side else 1, on_done=done)
 
 

@@ -13,7 +13,6 @@ skipped, counted and reported rather than failing the run.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,6 +23,7 @@ import torch
 from distill.data.base import UnreadableImageError, load_rgb
 from distill.data.refer import decode_mask, load_refer
 from distill.errors import AmoeError
+from distill.lru import TensorLRU
 from distill.student import ImageProcessor
 
 from .boxes import quantise_box
@@ -136,15 +136,14 @@ def build_tokenizer(tok_cfg: Mapping[str, Any], train_examples: list[GroundingEx
     return tok
 
 
-class ImageCache:
+class ImageCache(TensorLRU):
     """Processed image tensors by path, least recently used first out once they hold more than
     `capacity_bytes` (1 GiB: every mini-world refer image, a few hundred RefCOCO ones at 512 px): an
     image carries several expressions, and decoding is the step's largest CPU cost after the model."""
 
     def __init__(self, processor: ImageProcessor, capacity_bytes: int = 2 ** 30):
-        self.processor, self.capacity_bytes = processor, capacity_bytes
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._bytes = 0
+        super().__init__(capacity_bytes)
+        self.processor = processor
         self.unreadable: set[str] = set()   # images that did not decode: their expressions are skipped
 
     def unreadable_report(self, root: str | None) -> list[str]:
@@ -153,9 +152,9 @@ class ImageCache:
 
     def get(self, path: str) -> torch.Tensor:
         """The processed image; `UnreadableImageError` (remembered, never decoded again) when it fails."""
-        if path in self._items:
-            self._items.move_to_end(path)
-            return self._items[path]
+        hit = self.lookup(path)
+        if hit is not None:
+            return hit
         if path in self.unreadable:
             raise UnreadableImageError("refer", [path])
         try:
@@ -163,10 +162,7 @@ class ImageCache:
         except UnreadableImageError:
             self.unreadable.add(path)
             raise
-        self._items[path] = t
-        self._bytes += t.nbytes
-        while self._bytes > self.capacity_bytes and len(self._items) > 1:
-            self._bytes -= self._items.popitem(last=False)[1].nbytes
+        self.put(path, t)
         return t
 
 

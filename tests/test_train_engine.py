@@ -258,7 +258,7 @@ def test_student_inputs_are_decoded_once_per_process(world, tmp_path, monkeypatc
     run_distillation(tiny_recipe(world, **recipe), tmp_path / "cached", teachers=make_teachers())
     cached = len(decodes)
     decodes.clear()
-    monkeypatch.setattr(inputs.StudentInputCache.__init__, "__defaults__", (0,))   # keeps one tensor at most
+    monkeypatch.setattr(inputs, "STUDENT_INPUT_BYTES", 0)     # keeps one tensor at most
     run_distillation(tiny_recipe(world, **recipe), tmp_path / "plain", teachers=make_teachers())
     assert cached <= 48 + 1 < len(decodes)      # each image once (+ the corrupt one, decoded each visit)
     a, b = read_metrics(tmp_path / "cached"), read_metrics(tmp_path / "plain")

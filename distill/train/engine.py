@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distill import losses as L
+from distill.config import ConfigError
 from distill.distributed import DistInfo, all_reduce_sum, barrier, setup, teardown
 from distill.io import fingerprint, portable, write_json_atomic
 from distill.train import checkpoint as ckpt
@@ -163,7 +164,6 @@ class Distiller:
             cache = self.cfg.target_cache.dir or str(self.out / "target_cache")
             shared = self.cfg.target_cache.shared
             if shared is not None and not Path(shared).is_dir():
-                from distill.config import ConfigError
                 raise ConfigError(f"target_cache.shared: '{shared}' is not a folder; point it at another run's "
                                   "OUT/target_cache (of the same teachers), or drop the key")
         self.teachers: dict[str, TeacherRunner] = {}

@@ -12,14 +12,13 @@ out of its step and counted (`corrupt`); a step whose images all fail on this ra
 and the trainer runs its placeholder. `workers=0` does the same work in the main process (the
 reference path the tests compare against).
 
-Each process keeps the student inputs it has made (`StudentInputCache`): the planned size of an image
+Each process keeps the student inputs it has made (`STUDENT_INPUT_BYTES` of them): the planned size of an image
 is the same every epoch, so a later visit costs neither the decode nor the resize, and an image is
 decoded only when the student input or a teacher's uncached output needs it.
 """
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -28,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill.encoders.common import resize_normalize
+from distill.lru import TensorLRU
 from distill.train.batching import TokenBalancedSampler
 from distill.train.pool import PlannedImage, TrainingPool, read_image
 
@@ -37,27 +37,9 @@ def student_tensor(image, size: tuple[int, int]) -> torch.Tensor:
     return resize_normalize(image, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), Image.BICUBIC)
 
 
-class StudentInputCache:
-    """Student input tensors by (image key, planned size), least recently used out beyond
-    `capacity_bytes` (256 MiB holds every mini-world pool image at its planned size; a large pool
-    simply keeps the recent ones). Exact: a hit returns the tensor the miss computed."""
-
-    def __init__(self, capacity_bytes: int = 256 * 2 ** 20):
-        self.capacity_bytes = capacity_bytes
-        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._bytes = 0
-
-    def get(self, key: tuple) -> torch.Tensor | None:
-        t = self._items.get(key)
-        if t is not None:
-            self._items.move_to_end(key)
-        return t
-
-    def put(self, key: tuple, t: torch.Tensor) -> None:
-        self._items[key] = t
-        self._bytes += t.nbytes
-        while self._bytes > self.capacity_bytes and len(self._items) > 1:
-            self._bytes -= self._items.popitem(last=False)[1].nbytes
+# student inputs each process keeps (`TensorLRU`): every mini-world pool image at its planned size fits;
+# a large pool simply keeps the recent ones
+STUDENT_INPUT_BYTES = 256 * 2 ** 20
 
 
 class PackedTensors:
@@ -145,7 +127,7 @@ class StepDataset(Dataset):
 
     def __init__(self, pool: TrainingPool, prepare: dict[str, Prepare]):
         self.pool, self.prepare = pool, prepare
-        self.student_inputs = StudentInputCache()   # per process: each DataLoader worker fills its own copy
+        self.student_inputs = TensorLRU(STUDENT_INPUT_BYTES)   # per process: each worker fills its own
 
     def _load(self, item: PlannedImage) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
         """(student input, {teacher: preprocessed pixels or None when cached}); `_Undecodable` when the
@@ -161,7 +143,7 @@ class StepDataset(Dataset):
             return decoded[0]
 
         key = (item.entry.key, tuple(item.size))
-        student = self.student_inputs.get(key)
+        student = self.student_inputs.lookup(key)
         if student is None:
             student = student_tensor(image(), item.size)
             self.student_inputs.put(key, student)

@@ -15,6 +15,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -60,14 +61,14 @@ class TeacherRunner:
                 return f
         return None
 
-    def prepare(self, image, key: str, resolution: int) -> torch.Tensor | None:
-        """The teacher's preprocessed pixels for one PIL image, or None when its output is cached. Pure
-        CPU work on picklable inputs: the input pipeline runs it in DataLoader workers. `image` may be a
-        callable that decodes it: it is called only when the output is not cached."""
+    def prepare(self, image: Callable[[], object], key: str, resolution: int) -> torch.Tensor | None:
+        """The teacher's preprocessed pixels, or None when its output is cached; `image()` gives the PIL
+        image, called only when it is not (the input pipeline decodes lazily). Pure CPU work on picklable
+        inputs: the input pipeline runs it in DataLoader workers."""
         res = self.resolution or resolution
         if self._cached(key, res) is not None:
             return None
-        return self.encoder.preprocess(image() if callable(image) else image, resolution=res)
+        return self.encoder.preprocess(image(), resolution=res)
 
     @torch.no_grad()
     def raw_prepared(self, pixels: list[torch.Tensor | None], keys: list[str],
@@ -104,8 +105,8 @@ class TeacherRunner:
 
     def raw(self, images, keys: list[str], resolutions: list[int]) -> list[RawTeacherOutput]:
         """PIL images -> raw outputs (cached when a cache dir is set): `prepare` then `raw_prepared`."""
-        return self.raw_prepared([self.prepare(im, k, r) for im, k, r in zip(images, keys, resolutions)],
-                                 keys, resolutions)
+        prepared = [self.prepare(lambda im=im: im, k, r) for im, k, r in zip(images, keys, resolutions)]
+        return self.raw_prepared(prepared, keys, resolutions)
 
     # ------------------------------------------------------------------ standardised targets
     def _std(self, kind: str, x: torch.Tensor) -> torch.Tensor:
