@@ -237,3 +237,26 @@ def test_captions_name_every_object():
     assert len(set(caps)) == 5
     for c in caps:
         assert all(w in c for w in ("pink", "ring", "cyan", "cross")), c
+
+
+def test_shape_ceiling_trains_on_fresh_scenes_and_scores_the_val_split(tiny_world, tmp_path, capsys):
+    """`amoe world ceiling`: fresh seeded scenes of the world's classification shapes, a supervised model per `--model`, shape top-1 on the val split; a missing world is one line, exit 2."""
+    from amoe.cli import main
+    from benchmarks.world.ceiling import render_shape_scenes
+    cfg = json.loads((tiny_world / "world.json").read_text())["config"]["classification"]
+    images, labels = render_shape_scenes(24, cfg, seed=0, progress=False)
+    assert images.shape == (24, 64, 64, 3) and set(labels.tolist()) <= set(range(cfg["shapes"]))
+    again, _ = render_shape_scenes(24, cfg, seed=0, progress=False)
+    assert (images == again).all()                                   # seeded
+    for model in ("cnn", "vit"):
+        out = tmp_path / f"{model}.json"
+        assert main(["world", "ceiling", "--world", str(tiny_world), "--model", model, "--seconds", "0.5",
+                     "--scenes", "16", "--side", "32", "--out", str(out), "--no-progress"]) == 0
+        result = json.loads(out.read_text())
+        assert result["model"] == model and result["steps"] >= 1 and result["chance"] == 25.0
+        assert 0.0 <= result["shape_top1"] <= 100.0
+    capsys.readouterr()
+    assert main(["world", "ceiling", "--world", str(tmp_path / "nope")]) == 2
+    assert "amoe world make" in capsys.readouterr().err
+    assert main(["world", "ceiling", "--world", str(tiny_world), "--model", "vit", "--side", "30"]) == 2
+    assert "--patch 8" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`amoe world make --out DIR --size small|medium --seed N`."""
+"""`amoe world make --out DIR --size small|medium --seed N`; `amoe world ceiling --world DIR --model cnn|vit`."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,19 @@ def register(subparsers) -> None:
     make.add_argument("--force", action="store_true", help="replace an existing world with different settings")
     make.add_argument("--no-progress", action="store_true")
     make.set_defaults(func=_make)
+    ceil = sub.add_parser("ceiling", help="shape accuracy a supervised CNN or ViT reaches from fresh scenes in a "
+                                          "CPU budget (the world's learnability without the data limit)")
+    ceil.add_argument("--world", required=True, help="a finished mini-world (its classification val split is scored)")
+    ceil.add_argument("--model", default="cnn", choices=["cnn", "vit"])
+    ceil.add_argument("--seconds", type=float, default=240.0, help="wall seconds of training (default 240)")
+    ceil.add_argument("--scenes", type=int, default=20000, help="fresh training scenes rendered (default 20000)")
+    ceil.add_argument("--side", type=int, default=48, help="input side in pixels (default 48)")
+    ceil.add_argument("--patch", type=int, default=8, help="ViT patch size (default 8)")
+    ceil.add_argument("--width", type=int, default=64, help="CNN last width / ViT hidden size (default 64)")
+    ceil.add_argument("--seed", type=int, default=0)
+    ceil.add_argument("--out", default=None, help="also write the result JSON here")
+    ceil.add_argument("--no-progress", action="store_true")
+    ceil.set_defaults(func=_ceiling)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
@@ -32,4 +45,25 @@ def _make(args: argparse.Namespace) -> int:
              "counts": {part: {k: v for k, v in s.items() if isinstance(v, (int, float))}
                         for part, s in summary["parts"].items()}}
     print(json.dumps(brief, indent=2))
+    return 0
+
+
+def _ceiling(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distill.errors import AmoeError
+    from distill.io import write_json_atomic
+
+    from .ceiling import shape_ceiling
+    if not (Path(args.world) / "world.json").is_file():
+        raise AmoeError(f"{args.world} is not a finished mini-world (no world.json); make one with "
+                        "`amoe world make --out DIR`")
+    if args.side % args.patch and args.model == "vit":
+        raise AmoeError(f"--side {args.side} is not a multiple of --patch {args.patch}; pick sides like "
+                        f"{args.patch * max(1, args.side // args.patch)}")
+    result = shape_ceiling(args.world, model=args.model, seconds=args.seconds, scenes=args.scenes, side=args.side,
+                           patch=args.patch, width=args.width, seed=args.seed, progress=not args.no_progress)
+    if args.out:
+        write_json_atomic(args.out, result)
+    print(json.dumps(result, indent=2))
     return 0
