@@ -260,3 +260,5 @@ def test_shape_ceiling_trains_on_fresh_scenes_and_scores_the_val_split(tiny_worl
     assert "amoe world make" in capsys.readouterr().err
     assert main(["world", "ceiling", "--world", str(tiny_world), "--model", "vit", "--side", "30"]) == 2
     assert "--patch 8" in capsys.readouterr().err
+    assert main(["world", "ceiling", "--world", str(tiny_world), "--scenes", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err

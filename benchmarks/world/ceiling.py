@@ -11,7 +11,7 @@ no val image is among them). Chance is 1 / shapes.
 
 `model` is `cnn` (the ceiling's small CNN) or `vit` (HF `DINOv3ViTModel`, the teachers' class, built
 from the DINOv3 teacher recipe with `patch`, `width` and `side` overridden): the gap between the two
-at one budget is the price of the ViT's missing convolutional prior. Figures: docs/teachers.md.
+at one budget is what the teachers' architecture costs in sample efficiency. Figures: docs/teachers.md.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm
 
 from distill.teachers.ceiling import (IMAGENET_MEAN, IMAGENET_STD, SmallCNN, ViTClassifier, rot_flip,
@@ -60,7 +61,6 @@ def _normalised(images: torch.Tensor, side: int) -> torch.Tensor:
 
 def _val_split(world: Path, shapes: list[str], side: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The classification val split, labelled by the shape in its class folder (`<colour>_<shape>`)."""
-    from PIL import Image
     files = sorted((world / "classification" / "val").glob("*/*.jpg"))
     x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
     y = torch.tensor([shapes.index(f.parent.name.split("_", 1)[1]) for f in files])

@@ -58,6 +58,9 @@ def _ceiling(args: argparse.Namespace) -> int:
     if not (Path(args.world) / "world.json").is_file():
         raise AmoeError(f"{args.world} is not a finished mini-world (no world.json); make one with "
                         "`amoe world make --out DIR`")
+    if args.scenes < 1 or args.seconds <= 0:
+        raise AmoeError(f"--scenes {args.scenes} / --seconds {args.seconds}: both must be positive "
+                        "(defaults 20000 scenes, 240 s)")
     if args.side % args.patch and args.model == "vit":
         raise AmoeError(f"--side {args.side} is not a multiple of --patch {args.patch}; pick sides like "
                         f"{args.patch * max(1, args.side // args.patch)}")
