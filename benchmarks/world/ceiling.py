@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
 
+from distill.data import load_dataset
 from distill.teachers.ceiling import (IMAGENET_MEAN, IMAGENET_STD, SmallCNN, ViTClassifier, rot_flip,
                                      train_for_seconds)
 from distill.teachers.common import load_recipe
@@ -60,10 +60,12 @@ def _normalised(images: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def _val_split(world: Path, shapes: list[str], side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The classification val split, labelled by the shape in its class folder (`<colour>_<shape>`)."""
-    files = sorted((world / "classification" / "val").glob("*/*.jpg"))
-    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
-    y = torch.tensor([shapes.index(f.parent.name.split("_", 1)[1]) for f in files])
+    """The classification val split through the project's ImageFolder reader, each item labelled by
+    the shape its class names (`<colour> <shape>`)."""
+    ds = load_dataset("imagefolder", world / "classification", "val")
+    items = [ds[i] for i in range(len(ds))]
+    x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im, _ in items])
+    y = torch.tensor([shapes.index(ds.classes[label].split()[-1]) for _, label in items])
     return _normalised(x, side), y
 
 
