@@ -87,8 +87,8 @@ class Run:
 
     @property
     def workers(self) -> int:
-        """Ablation arms trained side by side (distill.jobs: one torch thread each); `workers` in the
-        settings, default two on a machine with two cores or more."""
+        """Ablation arms trained, and benchmark models run, side by side (distill.jobs: one torch thread
+        each); `workers` in the settings, default two on a machine with two cores or more."""
         from distill.jobs import default_workers
         return int(self.settings.get("workers") or default_workers(2))
 
@@ -153,7 +153,7 @@ class Run:
     def labels(self) -> list[dict]:
         """Leaderboard rows in order, {spec, name}, and for an arm's seed s > 0 also {arm, seed}: the
         evidence page reads the seeds of an arm together (the specs stay in the CSVs)."""
-        from grounding_vlm.ablation import CONFIGS, arm_name, single_teacher_arm
+        from grounding_vlm.ablation import CONFIGS, SINGLE_TEACHER_CONFIG, arm_name, arm_seeds, single_teacher_arm
 
         def entry(spec: str, label: str, seed: int) -> dict:
             return {"spec": spec, "name": label} if seed == 0 else \
@@ -163,10 +163,11 @@ class Run:
                 entry(f"dinov3:{self.teachers / 'dinov3'}", "DINOv3 teacher", 0),
                 entry(f"student:{self.random_student}", "student (random init)", 0)]
         rows += [entry(f"student:{self.export(a, s)}", a.label, s) for a, s in self.benched()]
-        grounding = {c: f"grounding ({c.removeprefix('miniworld-').replace('-', ' + ')})" for c in CONFIGS}
-        grounding.update({single_teacher_arm(t): f"grounding ({name}-only student)" for t, name in SINGLE_TEACHERS.items()})
+        grounding = {c: (c, f"grounding ({c.removeprefix('miniworld-').replace('-', ' + ')})") for c in CONFIGS}
+        grounding.update({single_teacher_arm(t): (SINGLE_TEACHER_CONFIG, f"grounding ({name}-only student)")
+                          for t, name in SINGLE_TEACHERS.items()})
         rows += [entry(f"grounding-vlm:{arm_name(run, s)}", label, s) for s in range(self.seeds)
-                 for run, label in grounding.items()]
+                 for run, (config, label) in grounding.items() if s in arm_seeds(config, self.seeds)]
         return rows + [entry("grounding-baseline:constant-box", "grounding (constant box)", 0)]
 
     def sweep_config(self) -> dict:
@@ -316,6 +317,28 @@ def _distill_main(r: Run) -> None:
     _distill_arm(r, r.main_arm, 0)
 
 
+def _main_target_cache(r: Run) -> Path:
+    return r.export(r.main_arm).parent / "target_cache"
+
+
+def _targets_done(r: Run) -> bool:
+    return all((_main_target_cache(r) / f"filled-{t.name}.json").is_file() for t in _arm_config(r, r.main_arm, 0).teachers)
+
+
+def _fill_targets(r: Run) -> dict:
+    """Every teacher output an ablation arm can ask for, into the main student's target cache (each arm
+    reads it as `target_cache.shared`), one teacher per process side by side: arms then encode nothing."""
+    from distill.jobs import side_by_side
+    from distill.train.targets import fill_target_cache
+    cfg, out = _arm_config(r, r.main_arm, 0), r.export(r.main_arm).parent
+    names = [t.name for t in cfg.teachers]
+    counts = side_by_side([(fill_target_cache, (cfg, out, n), {}) for n in names],
+                          workers=min(r.workers, len(names)))
+    for name, c in zip(names, counts):
+        write_json_atomic(_main_target_cache(r) / f"filled-{name}.json", c)
+    return dict(zip(names, counts))
+
+
 def _ablation_done(r: Run) -> bool:
     return all(_arm_done(r, a, s) for a, s in _step_arms(r, "relational"))
 
@@ -400,7 +423,7 @@ def _run_bench(r: Run) -> dict:
     from benchmarks.leaderboard import LABELS_FILE
     r.results.mkdir(parents=True, exist_ok=True)
     write_json_atomic(r.results / LABELS_FILE, r.labels())   # row names, order and seeds for the leaderboard
-    summary = run_sweep(cfg, harness_from_config(cfg))
+    summary = run_sweep(cfg, harness_from_config(cfg), workers=r.workers)
     if summary.failed:
         lines = "\n  ".join(f"{f['cell']}: {f['reason']} ({f['path']})" for f in summary.failures)
         raise RuntimeError(f"{summary.failed} benchmark cell(s) failed:\n  {lines}\n"
@@ -437,6 +460,9 @@ STEPS: list[Step] = [
          _student_done, _export_random_student, requires=("teachers",)),
     Step("distill", "distil the mini-world MoE student from both teachers (ARKD, PHI-S, packing)",
          _distill_done, _distill_main, requires=("world", "teachers")),
+    Step("ablation-targets", "cache every teacher output the ablation arms can ask for (each image at each "
+         "side budget), so that no arm runs a teacher", _targets_done, _fill_targets,
+         requires=("world", "teachers", "distill"), ablation=True),
     Step("ablation-relational", "distil the relational-term ablation students (none, RKD; every seed)",
          _ablation_done, _distill_ablation, requires=("world", "teachers"), ablation=True),
     Step("ablation-curation", "curate the pool (hierarchical k-means, balanced sampling) and distil on the "

@@ -61,6 +61,9 @@ def register(subparsers) -> None:
     sweep = sub.add_parser("sweep", help="run a sweep config (models x tasks x datasets x resolutions)")
     sweep.add_argument("config", help="sweep config JSON (see docs/benchmarks.md)")
     sweep.add_argument("--out", default=None, help="results folder (default: the config's 'out' or results/)")
+    sweep.add_argument("--workers", type=int, default=1,
+                       help="processes side by side, one torch thread each, a model's cells in one process "
+                            "(default 1: this process, torch's threads)")
     _common(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
@@ -122,7 +125,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from benchmarks.sweep import harness_from_config, load_sweep_config, run_sweep
+    from benchmarks.sweep import SweepConfigError, harness_from_config, load_sweep_config, run_sweep
     from distill.distributed import setup
 
     rank = setup().rank
@@ -131,7 +134,9 @@ def cmd_sweep(args) -> int:
     h = harness_from_config(cfg, out=args.out, limit=args.limit, cache_dir=args.cache_dir,
                             variables=_parse_vars(args.var), show_progress=not args.no_progress,
                             content_hash=args.content_hash)
-    summary = run_sweep(cfg, h, force=args.force)
+    if args.workers < 1:
+        raise SweepConfigError(f"--workers must be 1 or more, got {args.workers}")
+    summary = run_sweep(cfg, h, force=args.force, workers=args.workers)
     _quiet_unless_rank0(rank, {"out": str(h.out_dir), **summary.as_dict()})
     return 0 if summary.failed == 0 else 1
 

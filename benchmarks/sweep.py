@@ -437,11 +437,48 @@ def _bootstrap_settings(value) -> dict | None:
     return out
 
 
-def run_sweep(cfg: dict, h: Harness, force: bool = False) -> SweepSummary:
+def run_sweep(cfg: dict, h: Harness, force: bool = False, workers: int = 1) -> SweepSummary:
+    """Plan and run a sweep; `workers` > 1 runs it in that many processes side by side (`run_side_by_side`)."""
     validate_sweep_config(cfg)
     suite = load_suite(cfg["suite"])
     cells = plan_cells(cfg, suite)
+    if workers > 1 and dist_info()[1] == 1:
+        return run_side_by_side(cells, suite, h, workers, force=force)
     return run_cells(cells, suite, h, force=force)
+
+
+def run_side_by_side(cells: list[Cell], suite: dict, h: Harness, workers: int, force: bool = False) -> SweepSummary:
+    """`run_cells` in `workers` processes of one torch thread each (distill.jobs). A model's cells stay
+    in one process, so its encoder loads once and its cached features are computed once; models go to
+    the least loaded process, most cells first. Every cell runs on one thread whatever runs beside it,
+    so its result does not depend on the scheduling. The mini-world's small encoders use two processes
+    better than two threads (the same holds for its trainings; distill/jobs.py)."""
+    from distill.jobs import side_by_side
+
+    t0 = time.perf_counter()
+    by_model: dict[str, list[Cell]] = {}
+    for c in cells:
+        by_model.setdefault(c.model, []).append(c)
+    groups: list[list[Cell]] = [[] for _ in range(workers)]
+    for model_cells in sorted(by_model.values(), key=len, reverse=True):
+        min(groups, key=len).extend(model_cells)
+    groups = [g for g in groups if g]
+    quiet = replace(h, show_progress=False)
+
+    def done(i: int, seconds: float) -> None:
+        if h.show_progress:
+            tqdm.write(f"[sweep] {len(groups[i])} cell(s) of {len({c.model for c in groups[i]})} model(s) "
+                       f"finished in {seconds:.0f} s")
+
+    parts = side_by_side([(run_cells, (g, suite, quiet), {"force": force}) for g in groups],
+                         workers=len(groups), on_done=done)
+    summary = SweepSummary()
+    for part in parts:
+        for k in ("total", "already_done", "ok", "skipped", "failed", "busy"):
+            setattr(summary, k, getattr(summary, k) + getattr(part, k))
+        summary.failures += part.failures
+    summary.seconds = time.perf_counter() - t0
+    return summary
 
 
 def sweep_fingerprint(cfg: dict) -> str:

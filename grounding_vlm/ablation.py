@@ -9,7 +9,8 @@ only the initialisation differs), the data, the box bins and the seed; the LM ru
 stand-in LM (`amoe ground lm-pretrain`, trained first into OUT/standin-lm on the pool captions) with
 its own tokenizer. `single_teacher` adds one arm per teacher, initialised from a student distilled
 from that teacher alone (the paper's multi- vs single-teacher init). With `seeds` > 1 every arm is also
-trained with train.seed 1..S-1 (run folder NAME-seedS); seed s of a student arm starts from
+trained with train.seed 1..S-1 (run folder NAME-seedS; the LM arm with seed 0 only, `arm_seeds`);
+seed s of a student arm starts from
 `student_seeds[s]` (the student distilled with seed s), so the spread covers the student's training
 noise too. Each arm is trained, then evaluated on val / testA / testB, and marks itself finished
 (RUN/arm.json), so a killed ablation redoes only unfinished arms; a finished arm whose config differs
@@ -53,6 +54,13 @@ def arm_name(base: str, seed: int) -> str:
     return base if seed == 0 else f"{base}-seed{seed}"
 
 
+def arm_seeds(config: str, seeds: int) -> range:
+    """Training seeds of an arm: every seed, except the stand-in LM arm's seed 0 alone (it tests none of
+    the paper's claims, only that a pretrained text side plugs in, so its extra seeds are not worth
+    their training time)."""
+    return range(1) if config == LM_CONFIG else range(seeds)
+
+
 def single_teacher_arm(teacher: str) -> str:
     return f"miniworld-student-{teacher}-only"
 
@@ -67,6 +75,8 @@ def plan_arms(world: Path, student_seeds: list[Path], out: Path, fast: bool, ste
     plan = []
     for seed in range(len(student_seeds)):
         for arm, config, inits in arms:
+            if seed not in arm_seeds(config, len(student_seeds)):
+                continue
             cfg = load_config(config)
             sets = [f"data.root={refer}", f"train.progress={json.dumps(progress)}"]
             if config == LM_CONFIG:

@@ -2,6 +2,8 @@
 folder, students and the official release borrowing it, and its bad-input messages."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -75,9 +77,12 @@ def test_real_route_is_opt_in_injectable_and_applies_the_head_to_our_tokens(tmp_
     assert enc.logit_scale("dinotxt") == pytest.approx(float(torch.tensor(2.0).exp()))
 
 
-def test_mini_head_folder_is_found_beside_the_teacher(teachers):
+def test_mini_head_folder_is_found_beside_the_teacher(teachers, tmp_path):
     enc = load_encoder(f"dinov3:{teachers / 'dinov3'}")
-    assert enc.text_heads == ("dinotxt",) and enc.describe()["dinotxt"].endswith(SUBFOLDER)
+    assert enc.text_heads == ("dinotxt",) and enc.describe()["dinotxt"] == enc.dinotxt.fingerprint()
+    # the fingerprint (every cache key) names weights, never a path: a moved teacher keeps its caches
+    moved = shutil.copytree(teachers / "dinov3", tmp_path / "elsewhere" / "dinov3")
+    assert load_encoder(f"dinov3:{moved}").fingerprint() == enc.fingerprint()
     f = enc.encode([enc.preprocess(image(40, 40))])
     assert f.summary["dinotxt"].shape == (1, 96)
     assert enc.encode_text(["a red circle"], "dinotxt").shape == (1, 96)

@@ -50,7 +50,7 @@ def test_only_unknown_step_is_rejected(tmp_path):
 
 
 def test_pipeline_shape_and_settings(tmp_path):
-    assert [s.name for s in STEPS] == ["world", "teachers", "random-student", "distill", "ablation-relational",
+    assert [s.name for s in STEPS] == ["world", "teachers", "random-student", "distill", "ablation-targets", "ablation-relational",
                                        "ablation-curation", "ablation-packing", "ablation-single-teacher", "grounding",
                                        "bench", "leaderboard"]
     fast, full = load_settings(fast=True), load_settings()
@@ -74,6 +74,8 @@ def test_pipeline_shape_and_settings(tmp_path):
     assert seed1 == {"spec": seed1["spec"], "name": "student (curated data) · seed 1", "arm": "student (curated data)",
                      "seed": 1}
     assert labels["grounding-vlm:miniworld-student-dinov3-only-seed2"]["arm"] == "grounding (DINOv3-only student)"
+    # the stand-in LM arm tests no claim: trained, and listed, with seed 0 only
+    assert "grounding-vlm:miniworld-student-lm" in labels and "grounding-vlm:miniworld-student-lm-seed1" not in labels
 
 
 def test_ablation_steps_run_only_when_selected(tmp_path):
@@ -97,6 +99,10 @@ def test_fast_quickstart_runs_every_step_end_to_end(tmp_path):
     for name in ("miniworld-scratch", "miniworld-student", "miniworld-student-gram", "miniworld-student-lm"):
         assert f"grounding-vlm:{name}" in table
     assert "grounding-baseline:constant-box" in table          # the floor every init is read against
+    # the arms read every teacher output from the main student's cache, filled before them
+    for t in ("siglip2", "dinov3"):
+        assert json.loads((run.export(run.main_arm).parent / "target_cache" / f"filled-{t}.json").read_text())["encoded"] > 0
+    assert not list((run.students / "distilled-none-seed1" / "target_cache").rglob("*.safetensors"))
     # the ablations' evidence page: every claim gets a verdict; the measured ones have intervals
     claims = json.loads((run.leaderboard / "evidence.json").read_text())["claims"]
     assert [c["id"] for c in claims] == ["arkd", "curation", "packing", "agglomerative", "grounding"]

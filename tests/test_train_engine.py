@@ -246,6 +246,35 @@ def test_shared_target_cache_is_read_and_never_written(world, tmp_path):
         run_distillation(recipe, tmp_path / "arm2", teachers=make_teachers())
 
 
+def test_filled_target_cache_leaves_other_seeds_nothing_to_encode(world, tmp_path):
+    """`fill_target_cache` stores every (image, side budget) the pool can draw, so a run of another seed
+    reading it as `target_cache.shared` encodes nothing, and trains exactly as it does encoding itself."""
+    from distill.train.targets import fill_target_cache
+
+    recipe = tiny_recipe(world, steps=3, target_cache__enabled=True, phis__enabled=False, data__workers=0)
+    run_distillation(recipe, tmp_path / "main", teachers=make_teachers())
+    shared = tmp_path / "main" / "target_cache"
+    before = len(list(shared.rglob("*.safetensors")))
+    counts = {name: fill_target_cache(recipe, tmp_path / "main", name, encoder=enc)
+              for name, enc in make_teachers().items()}
+    budgets = len(recipe["data"]["sources"][0]["resolutions"])
+    for c in counts.values():   # 48 images less the broken jpeg (the pool index leaves it out), two budgets
+        assert c["undecodable"] == 0 and c["encoded"] > 0 and c["encoded"] + c["cached"] == 47 * budgets
+    assert len(list(shared.rglob("*.safetensors"))) == before + sum(c["encoded"] for c in counts.values())
+    again = {name: fill_target_cache(recipe, tmp_path / "main", name, encoder=enc)
+             for name, enc in make_teachers().items()}
+    assert all(c["encoded"] == 0 for c in again.values())   # resumable: nothing twice
+    seed1 = {**recipe, "seed": 1, "steps": 6}
+    run_distillation(seed1, tmp_path / "alone", teachers=make_teachers())
+    run_distillation({**seed1, "target_cache": {**recipe["target_cache"], "shared": str(shared)}},
+                     tmp_path / "arm", teachers=make_teachers())
+    assert not list((tmp_path / "arm" / "target_cache").rglob("*.safetensors"))   # every output was a hit
+    assert list((tmp_path / "alone" / "target_cache").rglob("*.safetensors"))
+    la = [r["loss/total"] for r in read_metrics(tmp_path / "alone")]
+    lb = [r["loss/total"] for r in read_metrics(tmp_path / "arm")]
+    assert la == pytest.approx(lb, rel=1e-6)
+
+
 def test_student_inputs_are_decoded_once_per_process(world, tmp_path, monkeypatch):
     """Later epochs reuse the student inputs of the first (no decode, no resize) and train the same
     steps, bit for bit, as decoding every visit; the corrupt image is still skipped and counted."""

@@ -402,3 +402,29 @@ def test_an_unreadable_result_file_is_named_and_left_out(digits_root, tmp_path):
         out = build(h.out_dir, tmp_path / "lb", reported_csv=None)
     assert out["cells"] == 1 and any("zz-truncated.json" in p for p in out["unreadable"])
     assert "zz-truncated.json" in (tmp_path / "lb" / "leaderboard.md").read_text()
+
+
+def test_a_sweep_side_by_side_gives_the_numbers_of_one_process(digits_root, tmp_path):
+    """`workers=2` runs the models in two spawned processes of one thread each (a model's cells in one
+    of them): the same result files, with the same numbers, as one process on one thread."""
+    from benchmarks.sweep import harness_from_config
+
+    cfg = {"suite": str(suite_file(digits_root, tmp_path)), "models": ["pixels:8", "pixels:12", "pixels:16"],
+           "tasks": ["knn", "segmentation"], "bootstrap": False}
+
+    def run(out: str, workers: int) -> dict:
+        h = harness_from_config(cfg, out=tmp_path / out, cache_dir=tmp_path / f"cache-{out}", show_progress=False)
+        summary = run_sweep(cfg, h, workers=workers)
+        assert summary.total == summary.ok == 6 and summary.failed == 0
+        return {(r["cell"]["model"], r["cell"]["task"]): r["metrics"] for r in load_results(h.out_dir)}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = run("one", 1)
+    finally:
+        torch.set_num_threads(threads)
+    side = run("two", 2)
+    assert side.keys() == alone.keys() and len(side) == 6
+    for cell, metrics in alone.items():
+        assert side[cell] == pytest.approx(metrics, rel=1e-6, abs=1e-9), cell

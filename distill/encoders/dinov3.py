@@ -102,7 +102,7 @@ class DINOv3Encoder(ModuleEncoder):
 
     def describe(self) -> dict:
         return {"width": self.width, "patch_size": self.patch_size, "registers": self.n_registers,
-                "dinotxt": self.dinotxt.source if self.dinotxt is not None else None,
+                "dinotxt": self.dinotxt.fingerprint() if self.dinotxt is not None else None,
                 **({"dinotxt_missing": self.dinotxt_missing} if self.dinotxt_missing else {})}
 
 

@@ -192,7 +192,7 @@ class Distiller:
                 self.counters["corrupt_images"] += 1
         else:
             raise TrainingAborted("none of the pool's first 256 images decodes; check the pool shards")
-        self._probe = {n: r.raw([img], [item.entry.key + "#probe"], [item.resolution])[0]
+        self._probe = {n: r.raw([img], [item.entry.key], [item.resolution])[0]   # a cached output serves too
                        for n, r in self.teachers.items()}
         return {n: int(o.summary.shape[-1]) for n, o in self._probe.items()}
 

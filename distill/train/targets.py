@@ -162,3 +162,67 @@ def _modules_of(enc):
     if isinstance(enc, nn.Module):
         return [enc]
     return [v for v in vars(enc).values() if isinstance(v, nn.Module)]
+
+
+class _Undecodable(Exception):
+    """A pool image that does not decode (counted and skipped, as the trainer does)."""
+
+
+def fill_target_cache(cfg, out_dir: str | os.PathLike, teacher: str, batch: int = 32, progress: bool = False,
+                      encoder=None) -> dict:
+    """Cache every output of `teacher` that a run of recipe `cfg` (a recipe path, dict or TrainConfig,
+    as `run_distillation` takes; `encoder` injects the teacher as its `teachers` does) could ask for: each
+    image of each data source (manifests ignored: their samples are a subset) at each side budget the
+    source can draw, into the run's target cache (OUT/target_cache). Runs of other seeds, pool samples
+    or batching modes that read this cache as `target_cache.shared` then encode nothing themselves
+    (a seed draws each image's side budget anew, so one run's own cache covers about a third of what
+    another seed asks for). Resumable: cached outputs are skipped. Returns counts."""
+    from tqdm.auto import tqdm
+
+    from distill.train.pool import build_index, read_image
+
+    from distill.train.config import TrainConfig, load_config
+
+    cfg = (cfg if isinstance(cfg, TrainConfig) else load_config(cfg)).resolve_paths(out_dir)
+    if not cfg.target_cache.enabled:
+        raise ValueError("fill_target_cache: the recipe has target_cache.enabled false; nothing would read the cache")
+    t_cfg = next((t for t in cfg.teachers if t.name == teacher), None)
+    if t_cfg is None:
+        raise KeyError(f"teacher {teacher!r} is not in the recipe ({', '.join(t.name for t in cfg.teachers)})")
+    cache = str(cfg.target_cache.dir or Path(out_dir) / "target_cache")
+    runner = load_teacher(t_cfg, torch.device("cpu"), cache) if encoder is None else \
+        TeacherRunner(t_cfg.name, encoder, t_cfg.head or t_cfg.name, t_cfg.resolution, cache)
+    counts = {"encoded": 0, "cached": 0, "undecodable": 0}
+    for i, src in enumerate(cfg.data.sources):
+        index = build_index(src.path, Path(out_dir) / "index" / f"source_{i}")
+        budgets = [t_cfg.resolution] if t_cfg.resolution else list(src.resolutions)
+        rows = range(len(index)) if src.limit is None else range(min(src.limit, len(index)))
+        for lo in tqdm(range(0, len(rows), batch), desc=f"{teacher} targets", disable=not progress, leave=False):
+            pending: dict[int, tuple[list, list]] = {r: ([], []) for r in budgets}   # budget -> (pixels, keys)
+            for row in rows[lo:lo + batch]:
+                entry, decoded = index.entry(row), []
+
+                def image(entry=entry, decoded=decoded):   # decoded at most once, only on a miss
+                    if not decoded:
+                        try:
+                            decoded.append(read_image(entry))
+                        except Exception as e:   # undecodable despite a valid header: the trainer skips it too
+                            raise _Undecodable() from e
+                    return decoded[0]
+
+                try:
+                    prepared = [(r, runner.prepare(image, entry.key, r)) for r in budgets]
+                except _Undecodable:
+                    counts["undecodable"] += 1
+                    continue
+                for r, px in prepared:
+                    if px is None:
+                        counts["cached"] += 1
+                    else:
+                        pending[r][0].append(px)
+                        pending[r][1].append(entry.key)
+            for r, (pixels, keys) in pending.items():
+                if pixels:
+                    runner.raw_prepared(pixels, keys, [r] * len(keys))
+                    counts["encoded"] += len(keys)
+    return counts
