@@ -41,7 +41,9 @@ def test_the_same_steps_as_a_plain_adamw():
     a, b = Net(), Net()
     b.load_state_dict(a.state_dict())
     ours = build_adamw(a.named_parameters(), 1e-2, 0.05)
-    plain = torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.05)
+    # the reference path: the per-tensor loop (ours is the foreach one; they must agree bitwise)
+    plain = torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.05,
+                              foreach=False)
     x = torch.randn(8, 4)
     for _ in range(3):
         for model, opt in ((a, ours), (b, plain)):

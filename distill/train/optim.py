@@ -44,4 +44,6 @@ def build_adamw(named_parameters: Iterable[tuple[str, nn.Parameter]], lr: float,
         rate = lr_groups[group][1] if group in lr_groups else lr
         groups.append({"params": params, "lr": rate, "base_lr": rate, "name": f"{group}{'' if decays else '/no_decay'}",
                        "weight_decay": weight_decay if decays else 0.0})
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    # foreach: one kernel per op over all tensors, the same numbers as the per-tensor loop (checked
+    # bitwise on the mini-world student) at half its CPU time; torch picks it on GPUs already
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=True)
