@@ -32,3 +32,12 @@ class TensorLRU:
         self._bytes += self._items[key][1]
         while self._bytes > self.capacity_bytes and len(self._items) > 1:
             self._bytes -= self._items.popitem(last=False)[1][1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the sizes the values were put with)."""
+        return self._bytes
+
+    def keys(self) -> list:
+        """Keys, least recently used first."""
+        return list(self._items)

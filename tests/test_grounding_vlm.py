@@ -734,8 +734,8 @@ def test_image_cache_keeps_images_within_its_byte_budget(refer_world):
     cache = ImageCache(processor_from(cfg["data"], 16), capacity_bytes=sizes[1] + sizes[2])
     for p in paths:
         cache.get(p)
-    assert list(cache._items) == paths[1:]        # the least recently used image went first
-    assert cache._bytes == sum(t.nbytes for t in cache._items.values())
+    assert cache.keys() == paths[1:]        # the least recently used image went first
+    assert cache.nbytes == sum(cache.lookup(p).nbytes for p in paths[1:])
 
 
 def test_activation_checkpointing_trains_the_same_weights(refer_world, student_dir, tmp_path):
