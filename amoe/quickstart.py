@@ -322,7 +322,8 @@ def _main_target_cache(r: Run) -> Path:
 
 
 def _targets_done(r: Run) -> bool:
-    return all((_main_target_cache(r) / f"filled-{t.name}.json").is_file() for t in _arm_config(r, r.main_arm, 0).teachers)
+    teachers = _arm_config(r, r.main_arm, 0).teachers
+    return all((_main_target_cache(r) / f"filled-{t.name}.json").is_file() for t in teachers)
 
 
 def _fill_targets(r: Run) -> dict:

@@ -189,9 +189,8 @@ def fill_target_cache(cfg, out_dir: str | os.PathLike, teacher: str, batch: int 
     another seed asks for). Resumable: cached outputs are skipped. Returns counts."""
     from tqdm.auto import tqdm
 
-    from distill.train.pool import build_index, read_image
-
     from distill.train.config import TrainConfig, load_config
+    from distill.train.pool import build_index, read_image
 
     cfg = (cfg if isinstance(cfg, TrainConfig) else load_config(cfg)).resolve_paths(out_dir)
     if not cfg.target_cache.enabled:
