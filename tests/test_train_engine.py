@@ -80,10 +80,16 @@ def test_two_processes_equal_one_process(world, tmp_path, parallel):
 def _ddp_worker_rank1_decodes_nothing(rank: int, world_size: int, port: int, recipe: dict, out: str) -> None:
     if rank == 1:   # every training read fails on this rank (the start-up width probe still reads)
         import distill.train.inputs as inputs
+        from distill.train.pool import UndecodableImage
 
         def unreadable(entry):
             raise OSError("image file is truncated")
-        inputs.read_image = unreadable       # in-process loading (workers=0): the patch reaches it
+
+        def undecodable(entry):   # what pool.lazy_image gives for an image that fails to decode
+            def image():
+                raise UndecodableImage(entry.key)
+            return image
+        inputs.lazy_image = undecodable      # in-process loading (workers=0): the patch reaches it
         import distill.train.phis_fit as phis_fit
         phis_fit.read_image = unreadable     # its share of the PHI-S fit images too
     _ddp_worker(rank, world_size, port, recipe, out)
@@ -280,9 +286,12 @@ def test_student_inputs_are_decoded_once_per_process(world, tmp_path, monkeypatc
     steps, bit for bit, as decoding every visit; the corrupt image is still skipped and counted."""
     import distill.train.inputs as inputs
 
+    import distill.train.pool as pool
+
     decodes = []
-    real = inputs.read_image
-    monkeypatch.setattr(inputs, "read_image", lambda entry: decodes.append(entry.key) or real(entry))
+    real = pool.read_image
+    # the training inputs decode through pool.lazy_image, which reads pool.read_image at call time
+    monkeypatch.setattr(pool, "read_image", lambda entry: decodes.append(entry.key) or real(entry))
     recipe = dict(steps=16, data__workers=0, target_cache__enabled=True)   # passes over the 48-image pool
     run_distillation(tiny_recipe(world, **recipe), tmp_path / "cached", teachers=make_teachers())
     cached = len(decodes)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from distill.encoders.common import resize_normalize
 from distill.lru import TensorLRU
 from distill.train.batching import TokenBalancedSampler
-from distill.train.pool import PlannedImage, TrainingPool, read_image
+from distill.train.pool import PlannedImage, TrainingPool, UndecodableImage, lazy_image
 
 
 def student_tensor(image, size: tuple[int, int]) -> torch.Tensor:
@@ -118,10 +118,6 @@ class StepTickets(Sampler):
 Prepare = Callable[[object, str, int], "torch.Tensor | None"]
 
 
-class _Undecodable(Exception):
-    """An image of the pool that does not decode (skipped and counted, not raised)."""
-
-
 class StepDataset(Dataset):
     """`dataset[ticket]` -> `StepInputs`. `prepare` maps a teacher name to its `TeacherRunner.prepare`."""
 
@@ -130,18 +126,9 @@ class StepDataset(Dataset):
         self.student_inputs = TensorLRU(STUDENT_INPUT_BYTES)   # per process: each worker fills its own
 
     def _load(self, item: PlannedImage) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-        """(student input, {teacher: preprocessed pixels or None when cached}); `_Undecodable` when the
-        image does not decode (only a miss can: a hit was decoded before)."""
-        decoded = []
-
-        def image():
-            if not decoded:
-                try:
-                    decoded.append(read_image(item.entry))
-                except Exception as e:  # undecodable despite a valid header
-                    raise _Undecodable() from e
-            return decoded[0]
-
+        """(student input, {teacher: preprocessed pixels or None when cached}); `UndecodableImage` when
+        the image does not decode (only a miss can: a hit was decoded before)."""
+        image = lazy_image(item.entry)
         key = (item.entry.key, tuple(item.size))
         student = self.student_inputs.lookup(key)
         if student is None:
@@ -158,7 +145,7 @@ class StepDataset(Dataset):
                 item = self.pool.item(idx)
                 try:
                     student, teachers = self._load(item)
-                except _Undecodable:  # skip and count; any other error is a bug and propagates
+                except UndecodableImage:  # skip and count; any other error is a bug and propagates
                     corrupt += 1
                     continue
                 positions.append(len(items))

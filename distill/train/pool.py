@@ -182,6 +182,25 @@ def read_image(entry: PoolEntry) -> Image.Image:
     return decode_rgb(data)
 
 
+class UndecodableImage(Exception):
+    """An image of the pool that does not decode despite a valid header (its readers skip and count it)."""
+
+
+def lazy_image(entry: PoolEntry) -> Callable[[], Image.Image]:
+    """The entry's image, decoded on the first call only (a reader whose outputs are all cached never
+    decodes it); `UndecodableImage` when it does not decode."""
+    decoded: list[Image.Image] = []
+
+    def image() -> Image.Image:
+        if not decoded:
+            try:
+                decoded.append(read_image(entry))
+            except Exception as e:
+                raise UndecodableImage(entry.key) from e
+        return decoded[0]
+    return image
+
+
 def fit_token_budget(h: int, w: int, patch: int, max_tokens: int) -> tuple[int, int]:
     """(H, W) shrunk along the long side until (H/p)(W/p) <= max_tokens. `smart_resize` keeps every
     side >= one patch, so an extreme aspect (a 20 x 4000 banner) can exceed the area budget; such an

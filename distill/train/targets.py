@@ -48,7 +48,7 @@ class TeacherRunner:
             else Path(shared_cache_dir) / name
         self.standardizers: dict[str, object] = {}    # "summary" / "patches" / "registers" -> PhiS
         # outputs read from the disk cache, kept (a run visits each image once per epoch; reading the
-        # files again cost ~7 % of a mini-world ablation arm's step); never mutated by their readers
+        # files was ~5 % of a cached mini-world arm's profile); never mutated by their readers
         self._loaded = TensorLRU(LOADED_OUTPUT_BYTES)
         encoder.require_head(head)
         self._fingerprint = str(encoder.fingerprint())
@@ -72,7 +72,7 @@ class TeacherRunner:
         image, called only when it is not (the input pipeline decodes lazily). Pure CPU work on picklable
         inputs: the input pipeline runs it in DataLoader workers."""
         res = self.resolution or resolution
-        if self._cached(key, res) is not None:
+        if self._loaded.lookup((key, res)) is not None or self._cached(key, res) is not None:
             return None
         return self.encoder.preprocess(image(), resolution=res)
 
@@ -174,10 +174,6 @@ def _modules_of(enc):
     return [v for v in vars(enc).values() if isinstance(v, nn.Module)]
 
 
-class _Undecodable(Exception):
-    """A pool image that does not decode (counted and skipped, as the trainer does)."""
-
-
 def fill_target_cache(cfg, out_dir: str | os.PathLike, teacher: str, batch: int = 32, progress: bool = False,
                       encoder=None) -> dict:
     """Cache every output of `teacher` that a run of recipe `cfg` (a recipe path, dict or TrainConfig,
@@ -190,7 +186,7 @@ def fill_target_cache(cfg, out_dir: str | os.PathLike, teacher: str, batch: int 
     from tqdm.auto import tqdm
 
     from distill.train.config import TrainConfig, load_config
-    from distill.train.pool import build_index, read_image
+    from distill.train.pool import UndecodableImage, build_index, lazy_image
 
     cfg = (cfg if isinstance(cfg, TrainConfig) else load_config(cfg)).resolve_paths(out_dir)
     if not cfg.target_cache.enabled:
@@ -209,19 +205,11 @@ def fill_target_cache(cfg, out_dir: str | os.PathLike, teacher: str, batch: int 
         for lo in tqdm(range(0, len(rows), batch), desc=f"{teacher} targets", disable=not progress, leave=False):
             pending: dict[int, tuple[list, list]] = {r: ([], []) for r in budgets}   # budget -> (pixels, keys)
             for row in rows[lo:lo + batch]:
-                entry, decoded = index.entry(row), []
-
-                def image(entry=entry, decoded=decoded):   # decoded at most once, only on a miss
-                    if not decoded:
-                        try:
-                            decoded.append(read_image(entry))
-                        except Exception as e:   # undecodable despite a valid header: the trainer skips it too
-                            raise _Undecodable() from e
-                    return decoded[0]
-
+                entry = index.entry(row)
+                image = lazy_image(entry)   # decoded only on a miss
                 try:
                     prepared = [(r, runner.prepare(image, entry.key, r)) for r in budgets]
-                except _Undecodable:
+                except UndecodableImage:   # the trainer skips it too
                     counts["undecodable"] += 1
                     continue
                 for r, px in prepared:
