@@ -8,13 +8,20 @@ The mini-world's trainings are too small for torch's intra-op threads to scale: 
 Every job gets the same thread count whatever runs beside it, so its floats do not depend on the
 scheduling. A failed job does not stop the others (their work is kept); the first failure is raised
 once all have ended. `workers <= 1` runs the jobs here, one after the other, with this process's threads.
+
+The worker processes outlive a call: the next call with the same (workers, threads) reuses them, since
+a fresh worker spends about 6 s importing torch, transformers and the models' code before its first
+job, and the quickstart with `--ablations` makes seven calls. `shutdown_workers()` ends them (also at exit);
+a pool whose worker died, or a call interrupted, is not reused.
 """
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 Job = tuple[Callable, tuple, dict]
@@ -23,6 +30,32 @@ Job = tuple[Callable, tuple, dict]
 def default_workers(jobs: int) -> int:
     """Two jobs at a time on a machine with at least two cores, never more than there are jobs."""
     return max(1, min(jobs, 2, os.cpu_count() or 1))
+
+
+_POOLS: dict[tuple[int, int], ProcessPoolExecutor] = {}   # (workers, threads) -> its live pool
+
+
+def _pool(workers: int, threads: int) -> ProcessPoolExecutor:
+    if (workers, threads) not in _POOLS:
+        _POOLS[(workers, threads)] = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_set_threads, initargs=(threads,))
+    return _POOLS[(workers, threads)]
+
+
+def _discard(workers: int, threads: int) -> None:
+    pool = _POOLS.pop((workers, threads), None)
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def shutdown_workers() -> None:
+    """End the worker processes `side_by_side` keeps."""
+    while _POOLS:
+        _POOLS.popitem()[1].shutdown(wait=True, cancel_futures=True)
+
+
+atexit.register(shutdown_workers)
 
 
 def _set_threads(threads: int) -> None:
@@ -45,23 +78,24 @@ def side_by_side(jobs: list[Job], workers: int, threads: int = 1,
         return results
     results: list[Any] = [None] * len(jobs)
     errors: list[tuple[int, BaseException]] = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_set_threads, initargs=(threads,)) as pool:
-        t0 = time.perf_counter()
-        futures = {pool.submit(_timed, fn, args, kwargs): i for i, (fn, args, kwargs) in enumerate(jobs)}
-        try:
-            for fut in as_completed(futures):
-                i = futures[fut]
-                try:
-                    results[i], seconds = fut.result()
-                except Exception as e:   # the others go on: their work is not lost
-                    errors.append((i, e))
-                    seconds = time.perf_counter() - t0
-                if on_done:
-                    on_done(i, seconds)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    pool = _pool(workers, threads)
+    t0 = time.perf_counter()
+    futures = {pool.submit(_timed, fn, args, kwargs): i for i, (fn, args, kwargs) in enumerate(jobs)}
+    try:
+        for fut in as_completed(futures):
+            i = futures[fut]
+            try:
+                results[i], seconds = fut.result()
+            except Exception as e:   # the others go on: their work is not lost
+                errors.append((i, e))
+                seconds = time.perf_counter() - t0
+            if on_done:
+                on_done(i, seconds)
+    except BaseException:
+        _discard(workers, threads)
+        raise
+    if any(isinstance(e, BrokenProcessPool) for _, e in errors):   # a worker died: start afresh next time
+        _discard(workers, threads)
     if errors:
         raise min(errors, key=lambda e: e[0])[1]
     return results

@@ -152,6 +152,8 @@ def run_ablation(world: str | Path, student_dir: str | Path, out: str | Path, fa
             todo.append((arm, seed, cfg))
         else:
             summary["runs"][run.name] = accs
+    # longest first (a Gram arm also runs its anchor), so that the arm left running alone at the end is short
+    todo.sort(key=lambda t: float(t[2]["gram"].get("weight", 0.0)) == 0.0)
     jobs = [(train_and_evaluate, (cfg, out / arm_name(arm, seed), eval_limit, results_dir, progress and not side), {})
             for arm, seed, cfg in todo]
 

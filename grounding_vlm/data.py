@@ -97,7 +97,7 @@ def check_text_lengths(examples: list[GroundingExample], tok: GroundingTokenizer
                        where: str, extra_tokens: int = 5) -> None:
     """Every expression's prompt plus `extra_tokens` (4 box tokens + eos in training; 3 fed-back box
     tokens in decoding) must fit `max_text_len`, or the run would stop at the first long one, minutes in."""
-    lengths = [len(tok.encode_prompt(e.expression)) + extra_tokens for e in examples]
+    lengths = [len(ids) + extra_tokens for ids in tok.encode_prompts([e.expression for e in examples])]
     over = [i for i, n in enumerate(lengths) if n > max_text_len]
     if over:
         worst = max(over, key=lambda i: lengths[i])

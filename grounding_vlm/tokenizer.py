@@ -70,8 +70,14 @@ class GroundingTokenizer:
         return range(self.loc_start, self.loc_start + self.bins)
 
     def encode_prompt(self, expression: str) -> list[int]:
-        words = self.hf(expression, add_special_tokens=False)["input_ids"]
-        return [self.hf.bos_token_id, *words, self.hf.sep_token_id]
+        return self.encode_prompts([expression])[0]
+
+    def encode_prompts(self, expressions: list[str]) -> list[list[int]]:
+        """`encode_prompt` of many expressions in one tokenizer call (a split's worth at once)."""
+        if not expressions:
+            return []
+        bos, sep = self.hf.bos_token_id, self.hf.sep_token_id
+        return [[bos, *words, sep] for words in self.hf(expressions, add_special_tokens=False)["input_ids"]]
 
     def encode_target(self, box_bins: list[int]) -> list[int]:
         return [self.loc_start + b for b in box_bins] + [self.eos_id]

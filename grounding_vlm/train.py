@@ -37,7 +37,7 @@ from distill.config import ConfigError, merge, read_config_file
 
 from .data import (ImageCache, build_tokenizer, check_text_lengths, encode_batch, load_split, processor_from,
                    require_data_root, target_loss)
-from .gram import gram_anchoring_loss, gram_weight
+from .gram import AnchorFeatures, gram_anchoring_loss, gram_weight
 from .mask import mask_loss
 from .init import anchor_student, load_student_source, load_vision_experts
 from .model import GroundingVLM, VLMConfig
@@ -209,7 +209,7 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
         if source is None:
             raise ValueError("gram.weight > 0 needs a student to anchor to; set init.kind to 'student' or "
                              "'official', or gram.weight=0 for a scratch run")
-        anchor = anchor_student(*source).to(info.device)
+        anchor = AnchorFeatures(anchor_student(*source).to(info.device))
 
     freeze_parts(model, oc["freeze"])
     if tc["activation_checkpointing"]:
@@ -308,9 +308,7 @@ def _train(cfg: dict, out: Path, info, stop_after: int | None = None) -> dict:
         w = gram_weight(step, cfg["gram"]) if anchor is not None else 0.0
         gram = torch.zeros((), device=info.device)
         if anchor is not None:
-            with torch.no_grad():
-                ref = [o.patch_features["siglino"][0] for o in anchor.forward_packed(images)]
-            gram = gram_anchoring_loss(out_.patch_features, ref)
+            gram = gram_anchoring_loss(out_.patch_features, anchor([e.image_path for e in kept], images))
         loss = ce + w * gram + mask_w * seg
         optim.zero_grad(set_to_none=True)
         loss.backward()

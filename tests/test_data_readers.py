@@ -301,6 +301,24 @@ def test_refcoco_family_real_layout(tmp_path):
         load_dataset("refcoco+", tmp_path, "testA")
 
 
+def test_refer_annotations_are_parsed_once_per_process_until_they_change(tmp_path, monkeypatch):
+    """A grounding run reads its train split and every eval split from one refs file and instances.json:
+    parsed once while the files are the same, parsed again once either changes."""
+    import distill.data.refer as refer
+    reads = []
+    real = refer.safe_load
+    monkeypatch.setattr(refer, "safe_load", lambda path: reads.append(path) or real(path))
+    refer._read_annotations.cache_clear()
+    _refer_tree(tmp_path, "refcoco", "unc", [_ref(1, 5, "testA", 1, "man on left"), _ref(2, 6, "testB", 2, "bowl")])
+    assert load_dataset("refcoco", tmp_path, "testA")[0].sentences == ["man on left"]
+    assert load_dataset("refcoco", tmp_path, "testB")[0].sentences == ["bowl"]
+    assert len(reads) == 1
+    with open(tmp_path / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump([_ref(1, 5, "testA", 1, "the man on the left")], f, protocol=2)
+    assert load_dataset("refcoco", tmp_path, "testA")[0].sentences == ["the man on the left"]
+    assert len(reads) == 2
+
+
 def test_refer_refuses_malicious_pickle(tmp_path):
     import os
     from distill.data import UnsafePickleError

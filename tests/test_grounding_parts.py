@@ -85,6 +85,8 @@ def test_tokenizer_prompt_target_and_box_parsing(tmp_path):
     assert tok.decode_box([tok.loc_start, tok.eos_id]) is None              # too short
     assert tok.decode_box(prompt[:4]) is None                                # not location tokens
     assert tok.decode_box([tok.loc_start + 9, tok.loc_start, tok.loc_start + 1, tok.loc_start + 2]) is None
+    exprs = ["The small RED square", "a big blue ring", "", "green star below the cross twice"]
+    assert tok.encode_prompts(exprs) == [tok.encode_prompt(e) for e in exprs] and tok.encode_prompts([]) == []
     tok.save(tmp_path / "tok")
     again = GroundingTokenizer.load(tmp_path / "tok", bins=50)
     assert again.loc_start == tok.loc_start and again.encode_prompt("a big blue ring") == tok.encode_prompt(
@@ -106,3 +108,28 @@ def test_fusion_mask_rules():
     # padding attends nothing and is attended by nothing
     assert not m[pad].any() and not m[:, pad].any()
     assert layout.text_pos.tolist() == [0, 0, 0, 1, 2, 0, 0, 1, 0, 0]
+
+
+def test_anchor_features_are_computed_once_per_image_and_equal_a_fresh_forward():
+    """Gram anchoring's frozen student runs once per image: its kept features equal running the image
+    alone, whatever batch the image first came in."""
+    from distill.student import Student
+    from grounding_vlm.gram import AnchorFeatures
+
+    torch.manual_seed(0)
+    student = Student(dict(dim=32, n_layers=2, n_heads=2, head_dim=16, n_kv_heads=1, moe_dim=32,
+                           moe_args=dict(num_experts=4, top_k=2), teachers_dim=[32, 32]),
+                      attention_backend="sdpa", expert_backend="loop").eval()
+    images = {k: torch.randn(3, 16 * h, 16 * w) for k, (h, w) in {"a": (2, 3), "b": (4, 4), "c": (3, 2)}.items()}
+    calls = []
+    real = student.forward_packed
+    student.forward_packed = lambda imgs: calls.append(len(imgs)) or real(imgs)
+    anchor = AnchorFeatures(student)
+    first = anchor(["a", "b"], [images["a"], images["b"]])
+    second = anchor(["c", "a", "b"], [images["c"], images["a"], images["b"]])
+    assert calls == [2, 1]                                    # only "c" was new in the second batch
+    assert second[1] is first[0] and second[2] is first[1]
+    with torch.no_grad():
+        for k, got in zip("cab", second):
+            alone = real([images[k]])[0].patch_features["siglino"][0]
+            assert got.shape == alone.shape and torch.allclose(got, alone, atol=1e-5)

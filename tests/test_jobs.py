@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from distill.jobs import default_workers, side_by_side
+from distill.jobs import default_workers, shutdown_workers, side_by_side
 
 
 def _threads_and_value(x: int) -> tuple[int, int]:
@@ -34,3 +34,26 @@ def test_a_failed_job_is_raised_after_the_others_have_finished(tmp_path):
         side_by_side([(_write_or_fail, ("-", True), {}), (_write_or_fail, (str(out), False), {})], workers=2,
                      on_done=lambda i, s: seen.append(i))
     assert out.read_text() == "done" and sorted(seen) == [0, 1]
+
+
+def _pid(_: int) -> int:
+    import os
+    return os.getpid()
+
+
+def _die(_: int) -> None:
+    import os
+    os._exit(3)
+
+
+def test_workers_are_reused_across_calls_and_replaced_when_one_dies():
+    first = set(side_by_side([(_pid, (k,), {}) for k in range(4)], workers=2))
+    again = set(side_by_side([(_pid, (k,), {}) for k in range(4)], workers=2))
+    assert again <= first and len(first) <= 2          # the same processes: no second start-up
+    with pytest.raises(Exception):                      # a worker that dies breaks that pool ...
+        side_by_side([(_die, (0,), {}), (_pid, (1,), {})], workers=2)
+    fresh = set(side_by_side([(_pid, (k,), {}) for k in range(2)], workers=2))
+    assert fresh and not fresh & first                  # ... and the next call starts new workers
+    shutdown_workers()
+    assert set(side_by_side([(_pid, (k,), {}) for k in range(2)], workers=2)).isdisjoint(fresh)
+    shutdown_workers()

@@ -41,7 +41,8 @@ def test_the_same_steps_as_a_plain_adamw():
     a, b = Net(), Net()
     b.load_state_dict(a.state_dict())
     ours = build_adamw(a.named_parameters(), 1e-2, 0.05)
-    # the reference path: the per-tensor loop (ours is the foreach one; they must agree bitwise)
+    ours_start = {n: p.detach().clone() for n, p in a.named_parameters()}
+    # the reference path: the per-tensor loop (ours is the fused kernel; they agree to float rounding)
     plain = torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.05,
                               foreach=False)
     x = torch.randn(8, 4)
@@ -51,4 +52,5 @@ def test_the_same_steps_as_a_plain_adamw():
             (model.vision(model.norm(model.proj(x) + model.cls_token)) ** 2).mean().backward()
             opt.step()
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
-        assert torch.equal(p, q), n
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+        assert torch.equal(p, ours_start[n]) == (n.startswith("frozen.")), n   # the trained ones moved

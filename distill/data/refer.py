@@ -11,6 +11,7 @@ real file: the image path is taken from instances.json's `images[].file_name` by
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -43,6 +44,24 @@ def _image_root(root: Path, image_root) -> Path:
     return root / "images" / "train2014"
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=1)
+def _read_annotations(refs_path: str, inst_path: str, refs_stamp: tuple, inst_stamp: tuple):
+    """(refs, images by id, annotations by id, category names by id) of one annotation set, parsed once
+    per process while the files stay the same (size and mtime): a grounding run reads its train split
+    and every eval split from the same files, and an ablation worker reads them for each arm. Shared
+    between datasets, so treated as read-only."""
+    refs = safe_load(refs_path)
+    instances = json.loads(Path(inst_path).read_text())
+    return (refs, {int(im["id"]): im for im in instances["images"]},
+            {int(a["id"]): a for a in instances["annotations"]},
+            {int(c["id"]): c["name"] for c in instances["categories"]})
+
+
 class ReferDataset(Dataset):
     """All refs of one split; `ds[i] -> RefSample` (bbox xyxy in original pixels)."""
 
@@ -57,13 +76,10 @@ class ReferDataset(Dataset):
         layout = _layout(dataset, split_by)
         require(refs_path.is_file() and inst_path.is_file(), dataset, root,
                 f"{refs_path.name} and/or instances.json missing in {folder}", layout, REFER_SOURCE)
-        refs = safe_load(refs_path)
+        refs, self.images, self.annotations, self.categories = _read_annotations(
+            str(refs_path), str(inst_path), _stamp(refs_path), _stamp(inst_path))
         require(isinstance(refs, list) and all(isinstance(r, dict) for r in refs), dataset, root,
                 f"{refs_path.name} is not a list of ref dicts", layout, REFER_SOURCE)
-        instances = json.loads(inst_path.read_text())
-        self.images = {int(im["id"]): im for im in instances["images"]}
-        self.annotations = {int(a["id"]): a for a in instances["annotations"]}
-        self.categories = {int(c["id"]): c["name"] for c in instances["categories"]}
         splits = sorted({r["split"] for r in refs})
         if split not in splits:
             raise ValueError(f"{dataset} ({split_by}): no refs with split {split!r}; splits present: {splits}")

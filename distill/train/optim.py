@@ -44,6 +44,8 @@ def build_adamw(named_parameters: Iterable[tuple[str, nn.Parameter]], lr: float,
         rate = lr_groups[group][1] if group in lr_groups else lr
         groups.append({"params": params, "lr": rate, "base_lr": rate, "name": f"{group}{'' if decays else '/no_decay'}",
                        "weight_decay": weight_decay if decays else 0.0})
-    # foreach: one kernel per op over all tensors, the same numbers as the per-tensor loop (checked
-    # bitwise on the mini-world student) at half its CPU time; torch picks it on GPUs already
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=True)
+    # fused: one pass over each tensor for the whole update (CPU and GPU kernels since torch 2.4). On the
+    # mini-world student (1.6 M parameters, one thread) a step takes 1.7 ms against 7-11 ms for foreach
+    # and twice that for the per-tensor loop, a twentieth of a distillation step; the weights agree with
+    # the per-tensor loop's to float rounding (tests/test_optim.py), not bitwise
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
