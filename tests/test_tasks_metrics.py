@@ -277,3 +277,14 @@ def test_evaluate_head_perfect_probe_scores_100():
     areas = m.pop("areas")   # one image: [intersect | union | pred | label] per class
     assert m == {"miou": 100.0, "aacc": 100.0, "macc": 100.0}
     assert areas.tolist() == [[2, 2, 2, 2, 2, 2, 2, 2]]
+
+
+def test_evaluate_head_breaks_ties_towards_the_first_class_as_argmax_does():
+    from benchmarks.tasks.segmentation import build_head
+    head = build_head(2, 3)
+    with torch.no_grad():   # every class scores 0 everywhere: a tie at every pixel
+        head.conv_seg.weight.zero_()
+        head.conv_seg.bias.zero_()
+    mask = np.array([[0, 1, 2, 2]])
+    m = evaluate_head(head, [torch.randn(2, 2)], [(1, 2)], Labels(_Masks([mask]), 3), 3, "cpu")
+    assert m["areas"].tolist() == [[1, 0, 0, 4, 1, 2, 4, 0, 0, 1, 1, 2]]   # all predicted class 0
