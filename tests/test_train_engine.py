@@ -79,17 +79,14 @@ def test_two_processes_equal_one_process(world, tmp_path, parallel):
 
 def _ddp_worker_rank1_decodes_nothing(rank: int, world_size: int, port: int, recipe: dict, out: str) -> None:
     if rank == 1:   # every training read fails on this rank (the start-up width probe still reads)
-        import distill.train.inputs as inputs
-        from distill.train.pool import UndecodableImage
+        import distill.train.engine  # noqa: F401  (imported first: its width probe keeps the real read_image)
+        import distill.train.pool as pool
 
         def unreadable(entry):
             raise OSError("image file is truncated")
-
-        def undecodable(entry):   # what pool.lazy_image gives for an image that fails to decode
-            def image():
-                raise UndecodableImage(entry.key)
-            return image
-        inputs.lazy_image = undecodable      # in-process loading (workers=0): the patch reaches it
+        # the training inputs decode through pool.lazy_image, which looks read_image up at call time
+        # (in-process loading, workers=0), so the real wrapping into UndecodableImage is what is tested
+        pool.read_image = unreadable
         import distill.train.phis_fit as phis_fit
         phis_fit.read_image = unreadable     # its share of the PHI-S fit images too
     _ddp_worker(rank, world_size, port, recipe, out)
