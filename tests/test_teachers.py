@@ -185,6 +185,19 @@ def test_recipes_are_data_and_fast_only_overrides_known_keys():
     assert default["dinov3"]["num_register_tokens"] == 4
 
 
+def test_dinov3_recipe_init_range_reaches_the_weights():
+    """`dinov3.initializer_range` is DINOv3ViTConfig's field: HF draws every Linear / Conv2d weight with that
+    std (0.02 by default, the release's; ~1/sqrt(width) avoids the small-width plateau, docs/teachers.md)."""
+    from distill.teachers.dinov3 import build_model
+    recipe = load_recipe(dinov3={"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2})["dinov3"]
+    assert recipe["initializer_range"] == 0.02
+    for std in (0.02, 0.125):
+        model = build_model({**recipe, "initializer_range": std})
+        assert model.config.initializer_range == std
+        w = model.get_parameter("model.layer.0.mlp.up_proj.weight")
+        assert w.std().item() == pytest.approx(std, rel=0.15)
+
+
 def test_cli_train_and_eval(world, trained, tmp_path, capsys):
     from amoe.cli import main
     assert main(["teachers", "train", "--world", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2

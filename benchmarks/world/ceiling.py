@@ -71,8 +71,9 @@ def _val_split(world: Path, shapes: list[str], side: int) -> tuple[torch.Tensor,
 
 def shape_ceiling(world: str | Path, model: str = "cnn", seconds: float = 240.0, scenes: int = 20000,
                   side: int = 48, patch: int = 8, width: int = 64, batch: int = 64, lr: float = 1e-3,
-                  seed: int = 0, progress: bool = True) -> dict:
-    """Train `model` supervised on fresh scenes for `seconds`; shape top-1 (%) on the val split."""
+                  init_range: float | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """Train `model` supervised on fresh scenes for `seconds`; shape top-1 (%) on the val split.
+    `init_range` overrides the ViT's weight init std (the DINOv3 teacher recipe's `initializer_range`)."""
     world = Path(world)
     cfg = json.loads((world / "world.json").read_text())["config"]["classification"]
     shapes = SHAPES[:cfg["shapes"]]
@@ -88,6 +89,8 @@ def shape_ceiling(world: str | Path, model: str = "cnn", seconds: float = 240.0,
     else:
         recipe = {**load_recipe()["dinov3"], "patch_size": patch, "hidden_size": width, "intermediate_size": 4 * width,
                   "num_attention_heads": max(1, width // 32), "image_size": side}
+        if init_range is not None:
+            recipe["initializer_range"] = init_range
         net = ViTClassifier(recipe, len(shapes), dense=False)
 
     def batches(m):
@@ -100,5 +103,5 @@ def shape_ceiling(world: str | Path, model: str = "cnn", seconds: float = 240.0,
         pred = torch.cat([net(xva[j:j + 256]).argmax(-1) for j in range(0, len(xva), 256)])
     return {"model": model, "shape_top1": round(100 * (pred == yva).float().mean().item(), 2),
             "chance": round(100 / len(shapes), 2), "scenes": scenes, "side": side, "width": width,
-            **({"patch": patch} if model == "vit" else {}), **info, "render_seconds": round(render_s, 1),
-            "torch_threads": torch.get_num_threads()}
+            **({"patch": patch, "init_range": recipe["initializer_range"]} if model == "vit" else {}), **info,
+            "render_seconds": round(render_s, 1), "torch_threads": torch.get_num_threads()}

@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     ceil.add_argument("--side", type=int, default=48, help="input side in pixels (default 48)")
     ceil.add_argument("--patch", type=int, default=8, help="ViT patch size (default 8)")
     ceil.add_argument("--width", type=int, default=64, help="CNN last width / ViT hidden size (default 64)")
+    ceil.add_argument("--init-range", type=float, default=None,
+                      help="ViT weight init std (DINOv3ViTConfig.initializer_range; default: the DINOv3 teacher "
+                           "recipe's, HF's 0.02). About 1/sqrt(width) removes the early plateau at small widths")
     ceil.add_argument("--seed", type=int, default=0)
     ceil.add_argument("--out", default=None, help="also write the result JSON here")
     ceil.add_argument("--no-progress", action="store_true")
@@ -64,8 +67,11 @@ def _ceiling(args: argparse.Namespace) -> int:
     if args.side % args.patch and args.model == "vit":
         raise AmoeError(f"--side {args.side} is not a multiple of --patch {args.patch}; pick sides like "
                         f"{args.patch * max(1, args.side // args.patch)}")
+    if args.init_range is not None and not args.init_range > 0:
+        raise AmoeError(f"--init-range {args.init_range}: must be a positive std (e.g. 0.125 for width 64)")
     result = shape_ceiling(args.world, model=args.model, seconds=args.seconds, scenes=args.scenes, side=args.side,
-                           patch=args.patch, width=args.width, seed=args.seed, progress=not args.no_progress)
+                           patch=args.patch, width=args.width, init_range=args.init_range, seed=args.seed,
+                           progress=not args.no_progress)
     if args.out:
         write_json_atomic(args.out, result)
     print(json.dumps(result, indent=2))

@@ -48,7 +48,8 @@ def build_model(r: dict) -> DINOv3ViTModel:
     config = DINOv3ViTConfig(patch_size=r["patch_size"], hidden_size=r["hidden_size"],
                              intermediate_size=r["intermediate_size"], num_hidden_layers=r["num_hidden_layers"],
                              num_attention_heads=r["num_attention_heads"],
-                             num_register_tokens=r["num_register_tokens"], image_size=r["image_size"])
+                             num_register_tokens=r["num_register_tokens"], image_size=r["image_size"],
+                             initializer_range=r["initializer_range"])
     return DINOv3ViTModel(config)
 
 
