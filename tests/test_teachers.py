@@ -187,7 +187,7 @@ def test_recipes_are_data_and_fast_only_overrides_known_keys():
 
 def test_dinov3_recipe_init_range_reaches_the_weights():
     """`dinov3.initializer_range` is DINOv3ViTConfig's field: HF draws every Linear / Conv2d weight with that
-    std (0.02 by default, the release's; ~1/sqrt(width) avoids the small-width plateau, docs/teachers.md)."""
+    std (0.02 by default, HF's; ~1/sqrt(width) avoids the small-width plateau, docs/teachers.md)."""
     from distill.teachers.dinov3 import build_model
     recipe = load_recipe(dinov3={"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2})["dinov3"]
     assert recipe["initializer_range"] == 0.02
