@@ -116,13 +116,15 @@ def test_retrieval_ensemble_fuses_the_text_heads_as_zeroshot_does(world, tmp_pat
 def test_every_task_on_the_mini_world_through_the_real_readers(world, tmp_path):
     suite = load_suite("miniworld")
     results = {}
-    for ds_id, task in (("mw-cls", "zeroshot"), ("mw-cls", "knn"), ("mw-ret", "retrieval"),
+    for ds_id, task in (("mw-cls", "zeroshot"), ("mw-cls", "knn"), ("mw-cls", "linear"), ("mw-ret", "retrieval"),
                         ("mw-seg", "segmentation")):
         entry = dataset_entry(suite, ds_id, {"world": str(world)})
         ctx = _ctx(tmp_path, FakeEncoder(), entry, loader=None)
         results[task] = get_task(task).run(ctx, (entry.get("task_cfg") or {}).get(task, {}))
     assert set(results["zeroshot"]) == {"a/top1", "a/top5", "a/mean_per_class_recall"}
     assert {"a/top1", "b/top1", "a/top5", "b/top5", "a/top1@k20"} <= set(results["knn"])
+    assert set(results["linear"]) == {f"{h}/{m}" for h in ("a", "b")   # the suite asks for colour and shape
+                                      for m in ("top1", "top5", "top1_colour", "top1_shape")}
     assert set(results["retrieval"]) == {f"a/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
     assert set(results["segmentation"]) == {f"{h}/{m}" for h in ("a", "b") for m in ("miou", "aacc", "macc")}
     for metrics in results.values():
@@ -154,3 +156,65 @@ def test_sweep_with_the_real_task_registry_feeds_the_leaderboard(world, tmp_path
             assert pick_metric(rec["metrics"], metric, prefs) is not None, (task, metric, rec["metrics"])
     knn = next(json.loads(f.read_text()) for f in files if "__knn__" in f.name)
     assert knn["config"]["task_cfg"]["k"] == 5 and "a/top1@k5" in knn["metrics"]
+
+
+class _ProbeCtx:
+    """Just what a classification task reads: datasets with targets / classes, cached summary features."""
+
+    def __init__(self, classes, train, ytr, test, yte):
+        from types import SimpleNamespace
+        self._ds = {"train": SimpleNamespace(targets=ytr, classes=classes),
+                    "test": SimpleNamespace(targets=yte, classes=classes)}
+        self._feats = {"train": Features(summary={"a": train}), "test": Features(summary={"a": test})}
+        self.encoder = SimpleNamespace(name="probe", heads=("a",))
+        self.items = {}
+
+    def dataset(self, role):
+        return self._ds[role]
+
+    def features(self, role):
+        return self._feats[role]
+
+    def record_items(self, name, rows):
+        self.items[name] = rows
+
+
+def test_linear_probe_reports_each_factor_of_the_class_names():
+    """Classes '<colour> <shape>'; features that carry the colour (one-hot) and noise: the colour probe is
+    exact, the shape probe near chance, the class probe near 1 / shapes; with the class one-hot every probe
+    is exact. The probe is scikit-learn's logistic regression on train-standardised features."""
+    from sklearn.linear_model import LogisticRegression
+
+    from benchmarks.tasks.linear import fit_linear_probe
+    colours, shapes = ["red", "blue", "green"], ["circle", "square", "star", "ring"]
+    classes = [f"{c} {s}" for c in colours for s in shapes]
+    gen = torch.Generator().manual_seed(0)
+    ytr, yte = torch.arange(12).repeat(20), torch.arange(12).repeat(10)
+
+    def colour_features(y):
+        return torch.cat([F.one_hot(y // len(shapes), 3).float() * 3, torch.randn(len(y), 5, generator=gen)], 1)
+    ctx = _ProbeCtx(classes, colour_features(ytr), ytr, colour_features(yte), yte)
+    got = get_task("linear").run(ctx, {"factors": {"colour": 0, "shape": -1}})
+    assert set(got) == {"a/top1", "a/top5", "a/top1_colour", "a/top1_shape"}
+    assert got["a/top1_colour"] == 100.0
+    assert got["a/top1_shape"] < 50.0 and got["a/top1"] < 50.0
+    assert set(ctx.items) == {"a/top1", "a/top5", "a/top1_colour", "a/top1_shape"}
+    assert ctx.items["a/top1_colour"].metric() == 100.0         # per-item rows behind the bootstrap
+    # the same predictions as scikit-learn's own fit on the standardised features
+    train, test = ctx.features("train").summary["a"].double(), ctx.features("test").summary["a"].double()
+    m, s = train.mean(0), train.std(0)
+    want = LogisticRegression(C=0.1, max_iter=1000).fit(((train - m) / s).numpy(), ytr.numpy())
+    pred = fit_linear_probe(train, ytr, test, 12, 0.1, 1000).argmax(1)
+    assert (pred.numpy() == want.predict(((test - m) / s).numpy())).all()
+    exact = _ProbeCtx(classes, F.one_hot(ytr, 12).float(), ytr, F.one_hot(yte, 12).float(), yte)
+    got = get_task("linear").run(exact, {"factors": {"colour": 0, "shape": 1}})
+    assert got["a/top1"] == got["a/top1_colour"] == got["a/top1_shape"] == 100.0
+    for cfg, message in (({"factors": {"size": 2}}, "factor 'size' takes word 2"),
+                         ({"factors": {"colour": 0, "shape": "last"}}, "'factors' must map names to word"),
+                         ({"C": 0}, "'C' must be a positive number"), ({"max_iter": 0}, "'max_iter'")):
+        with pytest.raises(TaskConfigError, match=message):
+            get_task("linear").run(ctx, cfg)
+    one_colour = _ProbeCtx(["red circle", "red star"], *(F.one_hot(y % 2, 2).float() for y in (ytr,)), ytr % 2,
+                           F.one_hot(yte % 2, 2).float(), yte % 2)
+    with pytest.raises(TaskConfigError, match="one value \\('red'\\)"):
+        get_task("linear").run(one_colour, {"factors": {"colour": 0}})
