@@ -95,12 +95,11 @@ class LinearTask:
         for head in heads:
             for suffix, y_train, y_test, n in probes:
                 scores = fit_linear_probe(train.summary[head], y_train, test.summary[head], n, float(c), max_iter)
-                for k in (1, 5):
-                    if suffix == "" or k == 1:   # a factor reports top-1 only (few values)
-                        out[f"{head}/top{k}{suffix}"] = percent(topk_accuracy(scores, y_test, k))
-                for metric, rows in classification_items(scores, y_test, n, ("top1", "top5")).items():
-                    if suffix == "" or metric == "top1":
-                        ctx.record_items(f"{head}/{metric}{suffix}", rows)
+                metrics = ("top1", "top5") if suffix == "" else ("top1",)   # a factor has few values
+                for metric in metrics:
+                    out[f"{head}/{metric}{suffix}"] = percent(topk_accuracy(scores, y_test, int(metric[3:])))
+                for metric, rows in classification_items(scores, y_test, n, metrics).items():
+                    ctx.record_items(f"{head}/{metric}{suffix}", rows)
         return out
 
 
