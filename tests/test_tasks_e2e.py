@@ -185,7 +185,7 @@ def test_linear_probe_reports_each_factor_of_the_class_names():
     is exact. The probe is scikit-learn's logistic regression on train-standardised features."""
     from sklearn.linear_model import LogisticRegression
 
-    from benchmarks.tasks.linear import fit_linear_probe
+    from benchmarks.tasks.linear import fit_linear_probe, standardise
     colours, shapes = ["red", "blue", "green"], ["circle", "square", "star", "ring"]
     classes = [f"{c} {s}" for c in colours for s in shapes]
     gen = torch.Generator().manual_seed(0)
@@ -204,7 +204,8 @@ def test_linear_probe_reports_each_factor_of_the_class_names():
     train, test = ctx.features("train").summary["a"].double(), ctx.features("test").summary["a"].double()
     m, s = train.mean(0), train.std(0)
     want = LogisticRegression(C=0.1, max_iter=1000).fit(((train - m) / s).numpy(), ytr.numpy())
-    pred = fit_linear_probe(train, ytr, test, 12, 0.1, 1000).argmax(1)
+    xtr, xte = standardise(train, test)
+    pred = fit_linear_probe(xtr, ytr, xte, 12, 0.1, 1000).argmax(1)
     assert (pred.numpy() == want.predict(((test - m) / s).numpy())).all()
     exact = _ProbeCtx(classes, F.one_hot(ytr, 12).float(), ytr, F.one_hot(yte, 12).float(), yte)
     got = get_task("linear").run(exact, {"factors": {"colour": 0, "shape": 1}})
@@ -214,7 +215,7 @@ def test_linear_probe_reports_each_factor_of_the_class_names():
                          ({"C": 0}, "'C' must be a positive number"), ({"max_iter": 0}, "'max_iter'")):
         with pytest.raises(TaskConfigError, match=message):
             get_task("linear").run(ctx, cfg)
-    one_colour = _ProbeCtx(["red circle", "red star"], *(F.one_hot(y % 2, 2).float() for y in (ytr,)), ytr % 2,
-                           F.one_hot(yte % 2, 2).float(), yte % 2)
+    ytr2, yte2 = ytr % 2, yte % 2
+    one_colour = _ProbeCtx(["red circle", "red star"], F.one_hot(ytr2, 2).float(), ytr2, F.one_hot(yte2, 2).float(), yte2)
     with pytest.raises(TaskConfigError, match="one value \\('red'\\)"):
         get_task("linear").run(one_colour, {"factors": {"colour": 0}})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .base import TaskConfigError, normalize, percent, register_task, select_heads, unknown_keys
-from .metrics import check_targets, classification_items, topk_accuracy
+from .metrics import classification_items, topk_accuracy, train_test_labels
 
 
 def knn_topk(test: torch.Tensor, bank: torch.Tensor, k: int, device: torch.device | str = "cpu",
@@ -84,13 +84,7 @@ class KNNTask:
         temperature = float(cfg["temperature"])
         if temperature <= 0:
             raise TaskConfigError("knn: 'temperature' must be > 0")
-        train_ds, test_ds = ctx.dataset("train"), ctx.dataset("test")
-        ytr = torch.as_tensor(list(train_ds.targets), dtype=torch.long)
-        yte = torch.as_tensor(list(test_ds.targets), dtype=torch.long)
-        classes = getattr(train_ds, "classes", None)
-        num_classes = len(classes) if classes else int(max(ytr.max(), yte.max())) + 1
-        check_targets(ytr, num_classes, "knn (train)")
-        check_targets(yte, num_classes, "knn (test)")
+        ytr, yte, _, num_classes = train_test_labels(ctx, self.name)
         train, test = ctx.features("train"), ctx.features("test")
         heads = select_heads([h for h in ctx.encoder.heads if h in train.summary] or list(train.summary),
                              cfg["heads"], self.name, ctx.encoder.name)

@@ -1,7 +1,7 @@
 """Linear probe classification on frozen summary features, optionally per factor of the class names.
 
 Per head: standardise the train and test summary vectors with the train split's per-dimension mean and
-std, fit a multinomial logistic regression (scikit-learn, L-BFGS, inverse regularisation `C`) on the
+std (once per head), fit a multinomial logistic regression (scikit-learn, L-BFGS, inverse regularisation `C`) on the
 train split, score top-1 / top-5 on the test split. The plain protocol of DINOv2/v3's linear evaluation
 without its learning-rate grid; scikit-learn on the CPU suits banks up to ~10^5 images.
 
@@ -15,21 +15,24 @@ from __future__ import annotations
 import torch
 
 from .base import TaskConfigError, percent, register_task, select_heads, unknown_keys
-from .metrics import check_targets, classification_items, topk_accuracy
+from .metrics import classification_items, topk_accuracy, train_test_labels
+
+
+def standardise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both splits in float64, scaled by the train split's per-dimension mean and std."""
+    train, test = train.double(), test.double()
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    return (train - mean) / std, (test - mean) / std
 
 
 def fit_linear_probe(train: torch.Tensor, ytr: torch.Tensor, test: torch.Tensor, num_classes: int, c: float,
                      max_iter: int) -> torch.Tensor:
-    """(N_test, num_classes) class probabilities of a logistic regression fitted on standardised
+    """(N_test, num_classes) class probabilities of a logistic regression fitted on (standardised)
     `train` features (classes absent from the train split get probability 0)."""
     from sklearn.linear_model import LogisticRegression
-    train, test = train.double(), test.double()
-    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
-    clf = LogisticRegression(C=c, max_iter=max_iter, random_state=0)
-    clf.fit(((train - mean) / std).numpy(), ytr.numpy())
-    proba = torch.from_numpy(clf.predict_proba(((test - mean) / std).numpy()))
+    clf = LogisticRegression(C=c, max_iter=max_iter, random_state=0).fit(train.numpy(), ytr.numpy())
     scores = torch.zeros(len(test), num_classes, dtype=torch.float64)
-    scores[:, torch.as_tensor(clf.classes_, dtype=torch.long)] = proba
+    scores[:, torch.as_tensor(clf.classes_, dtype=torch.long)] = torch.from_numpy(clf.predict_proba(test.numpy()))
     return scores
 
 
@@ -73,15 +76,9 @@ class LinearTask:
                                                     for k, v in factors.items()):
             raise TaskConfigError(f"linear: 'factors' must map names to word indices, e.g. "
                                   f"{{\"colour\": 0, \"shape\": -1}}, got {factors!r}")
-        train_ds, test_ds = ctx.dataset("train"), ctx.dataset("test")
-        ytr = torch.as_tensor(list(train_ds.targets), dtype=torch.long)
-        yte = torch.as_tensor(list(test_ds.targets), dtype=torch.long)
-        classes = list(getattr(train_ds, "classes", None) or [])
+        ytr, yte, classes, num_classes = train_test_labels(ctx, self.name)
         if factors and not classes:
             raise TaskConfigError("linear: 'factors' needs class names, and this dataset's reader gives none")
-        num_classes = len(classes) if classes else int(max(ytr.max(), yte.max())) + 1
-        check_targets(ytr, num_classes, "linear (train)")
-        check_targets(yte, num_classes, "linear (test)")
         # each probe: (metric suffix, train labels, test labels, number of labels)
         probes = [("", ytr, yte, num_classes)]
         for name, index in factors.items():
@@ -93,8 +90,9 @@ class LinearTask:
                              cfg["heads"], self.name, ctx.encoder.name)
         out: dict[str, float] = {}
         for head in heads:
+            xtr, xte = standardise(train.summary[head], test.summary[head])   # once for all of the head's probes
             for suffix, y_train, y_test, n in probes:
-                scores = fit_linear_probe(train.summary[head], y_train, test.summary[head], n, float(c), max_iter)
+                scores = fit_linear_probe(xtr, y_train, xte, n, float(c), max_iter)
                 metrics = ("top1", "top5") if suffix == "" else ("top1",)   # a factor has few values
                 for metric in metrics:
                     out[f"{head}/{metric}{suffix}"] = percent(topk_accuracy(scores, y_test, int(metric[3:])))

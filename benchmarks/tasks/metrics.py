@@ -33,6 +33,19 @@ def check_targets(targets: torch.Tensor, num_classes: int, where: str) -> None:
                          "or the 'classnames' override")
 
 
+def train_test_labels(ctx, task: str) -> tuple[torch.Tensor, torch.Tensor, list[str], int]:
+    """The `train` and `test` splits' labels, the class names (empty when the reader gives none) and the
+    class count (from the labels then), checked: what every probe on a labelled bank starts from."""
+    train_ds, test_ds = ctx.dataset("train"), ctx.dataset("test")
+    ytr = torch.as_tensor(list(train_ds.targets), dtype=torch.long)
+    yte = torch.as_tensor(list(test_ds.targets), dtype=torch.long)
+    classes = list(getattr(train_ds, "classes", None) or [])
+    num_classes = len(classes) if classes else int(max(ytr.max(), yte.max())) + 1
+    check_targets(ytr, num_classes, f"{task} (train)")
+    check_targets(yte, num_classes, f"{task} (test)")
+    return ytr, yte, classes, num_classes
+
+
 def classification_items(scores: torch.Tensor, targets: torch.Tensor, num_classes: int,
                          metrics: tuple[str, ...] = ("top1", "top5")) -> dict:
     """Per-image rows behind top-1 / top-5 / mean per-class recall, for bootstrap intervals
