@@ -297,3 +297,26 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_named():
     assert ranks.block(12, "siglip2") == slice(4, 8)
     with pytest.raises(TeacherError, match=r"batch_size 10 does not split over 3 ranks.*siglip2.batch_size"):
         ranks.block(10, "siglip2")
+
+
+def test_tokenizer_keeps_words_whole_so_captions_share_their_words():
+    # Learnt on a few repeated prompts, BPE used to merge whole captions into one token each, so
+    # "a photo of a red circle" and "... red square" shared no id and the text tower saw opaque labels.
+    from distill.teachers.tokenizer import train_tokenizer
+    prompts = [t.format(f"{c} {s}") for t in ("a photo of a {}.", "a drawing of a {}.")
+               for c in ("red", "green", "blue") for s in ("circle", "square", "star")] * 20
+    tok = train_tokenizer(prompts, 512, 16)
+    pieces = {p: tok.convert_ids_to_tokens(encode(tok, [p], 16)[0].tolist()) for p in prompts}
+    for words in pieces.values():
+        assert all("▁" not in w[1:] for w in words), words   # no piece spans two words
+    circle, square = pieces["a photo of a red circle."], pieces["a photo of a red square."]
+    assert "▁red" in circle and "▁red" in square and "▁circle" in circle and "▁square" in square
+    assert circle[:5] == ["a", "▁photo", "▁of", "▁a", "▁red"]
+
+
+def test_teacher_fingerprint_changes_with_the_tokenizer_version(monkeypatch):
+    import distill.teachers.common as common
+    recipe = common.load_recipe()
+    before = common.teacher_fingerprint("siglip2", recipe, {"seed": 0}, 0)
+    monkeypatch.setattr(common, "TOKENIZER_VERSION", common.TOKENIZER_VERSION + 1)
+    assert common.teacher_fingerprint("siglip2", recipe, {"seed": 0}, 0) != before

@@ -16,6 +16,8 @@ from distill.errors import AmoeError
 from distill.io import fingerprint, publish_folder, write_json_atomic
 from distill.train.guard import StepGuard, optimizer_step as guarded_update
 
+from .tokenizer import TOKENIZER_VERSION
+
 RECIPES_FILE = Path(__file__).resolve().parent / "recipes.json"
 TEACHERS = ("siglip2", "dinov3")
 MARKER = "COMPLETE.json"  # written last; a teacher dir without it is incomplete
@@ -38,7 +40,8 @@ def load_recipe(fast: bool = False, path: str | os.PathLike = RECIPES_FILE, **ov
 
 
 def teacher_fingerprint(name: str, recipe: dict, world_id: dict, seed: int) -> str:
-    return fingerprint({"teacher": name, "recipe": recipe[name], "world": world_id, "seed": seed})
+    return fingerprint({"teacher": name, "recipe": recipe[name], "world": world_id, "seed": seed,
+                        "tokenizer": TOKENIZER_VERSION})
 
 
 def is_complete(d: str | os.PathLike, fp: str | None = None) -> bool:

@@ -20,6 +20,9 @@ from transformers.models.siglip2.tokenization_siglip2 import Siglip2Tokenizer
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # Gemma's ids 0..4
 BYTES = [f"<0x{i:02X}>" for i in range(256)]               # byte fallback for unseen characters
+# Part of every teacher's fingerprint: a change to how the vocabulary is learnt retrains the teachers.
+# 2: pieces no longer cross word boundaries (version 1 merged whole captions into single tokens).
+TOKENIZER_VERSION = 2
 
 
 def canonicalize(text: str) -> str:
@@ -30,9 +33,14 @@ def canonicalize(text: str) -> str:
 
 def train_tokenizer(corpus: list[str], vocab_size: int, max_length: int) -> Siglip2Tokenizer:
     tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    # the same normaliser / pre-tokeniser Siglip2Tokenizer installs, so training and loading agree
+    # Siglip2Tokenizer's normaliser turns spaces into "▁" before its pre-tokeniser runs, so at load time
+    # nothing splits words: Gemma's vocabulary simply holds no piece across a word boundary (SentencePiece
+    # trains word by word). Training must keep that property, or BPE on a small corpus of repeated
+    # prompts merges whole captions into single tokens ("a▁photo▁of▁a▁circle") and the text tower sees
+    # one opaque id per caption, with nothing shared between "red circle" and "red square". So the
+    # trainer splits before each "▁"; the merges it learns then apply identically without the split.
     tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(" ", "▁")])
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="▁", behavior="merged_with_next", invert=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size + len(SPECIALS) + len(BYTES),
                                   special_tokens=SPECIALS + BYTES, show_progress=False)
     tok.train_from_iterator([canonicalize(c) for c in corpus], trainer=trainer)
