@@ -141,7 +141,7 @@ def cmd_sweep(args) -> int:
     return 0 if summary.failed == 0 else 1
 
 
-TEACHER_TASKS = ["zeroshot", "knn", "retrieval", "segmentation"]
+TEACHER_TASKS = ["zeroshot", "knn", "linear", "retrieval", "segmentation"]
 
 
 def cmd_teachers(args) -> int:

@@ -110,6 +110,9 @@ def test_fast_quickstart_runs_every_step_end_to_end(tmp_path):
     measured = [t for c in claims for t in c["tests"] if "difference" in t]
     assert len(measured) == sum(len(c["tests"]) for c in claims) and all(t["low"] <= t["difference"] <= t["high"] for t in measured)
     assert "± " in (run.leaderboard / "miniworld.md").read_text()
+    # what each encoder knows of the class names' two factors, beside the class-level scores
+    header = table.splitlines()[0]
+    assert "linear top1_colour" in header and "linear top1_shape" in header
     # records and tables carry no path of this machine (paths relative to the folder they are in); kept
     # absolute: the feature cache (a machine-local store keyed by where the data is), the re-runnable
     # sweep.json, and the model specs that are a result cell's identity (the sweep's names for them)
