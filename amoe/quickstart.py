@@ -477,7 +477,7 @@ STEPS: list[Step] = [
                       "student + stand-in LM vs single-teacher students, and the constant-box baseline",
          _grounding_done, _grounding_ablation, requires=("world", "distill", "ablation-relational",
                                                          "ablation-single-teacher"), ablation=True),
-    Step("bench", "run the mini-world suite on every encoder (zero-shot, kNN, retrieval, segmentation)",
+    Step("bench", "run the mini-world suite on every encoder (zero-shot, kNN, linear, retrieval, segmentation)",
          _bench_done, _run_bench, requires=("world", "teachers", "random-student", "distill", "ablation-relational",
                                             "ablation-curation", "ablation-packing")),
     Step("leaderboard", "build the leaderboard tables and plot from the result JSONs",

@@ -216,7 +216,8 @@ def test_cli_train_and_eval(world, trained, tmp_path, capsys):
     assert "dinotxt/top1" in metrics["dinov3"]["zeroshot/mw-cls"]     # the DINOv3 teacher's dino.txt head
     assert "dinov3/top1" in metrics["dinov3"]["knn/mw-cls"] and "dinov3/miou" in metrics["dinov3"]["segmentation/mw-seg"]
     assert "dinov3/miou" in metrics["dinov3"]["segmentation/mw-seg"]
-    assert metrics["failed"] == 0 and len(list((tmp_path / "results").glob("*.json"))) == 8
+    assert "siglip2/top1_shape" in metrics["siglip2"]["linear/mw-cls"]  # what each factor of the classes gets
+    assert metrics["failed"] == 0 and len(list((tmp_path / "results").glob("*.json"))) == 10
     assert main(["bench", "teachers", "--world", str(world), "--teachers", str(tmp_path / "none")]) == 2
 
 
@@ -307,8 +308,12 @@ def test_tokenizer_keeps_words_whole_so_captions_share_their_words():
                for c in ("red", "green", "blue") for s in ("circle", "square", "star")] * 20
     tok = train_tokenizer(prompts, 512, 16)
     pieces = {p: tok.convert_ids_to_tokens(encode(tok, [p], 16)[0].tolist()) for p in prompts}
-    for words in pieces.values():
+    for prompt, words in pieces.items():
         assert all("▁" not in w[1:] for w in words), words   # no piece spans two words
+        # the loaded tokenizer does not split words, yet gives what word-by-word encoding gives
+        first, *rest = canonicalize(prompt).split(" ")
+        by_word = [p for w in [first] + [" " + w for w in rest] for p in tok.tokenize(w)]
+        assert [w for w in words if w != "<pad>"] == by_word
     circle, square = pieces["a photo of a red circle."], pieces["a photo of a red square."]
     assert "▁red" in circle and "▁red" in square and "▁circle" in circle and "▁square" in square
     assert circle[:5] == ["a", "▁photo", "▁of", "▁a", "▁red"]
