@@ -23,7 +23,7 @@ from benchmarks.suites import SuiteError, load_suite
 # package data, so an installed amoe (not only a checkout) compares against the papers' numbers
 REPORTED_CSV = Path(__file__).resolve().parent / "suites" / "reported.csv"
 TASK_ORDER = ("zeroshot", "knn", "linear", "retrieval", "segmentation")
-TASK_LABELS = {"zeroshot": "zero-shot", "knn": "kNN", "linear": "linear", "retrieval": "retrieval", "segmentation": "seg"}
+TASK_LABELS = {"zeroshot": "zero-shot", "knn": "kNN", "retrieval": "retrieval", "segmentation": "seg"}  # else the name
 LABELS_FILE = "labels.json"   # optional [{"spec", "name"[, "arm", "seed"]}, ...] beside the result JSONs (rows in that order)
 
 

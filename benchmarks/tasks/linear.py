@@ -8,7 +8,7 @@ without its learning-rate grid; scikit-learn on the CPU suits banks up to ~10^5 
 `factors` (e.g. {"colour": 0, "shape": -1}) names words of the class names: for classes such as
 "red circle" each factor gets its own probe on the same features, reported as `<head>/top1_<factor>`.
 It says *what* an encoder knows: on the mini-world a row can be 99 % right on colour and at chance on
-shape, which one class-level score hides (docs/benchmarks.md).
+shape, which one class-level score hides (docs/tasks.md).
 """
 from __future__ import annotations
 
