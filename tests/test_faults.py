@@ -429,7 +429,8 @@ def test_teacher_training_and_world_generation_take_a_lock(tmp_path):
     make_world(tmp_path / "w", size=WORLD, workers=1, progress=False)   # free again: it runs
     held = lock_run_folder(tmp_path / "t", "test", name=".siglip2.lock")
     with pytest.raises(LockHeld, match="in use by a test"):
-        train_teachers(tmp_path / "w", tmp_path / "t", fast=True, only=["siglip2"], progress=False)
+        train_teachers(tmp_path / "w", tmp_path / "t", fast=True, only=["siglip2"], progress=False,
+                       siglip2={"use_pretrain": False})   # this tiny world has no pretrain part
     held.release()
     assert not list((tmp_path / "t").glob(".siglip2.*partial"))   # refused before touching the folder
 

@@ -51,6 +51,11 @@ def test_fast_training_writes_complete_hf_dirs(trained):
         assert [m["step"] for m in metrics] == list(range(1, log["steps"] + 1))
         assert [m["loss"] for m in metrics] == log["losses"]
     assert not list(out.glob(".*.partial"))  # work dirs are moved into place
+    # the SigLIP2 teacher reads the world's pretraining set beside the pool (64 images in the fast world)
+    world_cfg = json.loads(QUICKSTART.read_text())["fast"]["world"]["size"]
+    pretrain, pool = world_cfg["pretrain"]["images"], world_cfg["pool"]["images"]
+    assert report["siglip2"]["pairs"] >= pool + pretrain
+    assert report["dinov3"]["images"] == pool   # the DINOv3 recipe leaves it out (docs/teachers.md)
     # the sigmoid loss goes down on the mini-world even in the short fast run
     sig = report["siglip2"]["losses"]
     assert sum(sig[-5:]) / 5 < sum(sig[:5]) / 5
@@ -167,6 +172,11 @@ def test_bad_world_and_bad_recipe_give_clear_errors(tmp_path, world):
     (tmp_path / "not-a-world").mkdir()
     with pytest.raises(TeacherError, match="world.json"):
         train_teachers(tmp_path / "not-a-world", tmp_path / "out", fast=True)
+    no_pretrain = tmp_path / "old-world"
+    shutil.copytree(world, no_pretrain, ignore=shutil.ignore_patterns("pretrain"))
+    with pytest.raises(TeacherError, match=r"no pretrain part, which the siglip2 recipe reads.*amoe world make.*"
+                                           r"--set siglip2.use_pretrain=false$"):
+        train_teachers(no_pretrain, tmp_path / "out", fast=True)
     with pytest.raises(ConfigError, match=r"unknown key 'stepz' in 'siglip2' of the teacher recipe \(did you mean 'steps'"):
         train_teachers(world, tmp_path / "out", fast=True, siglip2={"stepz": 3})
     with pytest.raises(ConfigError, match=r"unknown key 'siglip3' in the teacher recipe \(did you mean 'siglip2'"):

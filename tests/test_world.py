@@ -26,6 +26,7 @@ TINY = {
     "refer": {"images": 16, "min_side": 160, "max_side": 224, "min_objects": 3, "max_objects": 5,
               "split_fractions": {"train": 0.5, "val": 0.25, "testA": 0.125, "testB": 0.125}},
     "pool": {"images": 30, "per_shard": 12, "min_side": 128, "max_side": 320, "zipf_alpha": 1.1, "max_objects": 3},
+    "pretrain": {"images": 40, "per_shard": 16, "image_size": 48, "max_objects": 2},
 }
 
 
@@ -45,7 +46,8 @@ def test_layout_matches_common_contract(tiny_world):
     w = tiny_world
     summary = json.loads((w / "world.json").read_text())
     assert summary["seed"] == 0 and summary["generator_version"] and summary["vocabulary"]["shapes"]
-    assert set(summary["timing"]["parts_seconds"]) == {"classification", "retrieval", "segmentation", "refer", "pool"}
+    assert set(summary["timing"]["parts_seconds"]) == {"classification", "retrieval", "segmentation", "refer", "pool",
+                                                       "pretrain"}
     folders = sorted(p.name for p in (w / "classification" / "train").iterdir())
     assert folders == sorted(p.name for p in (w / "classification" / "val").iterdir())
     names = (w / "classification" / "classnames.txt").read_text().splitlines()
@@ -142,6 +144,38 @@ def test_pool_shards_are_long_tailed_with_varied_resolutions(tiny_world):
     assert all(128 <= s <= 320 for wh in sizes for s in wh)
     assert all(0.5 - 1e-3 <= w / h <= 2.0 + 1e-3 for w, h in sizes) and len(set(sizes)) > 10
     assert all(0 <= c < 80 for c in concepts)
+
+
+def test_pretrain_shards_hold_small_captioned_scenes_in_the_pool_format(tiny_world):
+    """The teachers' pretraining set: square scenes of one or two objects, each with a caption that
+    names its objects and the pool's metadata (concepts, boxes), every concept drawn uniformly."""
+    shards = sorted((tiny_world / "pretrain" / "shards").iterdir())
+    assert [p.name for p in shards] == ["pretrain-000000.tar", "pretrain-000001.tar", "pretrain-000002.tar"]
+    n, first_concepts = 0, []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            keys = sorted({m.split(".")[0] for m in tar.getnames()})
+            for k in keys:
+                meta = json.loads(tar.extractfile(f"{k}.json").read())
+                caption = tar.extractfile(f"{k}.txt").read().decode()
+                assert Image.open(tar.extractfile(f"{k}.jpg")).size == (48, 48)
+                assert 1 <= len(meta["objects"]) <= 2 and all(o["bbox"] for o in meta["objects"])
+                assert meta["objects"][0]["size"] in ("medium", "large")
+                assert meta["objects"][0]["shape"] in caption.lower()
+                first_concepts.append(meta["primary_concept"])
+                n += 1
+    assert n == 40
+    assert len(set(first_concepts)) > 25   # uniform over 80 concepts, not the pool's few head concepts
+    summary = json.loads((tiny_world / "world.json").read_text())
+    assert summary["parts"]["pretrain"]["images"] == 40 and "pretrain" in summary["layout"]
+
+
+def test_a_size_config_without_pretrain_builds_the_other_parts(tmp_path):
+    cfg = {k: v for k, v in TINY.items() if k != "pretrain"}
+    cfg["pool"] = dict(TINY["pool"], images=4)
+    summary = make_world(tmp_path / "w", size=cfg, seed=0, workers=1, progress=False)
+    assert "pretrain" not in summary["parts"] and not (tmp_path / "w" / "pretrain").exists()
+    assert (tmp_path / "w" / "pool" / "shards").is_dir()
 
 
 def test_generation_is_deterministic_by_seed_and_independent_of_workers(tiny_world, tmp_path):

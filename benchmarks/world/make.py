@@ -27,8 +27,9 @@ from .vocab import SHAPES, classification_classes, vocabulary
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1.0"
-PART_ORDER = ["classification", "retrieval", "segmentation", "refer", "pool"]
+GENERATOR_VERSION = "1.1"   # 1.1: the `pretrain` part
+PART_ORDER = ["classification", "retrieval", "segmentation", "refer", "pool", "pretrain"]
+OPTIONAL_PARTS = {"pretrain"}   # built when the size config names it (older custom configs do not)
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a picture of the {}.", "a rendering of a {}.",
              "a {} on a plain background.", "an image containing a {}.", "a close-up of the {}.",
              "a small {}.", "a large {}.", "a {} shape."]
@@ -200,8 +201,22 @@ def build_pool(root: Path, seed: int, cfg: dict, run: _Runner) -> dict:
             "object_counts_per_concept": counts.tolist(), "min_side": cfg["min_side"], "max_side": cfg["max_side"]}
 
 
+def build_pretrain(root: Path, seed: int, cfg: dict, run: _Runner) -> dict:
+    """The teachers' pretraining data, standing in for the web-scale sets (WebLI, LVD-1689M) the real
+    SigLIP2 and DINOv3 learnt from before anyone distilled them: read only by `amoe teachers train`,
+    never by the student, the curation or the benchmarks."""
+    shard_dir = root / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [(seed, str(shard_dir / f"pretrain-{s:06d}.tar"), chunk, cfg)
+             for s, chunk in enumerate(_chunks(list(range(cfg["images"])), cfg["per_shard"]))]
+    results = run.map("pretrain", parts.pretrain_task, tasks)
+    return {"images": cfg["images"], "shards": len(tasks), "image_size": cfg["image_size"],
+            "object_counts_per_concept": np.sum([r[0] for r in results], axis=0).tolist()}
+
+
 BUILDERS = {"classification": build_classification, "retrieval": build_retrieval,
-            "segmentation": build_segmentation, "refer": build_refer, "pool": build_pool}
+            "segmentation": build_segmentation, "refer": build_refer, "pool": build_pool,
+            "pretrain": build_pretrain}
 
 
 # ---------------------------------------------------------------- orchestration
@@ -257,8 +272,9 @@ def _build(out: Path, identity: dict, seed: int, cfg: dict, workers: int | None,
     t_start = time.perf_counter()
     part_summaries, timings = {}, {}
     run = _Runner(workers, progress)
+    built = [p for p in PART_ORDER if p in cfg or p not in OPTIONAL_PARTS]
     try:
-        for part in PART_ORDER:
+        for part in built:
             marker = tmp / f".done-{part}"
             if marker.is_file():
                 saved = json.loads(marker.read_text())
@@ -276,7 +292,7 @@ def _build(out: Path, identity: dict, seed: int, cfg: dict, workers: int | None,
     finally:
         run.close()
 
-    for part in PART_ORDER:
+    for part in built:
         (tmp / f".done-{part}").unlink()
     summary = dict(identity)
     summary.update({
@@ -288,7 +304,8 @@ def _build(out: Path, identity: dict, seed: int, cfg: dict, workers: int | None,
                    "retrieval": "retrieval/images/*.jpg + retrieval/dataset_miniworld.json",
                    "segmentation": "segmentation/ADEChallengeData2016/{images,annotations}/{training,validation}",
                    "refer": "refer/refcoco/{refs(unc).p,instances.json} + refer/images/train2014/",
-                   "pool": "pool/shards/pool-%06d.tar"},
+                   "pool": "pool/shards/pool-%06d.tar",
+                   **({"pretrain": "pretrain/shards/pretrain-%06d.tar"} if "pretrain" in built else {})},
     })
     world_tmp = tmp / ".world.json.tmp"
     world_tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

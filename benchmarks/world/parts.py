@@ -18,7 +18,8 @@ from . import language
 from .draw import make_object, place, render
 from .vocab import BACKGROUNDS, COLOUR_NAMES, SHAPES, SIZE_NAMES, TEXTURES, concept_id
 
-PART_IDS = {"classification": 1, "retrieval": 2, "segmentation": 3, "refer": 4, "pool": 5, "plan": 99}
+PART_IDS = {"classification": 1, "retrieval": 2, "segmentation": 3, "refer": 4, "pool": 5, "pretrain": 6,
+            "plan": 99}
 JPEG_QUALITY = 90
 
 
@@ -167,13 +168,44 @@ def zipf_weights(n: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
     return w / w.sum()
 
 
+def _add_sample(writer: tarfile.TarFile, index: int, scene: dict, rng: np.random.Generator, counts: np.ndarray) -> None:
+    """Render `scene` and append it to a webdataset shard as `<index>.jpg/.txt/.json` (image, one
+    caption, object metadata with concept ids and boxes); `counts` gets the objects' concepts."""
+    image, instances = render(scene, rng)
+    objs = []
+    for k, o in enumerate(scene["objects"]):
+        mask = instances == (k + 1)
+        cid = concept_id(o["shape"], o["colour"])
+        counts[cid] += 1
+        objs.append({"concept": cid, "shape": o["shape"], "colour": o["colour"], "texture": o["texture"],
+                     "size": o["size"], "bbox": _bbox(mask) if mask.any() else None})
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=JPEG_QUALITY)
+    caption = language.captions(scene, rng, n=1)[0]
+    meta = {"concepts": sorted({o["concept"] for o in objs}), "primary_concept": objs[0]["concept"],
+            "objects": objs, "background": scene["background"], "width": scene["width"],
+            "height": scene["height"], "index": index}
+    members = {"jpg": buf.getvalue(), "txt": caption.encode("utf-8"),
+               "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
+    for ext, data in members.items():
+        info = tarfile.TarInfo(f"{index:08d}.{ext}")
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "amoe", "amoe"
+        writer.addfile(info, io.BytesIO(data))
+
+
+def _shard(shard_path: str) -> tuple[Path, tarfile.TarFile]:
+    """A shard written under a temporary name (renamed into place by the caller when complete).
+    Webdataset shards are plain tars of <key>.<ext> members, grouped by key; written with the
+    standard library (fixed mtime/owner for reproducible bytes) so workers need not import torch."""
+    tmp = Path(shard_path).with_suffix(".tar.tmp")
+    return tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
+
+
 def pool_task(seed: int, shard_path: str, indices: list[int], cfg: dict, concept_probs: list[float]) -> list:
     probs = np.asarray(concept_probs)
     counts = np.zeros(len(probs), dtype=np.int64)
-    tmp = Path(shard_path).with_suffix(".tar.tmp")
-    # webdataset shards are plain tars of <key>.<ext> members, grouped by key; written with the
-    # standard library (fixed mtime/owner for reproducible bytes) so workers need not import torch
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as writer:
+    tmp, writer = _shard(shard_path)
+    with writer:
         for index in indices:
             rng = item_rng(seed, "pool", index)
             base = math.exp(rng.uniform(math.log(cfg["min_side"]), math.log(cfg["max_side"])))
@@ -188,24 +220,25 @@ def pool_task(seed: int, shard_path: str, indices: list[int], cfg: dict, concept
                 specs.append((SHAPES[shape], COLOUR_NAMES[colour], _pick(rng, TEXTURES),
                               _pick(rng, ["medium", "large"]) if i == 0 else _pick(rng, SIZE_NAMES)))
             scene = _scene(rng, w, h, specs, overlap=False)
-            image, instances = render(scene, rng)
-            objs = []
-            for k, o in enumerate(scene["objects"]):
-                mask = instances == (k + 1)
-                cid = concept_id(o["shape"], o["colour"])
-                counts[cid] += 1
-                objs.append({"concept": cid, "shape": o["shape"], "colour": o["colour"], "texture": o["texture"],
-                             "size": o["size"], "bbox": _bbox(mask) if mask.any() else None})
-            buf = io.BytesIO()
-            image.save(buf, "JPEG", quality=JPEG_QUALITY)
-            caption = language.captions(scene, rng, n=1)[0]
-            meta = {"concepts": sorted({o["concept"] for o in objs}), "primary_concept": objs[0]["concept"],
-                    "objects": objs, "background": scene["background"], "width": w, "height": h, "index": index}
-            members = {"jpg": buf.getvalue(), "txt": caption.encode("utf-8"),
-                       "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{index:08d}.{ext}")
-                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "amoe", "amoe"
-                writer.addfile(info, io.BytesIO(data))
+            _add_sample(writer, index, scene, rng, counts)
+    tmp.replace(shard_path)
+    return [counts.tolist()]
+
+
+# ---------------------------------------------------------------- pretrain (webdataset shards)
+def pretrain_task(seed: int, shard_path: str, indices: list[int], cfg: dict) -> list:
+    """The teachers' own pretraining images: small square scenes of one to `max_objects` objects,
+    every concept equally likely (the long tail belongs to the pool, where curation acts), the first
+    object medium or large; same member layout as the pool's shards."""
+    counts = np.zeros(len(SHAPES) * len(COLOUR_NAMES), dtype=np.int64)
+    size = cfg["image_size"]
+    tmp, writer = _shard(shard_path)
+    with writer:
+        for index in indices:
+            rng = item_rng(seed, "pretrain", index)
+            n = int(rng.integers(1, cfg["max_objects"] + 1))
+            specs = [(_pick(rng, SHAPES), _pick(rng, COLOUR_NAMES), _pick(rng, TEXTURES),
+                      _pick(rng, ["medium", "large"]) if i == 0 else _pick(rng, SIZE_NAMES)) for i in range(n)]
+            _add_sample(writer, index, _scene(rng, size, size, specs, overlap=False), rng, counts)
     tmp.replace(shard_path)
     return [counts.tolist()]

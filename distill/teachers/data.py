@@ -1,8 +1,9 @@
 """Training data of the teachers, read through the project's dataset readers.
 
-Only training splits are used: the pool (images + captions) and the classification *train* split
-(class-name prompts). The classification val split and the retrieval test split are the benchmark's
-test sets and are never read here.
+Only training splits are used: the teachers' own pretraining set (`pretrain/`, images + captions, in the
+pool's format; no student or benchmark reads it), the pool (images + captions) and the classification
+*train* split (class-name prompts). The classification val split and the retrieval test split are the
+benchmark's test sets and are never read here.
 """
 from __future__ import annotations
 
@@ -55,22 +56,34 @@ class WorldData:
     _pool: list = field(default_factory=list, repr=False)
     unreadable: list = field(default_factory=list)   # classification train files that did not decode
 
+    def _shards(self, part: str) -> list:
+        ds = load_dataset("webdataset", self.root / part, "train")
+        samples = [s for s in tqdm(ds, desc=f"read {part}", disable=not self.progress, leave=False)]
+        if not samples:
+            raise TeacherError(f"the {part} of '{self.root}' yielded no readable samples ({ds.report()})")
+        return samples
+
     @cached_property
     def pool(self) -> list:
-        ds = load_dataset("webdataset", self.root / "pool", "train")
-        samples = [s for s in tqdm(ds, desc="read pool", disable=not self.progress, leave=False)]
-        if not samples:
-            raise TeacherError(f"the pool of '{self.root}' yielded no readable samples ({ds.report()})")
-        return samples
+        return self._shards("pool")
+
+    @cached_property
+    def pretrain(self) -> list:
+        return self._shards("pretrain")
+
+    def images(self, use_pretrain: bool) -> list:
+        """The teachers' image samples (with metadata): the pool, and the pretraining set if asked."""
+        return self.pool + (self.pretrain if use_pretrain else [])
 
     @cached_property
     def classification(self):
         return load_dataset("imagefolder", self.root / "classification", "train")
 
     def pairs(self, use_pool: bool = True, use_classification_train: bool = True,
-              classification_repeat: int = 1) -> list[Pair]:
-        """Image-caption pairs: pool captions, and class prompts for the classification train split
-        (listed `classification_repeat` times, so an epoch sees the few labelled images more often)."""
+              classification_repeat: int = 1, use_pretrain: bool = False) -> list[Pair]:
+        """Image-caption pairs: pool (and pretraining-set) captions, and class prompts for the
+        classification train split (listed `classification_repeat` times, so an epoch sees the few
+        labelled images more often)."""
         pairs: list[Pair] = []
         if use_classification_train:
             ds = self.classification
@@ -88,11 +101,11 @@ class WorldData:
                 print(f"[amoe teachers] classification train: {len(unreadable)} unreadable image(s) skipped: "
                       + ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else ""), file=sys.stderr)
             self.unreadable = unreadable
-        offset = len(pairs) + 10_000  # pool samples are each their own group
-        if use_pool:
-            for j, s in enumerate(self.pool):
-                if s.caption:
-                    pairs.append(Pair(s.image, [s.caption], offset + j))
+        offset = len(pairs) + 10_000  # pool and pretraining samples are each their own group
+        captioned = (self.pool if use_pool else []) + (self.pretrain if use_pretrain else [])
+        for j, s in enumerate(captioned):
+            if s.caption:
+                pairs.append(Pair(s.image, [s.caption], offset + j))
         if not pairs:
             raise TeacherError("no image-caption pairs: enable `use_pool` or `use_classification_train` "
                                "in the siglip2 recipe, or check the world's pool captions")

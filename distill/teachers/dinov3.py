@@ -1,6 +1,7 @@
 """The mini-world DINOv3 teacher: HF `DINOv3ViTModel` (RoPE, 4 registers) trained self-supervised.
 
-Objective (DINO + iBOT with a masked-pixel term), all label-free on the pool images:
+Objective (DINO + iBOT with a masked-pixel term), all label-free, on the pool images (and the
+world's pretraining set, recipe key `use_pretrain`):
 - DINO: the student's CLS on every crop (2 global + local crops) predicts the momentum teacher's
   centred, sharpened prototype distribution of the *other* global crops;
 - iBOT: on the student's global crops a random subset of patches is replaced by the mask token; each
@@ -88,23 +89,23 @@ class SSLModel(nn.Module):
         return hidden[:, 0], hidden[:, self.skip:]
 
 
-def dense_vocab(data: WorldData) -> tuple[list[str], list[str]]:
-    """Shape and colour names as they occur in the pool's metadata (sorted; no import of the generator)."""
-    objs = [o for s in data.pool for o in s.metadata.get("objects", [])]
+def dense_vocab(samples: list) -> tuple[list[str], list[str]]:
+    """Shape and colour names as they occur in the samples' metadata (sorted; no import of the generator)."""
+    objs = [o for s in samples for o in s.metadata.get("objects", [])]
     return sorted({o["shape"] for o in objs}), sorted({o["colour"] for o in objs})
 
 
-def load_images(data: WorldData, side: int, progress: bool, vocab=None) -> list[torch.Tensor]:
-    """Pool images as uint8 CHW tensors, shorter side resized to `side`, with two extra channels:
+def load_images(samples: list, side: int, progress: bool, vocab=None) -> list[torch.Tensor]:
+    """Images as uint8 CHW tensors, shorter side at most `side`, with two extra channels:
     the per-pixel shape id and colour id (1-based, 0 = background) painted from the object boxes,
     larger boxes first so a smaller object on top keeps its pixels. Crops cut all five together."""
     shapes, colours = vocab or ([], [])
     out = []
-    for s in tqdm(data.pool, desc="dinov3 load pool", disable=not progress, leave=False):
+    for s in tqdm(samples, desc="dinov3 load images", disable=not progress, leave=False):
         w, h = s.image.size
-        k = side / min(w, h)
-        W, H = max(side, round(w * k)), max(side, round(h * k))
-        img = TF.pil_to_tensor(s.image.resize((W, H)))
+        k = min(1.0, side / min(w, h))   # never up: every crop is resized to its view's size anyway
+        W, H = max(1, round(w * k)), max(1, round(h * k))
+        img = TF.pil_to_tensor(s.image if k == 1.0 else s.image.resize((W, H)))
         labels = torch.zeros(2, H, W, dtype=torch.uint8)
         objs = sorted(s.metadata.get("objects", []), key=lambda o: -o["bbox"][2] * o["bbox"][3])
         for o in objs:
@@ -192,8 +193,9 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     ranks = ranks or Ranks()
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    vocab = dense_vocab(data)
-    images = load_images(data, r["load_side"], progress, vocab)
+    samples = data.images(r["use_pretrain"])
+    vocab = dense_vocab(samples)
+    images = load_images(samples, r["load_side"], progress, vocab)
     t_data = time.perf_counter() - t0
 
     student = SSLModel({**r, "dense_classes": (len(vocab[0]), len(vocab[1]))})

@@ -99,7 +99,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     ranks = ranks or Ranks()
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    pairs = data.pairs(r["use_pool"], r["use_classification_train"], r["classification_repeat"])
+    pairs = data.pairs(r["use_pool"], r["use_classification_train"], r["classification_repeat"], r["use_pretrain"])
     corpus = sorted(set(data.caption_corpus(pairs)))
     tokenizer = train_tokenizer(corpus, r["vocab_size"], r["text_max_length"])
     token_row = {c: i for i, c in enumerate(corpus)}
