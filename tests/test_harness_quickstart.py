@@ -113,6 +113,9 @@ def test_fast_quickstart_runs_every_step_end_to_end(tmp_path):
     # what each encoder knows of the class names' two factors, beside the class-level scores
     header = table.splitlines()[0]
     assert "linear top1_colour" in header and "linear top1_shape" in header
+    # image-text scores per text head and for their ensemble, zero-shot and retrieval alike
+    for head in ("siglip2", "dinotxt", "ensemble"):
+        assert all(f"{col} ({head})" in header for col in ("zero-shot top1", "retrieval t2i_r1", "retrieval i2t_r1"))
     # records and tables carry no path of this machine (paths relative to the folder they are in); kept
     # absolute: the feature cache (a machine-local store keyed by where the data is), the re-runnable
     # sweep.json, and the model specs that are a result cell's identity (the sweep's names for them)
