@@ -8,7 +8,8 @@ import json
 def register(subparsers) -> None:
     parser = subparsers.add_parser("world", help="procedural mini-world in real dataset formats")
     sub = parser.add_subparsers(dest="world_command", metavar="SUBCOMMAND")
-    make = sub.add_parser("make", help="generate a mini-world (classification, retrieval, segmentation, refer, pool)")
+    make = sub.add_parser("make", help="generate a mini-world (classification, retrieval, segmentation, refer, "
+                                       "pool, and the teachers' pretrain set)")
     make.add_argument("--out", required=True, help="output folder (created; must not hold another world)")
     make.add_argument("--size", default="small", choices=["small", "medium"])
     make.add_argument("--seed", type=int, default=0)
