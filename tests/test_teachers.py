@@ -115,8 +115,11 @@ def test_completion_marker_and_resume(trained, world, tmp_path):
     assert report["dinov3"]["steps"] > 0 and teachers_complete(copy)
     # a different recipe is not "complete": that teacher is retrained
     report = train_teachers(world, copy, fast=True, progress=False, only=["dinov3"],
-                            dinov3={"steps": 2, "warmup_steps": 1})
+                            dinov3={"steps": 2, "warmup_steps": 1, "use_pretrain": True})
     assert len(report["dinov3"]["losses"]) == 2
+    # asked to, the DINOv3 teacher trains on the pool and the world's pretraining set
+    world_cfg = json.loads(QUICKSTART.read_text())["fast"]["world"]["size"]
+    assert report["dinov3"]["images"] == world_cfg["pool"]["images"] + world_cfg["pretrain"]["images"]
 
 
 def test_a_killed_teacher_resumes_mid_training_to_the_same_weights(trained, world, tmp_path, monkeypatch):
