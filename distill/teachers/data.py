@@ -53,7 +53,6 @@ class WorldData:
 
     root: Path
     progress: bool = True
-    _pool: list = field(default_factory=list, repr=False)
     unreadable: list = field(default_factory=list)   # classification train files that did not decode
 
     def _shards(self, part: str) -> list:
@@ -107,8 +106,8 @@ class WorldData:
             if s.caption:
                 pairs.append(Pair(s.image, [s.caption], offset + j))
         if not pairs:
-            raise TeacherError("no image-caption pairs: enable `use_pool` or `use_classification_train` "
-                               "in the siglip2 recipe, or check the world's pool captions")
+            raise TeacherError("no image-caption pairs: enable `use_pool`, `use_pretrain` or "
+                               "`use_classification_train` in the siglip2 recipe, or check the world's captions")
         return pairs
 
     def caption_corpus(self, pairs: list[Pair]) -> list[str]:
