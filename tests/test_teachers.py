@@ -33,7 +33,7 @@ def trained(world, tmp_path_factory):
     return out, report
 
 
-def test_fast_training_writes_complete_hf_dirs(trained):
+def test_fast_training_writes_complete_hf_dirs(trained, world):
     out, report = trained
     assert teachers_complete(out)
     for name in ("siglip2", "dinov3"):
@@ -54,7 +54,9 @@ def test_fast_training_writes_complete_hf_dirs(trained):
     # the SigLIP2 teacher reads the world's pretraining set beside the pool (64 images in the fast world)
     world_cfg = json.loads(QUICKSTART.read_text())["fast"]["world"]["size"]
     pretrain, pool = world_cfg["pretrain"]["images"], world_cfg["pool"]["images"]
-    assert report["siglip2"]["pairs"] >= pool + pretrain
+    cls_train = json.loads((world / "world.json").read_text())["parts"]["classification"]["train_images"]
+    repeat = load_recipe(fast=True)["siglip2"]["classification_repeat"]
+    assert report["siglip2"]["pairs"] == repeat * cls_train + pool + pretrain   # every pool/pretrain image has a caption
     assert report["dinov3"]["images"] == pool   # the DINOv3 recipe leaves it out (docs/teachers.md)
     # the sigmoid loss goes down on the mini-world even in the short fast run
     sig = report["siglip2"]["losses"]

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -193,19 +194,21 @@ def _add_sample(writer: tarfile.TarFile, index: int, scene: dict, rng: np.random
         writer.addfile(info, io.BytesIO(data))
 
 
-def _shard(shard_path: str) -> tuple[Path, tarfile.TarFile]:
-    """A shard written under a temporary name (renamed into place by the caller when complete).
-    Webdataset shards are plain tars of <key>.<ext> members, grouped by key; written with the
-    standard library (fixed mtime/owner for reproducible bytes) so workers need not import torch."""
+@contextmanager
+def _shard(shard_path: str):
+    """A webdataset shard writer: written under a temporary name and renamed into place only when
+    complete. Shards are plain tars of <key>.<ext> members, grouped by key; written with the standard
+    library (fixed mtime/owner for reproducible bytes) so workers need not import torch."""
     tmp = Path(shard_path).with_suffix(".tar.tmp")
-    return tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as writer:
+        yield writer
+    tmp.replace(shard_path)
 
 
 def pool_task(seed: int, shard_path: str, indices: list[int], cfg: dict, concept_probs: list[float]) -> list:
     probs = np.asarray(concept_probs)
     counts = np.zeros(len(probs), dtype=np.int64)
-    tmp, writer = _shard(shard_path)
-    with writer:
+    with _shard(shard_path) as writer:
         for index in indices:
             rng = item_rng(seed, "pool", index)
             base = math.exp(rng.uniform(math.log(cfg["min_side"]), math.log(cfg["max_side"])))
@@ -221,7 +224,6 @@ def pool_task(seed: int, shard_path: str, indices: list[int], cfg: dict, concept
                               _pick(rng, ["medium", "large"]) if i == 0 else _pick(rng, SIZE_NAMES)))
             scene = _scene(rng, w, h, specs, overlap=False)
             _add_sample(writer, index, scene, rng, counts)
-    tmp.replace(shard_path)
     return [counts.tolist()]
 
 
@@ -232,13 +234,11 @@ def pretrain_task(seed: int, shard_path: str, indices: list[int], cfg: dict) -> 
     object medium or large; same member layout as the pool's shards."""
     counts = np.zeros(len(SHAPES) * len(COLOUR_NAMES), dtype=np.int64)
     size = cfg["image_size"]
-    tmp, writer = _shard(shard_path)
-    with writer:
+    with _shard(shard_path) as writer:
         for index in indices:
             rng = item_rng(seed, "pretrain", index)
             n = int(rng.integers(1, cfg["max_objects"] + 1))
             specs = [(_pick(rng, SHAPES), _pick(rng, COLOUR_NAMES), _pick(rng, TEXTURES),
                       _pick(rng, ["medium", "large"]) if i == 0 else _pick(rng, SIZE_NAMES)) for i in range(n)]
             _add_sample(writer, index, _scene(rng, size, size, specs, overlap=False), rng, counts)
-    tmp.replace(shard_path)
     return [counts.tolist()]

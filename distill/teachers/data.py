@@ -70,9 +70,9 @@ class WorldData:
     def pretrain(self) -> list:
         return self._shards("pretrain")
 
-    def images(self, use_pretrain: bool) -> list:
-        """The teachers' image samples (with metadata): the pool, and the pretraining set if asked."""
-        return self.pool + (self.pretrain if use_pretrain else [])
+    def images(self, use_pool: bool = True, use_pretrain: bool = False) -> list:
+        """The teachers' image samples (with caption and metadata): the pool and/or the pretraining set."""
+        return (self.pool if use_pool else []) + (self.pretrain if use_pretrain else [])
 
     @cached_property
     def classification(self):
@@ -101,8 +101,7 @@ class WorldData:
                       + ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else ""), file=sys.stderr)
             self.unreadable = unreadable
         offset = len(pairs) + 10_000  # pool and pretraining samples are each their own group
-        captioned = (self.pool if use_pool else []) + (self.pretrain if use_pretrain else [])
-        for j, s in enumerate(captioned):
+        for j, s in enumerate(self.images(use_pool, use_pretrain)):
             if s.caption:
                 pairs.append(Pair(s.image, [s.caption], offset + j))
         if not pairs:

@@ -193,7 +193,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     ranks = ranks or Ranks()
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    samples = data.images(r["use_pretrain"])
+    samples = data.images(use_pretrain=r["use_pretrain"])
     vocab = dense_vocab(samples)
     images = load_images(samples, r["load_side"], progress, vocab)
     t_data = time.perf_counter() - t0
