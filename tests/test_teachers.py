@@ -72,6 +72,12 @@ def test_siglip2_loads_back_offline_with_same_outputs(trained):
     got = probe_outputs("siglip2", model, proc)
     for key, ref in report["siglip2"]["probe"].items():  # recorded from the in-memory model before saving
         assert torch.allclose(torch.tensor(got[key]), torch.tensor(ref), atol=1e-4), key
+    # the training-only presence head (weak supervision) is trained but never saved
+    from safetensors.torch import load_file
+    assert load_recipe(fast=True)["siglip2"]["presence_weight"] > 0
+    presence = report["siglip2"]["presence_losses"]
+    assert len(presence) == report["siglip2"]["steps"] and all(v > 0 for v in presence)
+    assert not [k for k in load_file(d / "model.safetensors") if "presence" in k]
     # NaFlex inputs through the saved image processor
     inp = proc.image_processor(images=[probe_image()], return_tensors="pt")
     assert inp["pixel_values"].shape[-1] == 3 * model.config.vision_config.patch_size ** 2
@@ -117,8 +123,9 @@ def test_completion_marker_and_resume(trained, world, tmp_path):
     assert report["dinov3"]["steps"] > 0 and teachers_complete(copy)
     # a different recipe is not "complete": that teacher is retrained
     report = train_teachers(world, copy, fast=True, progress=False, only=["dinov3"],
-                            dinov3={"steps": 2, "warmup_steps": 1, "use_pretrain": True})
+                            dinov3={"steps": 2, "warmup_steps": 1, "use_pretrain": True, "presence_weight": 1.0})
     assert len(report["dinov3"]["losses"]) == 2
+    assert all(v > 0 for v in report["dinov3"]["presence_losses"])   # the CLS weak-supervision term ran
     # asked to, the DINOv3 teacher trains on the pool and the world's pretraining set
     world_cfg = json.loads(QUICKSTART.read_text())["fast"]["world"]["size"]
     assert report["dinov3"]["images"] == world_cfg["pool"]["images"] + world_cfg["pretrain"]["images"]
@@ -340,3 +347,29 @@ def test_teacher_fingerprint_changes_with_the_tokenizer_version(monkeypatch):
     before = common.teacher_fingerprint("siglip2", recipe, {"seed": 0}, 0)
     monkeypatch.setattr(common, "TOKENIZER_VERSION", common.TOKENIZER_VERSION + 1)
     assert common.teacher_fingerprint("siglip2", recipe, {"seed": 0}, 0) != before
+
+
+def test_presence_targets_and_loss_match_a_hand_computation():
+    """The teachers' weak supervision from the world's metadata: which shapes and colours an image (or
+    a DINOv3 crop) holds, and a softmax cross-entropy per kind against the uniform distribution over
+    the ones present."""
+    import math
+
+    from distill.teachers.data import object_vocab, presence_cross_entropy, presence_vector
+    from distill.teachers.dinov3 import presence_targets
+
+    objects = [{"shape": "star", "colour": "red"}, {"shape": "circle", "colour": "red"}]
+    vocab = object_vocab(objects + [{"shape": "square", "colour": "blue"}])
+    assert vocab == (["circle", "square", "star"], ["blue", "red"])
+    assert presence_vector(objects, vocab) == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert presence_vector([], vocab) == [0.0] * 5
+    # per-patch ids (0 = background) of two crops: the second holds only background
+    labels = torch.tensor([[[0, 1, 3, 3], [0, 2, 2, 2]], [[0, 0, 0, 0], [0, 0, 0, 0]]])
+    targets = presence_targets(labels, (3, 2))
+    assert targets.tolist() == [[1, 0, 1, 0, 1], [0, 0, 0, 0, 0]]
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.5, -0.5], [4.0, 0.0, 0.0, 1.0, 1.0]])
+    z = math.log(math.exp(1) + math.exp(2) + math.exp(3))
+    shapes = -((1 - z) + (3 - z)) / 2
+    colours = -(-0.5 - math.log(math.exp(0.5) + math.exp(-0.5)))
+    loss = presence_cross_entropy(logits, targets, 3)
+    assert loss.tolist() == pytest.approx([shapes + colours, 0.0])

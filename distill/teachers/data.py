@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -45,6 +47,35 @@ class Pair:
     image: Image.Image
     captions: list[str]   # one is drawn per step
     group: int            # samples of one group are positives of each other (same class)
+    objects: list = field(default_factory=list)   # the sample's metadata objects (weak supervision)
+
+
+def object_vocab(objects: list) -> tuple[list[str], list[str]]:
+    """Shape and colour names as they occur in metadata objects (sorted; no import of the generator)."""
+    return sorted({o["shape"] for o in objects}), sorted({o["colour"] for o in objects})
+
+
+def presence_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, shapes: int) -> torch.Tensor:
+    """Per-row weak-supervision loss: a softmax over the shapes and one over the colours, each against
+    the uniform distribution over the shapes (colours) present; a row with none of a kind adds nothing
+    for it. (Per-class sigmoids learnt colour and no shape in a teacher's budget; docs/teachers.md.)"""
+    loss = torch.zeros(logits.shape[0])
+    for part in (slice(0, shapes), slice(shapes, None)):
+        t = targets[:, part]
+        loss = loss - (F.log_softmax(logits[:, part], -1) * t).sum(-1) / t.sum(-1).clamp(min=1)
+    return loss
+
+
+def presence_vector(objects: list, vocab: tuple[list[str], list[str]]) -> list[float]:
+    """Multi-hot of the shapes, then the colours, that a sample's metadata objects name."""
+    shapes, colours = vocab
+    v = [0.0] * (len(shapes) + len(colours))
+    for o in objects:
+        if o.get("shape") in shapes:
+            v[shapes.index(o["shape"])] = 1.0
+        if o.get("colour") in colours:
+            v[len(shapes) + colours.index(o["colour"])] = 1.0
+    return v
 
 
 @dataclass
@@ -103,7 +134,7 @@ class WorldData:
         offset = len(pairs) + 10_000  # pool and pretraining samples are each their own group
         for j, s in enumerate(self.images(use_pool, use_pretrain)):
             if s.caption:
-                pairs.append(Pair(s.image, [s.caption], offset + j))
+                pairs.append(Pair(s.image, [s.caption], offset + j, s.metadata.get("objects", [])))
         if not pairs:
             raise TeacherError("no image-caption pairs: enable `use_pool`, `use_pretrain` or "
                                "`use_classification_train` in the siglip2 recipe, or check the world's captions")

@@ -15,6 +15,9 @@ world's pretraining set, recipe key `use_pretrain`):
   for patch features that carry object layout; without it (`dense_weight` 0) the SSL terms alone
   left both the kNN and the segmentation probe near chance after ~10 CPU-minutes (measured, see
   docs/teachers.md).
+- presence term (`presence_weight`, off by default): the student's CLS on each global crop predicts
+  which shapes and colours the crop's patch labels hold (the same weak supervision the SigLIP2
+  teacher uses); it did not teach shape in this teacher's budget (docs/teachers.md).
 The saved backbone is the student's or the momentum teacher's, as the recipe's `save` says.
 """
 from __future__ import annotations
@@ -38,7 +41,7 @@ from distill.train.schedule import warmup_cosine
 from distill.train.optim import build_adamw
 
 from .common import LoopCheckpoints, Ranks, StepForward, optimizer_step
-from .data import WorldData
+from .data import WorldData, object_vocab, presence_cross_entropy
 from .probe import check_roundtrip, probe_outputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,17 +85,12 @@ class SSLModel(nn.Module):
         self.pixel_head = nn.Linear(h, 3 * r["patch_size"] ** 2)
         self.shape_head = nn.Linear(h, r["dense_classes"][0] + 1)   # + background
         self.colour_head = nn.Linear(h, r["dense_classes"][1] + 1)
+        self.presence_head = nn.Linear(h, sum(r["dense_classes"]))  # which shapes and colours a crop holds
         self.skip = 1 + r["num_register_tokens"]  # [CLS, registers, patches]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         hidden = self.backbone(pixel_values=x, bool_masked_pos=mask).last_hidden_state
         return hidden[:, 0], hidden[:, self.skip:]
-
-
-def dense_vocab(samples: list) -> tuple[list[str], list[str]]:
-    """Shape and colour names as they occur in the samples' metadata (sorted; no import of the generator)."""
-    objs = [o for s in samples for o in s.metadata.get("objects", [])]
-    return sorted({o["shape"] for o in objs}), sorted({o["colour"] for o in objs})
 
 
 def load_images(samples: list, side: int, progress: bool, vocab=None) -> list[torch.Tensor]:
@@ -170,10 +168,11 @@ def random_masks(n: int, tokens: int, r: dict, rng: random.Random) -> torch.Tens
 
 
 def _student_views(m: SSLModel, g_in: torch.Tensor, mask: torch.Tensor, l_in: torch.Tensor | None,
-                   masked: bool, dense: bool):
+                   masked: bool, dense: bool, presence: bool):
     """Everything of one step the trained network computes: DINO logits of every view (global crops
-    first), and on the global crops' patches the iBOT logits and pixel predictions of the masked ones
-    (when any patch of the global batch is masked) and the dense shape / colour logits."""
+    first), on the global crops' patches the iBOT logits and pixel predictions of the masked ones
+    (when any patch of the global batch is masked) and the dense shape / colour logits, and on the
+    global crops' CLS the presence logits."""
     s_cls, s_patch = m(g_in, mask)
     views = [m.dino_head(s_cls)]
     if l_in is not None:
@@ -182,7 +181,14 @@ def _student_views(m: SSLModel, g_in: torch.Tensor, mask: torch.Tensor, l_in: to
     ibot = m.ibot_head(s_patch[mask]) if masked else None
     pixels = m.pixel_head(s_patch[mask]) if masked else None
     dense_logits = (m.shape_head(s_patch), m.colour_head(s_patch)) if dense else None
-    return torch.cat(views), ibot, pixels, dense_logits
+    presence_logits = m.presence_head(s_cls) if presence else None
+    return torch.cat(views), ibot, pixels, dense_logits, presence_logits
+
+
+def presence_targets(labels: torch.Tensor, classes: tuple[int, int]) -> torch.Tensor:
+    """(B, 2, tokens) per-patch shape / colour ids (0 = background) -> (B, shapes + colours) multi-hot
+    of the ids present anywhere in the crop."""
+    return torch.cat([F.one_hot(labels[:, k], n + 1).amax(1)[:, 1:] for k, n in enumerate(classes)], 1).float()
 
 
 def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = True,
@@ -194,7 +200,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     rng = random.Random(seed)
     torch.manual_seed(seed)
     samples = data.images(use_pretrain=r["use_pretrain"])
-    vocab = dense_vocab(samples)
+    vocab = object_vocab([o for s in samples for o in s.metadata.get("objects", [])])
     images = load_images(samples, r["load_side"], progress, vocab)
     t_data = time.perf_counter() - t0
 
@@ -215,7 +221,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     n = mine.stop - mine.start                                   # this rank's samples of a global batch
     views = ranks.wrap(StepForward(student, _student_views))
     ts, tt = r["student_temp"], r["teacher_temp"]
-    log = loop.get("log", {"loss": [], "dino": [], "ibot": [], "pixel": [], "dense": []})
+    log = loop.get("log", {"loss": [], "dino": [], "ibot": [], "pixel": [], "dense": [], "presence": []})
     order: list[int] = loop.get("order", [])
     bar = tqdm(range(start, r["steps"]), desc="dinov3 train", disable=not progress, initial=start, total=r["steps"])
     for step in bar:
@@ -243,8 +249,9 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
             t_cls_p = F.softmax((t_cls_logits - center_cls) / tt, dim=-1)
             t_patch_logits = teacher.ibot_head(t_patch[mask]) if masked_total else None
 
-        s_all, s_ibot, s_pixels, dense_logits = views(g_in, mask, normalise(torch.stack(locals_)) if locals_ else None,
-                                                      masked_total > 0, bool(r["dense_weight"]))
+        s_all, s_ibot, s_pixels, dense_logits, presence_logits = views(
+            g_in, mask, normalise(torch.stack(locals_)) if locals_ else None, masked_total > 0,
+            bool(r["dense_weight"]), bool(r["presence_weight"]))
         # DINO: every student view (2n + Ln rows) against each teacher global view except its own
         t_views = t_cls_p.view(2, n, -1)
         s_logp = F.log_softmax(s_all / ts, dim=-1)
@@ -270,8 +277,10 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
                      + F.cross_entropy(dense_logits[1].flatten(0, 1), g_labels[:, 1].flatten())) / 2
         else:
             dense = torch.zeros(())
+        presence = torch.zeros(()) if presence_logits is None else presence_cross_entropy(
+            presence_logits, presence_targets(g_labels, (len(vocab[0]), len(vocab[1]))), len(vocab[0])).mean()
         loss = (r["dino_weight"] * dino + r["ibot_weight"] * ibot + r["pixel_weight"] * pixel
-                + r["dense_weight"] * dense)
+                + r["dense_weight"] * dense + r["presence_weight"] * presence)
         optimizer_step(opt, sched, loss, student.parameters(), 3.0, guard, "DINOv3 teacher", ranks)
         with torch.no_grad():
             m = r["ema"][1] - (r["ema"][1] - r["ema"][0]) * (math.cos(math.pi * step / r["steps"]) + 1) / 2
@@ -281,7 +290,8 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
             center_cls.mul_(cm).add_(ranks.mean0(t_cls_logits), alpha=1 - cm)
             if t_patch_logits is not None:
                 center_patch.mul_(cm).add_(ranks.masked_mean(t_patch_logits, masked_total, dim=0), alpha=1 - cm)
-        for k, v in (("loss", loss), ("dino", dino), ("ibot", ibot), ("pixel", pixel), ("dense", dense)):
+        for k, v in (("loss", loss), ("dino", dino), ("ibot", ibot), ("pixel", pixel), ("dense", dense),
+                     ("presence", presence)):
             log[k].append(round(ranks.mean(v) if torch.is_tensor(v) else float(v), 5))
         checkpoints.save(step + 1, r["steps"], parts, opt, sched, guard, rng, {"order": order, "log": log})
         if step % 10 == 0:
@@ -303,5 +313,6 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
                              checkpoints.sub("dinotxt"), ranks)
     return {"dinotxt": text, "probe": probe, "steps": r["steps"], "batch_size": bs, "images": len(images), "losses": log["loss"],
             "dino_losses": log["dino"], "ibot_losses": log["ibot"], "pixel_losses": log["pixel"], "dense_losses": log["dense"],
+            "presence_losses": log["presence"],
             "dense_vocab": {"shapes": vocab[0], "colours": vocab[1]},
             "data_seconds": round(t_data, 2), "seconds": round(time.perf_counter() - t0, 2)}

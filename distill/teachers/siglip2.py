@@ -1,5 +1,11 @@
 """The mini-world SigLIP2 teacher: HF `Siglip2Model` (NaFlex inputs) trained with the sigmoid loss.
 
+Beside it, recipe key `presence_weight`, a weak-supervision term from the world's metadata: a
+training-only linear head on the image embedding predicts which shapes and which colours the image's
+`objects` hold (`data.presence_cross_entropy`; class-prompt images have no objects and add nothing).
+The sigmoid loss alone settles a batch by colour and never gets to shape; this term is what moves
+zero-shot (docs/teachers.md). The head is not part of the saved model.
+
 Images go through the real `Siglip2ImageProcessor` (aspect-preserving resize to at most
 `max_num_patches` patches, pre-patchified `pixel_values` (B, L, 3*p*p), `pixel_attention_mask`,
 `spatial_shapes`), so the saved processor reproduces training-time inputs exactly.
@@ -24,7 +30,7 @@ from distill.train.schedule import warmup_cosine
 from distill.train.optim import build_adamw
 
 from .common import LoopCheckpoints, Ranks, StepForward, optimizer_step
-from .data import WorldData
+from .data import WorldData, object_vocab, presence_cross_entropy, presence_vector
 from .probe import check_roundtrip, probe_outputs
 from .tokenizer import encode, train_tokenizer
 
@@ -82,13 +88,25 @@ def sigmoid_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
 
-def _towers(model: Siglip2Model, pixel_values, pixel_attention_mask, spatial_shapes, input_ids):
+class TrainingNet(torch.nn.Module):
+    """The saved model and the training-only presence head (which shapes and colours an image holds,
+    read from its image embedding; never saved)."""
+
+    def __init__(self, model: Siglip2Model, presence_classes: int):
+        super().__init__()
+        self.model = model
+        self.presence_head = torch.nn.Linear(model.config.text_config.projection_size, presence_classes)
+
+
+def _towers(net: TrainingNet, pixel_values, pixel_attention_mask, spatial_shapes, input_ids):
+    model = net.model
     img = model.get_image_features(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
                                    spatial_shapes=spatial_shapes)
     txt = model.get_text_features(input_ids=input_ids)
     # the temperature and bias as outputs of the forward (copies): DDP counts a parameter ready once per
     # backward, and one read outside the wrapped forward would be counted again
-    return img.pooler_output, txt.pooler_output, model.logit_scale.clone(), model.logit_bias.clone()
+    return (img.pooler_output, txt.pooler_output, model.logit_scale.clone(), model.logit_bias.clone(),
+            net.presence_head(img.pooler_output))
 
 
 def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = True,
@@ -107,21 +125,24 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     proc = image_processor(r)
     inputs = preprocess_images(proc, [p.image for p in pairs], progress=progress)
     groups = torch.tensor([p.group for p in pairs])
+    vocab = object_vocab([o for p in pairs for o in p.objects])
+    presence = torch.tensor([presence_vector(p.objects, vocab) for p in pairs]).reshape(len(pairs), -1)
     t_data = time.perf_counter() - t0
 
     model = build_model(r, tokenizer)
-    model.train()
-    opt = build_adamw(model.named_parameters(), r["lr"], r["weight_decay"])
+    net = TrainingNet(model, presence.shape[1]).train()
+    opt = build_adamw(net.named_parameters(), r["lr"], r["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, r["steps"], r["warmup_steps"]))
     guard = StepGuard()
     checkpoints = checkpoints or LoopCheckpoints(None, "", 1)
-    parts = {"model": model}
+    parts = {"model": net}
     start, loop = checkpoints.restore(parts, opt, sched, guard, rng)
     order: list[int] = loop.get("order", [])
     losses = loop.get("losses", [])
+    presence_losses = loop.get("presence_losses", [])
     bs = min(r["batch_size"], len(pairs))
     mine = ranks.block(bs, "siglip2")
-    towers = ranks.wrap(StepForward(model, _towers))
+    towers = ranks.wrap(StepForward(net, _towers))
     bar = tqdm(range(start, r["steps"]), desc="siglip2 train", disable=not progress, initial=start, total=r["steps"])
     for step in bar:
         if len(order) < bs:  # epochs without replacement
@@ -129,11 +150,19 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
         idx, order = order[:bs], order[bs:]
         ids = torch.stack([tokens[token_row[rng.choice(pairs[i].captions)]] for i in idx])
         local = idx[mine]
-        img, txt, scale, bias = towers(inputs["pixel_values"][local].float(), inputs["pixel_attention_mask"][local],
-                                       inputs["spatial_shapes"][local], ids[mine])
+        img, txt, scale, bias, presence_logits = towers(
+            inputs["pixel_values"][local].float(), inputs["pixel_attention_mask"][local],
+            inputs["spatial_shapes"][local], ids[mine])
         loss = sigmoid_loss(img, txt, scale, bias, groups[local], groups[idx])
-        losses.append(optimizer_step(opt, sched, loss, model.parameters(), 1.0, guard, "SigLIP2 teacher", ranks))
-        checkpoints.save(step + 1, r["steps"], parts, opt, sched, guard, rng, {"order": order, "losses": losses})
+        # rows without metadata objects (class-prompt images) add nothing; divided by this rank's row
+        # count, so that DDP's average over equal blocks is the global batch's mean
+        weak = presence_cross_entropy(presence_logits, presence[local], len(vocab[0])).sum() / len(local)
+        if r["presence_weight"]:
+            loss = loss + r["presence_weight"] * weak
+        losses.append(optimizer_step(opt, sched, loss, net.parameters(), 1.0, guard, "SigLIP2 teacher", ranks))
+        presence_losses.append(round(ranks.mean(weak), 5))
+        checkpoints.save(step + 1, r["steps"], parts, opt, sched, guard, rng,
+                         {"order": order, "losses": losses, "presence_losses": presence_losses})
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
@@ -146,6 +175,6 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
         check_roundtrip(probe, probe_outputs("siglip2", Siglip2Model.from_pretrained(out_dir),
                                              Siglip2Processor.from_pretrained(out_dir)), str(out_dir))
     return {"probe": probe, "steps": r["steps"], "batch_size": bs, "pairs": len(pairs), "captions": len(corpus),
-            "vocab_size": len(tokenizer), "losses": losses, "data_seconds": round(t_data, 2),
+            "vocab_size": len(tokenizer), "losses": losses, "presence_losses": presence_losses, "data_seconds": round(t_data, 2),
             "seconds": round(time.perf_counter() - t0, 2),
             "logit_scale": round(model.logit_scale.exp().item(), 4), "logit_bias": round(model.logit_bias.item(), 4)}
