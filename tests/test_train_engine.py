@@ -200,6 +200,16 @@ def test_teacher_width_mismatch_fails_before_step_one(world, tmp_path):
     assert not (tmp_path / "w" / "metrics.jsonl").exists()
 
 
+def test_data_patch_size_other_than_the_students_fails_before_step_one(world, tmp_path):
+    from distill.config import ConfigError
+    recipe = tiny_recipe(world, steps=2)
+    recipe["data"]["patch_size"] = 2 * recipe["student"]["config"].get("spatial_patch_size", 16)
+    recipe["data"]["sources"][0]["resolutions"] = [64]
+    with pytest.raises(ConfigError, match=r"data.patch_size is \d+ but the student's patch is \d+"):
+        run_distillation(recipe, tmp_path / "p", teachers=make_teachers())
+    assert not (tmp_path / "p" / "metrics.jsonl").exists()
+
+
 def test_export_loads_into_student_and_target_cache_reused(world, tmp_path):
     from distill.student import Student
 

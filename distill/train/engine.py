@@ -245,7 +245,12 @@ class Distiller:
         student.load_state_dict(load_tensors(f))
 
     def _check_widths(self) -> None:
-        """A teacher whose width differs from the student's adapter fails here, before step 1."""
+        """A teacher whose width differs from the student's adapter, or a data patch size that is not
+        the student's, fails here, before step 1."""
+        patch = self.student.config.spatial_patch_size
+        if patch != self.cfg.data.patch_size:
+            raise ConfigError(f"data.patch_size is {self.cfg.data.patch_size} but the student's patch is "
+                              f"{patch}; set both to the same value (student.config.spatial_patch_size)")
         cfg_dims = dict(zip(self.student.config.teachers, self.student.config.teachers_dim))
         for name, width in self.teacher_widths.items():
             if name not in cfg_dims:
