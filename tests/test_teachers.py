@@ -355,7 +355,8 @@ def test_presence_targets_and_loss_match_a_hand_computation():
     the ones present."""
     import math
 
-    from distill.teachers.data import object_vocab, presence_cross_entropy, presence_vector
+    from distill.teachers.common import presence_cross_entropy
+    from distill.teachers.data import object_vocab, presence_vector
     from distill.teachers.dinov3 import presence_targets
 
     objects = [{"shape": "star", "colour": "red"}, {"shape": "circle", "colour": "red"}]

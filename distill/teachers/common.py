@@ -63,6 +63,17 @@ def finish_dir(partial: Path, final: Path, marker: dict) -> None:
     publish_folder(partial, final)
 
 
+def presence_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, shapes: int) -> torch.Tensor:
+    """The teachers' weak-supervision loss per row: a softmax over the shapes and one over the colours
+    (`targets`: multi-hot, shapes first), each against the uniform distribution over those present; a
+    row with none of a kind adds nothing for it. (Per-class sigmoids learnt colour and no shape in a
+    teacher's budget; docs/teachers.md.)"""
+    def kind(part: slice) -> torch.Tensor:
+        t = targets[:, part]
+        return -(torch.log_softmax(logits[:, part], -1) * t).sum(-1) / t.sum(-1).clamp(min=1)
+    return kind(slice(0, shapes)) + kind(slice(shapes, None))
+
+
 def optimizer_step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, params, clip: float,
                    guard: StepGuard, what: str, ranks: "Ranks | None" = None) -> float:
     """A teacher loop's update (`distill.train.guard.optimizer_step`), its abort naming the recipe.

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -53,17 +51,6 @@ class Pair:
 def object_vocab(objects: list) -> tuple[list[str], list[str]]:
     """Shape and colour names as they occur in metadata objects (sorted; no import of the generator)."""
     return sorted({o["shape"] for o in objects}), sorted({o["colour"] for o in objects})
-
-
-def presence_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, shapes: int) -> torch.Tensor:
-    """Per-row weak-supervision loss: a softmax over the shapes and one over the colours, each against
-    the uniform distribution over the shapes (colours) present; a row with none of a kind adds nothing
-    for it. (Per-class sigmoids learnt colour and no shape in a teacher's budget; docs/teachers.md.)"""
-    loss = torch.zeros(logits.shape[0])
-    for part in (slice(0, shapes), slice(shapes, None)):
-        t = targets[:, part]
-        loss = loss - (F.log_softmax(logits[:, part], -1) * t).sum(-1) / t.sum(-1).clamp(min=1)
-    return loss
 
 
 def presence_vector(objects: list, vocab: tuple[list[str], list[str]]) -> list[float]:

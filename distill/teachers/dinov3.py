@@ -40,8 +40,8 @@ from distill.train.guard import StepGuard, require_finite
 from distill.train.schedule import warmup_cosine
 from distill.train.optim import build_adamw
 
-from .common import LoopCheckpoints, Ranks, StepForward, optimizer_step
-from .data import WorldData, object_vocab, presence_cross_entropy
+from .common import LoopCheckpoints, Ranks, StepForward, optimizer_step, presence_cross_entropy
+from .data import WorldData, object_vocab
 from .probe import check_roundtrip, probe_outputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

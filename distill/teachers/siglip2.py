@@ -2,7 +2,7 @@
 
 Beside it, recipe key `presence_weight`, a weak-supervision term from the world's metadata: a
 training-only linear head on the image embedding predicts which shapes and which colours the image's
-`objects` hold (`data.presence_cross_entropy`; class-prompt images have no objects and add nothing).
+`objects` hold (`common.presence_cross_entropy`; class-prompt images have no objects and add nothing).
 The sigmoid loss alone settles a batch by colour and never gets to shape; this term is what moves
 zero-shot (docs/teachers.md). The head is not part of the saved model.
 
@@ -29,8 +29,8 @@ from distill.train.guard import StepGuard, require_finite
 from distill.train.schedule import warmup_cosine
 from distill.train.optim import build_adamw
 
-from .common import LoopCheckpoints, Ranks, StepForward, optimizer_step
-from .data import WorldData, object_vocab, presence_cross_entropy, presence_vector
+from .common import LoopCheckpoints, Ranks, StepForward, optimizer_step, presence_cross_entropy
+from .data import WorldData, object_vocab, presence_vector
 from .probe import check_roundtrip, probe_outputs
 from .tokenizer import encode, train_tokenizer
 
@@ -126,7 +126,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     inputs = preprocess_images(proc, [p.image for p in pairs], progress=progress)
     groups = torch.tensor([p.group for p in pairs])
     vocab = object_vocab([o for p in pairs for o in p.objects])
-    presence = torch.tensor([presence_vector(p.objects, vocab) for p in pairs]).reshape(len(pairs), -1)
+    presence = torch.tensor([presence_vector(p.objects, vocab) for p in pairs])
     t_data = time.perf_counter() - t0
 
     model = build_model(r, tokenizer)
@@ -157,8 +157,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
         # rows without metadata objects (class-prompt images) add nothing; divided by this rank's row
         # count, so that DDP's average over equal blocks is the global batch's mean
         weak = presence_cross_entropy(presence_logits, presence[local], len(vocab[0])).sum() / len(local)
-        if r["presence_weight"]:
-            loss = loss + r["presence_weight"] * weak
+        loss = loss + r["presence_weight"] * weak
         losses.append(optimizer_step(opt, sched, loss, net.parameters(), 1.0, guard, "SigLIP2 teacher", ranks))
         presence_losses.append(round(ranks.mean(weak), 5))
         checkpoints.save(step + 1, r["steps"], parts, opt, sched, guard, rng,
