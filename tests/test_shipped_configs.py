@@ -147,3 +147,7 @@ def test_the_miniworld_recipe_reads_each_teacher_at_its_trained_input_size(fast)
     settings = load_settings(fast=fast)
     cfg = load_config(settings["distill"]["recipe"], settings["distill"]["overrides"])
     assert {t.name: t.resolution for t in cfg.teachers} == trained
+    if not fast:   # the variant that distils on the pretrain scenes reads the same teachers the same way
+        variant = load_config("miniworld-pretrain")
+        assert {t.name: t.resolution for t in variant.teachers} == trained
+        assert [Path(s.path).parts[-2:] for s in variant.data.sources] == [("pretrain", "shards")]
