@@ -135,19 +135,15 @@ def test_the_other_shipped_configs_load():
 def test_the_miniworld_recipe_reads_each_teacher_at_its_trained_input_size(fast):
     """A mini-world teacher is trained at one input size; read at the student's larger sizes it is
     another model (the SigLIP2 teacher's zero-shot falls from 33.5 % at 48 px to 19 % at 128 px), and the
-    student would learn that one. The recipe pins the sizes; this keeps them in step with the teachers."""
-    from math import isqrt
-
+    student would learn that one. The quickstart's recipe, smoke run included, and its pretrain variant
+    read every teacher at its own default size (what that means for the runner: tests/test_train_engine.py)."""
     from amoe.quickstart import load_settings
-    from distill.teachers.common import load_recipe
+    from distill.train.config import TEACHER_OWN_SIZE
 
-    teachers = load_recipe(fast=fast)
-    trained = {"siglip2": teachers["siglip2"]["patch_size"] * isqrt(teachers["siglip2"]["max_num_patches"]),
-               "dinov3": teachers["dinov3"]["image_size"]}
     settings = load_settings(fast=fast)
-    cfg = load_config(settings["distill"]["recipe"], settings["distill"]["overrides"])
-    assert {t.name: t.resolution for t in cfg.teachers} == trained
-    if not fast:   # the variant that distils on the pretrain scenes reads the same teachers the same way
-        variant = load_config("miniworld-pretrain")
-        assert {t.name: t.resolution for t in variant.teachers} == trained
-        assert [Path(s.path).parts[-2:] for s in variant.data.sources] == [("pretrain", "shards")]
+    recipes = [load_config(settings["distill"]["recipe"], settings["distill"]["overrides"])]
+    if not fast:
+        recipes.append(load_config("miniworld-pretrain"))
+        assert [Path(s.path).parts[-2:] for s in recipes[-1].data.sources] == [("pretrain", "shards")]
+    for cfg in recipes:
+        assert {t.name: t.resolution for t in cfg.teachers} == {"siglip2": TEACHER_OWN_SIZE, "dinov3": TEACHER_OWN_SIZE}

@@ -210,6 +210,44 @@ def test_data_patch_size_other_than_the_students_fails_before_step_one(world, tm
     assert not (tmp_path / "p" / "metrics.jsonl").exists()
 
 
+def test_a_teacher_read_at_its_own_size_gets_its_default_preprocessing(tmp_path):
+    """`resolution: "teacher"` hands the encoder no budget (its own default, the size a fixed-size
+    teacher was trained at) whatever the student samples; null follows the student; an int is that
+    budget. Each is its own cache key; any other string is refused in one line."""
+    from PIL import Image
+
+    from distill.config import ConfigError
+    from distill.train.config import TEACHER_OWN_SIZE, load_config
+    from distill.train.targets import TeacherRunner
+
+    class Recording:
+        def __init__(self):
+            self.seen = []
+
+        def require_head(self, head):
+            pass
+
+        def fingerprint(self):
+            return "recording"
+
+        def preprocess(self, image, resolution=None):
+            self.seen.append(resolution)
+            return torch.zeros(3, 8, 8)
+
+    image = Image.new("RGB", (40, 20))
+    for setting, expected in ((TEACHER_OWN_SIZE, [None, None]), (None, [64, 128]), (48, [48, 48])):
+        enc = Recording()
+        runner = TeacherRunner("t", enc, "t", setting, str(tmp_path / str(setting)))
+        for student_size in (64, 128):
+            assert runner.prepare(lambda: image, "k", student_size) is not None
+        assert enc.seen == expected
+        assert runner.input_size(64) == (64 if setting is None else setting)
+    recipe = tiny_recipe(Path(tmp_path), steps=1)
+    recipe["teachers"][0]["resolution"] = "native"
+    with pytest.raises(ConfigError, match=r"teachers.0.resolution must be a side in pixels, null or \"teacher\""):
+        load_config(recipe)
+
+
 def test_export_loads_into_student_and_target_cache_reused(world, tmp_path):
     from distill.student import Student
 

@@ -20,7 +20,9 @@ from distill.config import apply_overrides as apply_dotted
 from distill.config import parse_override
 from distill.losses import RELATIONAL_KINDS
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "apply_overrides", "parse_override"]
+__all__ = ["ConfigError", "TrainConfig", "load_config", "apply_overrides", "parse_override", "TEACHER_OWN_SIZE"]
+
+TEACHER_OWN_SIZE = "teacher"   # teachers[].resolution: read the teacher at its own default input size
 
 
 @dataclass
@@ -35,7 +37,10 @@ class TeacherConfig:
     relational: str = "arkd"                # none | rkd | arkd
     relational_weight: float = 1.0
     smooth_l1_beta: float = 1.0
-    resolution: int | None = None           # teacher input side budget; None = the student's resolution
+    # teacher input side budget: None = the student's sampled size (teachers that take any size, the
+    # paper's); an int = that budget; "teacher" = the teacher's own default, the size it was trained at
+    # (fixed-size teachers, the mini-world's: read larger, they are other models; docs/distill.md)
+    resolution: int | str | None = None
     dtype: str = "auto"                     # auto = bf16 on GPU, fp32 on CPU
 
 
@@ -203,6 +208,9 @@ def _validate(cfg: TrainConfig) -> None:
         need(t.relational in RELATIONAL_KINDS,
              f"teachers.{i}.relational must be one of {RELATIONAL_KINDS}, got {t.relational!r}")
         need(t.dtype in ("auto", "bf16", "fp32"), f"teachers.{i}.dtype must be auto|bf16|fp32")
+        need(not isinstance(t.resolution, str) or t.resolution == TEACHER_OWN_SIZE,
+             f"teachers.{i}.resolution must be a side in pixels, null or \"{TEACHER_OWN_SIZE}\", "
+             f"got {t.resolution!r}")
     need(cfg.batching.mode in ("packed", "padded"), "batching.mode must be 'packed' or 'padded'")
     need(1 <= cfg.batching.max_images_per_seq <= 16, "batching.max_images_per_seq must be in 1..16")
     need(cfg.optim.schedule in ("cosine", "constant"), "optim.schedule must be 'cosine' or 'constant'")

@@ -21,6 +21,7 @@ import torch
 
 from distill.io import load_tensors, save_tensors_atomic
 from distill.losses import TeacherTargets, align_patch_grid
+from distill.train.config import TEACHER_OWN_SIZE
 from distill.lru import TensorLRU
 
 LOADED_OUTPUT_BYTES = 512 * 2**20   # per teacher; a mini-world run reads ~55 MB of outputs per teacher
@@ -39,7 +40,7 @@ class RawTeacherOutput:
 class TeacherRunner:
     """A frozen teacher encoder plus everything to turn images into standardised targets."""
 
-    def __init__(self, name: str, encoder, head: str, resolution: int | None, cache_dir: str | None,
+    def __init__(self, name: str, encoder, head: str, resolution: int | str | None, cache_dir: str | None,
                  shared_cache_dir: str | None = None):
         self.name, self.encoder, self.head = name, encoder, head
         self.resolution = resolution
@@ -54,11 +55,11 @@ class TeacherRunner:
         self._fingerprint = str(encoder.fingerprint())
 
     # ------------------------------------------------------------------ raw outputs
-    def _cache_file(self, key: str, resolution: int, folder: Path | None = None) -> Path:
+    def _cache_file(self, key: str, resolution: int | str, folder: Path | None = None) -> Path:
         h = hashlib.sha1(f"{self._fingerprint}|{key}|{resolution}".encode()).hexdigest()
         return (folder or self.cache_dir) / h[:2] / f"{h}.safetensors"
 
-    def _cached(self, key: str, resolution: int) -> Path | None:
+    def _cached(self, key: str, resolution: int | str) -> Path | None:
         """The cache file holding this output (this run's own first, then the shared one), or None."""
         if self.cache_dir is None:
             return None
@@ -67,14 +68,19 @@ class TeacherRunner:
                 return f
         return None
 
+    def input_size(self, student_resolution: int) -> int | str:
+        """The size this teacher reads an image at (also its outputs' cache key): its configured budget,
+        its own default (`TEACHER_OWN_SIZE`), or else the student's sampled one."""
+        return self.resolution or student_resolution
+
     def prepare(self, image: Callable[[], object], key: str, resolution: int) -> torch.Tensor | None:
         """The teacher's preprocessed pixels, or None when its output is cached; `image()` gives the PIL
         image, called only when it is not (the input pipeline decodes lazily). Pure CPU work on picklable
         inputs: the input pipeline runs it in DataLoader workers."""
-        res = self.resolution or resolution
+        res = self.input_size(resolution)
         if self._loaded.lookup((key, res)) is not None or self._cached(key, res) is not None:
             return None
-        return self.encoder.preprocess(image(), resolution=res)
+        return self.encoder.preprocess(image(), resolution=None if res == TEACHER_OWN_SIZE else res)
 
     @torch.no_grad()
     def raw_prepared(self, pixels: list[torch.Tensor | None], keys: list[str],
@@ -83,7 +89,7 @@ class TeacherRunner:
         out: list[RawTeacherOutput | None] = [None] * len(pixels)
         todo = []
         for i, (px, k, r) in enumerate(zip(pixels, keys, resolutions)):
-            res = self.resolution or r
+            res = self.input_size(r)
             if px is None:
                 out[i] = self._loaded.lookup((k, res))
                 if out[i] is not None:
