@@ -32,7 +32,7 @@ from distill.io import write_json_atomic, write_text_atomic
 from distill.results import load_results, read_items
 
 from benchmarks.compare import CompareError, same_items
-from benchmarks.leaderboard import display_names, pick_metric, read_arms, read_labels
+from benchmarks.leaderboard import display_names, pick_metric, preferred_heads, read_arms, read_labels
 from benchmarks.suites import load_suite
 
 CLAIMS_DIR = Path(__file__).resolve().parent / "suites" / "claims"
@@ -129,7 +129,7 @@ def _paired_seeds(a: dict[int, dict], b: dict[int, dict]) -> tuple[list[dict], l
     return list(a.values()), list(b.values())
 
 
-def _one_test(t: dict, rows: _Rows, prefs: list[str], margin: float, world: Path | None, bootstrap: dict) -> dict:
+def _one_test(t: dict, rows: _Rows, leaderboard: dict, margin: float, world: Path | None, bootstrap: dict) -> dict:
     out = {k: t[k] for k in ("a", "b", "task", "dataset", "metric", "expect")}
     if t.get("subset"):
         out["subset"] = t["subset"]
@@ -160,7 +160,7 @@ def _one_test(t: dict, rows: _Rows, prefs: list[str], margin: float, world: Path
         base = "mean_per_class_recall" if tail is not None else t["metric"]   # tail rows carry the labels
         scores[side] = []
         for rec in recs[side]:
-            picked = pick_metric(rec["metrics"], base, prefs)
+            picked = pick_metric(rec["metrics"], base, preferred_heads(leaderboard, rec["cell"]["task"]))
             items = read_items(rec)
             key = f"{picked[0]}/{base}" if picked and picked[0] else base
             if picked is None or key not in items:
@@ -186,12 +186,12 @@ def evaluate_claims(results_dir: str | os.PathLike, claims: dict, world: str | o
     bootstrap = {**stats.DEFAULTS, **bootstrap}
     results_dir = Path(results_dir)
     rows = _Rows(results_dir)
-    prefs = (load_suite(claims["suite"]).get("leaderboard") or {}).get("head_preference") or []
+    leaderboard = load_suite(claims["suite"]).get("leaderboard") or {}
     margin = float(claims.get("margin", 1.0))
     out = {"name": claims.get("name"), "suite": claims["suite"], "margin": margin, "bootstrap": bootstrap,
            "claims": []}
     for c in claims["claims"]:
-        tests = [_one_test(t, rows, prefs, margin, Path(world) if world else None, bootstrap)
+        tests = [_one_test(t, rows, leaderboard, margin, Path(world) if world else None, bootstrap)
                  for t in c.get("tests", [])]
         entry = {k: c.get(k) for k in ("id", "title", "paper", "note")}
         entry.update(tests=tests, verdict=claim_verdict([t["verdict"] for t in tests]))

@@ -3,8 +3,8 @@
 For each suite found in the results, one table with a row per (model, resolution) and a column per
 (task, dataset, metric) in suite order, followed by the suite's macro averages per task family
 (image-text avg, kNN avg, retrieval, segmentation). Written as Markdown, CSV and LaTeX. A metric is
-taken from the first head in the suite's `head_preference` that reports it (the ensemble for the
-student, the teacher's own head for a teacher). `reported.csv` (numbers from the papers, with
+taken from the first head in the suite's `head_preference` (or its `task_head_preference` for that
+task) that reports it (the ensemble for the student, the teacher's own head for a teacher). `reported.csv` (numbers from the papers, with
 sources) is shown beside reproduced numbers with deltas wherever the same (model, metric) exists.
 """
 from __future__ import annotations
@@ -62,6 +62,13 @@ def _column(task: str, ds: dict, metric: str, head: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------- results -> long frame
+
+def preferred_heads(leaderboard: dict, task: str) -> list[str]:
+    """The heads a task's value is taken from, in order: the suite leaderboard's `task_head_preference`
+    for that task (segmentation reads the DINOv3 branch's patches, as the official AMoE eval does), else
+    its `head_preference`."""
+    return (leaderboard.get("task_head_preference") or {}).get(task) or leaderboard.get("head_preference") or []
+
 
 def pick_metric(metrics: dict[str, float], metric: str, head_preference: list[str]) -> tuple[str, float] | None:
     """(head, value) of `metric`: the first preferred head reporting it, else the best-named other head.
@@ -170,7 +177,6 @@ def suite_table(records: list[dict], suite: dict, names: dict[str, str] | None =
     limited cell with full ones (it is left empty) unless `allow_limited`; an average over limited
     cells is itself marked limited."""
     lb = suite.get("leaderboard") or {}
-    prefs = lb.get("head_preference") or []
     columns_by_task = lb.get("columns") or {}
     per_head = lb.get("per_head") or {}
     names = names or {}
@@ -205,7 +211,7 @@ def suite_table(records: list[dict], suite: dict, names: dict[str, str] | None =
                     row[col] = r["metrics"][f"{head}/{metric}"]
                     key = f"{head}/{metric}"
                 else:
-                    picked_metric = pick_metric(r["metrics"], metric, prefs)
+                    picked_metric = pick_metric(r["metrics"], metric, preferred_heads(lb, task))
                     if picked_metric is None:
                         continue
                     row[col] = picked_metric[1]

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from amoe.cli import main as amoe_main
-from benchmarks.leaderboard import build, load_reported, pick_metric, suite_table
+from benchmarks.leaderboard import build, load_reported, pick_metric, preferred_heads, suite_table
 from distill.results import Cell, load_results, make_record, write_result
 from benchmarks.suites import load_suite
 
@@ -44,6 +44,20 @@ def test_pick_metric_prefers_heads_in_order():
     assert pick_metric(m, "top1", ["siglino"]) == ("ensemble", 2.0)  # fallback: first by name
     assert pick_metric(m, "miou", ["ensemble"]) is None
     assert pick_metric({"top1": 5.0}, "top1", []) == ("", 5.0)
+
+
+def test_a_task_can_prefer_its_own_heads(tmp_path):
+    """Segmentation reads the DINOv3 branch first (the official eval's patch tokens); other tasks keep the
+    suite's order, which puts the backbone (`siglino`) before the branches."""
+    write_result(tmp_path, _record("modelB", "segmentation", "ade20k", {"siglino/miou": 40.0, "dinov3/miou": 45.0}))
+    write_result(tmp_path, _record("modelB", "knn", "cub200", {"siglino/top1": 3.0, "dinov3/top1": 50.0}))
+    suite = load_suite("paper")
+    assert preferred_heads(suite["leaderboard"], "segmentation")[0] == "dinov3"
+    assert preferred_heads(suite["leaderboard"], "knn") == suite["leaderboard"]["head_preference"]
+    table, heads, *_ = suite_table(load_results(tmp_path), suite)
+    b = table.iloc[0]
+    assert b["seg ADE20K miou"] == 45.0 and heads[("modelB", "512")]["seg ADE20K miou"] == "dinov3"
+    assert b["kNN CUB-200 top1"] == 3.0
 
 
 def test_suite_table_columns_and_family_averages(tmp_path):

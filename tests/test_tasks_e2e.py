@@ -87,6 +87,58 @@ def test_zeroshot_and_knn_are_perfect_where_the_answer_is_known(tmp_path):
         get_task("knn").run(ctx, {"kk": 3})
 
 
+class _BankContext:
+    """The least a kNN run reads: labelled train / test splits and their summary features per head."""
+
+    def __init__(self, heads: dict[str, tuple[torch.Tensor, torch.Tensor]], ytr, yte):
+        from types import SimpleNamespace
+        self.encoder = SimpleNamespace(name="stub", heads=tuple(heads))
+        self.splits = {"train": (ytr, {h: f[0] for h, f in heads.items()}),
+                       "test": (yte, {h: f[1] for h, f in heads.items()})}
+        self.device, self.items = "cpu", {}
+
+    def dataset(self, role):
+        from types import SimpleNamespace
+        return SimpleNamespace(targets=self.splits[role][0].tolist(), classes=None)
+
+    def features(self, role):
+        return Features(summary=self.splits[role][1])
+
+    def progress(self, it, *_, **__):
+        return it
+
+    def record_items(self, key, rows):
+        self.items[key] = rows
+
+
+def test_knn_ensemble_fuses_the_branches_only_where_all_are_run():
+    """With both branches run, an 'ensemble' kNN head equal to the entropy-weighted fusion of the two
+    heads' votes; one branch alone, an encoder without them (the
+    default branches are siglip2 and dinov3: a teacher has one), or [] in the config: none."""
+    from benchmarks.tasks.knn import entropy_weighted_votes, knn_topk, knn_vote
+
+    g = torch.Generator().manual_seed(0)
+    ytr, yte = torch.randint(0, 6, (300,), generator=g), torch.randint(0, 6, (200,), generator=g)
+    centres = torch.randn(6, 8, generator=g)
+
+    def noisy(y, noise):   # class centre plus noise: each head is right on some images
+        return centres[y] + noise * torch.randn(len(y), 8, generator=g)
+
+    heads = {"siglip2": (noisy(ytr, 1.5), noisy(yte, 1.5)), "dinov3": (noisy(ytr, 1.5), noisy(yte, 1.5))}
+    ctx = _BankContext(heads, ytr, yte)
+    got = get_task("knn").run(ctx, {"k": 10})
+    votes = [knn_vote(*knn_topk(F.normalize(heads[h][1], dim=-1), F.normalize(heads[h][0], dim=-1), 10),
+                      ytr, 6, 10, 0.07) for h in ("siglip2", "dinov3")]
+    fused = entropy_weighted_votes(votes, 5.0).argmax(1)
+    assert got["ensemble/top1"] == pytest.approx(100.0 * float((fused == yte).float().mean()))
+    assert all((fused != v.argmax(1)).any() for v in votes)    # per image, now one head, now the other
+    assert len(ctx.items["ensemble/top1"]) == len(yte)
+    for cfg in ({"heads": ["siglip2"]}, {"ensemble_heads": []}, {"ensemble_heads": ["siglip2", "radio"]}):
+        assert not any(k.startswith("ensemble/") for k in get_task("knn").run(ctx, {"k": 10, **cfg}))
+    with pytest.raises(TaskConfigError, match="two heads or more"):
+        get_task("knn").run(ctx, {"ensemble_heads": ["siglip2"]})
+
+
 def test_zeroshot_rejects_classnames_that_do_not_match(tmp_path):
     ctx = _ctx(tmp_path, ColourEncoder())
     with pytest.raises(ValueError, match="2 class names given but the dataset has 4"):

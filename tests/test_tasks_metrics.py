@@ -10,7 +10,7 @@ from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from benchmarks.tasks import TaskConfigError, UnknownTaskError, get_task, list_tasks, register_task
-from benchmarks.tasks.knn import knn_topk, knn_topk_reference, knn_vote
+from benchmarks.tasks.knn import entropy_weighted_votes, knn_topk, knn_topk_reference, knn_vote
 from benchmarks.tasks.metrics import check_targets, mean_per_class_recall, topk_accuracy
 from benchmarks.tasks.retrieval import recall_at_k, retrieval_metrics
 from distill.seg_metrics import metrics_from_areas
@@ -147,6 +147,20 @@ def test_knn_vote_matches_sklearn_weighted_neighbours():
     proba = clf.predict_proba(test.numpy())
     np.testing.assert_allclose(scores.numpy() / scores.numpy().sum(1, keepdims=True), proba, rtol=1e-4, atol=1e-6)
     assert torch.equal(scores.argmax(1), torch.from_numpy(clf.predict(test.numpy())))
+
+
+def test_knn_ensemble_weighs_each_image_towards_the_more_decided_head_by_hand():
+    # image 0: head a votes all for class 0 (entropy 0), head b evenly (entropy ln 2)
+    # image 1: the other way round, head b all for class 1
+    a = torch.tensor([[4.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([[3.0, 3.0], [0.0, 2.0]], dtype=torch.float64)
+    beta, ln2 = 5.0, math.log(2)
+    w_dec = 1 / (1 + math.exp(-beta * ln2))          # softmax(-beta * [0, ln 2])[0]
+    want = torch.tensor([[w_dec * 4 + (1 - w_dec) * 3, (1 - w_dec) * 3],
+                         [(1 - w_dec) * 1, (1 - w_dec) * 1 + w_dec * 2]], dtype=torch.float64)
+    torch.testing.assert_close(entropy_weighted_votes([a, b], beta), want)
+    # beta 0: plain sum of votes weighted 1/2 each
+    torch.testing.assert_close(entropy_weighted_votes([a, b], 0.0), (a + b) / 2)
 
 
 # ---------------------------------------------------------------- retrieval

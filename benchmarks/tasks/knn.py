@@ -4,6 +4,12 @@ Per head: L2-normalise train and test summary vectors; for each test image take 
 with the highest cosine similarity; each votes for its label with weight exp(sim / T) (T = 0.07);
 the class with the largest summed weight wins. top-5 ranks the classes by the same summed weights.
 
+Ensemble (the official AMoE kNN eval, `fuse_votes_entropy_weighted`, beta = 5): where the encoder has
+both teacher branches (`siglip2` and `dinov3` summaries), their class votes are fused per image:
+    p_h = v_h / sum_c v_h[c];  H_h = -sum_c p_h[c] log p_h[c];  w_h = softmax_h(-beta * H_h)
+    v_ens = sum_h w_h * v_h
+reported as 'ensemble/top1'. A teacher has one branch, so it gets no ensemble.
+
 Two implementations of the neighbour search:
 - `knn_topk_reference`: the whole (test x train) similarity matrix in float64 on the CPU, one topk.
 - `knn_topk`: streaming, on `device` (the GPU when the encoder is on one): test images in chunks of
@@ -62,15 +68,28 @@ def knn_vote(sims: torch.Tensor, idx: torch.Tensor, train_labels: torch.Tensor, 
     return scores.scatter_add_(1, train_labels[idx[:, :k]], w)
 
 
+def entropy_weighted_votes(votes: list[torch.Tensor], beta: float) -> torch.Tensor:
+    """Fuse per-head (N, C) class votes: each image weighs a head by softmax(-beta * entropy) of its
+    normalised votes, so the more decided head counts more (see the module docstring)."""
+    ents = []
+    for v in votes:
+        p = (v / v.sum(dim=-1, keepdim=True).clamp_min(1e-8)).clamp_min(1e-8)
+        ents.append(-(p * p.log()).sum(dim=-1))
+    w = torch.softmax(-beta * torch.stack(ents, dim=-1), dim=-1)          # (N, heads)
+    return sum(w[:, i:i + 1] * v for i, v in enumerate(votes))
+
+
 class KNNTask:
     name = "knn"
-    version = "1"
+    version = "2"   # 2: the ensemble head
     roles = ("train", "test")
     needs_patches = False
     defaults = {
         "k": [20],              # an int or a list; the first is reported as top1/top5, every k as top1@k<k>
         "temperature": 0.07,
         "heads": None,          # null: every summary head of the encoder
+        "ensemble_heads": ["siglip2", "dinov3"],   # fused when all are among the heads run; [] turns it off
+        "ensemble_beta": 5.0,
         "test_chunk": 1024,
         "bank_chunk": 65536,
     }
@@ -88,14 +107,23 @@ class KNNTask:
         train, test = ctx.features("train"), ctx.features("test")
         heads = select_heads([h for h in ctx.encoder.heads if h in train.summary] or list(train.summary),
                              cfg["heads"], self.name, ctx.encoder.name)
+        fused = list(cfg["ensemble_heads"] or [])
+        if len(fused) == 1:
+            raise TaskConfigError("knn: 'ensemble_heads' needs two heads or more (or [] for none)")
+        fused = fused if fused and all(h in heads for h in fused) else []
+        votes: dict[int, dict[str, torch.Tensor]] = {k: {} for k in ks}
         out: dict[str, float] = {}
         for head in heads:
             sims, idx = knn_topk(normalize(test.summary[head]), normalize(train.summary[head]), max(ks),
                                  device=ctx.device, test_chunk=int(cfg["test_chunk"]),
                                  bank_chunk=int(cfg["bank_chunk"]),
                                  progress=lambda it, total: ctx.progress(it, f"knn {head}", total=total))
+            for k in ks:
+                votes[k][head] = knn_vote(sims, idx, ytr, num_classes, k, temperature)
+        for head in heads + (["ensemble"] if fused else []):
             for j, k in enumerate(ks):
-                scores = knn_vote(sims, idx, ytr, num_classes, k, temperature)
+                scores = votes[k][head] if head != "ensemble" else \
+                    entropy_weighted_votes([votes[k][h] for h in fused], float(cfg["ensemble_beta"]))
                 top1 = percent(topk_accuracy(scores, yte, 1))
                 top5 = percent(topk_accuracy(scores, yte, 5))
                 items = classification_items(scores, yte, num_classes)
