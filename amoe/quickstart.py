@@ -107,7 +107,21 @@ class Run:
 
     @property
     def main_arm(self) -> Arm:
+        """The quickstart's student: the main recipe (`distill.recipe`) with the main relational term."""
+        return Arm("distilled", "student", self.relational_variants()[0])
+
+    @property
+    def base_arm(self) -> Arm:
+        """The ablations' reference student: the ablation recipe with the main relational term. The other
+        arms read its teacher outputs, the grounding ablation starts from it, and the single-teacher arms
+        take its adapter layout, so every ablation compares students of one recipe."""
         return self.relational_arm(self.relational_variants()[0])
+
+    def recipe(self, arm: Arm) -> str:
+        """The main student's recipe, or for an ablation arm `distill.ablation_recipe` (default: the same).
+        The paper's ablations, too, run at a smaller budget than its final model."""
+        d = self.settings["distill"]
+        return d["recipe"] if arm == self.main_arm else d.get("ablation_recipe") or d["recipe"]
 
     def arms(self, step: str) -> list[Arm]:
         """The arms an ablation step distils (`relational`, `curation`, `packing`, `single-teacher`)."""
@@ -127,10 +141,9 @@ class Run:
     def benched(self) -> list[tuple[Arm, int]]:
         """(arm, seed) of every distilled student the suite runs on: the main one, and with ablations every
         seed of the relational, curation and packing arms (single-teacher students are grounding inits)."""
-        if not self.ablations:
-            return [(self.main_arm, 0)]
-        return [(a, s) for step in ("relational", "curation", "packing") for a in self.arms(step)
-                for s in range(self.seeds)]
+        arms = [(a, s) for step in ("relational", "curation", "packing") for a in self.arms(step)
+                for s in range(self.seeds)] if self.ablations else []
+        return [(self.main_arm, 0)] + arms
 
     @property
     def results(self) -> Path:
@@ -230,28 +243,29 @@ def _export_random_student(r: Run) -> None:
 
 
 def _arm_config(r: Run, arm: Arm, seed: int):
-    """The recipe `arm` is distilled with at `seed`: the main recipe and its overrides, the arm's
-    relational term, pool sample, recipe overrides or single teacher, and the seed."""
+    """The recipe `arm` is distilled with at `seed`: its recipe (the main one, or the ablation recipe)
+    and the settings' overrides, the arm's relational term, pool sample, recipe overrides or single
+    teacher, and the seed."""
     from distill.train.config import load_config
     d = r.settings["distill"]
-    export = r.export(arm, seed)
+    export, recipe = r.export(arm, seed), r.recipe(arm)
     overrides = {"world": str(r.world), "teachers_dir": str(r.teachers),
                  "teachers.0.relational": arm.relational, "teachers.1.relational": arm.relational,
-                 "name": f"{d['recipe']}-{export.parent.name}", **(d.get("overrides") or {})}
+                 "name": f"{recipe}-{export.parent.name}", **(d.get("overrides") or {})}
     if arm.sampling is not None:
         overrides["data.sources.0.manifest"] = str(r.curation / f"{arm.sampling}.parquet")
     overrides.update(dict(arm.overrides))
     if seed:
         overrides["seed"] = seed
-    if (arm, seed) != (r.main_arm, 0):
-        # every arm distils the same teachers on the same pool: read the main student's teacher outputs
+    if arm != r.main_arm and (arm, seed) != (r.base_arm, 0):
+        # every arm distils the same teachers on the same pool: read the reference arm's teacher outputs
         # (complete before any arm starts; read-only, so an arm's inputs do not depend on its neighbours)
-        overrides["target_cache.shared"] = str(r.export(r.main_arm).parent / "target_cache")
-    cfg = load_config(d["recipe"], overrides)
+        overrides["target_cache.shared"] = str(_ablation_target_cache(r))
+    cfg = load_config(recipe, overrides)
     if arm.teacher is not None:
-        # the student keeps both adapters (the release's layout), sized as the main student's; the other
+        # the student keeps both adapters (the release's layout), sized as the reference arm's; the other
         # teacher's adapter is simply never trained
-        main = json.loads((r.export(r.main_arm) / "config.json").read_text())["student_config"]
+        main = json.loads((r.export(r.base_arm) / "config.json").read_text())["student_config"]
         raw = cfg.to_json()
         raw["teachers"] = [t for t in raw["teachers"] if t["name"] == arm.teacher]
         raw["student"]["config"] = {**raw["student"]["config"], "teachers": main["teachers"],
@@ -305,8 +319,8 @@ def _distill_arms(r: Run, todo: list[tuple[Arm, int]]) -> None:
 
 
 def _step_arms(r: Run, step: str) -> list[tuple[Arm, int]]:
-    """(arm, seed) pairs an ablation step distils; the main student's seed 0 is the `distill` step's."""
-    return [(a, s) for a in r.arms(step) for s in range(r.seeds) if (a, s) != (r.main_arm, 0)]
+    """(arm, seed) pairs an ablation step distils."""
+    return [(a, s) for a in r.arms(step) for s in range(r.seeds)]
 
 
 def _distill_done(r: Run) -> bool:
@@ -317,26 +331,26 @@ def _distill_main(r: Run) -> None:
     _distill_arm(r, r.main_arm, 0)
 
 
-def _main_target_cache(r: Run) -> Path:
-    return r.export(r.main_arm).parent / "target_cache"
+def _ablation_target_cache(r: Run) -> Path:
+    return r.export(r.base_arm).parent / "target_cache"
 
 
 def _targets_done(r: Run) -> bool:
-    teachers = _arm_config(r, r.main_arm, 0).teachers
-    return all((_main_target_cache(r) / f"filled-{t.name}.json").is_file() for t in teachers)
+    teachers = _arm_config(r, r.base_arm, 0).teachers
+    return all((_ablation_target_cache(r) / f"filled-{t.name}.json").is_file() for t in teachers)
 
 
 def _fill_targets(r: Run) -> dict:
-    """Every teacher output an ablation arm can ask for, into the main student's target cache (each arm
-    reads it as `target_cache.shared`), one teacher per process side by side: arms then encode nothing."""
+    """Every teacher output an ablation arm can ask for, into the reference arm's target cache (the other
+    arms read it as `target_cache.shared`), one teacher per process side by side: arms then encode nothing."""
     from distill.jobs import side_by_side
     from distill.train.targets import fill_target_cache
-    cfg, out = _arm_config(r, r.main_arm, 0), r.export(r.main_arm).parent
+    cfg, out = _arm_config(r, r.base_arm, 0), r.export(r.base_arm).parent
     names = [t.name for t in cfg.teachers]
     counts = side_by_side([(fill_target_cache, (cfg, out, n), {}) for n in names],
                           workers=min(r.workers, len(names)))
     for name, c in zip(names, counts):
-        write_json_atomic(_main_target_cache(r) / f"filled-{name}.json", c)
+        write_json_atomic(_ablation_target_cache(r) / f"filled-{name}.json", c)
     return dict(zip(names, counts))
 
 
@@ -354,7 +368,7 @@ def _curation_done(r: Run) -> bool:
 
 def _curation_ablation(r: Run) -> dict:
     """Embed the pool with the image-text teacher, cluster it hierarchically, sample a balanced subset
-    and a uniform-random one of the same size, and distil the main recipe on each."""
+    and a uniform-random one of the same size, and distil the ablation recipe on each."""
     from distill.curation import (cluster_embeddings, embed_pool, evaluate_manifest, random_manifest,
                                   sample_manifest)
     from distill.encoders.registry import load_encoder
@@ -377,7 +391,7 @@ def _packing_done(r: Run) -> bool:
 
 
 def _packing_ablation(r: Run) -> None:
-    """The main recipe, relational term and steps with padded batches instead of token-balanced packing."""
+    """The ablation recipe, relational term and steps with padded batches instead of token-balanced packing."""
     _distill_arms(r, _step_arms(r, "packing"))
 
 
@@ -386,7 +400,7 @@ def _single_teacher_done(r: Run) -> bool:
 
 
 def _single_teacher_ablation(r: Run) -> None:
-    """The main recipe distilled from each teacher alone: the grounding ablation's single-teacher inits."""
+    """The ablation recipe distilled from each teacher alone: the grounding ablation's single-teacher inits."""
     _distill_arms(r, _step_arms(r, "single-teacher"))
 
 
@@ -398,7 +412,7 @@ def _grounding_done(r: Run) -> bool:
 def _grounding_ablation(r: Run) -> dict:
     from grounding_vlm.ablation import run_ablation
     g = r.settings["grounding"]
-    main = r.main_arm
+    main = r.base_arm   # the single-teacher inits' recipe: multi- and single-teacher inits differ only there
     single = {a.teacher: [r.export(a, s) for s in range(r.seeds)] for a in r.arms("single-teacher")}
     summary = run_ablation(r.world, r.export(main), r.grounding, fast=bool(g.get("fast")), steps=g.get("steps"),
                            results_dir=r.results, student_seeds=[r.export(main, s) for s in range(r.seeds)],
@@ -459,23 +473,25 @@ STEPS: list[Step] = [
          _teachers_done, _train_teachers, requires=("world",)),
     Step("random-student", "export a random-init student (the untrained baseline)",
          _student_done, _export_random_student, requires=("teachers",)),
-    Step("distill", "distil the mini-world MoE student from both teachers (ARKD, PHI-S, packing)",
+    Step("distill", "distil the mini-world MoE student from both teachers (ARKD, PHI-S, packing; the main recipe)",
          _distill_done, _distill_main, requires=("world", "teachers")),
     Step("ablation-targets", "cache every teacher output the ablation arms can ask for (each image at each "
          "side budget), so that no arm runs a teacher", _targets_done, _fill_targets,
-         requires=("world", "teachers", "distill"), ablation=True),
-    Step("ablation-relational", "distil the relational-term ablation students (none, RKD; every seed)",
-         _ablation_done, _distill_ablation, requires=("world", "teachers"), ablation=True),
+         requires=("world", "teachers"), ablation=True),
+    Step("ablation-relational", "distil the relational-term ablation students (ARKD, none, RKD; every seed; the "
+         "ablation recipe)", _ablation_done, _distill_ablation, requires=("world", "teachers", "ablation-targets"),
+         ablation=True),
     Step("ablation-curation", "curate the pool (hierarchical k-means, balanced sampling) and distil on the "
          "curated vs a random sample of equal size", _curation_done, _curation_ablation,
-         requires=("world", "teachers"), ablation=True),
-    Step("ablation-packing", "distil the main recipe with padded batches instead of token-balanced packing",
-         _packing_done, _packing_ablation, requires=("world", "teachers"), ablation=True),
-    Step("ablation-single-teacher", "distil the main recipe from each teacher alone (grounding inits)",
-         _single_teacher_done, _single_teacher_ablation, requires=("world", "teachers", "distill"), ablation=True),
+         requires=("world", "teachers", "ablation-targets"), ablation=True),
+    Step("ablation-packing", "distil the ablation recipe with padded batches instead of token-balanced packing",
+         _packing_done, _packing_ablation, requires=("world", "teachers", "ablation-targets"), ablation=True),
+    Step("ablation-single-teacher", "distil the ablation recipe from each teacher alone (grounding inits)",
+         _single_teacher_done, _single_teacher_ablation, requires=("world", "teachers", "ablation-relational"),
+         ablation=True),
     Step("grounding", "RefCOCO-style grounding VLM: scratch vs student init vs student + Gram anchoring vs "
                       "student + stand-in LM vs single-teacher students, and the constant-box baseline",
-         _grounding_done, _grounding_ablation, requires=("world", "distill", "ablation-relational",
+         _grounding_done, _grounding_ablation, requires=("world", "ablation-relational",
                                                          "ablation-single-teacher"), ablation=True),
     Step("bench", "run the mini-world suite on every encoder (zero-shot, kNN, linear, retrieval, segmentation)",
          _bench_done, _run_bench, requires=("world", "teachers", "random-student", "distill", "ablation-relational",

@@ -59,15 +59,17 @@ def test_pipeline_shape_and_settings(tmp_path):
     run = Run(tmp_path / "qs", full)
     cfg = run.sweep_config()
     assert cfg["vars"]["world"] == str(tmp_path / "qs" / "world")
-    # without ablations: raw pixels, teachers, random-init student and the distilled (ARKD) student
+    # without ablations: raw pixels, teachers, random-init student and the distilled student
     assert [m.split(":")[0] for m in cfg["models"]] == ["pixels", "siglip2", "dinov3", "student", "student"]
-    assert cfg["models"][4].endswith("distilled-arkd/export")
+    assert cfg["models"][4].endswith("students/distilled/export")
     assert not full["ablations"] and fast["ablations"]
     ablating = Run(tmp_path / "qs", {**full, "ablations": True})
-    assert ablating.relational_variants() == ["arkd", "none", "rkd"]   # the main student comes first
+    assert ablating.relational_variants() == ["arkd", "none", "rkd"]   # the main student's term comes first
     assert ablating.seeds == 3 and Run(tmp_path, full).seeds == 1      # seeds per arm only with ablations
     models = ablating.sweep_config()["models"]
-    assert models[4] == f"student:{ablating.export(ablating.main_arm)}" and len(models) == 4 + 6 * 3   # 6 arms x 3 seeds
+    # the main student, then 6 arms x 3 seeds (the ARKD arm is the ablations' own, at their recipe)
+    assert models[4] == f"student:{ablating.export(ablating.main_arm)}" and len(models) == 5 + 6 * 3
+    assert ablating.base_arm == ablating.arms("relational")[0] != ablating.main_arm
     assert f"student:{tmp_path / 'qs/students/distilled-padded-seed2/export'}" in models
     labels = {e["spec"]: e for e in ablating.labels()}
     seed1 = labels[f"student:{tmp_path / 'qs/students/data-curated-seed1/export'}"]
@@ -92,16 +94,16 @@ def test_fast_quickstart_runs_every_step_end_to_end(tmp_path):
     report = run_steps(run)
     assert [r["status"] for r in report] == ["done"] * len(STEPS)
     table = (run.leaderboard / "miniworld.csv").read_text()
-    for k in ("distilled-arkd", "distilled-none", "distilled-rkd", "data-curated", "data-random", "distilled-padded"):
+    for k in ("distilled", "distilled-arkd", "distilled-none", "distilled-rkd", "data-curated", "data-random", "distilled-padded"):
         assert f"{k}/export" in table
     evidence = json.loads((run.curation / "evidence.json").read_text())
     assert set(evidence) == {"curated", "random"}
     for name in ("miniworld-scratch", "miniworld-student", "miniworld-student-gram", "miniworld-student-lm"):
         assert f"grounding-vlm:{name}" in table
     assert "grounding-baseline:constant-box" in table          # the floor every init is read against
-    # the arms read every teacher output from the main student's cache, filled before them
+    # the arms read every teacher output from the reference arm's cache, filled before them
     for t in ("siglip2", "dinov3"):
-        assert json.loads((run.export(run.main_arm).parent / "target_cache" / f"filled-{t}.json").read_text())["encoded"] > 0
+        assert json.loads((run.export(run.base_arm).parent / "target_cache" / f"filled-{t}.json").read_text())["encoded"] > 0
     assert not list((run.students / "distilled-none-seed1" / "target_cache").rglob("*.safetensors"))
     # the ablations' evidence page: every claim gets a verdict; the measured ones have intervals
     claims = json.loads((run.leaderboard / "evidence.json").read_text())["claims"]
@@ -155,6 +157,26 @@ def test_a_student_folder_of_another_recipe_is_refused_naming_the_keys(tmp_path)
     with pytest.raises(SeedConfigMismatch, match=r"optim\.weight_decay differ from the planned student "
                                                  r"\(no relational\), seed 2"):
         _arm_done(run, arm, 2)
+
+
+def test_the_main_student_and_the_ablation_arms_have_their_own_recipes(tmp_path):
+    """The quickstart's student is distilled with `distill.recipe` on the pretraining scenes; every ablation
+    arm with `distill.ablation_recipe` on the pool (the curation arms' samples are of the pool), reading the
+    reference arm's teacher outputs; without an ablation recipe the arms use the main one."""
+    from amoe.quickstart import _arm_config
+
+    run = Run(tmp_path / "qs", {**load_settings(), "ablations": True}, log=lambda m: None)
+    main = _arm_config(run, run.main_arm, 0)
+    assert main.name == "miniworld-pretrain-distilled" and main.data.sources[0].path.endswith("pretrain/shards")
+    assert main.target_cache.shared is None
+    base = _arm_config(run, run.base_arm, 0)
+    assert base.name == "miniworld-distilled-arkd" and base.data.sources[0].path.endswith("pool/shards")
+    assert base.target_cache.shared is None and base.steps < main.steps
+    curated = _arm_config(run, run.arms("curation")[0], 1)
+    assert curated.data.sources[0].manifest.endswith("curation/curated.parquet") and curated.seed == 1
+    assert curated.target_cache.shared == str(run.export(run.base_arm).parent / "target_cache")
+    same = Run(tmp_path / "qs2", {**run.settings, "distill": {**run.settings["distill"], "ablation_recipe": None}})
+    assert _arm_config(same, same.base_arm, 0).name == "miniworld-pretrain-distilled-arkd"
 
 
 def test_seeds_below_one_are_refused_in_one_line(tmp_path, capsys):

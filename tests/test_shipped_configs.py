@@ -135,15 +135,15 @@ def test_the_other_shipped_configs_load():
 def test_the_miniworld_recipe_reads_each_teacher_at_its_trained_input_size(fast):
     """A mini-world teacher is trained at one input size; read at the student's larger sizes it is
     another model (the SigLIP2 teacher's zero-shot falls from 33.5 % at 48 px to 19 % at 128 px), and the
-    student would learn that one. The quickstart's recipe, smoke run included, and its pretrain variant
-    read every teacher at its own default size (what that means for the runner: tests/test_train_engine.py)."""
+    student would learn that one. The quickstart's recipes (its student's, on the pretraining scenes,
+    and its ablations'), smoke run included, read every teacher at its own default size (what that means
+    for the runner: tests/test_train_engine.py)."""
     from amoe.quickstart import load_settings
     from distill.train.config import TEACHER_OWN_SIZE
 
-    settings = load_settings(fast=fast)
-    recipes = [load_config(settings["distill"]["recipe"], settings["distill"]["overrides"])]
-    if not fast:
-        recipes.append(load_config("miniworld-pretrain"))
-        assert [Path(s.path).parts[-2:] for s in recipes[-1].data.sources] == [("pretrain", "shards")]
+    d = load_settings(fast=fast)["distill"]
+    recipes = [load_config(d[k], d["overrides"]) for k in ("recipe", "ablation_recipe")]
+    assert [Path(s.path).parts[-2:] for s in recipes[0].data.sources] == [("pretrain", "shards")]
+    assert [Path(s.path).parts[-2:] for s in recipes[1].data.sources] == [("pool", "shards")]
     for cfg in recipes:
         assert {t.name: t.resolution for t in cfg.teachers} == {"siglip2": TEACHER_OWN_SIZE, "dinov3": TEACHER_OWN_SIZE}
