@@ -169,6 +169,40 @@ def test_pool_index_skips_and_counts_corrupt(tmp_path):
         assert it.tokens == (h // 16) * (w // 16)
 
 
+def _index_length(shards, folder, queue):
+    try:
+        queue.put(len(build_index(shards, folder)))
+    except Exception as e:   # noqa: BLE001 - reported to the parent
+        queue.put(f"{type(e).__name__}: {e}")
+
+
+def test_processes_indexing_one_folder_at_once_all_get_the_index(tmp_path, monkeypatch):
+    """Two teachers' target fills run side by side on one arm folder: each builds the pool index there.
+    One builds, the others wait and map its result (before: the first to finish deleted the parts the
+    other was still joining). Slowed per shard so that the builds overlap."""
+    import multiprocessing
+    import time
+
+    import distill.train.pool as pool_mod
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(6):
+        _write_shard(shards / f"pool-{i:06d}.tar", [(32, 32), (48, 40)])
+    slow = pool_mod._index_shard
+    monkeypatch.setattr(pool_mod, "_index_shard", lambda *a: (time.sleep(0.1), slow(*a))[1])
+    ctx = multiprocessing.get_context("fork")   # the children inherit the slowed indexing
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_index_length, args=(shards, tmp_path / "idx", queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    got = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join()
+    assert got == [12, 12, 12]
+    assert not (tmp_path / "idx" / "parts").exists()
+
+
 def test_variant_recipes_apply_overrides_to_their_base(tmp_path):
     from distill.train.config import ConfigError, load_config
     base = load_config("miniworld").to_json()

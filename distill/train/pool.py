@@ -17,6 +17,8 @@ so everything here is numpy columns:
 
 Under torchrun each rank indexes every world-size-th shard into ``parts/`` (one file per shard, so an
 interrupted indexing resumes where it stopped), rank 0 joins the parts, and every rank maps the result.
+Independent processes that index one folder at once (the quickstart fills each teacher's targets in
+its own process) take turns under a file lock: the first builds, the others map what it wrote.
 ``meta.json`` (written last) names the shards by file name, size and mtime; a changed shard rebuilds.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,7 +36,7 @@ from PIL import Image
 
 from distill.data.base import decode_rgb
 from distill.data.pool import sample_key, tar_members
-from distill.io import atomic_path, write_json_atomic
+from distill.io import FileLock, atomic_path, write_json_atomic
 from distill.student.processor import smart_resize
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -124,6 +127,31 @@ def write_index(folder: Path, signature: list[list], entries: np.ndarray, keys: 
                                              "images": len(entries)})
 
 
+def _write_index_parts(folder: Path, shards: list[Path], sig: list[list], rank: int, world_size: int,
+                       barrier: Callable[[], None]) -> None:
+    """Each rank indexes its share of the shards, one part file per shard (resumable); rank 0 joins them."""
+    part_dir = folder / "parts"
+    part_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(rank, len(shards), world_size):
+        part = part_dir / f"{i:07d}.{sig[i][1]}.{sig[i][2]}.npz"
+        if not part.exists():
+            e, k, c = _index_shard(i, shards[i])
+            with atomic_path(part) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, entries=e, keys=_keys_array(k), corrupt=np.array(c))
+    barrier()
+    if rank == 0:
+        parts = []
+        for i in range(len(shards)):
+            with np.load(part_dir / f"{i:07d}.{sig[i][1]}.{sig[i][2]}.npz") as z:
+                parts.append((z["entries"], z["keys"], int(z["corrupt"])))
+        write_index(folder, sig, *_join(parts))
+        for f in part_dir.iterdir():
+            f.unlink()
+        part_dir.rmdir()
+    barrier()
+
+
 def build_index(path: str | os.PathLike, index_dir: str | os.PathLike | None = None, *, rank: int = 0,
                 world_size: int = 1, barrier: Callable[[], None] = lambda: None) -> PoolIndex:
     """Index every image in the shards under `path`; with `index_dir`, keep it there (memory-mapped,
@@ -145,28 +173,19 @@ def build_index(path: str | os.PathLike, index_dir: str | os.PathLike | None = N
         meta = json.loads(meta_file.read_text())
         return meta if meta.get("version") == INDEX_VERSION and meta.get("shards") == sig else None
 
-    if current() is None:
-        # each rank indexes its share of the shards, one part file per shard (resumable)
-        part_dir = folder / "parts"
-        part_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(rank, len(shards), world_size):
-            part = part_dir / f"{i:07d}.{sig[i][1]}.{sig[i][2]}.npz"
-            if not part.exists():
-                e, k, c = _index_shard(i, shards[i])
-                with atomic_path(part) as tmp:
-                    with open(tmp, "wb") as f:
-                        np.savez(f, entries=e, keys=_keys_array(k), corrupt=np.array(c))
-        barrier()
-        if rank == 0:
-            parts = []
-            for i in range(len(shards)):
-                with np.load(part_dir / f"{i:07d}.{sig[i][1]}.{sig[i][2]}.npz") as z:
-                    parts.append((z["entries"], z["keys"], int(z["corrupt"])))
-            write_index(folder, sig, *_join(parts))
-            for f in part_dir.iterdir():
-                f.unlink()
-            part_dir.rmdir()
-        barrier()
+    if current() is None and world_size == 1:
+        # independent processes (the two teachers' target fills, side by side) may index one folder
+        # at once: one builds, the others wait for it and then map its result
+        lock = FileLock(folder / ".building", "pool indexing")
+        while not lock.acquire():
+            time.sleep(0.2)
+        try:
+            if current() is None:
+                _write_index_parts(folder, shards, sig, 0, 1, barrier)
+        finally:
+            lock.release()
+    elif current() is None:
+        _write_index_parts(folder, shards, sig, rank, world_size, barrier)
     meta = current()
     if meta is None:
         raise RuntimeError(f"pool index {folder} was not written; is another run indexing the same folder?")
