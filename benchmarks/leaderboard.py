@@ -4,8 +4,9 @@ For each suite found in the results, one table with a row per (model, resolution
 (task, dataset, metric) in suite order, followed by the suite's macro averages per task family
 (image-text avg, kNN avg, retrieval, segmentation). Written as Markdown, CSV and LaTeX. A metric is
 taken from the first head in the suite's `head_preference` (or its `task_head_preference` for that
-task) that reports it (the ensemble for the student, the teacher's own head for a teacher). `reported.csv` (numbers from the papers, with
-sources) is shown beside reproduced numbers with deltas wherever the same (model, metric) exists.
+task) that reports it (the ensemble for the student, the teacher's own head for a teacher).
+`reported.csv` (numbers from the papers, with sources) is shown beside reproduced numbers with deltas
+wherever the same (model, metric) exists.
 """
 from __future__ import annotations
 
