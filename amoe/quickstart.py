@@ -412,10 +412,12 @@ def _grounding_done(r: Run) -> bool:
 def _grounding_ablation(r: Run) -> dict:
     from grounding_vlm.ablation import run_ablation
     g = r.settings["grounding"]
-    main = r.base_arm   # the single-teacher inits' recipe: multi- and single-teacher inits differ only there
+    # the two-teacher init is the ablation recipe's ARKD arm, like the single-teacher inits, so that the
+    # multi- vs single-teacher comparison differs in the teachers only
+    student = r.base_arm
     single = {a.teacher: [r.export(a, s) for s in range(r.seeds)] for a in r.arms("single-teacher")}
-    summary = run_ablation(r.world, r.export(main), r.grounding, fast=bool(g.get("fast")), steps=g.get("steps"),
-                           results_dir=r.results, student_seeds=[r.export(main, s) for s in range(r.seeds)],
+    summary = run_ablation(r.world, r.export(student), r.grounding, fast=bool(g.get("fast")), steps=g.get("steps"),
+                           results_dir=r.results, student_seeds=[r.export(student, s) for s in range(r.seeds)],
                            single_teacher=single, workers=r.workers, progress=r.workers <= 1)
     return {"wall_s": summary["wall_s"]}
 
