@@ -87,30 +87,6 @@ def test_zeroshot_and_knn_are_perfect_where_the_answer_is_known(tmp_path):
         get_task("knn").run(ctx, {"kk": 3})
 
 
-class _BankContext:
-    """The least a kNN run reads: labelled train / test splits and their summary features per head."""
-
-    def __init__(self, heads: dict[str, tuple[torch.Tensor, torch.Tensor]], ytr, yte):
-        from types import SimpleNamespace
-        self.encoder = SimpleNamespace(name="stub", heads=tuple(heads))
-        self.splits = {"train": (ytr, {h: f[0] for h, f in heads.items()}),
-                       "test": (yte, {h: f[1] for h, f in heads.items()})}
-        self.device, self.items = "cpu", {}
-
-    def dataset(self, role):
-        from types import SimpleNamespace
-        return SimpleNamespace(targets=self.splits[role][0].tolist(), classes=None)
-
-    def features(self, role):
-        return Features(summary=self.splits[role][1])
-
-    def progress(self, it, *_, **__):
-        return it
-
-    def record_items(self, key, rows):
-        self.items[key] = rows
-
-
 def test_knn_ensemble_fuses_the_branches_only_where_all_are_run():
     """With both branches run, an 'ensemble' kNN head equal to the entropy-weighted fusion of the two
     heads' votes; one branch alone, an encoder without them (the
@@ -125,7 +101,7 @@ def test_knn_ensemble_fuses_the_branches_only_where_all_are_run():
         return centres[y] + noise * torch.randn(len(y), 8, generator=g)
 
     heads = {"siglip2": (noisy(ytr, 1.5), noisy(yte, 1.5)), "dinov3": (noisy(ytr, 1.5), noisy(yte, 1.5))}
-    ctx = _BankContext(heads, ytr, yte)
+    ctx = _ProbeCtx(None, {h: f[0] for h, f in heads.items()}, ytr, {h: f[1] for h, f in heads.items()}, yte)
     got = get_task("knn").run(ctx, {"k": 10})
     votes = [knn_vote(*knn_topk(F.normalize(heads[h][1], dim=-1), F.normalize(heads[h][0], dim=-1), 10),
                       ytr, 6, 10, 0.07) for h in ("siglip2", "dinov3")]
@@ -211,15 +187,22 @@ def test_sweep_with_the_real_task_registry_feeds_the_leaderboard(world, tmp_path
 
 
 class _ProbeCtx:
-    """Just what a classification task reads: datasets with targets / classes, cached summary features."""
+    """Just what a classification task reads: datasets with targets / classes, cached summary features
+    (one head "a", or {head: features} for several)."""
+
+    device = "cpu"
 
     def __init__(self, classes, train, ytr, test, yte):
         from types import SimpleNamespace
+        train, test = (x if isinstance(x, dict) else {"a": x} for x in (train, test))
         self._ds = {"train": SimpleNamespace(targets=ytr, classes=classes),
                     "test": SimpleNamespace(targets=yte, classes=classes)}
-        self._feats = {"train": Features(summary={"a": train}), "test": Features(summary={"a": test})}
-        self.encoder = SimpleNamespace(name="probe", heads=("a",))
+        self._feats = {"train": Features(summary=train), "test": Features(summary=test)}
+        self.encoder = SimpleNamespace(name="probe", heads=tuple(train))
         self.items = {}
+
+    def progress(self, it, *_, **__):
+        return it
 
     def dataset(self, role):
         return self._ds[role]

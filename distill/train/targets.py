@@ -206,10 +206,10 @@ def fill_target_cache(cfg, out_dir: str | os.PathLike, teacher: str, batch: int 
     counts = {"encoded": 0, "cached": 0, "undecodable": 0}
     for i, src in enumerate(cfg.data.sources):
         index = build_index(src.path, Path(out_dir) / "index" / f"source_{i}")
-        budgets = [t_cfg.resolution] if t_cfg.resolution else list(src.resolutions)
+        budgets = list(dict.fromkeys(runner.input_size(r) for r in src.resolutions))   # what the trainer can ask
         rows = range(len(index)) if src.limit is None else range(min(src.limit, len(index)))
         for lo in tqdm(range(0, len(rows), batch), desc=f"{teacher} targets", disable=not progress, leave=False):
-            pending: dict[int, tuple[list, list]] = {r: ([], []) for r in budgets}   # budget -> (pixels, keys)
+            pending: dict[int | str, tuple[list, list]] = {r: ([], []) for r in budgets}   # budget -> (pixels, keys)
             for row in rows[lo:lo + batch]:
                 entry = index.entry(row)
                 image = lazy_image(entry)   # decoded only on a miss
