@@ -56,8 +56,9 @@ def train_teachers(world: str | os.PathLike, out: str | os.PathLike, fast: bool 
         raise TeacherError(f"unknown teacher(s) {bad}; known: {', '.join(TEACHERS)}")
     wanting = [n for n in names if recipe[n].get("use_pretrain")]
     if wanting and not (Path(world) / "pretrain").is_dir():
-        raise TeacherError(f"mini-world '{world}' has no pretrain part, which the {' and '.join(wanting)} recipe "
-                           f"reads (worlds made before generator 1.1, or a size config without `pretrain`); "
+        readers = f"{' and '.join(wanting)} recipe" + (" reads" if len(wanting) == 1 else "s read")
+        raise TeacherError(f"mini-world '{world}' has no pretrain part, which the {readers} "
+                           f"(worlds made before generator 1.1, or a size config without `pretrain`); "
                            f"regenerate it with `amoe world make --out {world} --size small --force`, or train "
                            f"without it: " + " ".join(f"--set {n}.use_pretrain=false" for n in wanting))
     out = Path(out)
