@@ -282,7 +282,9 @@ def test_shape_ceiling_trains_on_fresh_scenes_and_scores_the_val_split(tiny_worl
     assert images.shape == (24, 64, 64, 3) and set(labels.tolist()) <= set(range(cfg["shapes"]))
     again, _ = render_shape_scenes(24, cfg, seed=0, progress=False)
     assert (images == again).all()                                   # seeded
-    for model, extra in (("cnn", []), ("vit", []), ("vit", ["--init-range", "0.125"])):
+    from distill.teachers import load_recipe
+    recipe_init = load_recipe()["dinov3"]["initializer_range"]
+    for model, extra in (("cnn", []), ("vit", []), ("vit", ["--init-range", "0.05"])):
         out = tmp_path / f"{model}.json"
         assert main(["world", "ceiling", "--world", str(tiny_world), "--model", model, "--seconds", "0.5",
                      "--scenes", "16", "--side", "32", "--out", str(out), "--no-progress", *extra]) == 0
@@ -290,7 +292,7 @@ def test_shape_ceiling_trains_on_fresh_scenes_and_scores_the_val_split(tiny_worl
         assert result["model"] == model and result["steps"] >= 1 and result["chance"] == 25.0
         assert 0.0 <= result["shape_top1"] <= 100.0
         if model == "vit":   # the teacher recipe's init unless overridden
-            assert result["init_range"] == (0.125 if extra else 0.02)
+            assert result["init_range"] == (0.05 if extra else recipe_init)
     capsys.readouterr()
     assert main(["world", "ceiling", "--world", str(tmp_path / "nope")]) == 2
     assert "amoe world make" in capsys.readouterr().err

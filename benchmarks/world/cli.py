@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     ceil.add_argument("--width", type=int, default=64, help="CNN last width / ViT hidden size (default 64)")
     ceil.add_argument("--init-range", type=float, default=None,
                       help="ViT weight init std (DINOv3ViTConfig.initializer_range; default: the DINOv3 teacher "
-                           "recipe's, HF's 0.02). About 1/sqrt(width) removes the early plateau at small widths")
+                           "recipe's, 0.125). About 1/sqrt(width) removes the early plateau at small widths; HF's own "
+                           "default is 0.02")
     ceil.add_argument("--seed", type=int, default=0)
     ceil.add_argument("--out", default=None, help="also write the result JSON here")
     ceil.add_argument("--no-progress", action="store_true")
