@@ -58,6 +58,9 @@ def test_fast_training_writes_complete_hf_dirs(trained, world):
     repeat = load_recipe(fast=True)["siglip2"]["classification_repeat"]
     assert report["siglip2"]["pairs"] == repeat * cls_train + pool + pretrain   # every pool/pretrain image has a caption
     assert report["dinov3"]["images"] == pool + pretrain   # both teachers read it (docs/teachers.md)
+    # the DINOv3 recipe's whole views have no masked patches: iBOT and the masked-pixel term are off
+    assert not any(report["dinov3"]["ibot_losses"]) and not any(report["dinov3"]["pixel_losses"])
+    assert all(v > 0 for v in report["dinov3"]["presence_losses"])
     # the sigmoid loss goes down on the mini-world even in the short fast run
     sig = report["siglip2"]["losses"]
     assert sum(sig[-5:]) / 5 < sum(sig[:5]) / 5
@@ -122,13 +125,17 @@ def test_completion_marker_and_resume(trained, world, tmp_path):
     assert report["siglip2"] == {"status": "skipped (complete)"}
     assert report["dinov3"]["steps"] > 0 and teachers_complete(copy)
     # a different recipe is not "complete": that teacher is retrained
+    # (here: crops and masked patches, which the default's whole views leave out, so iBOT and the
+    # masked-pixel term run too)
+    assert load_recipe(fast=True)["dinov3"]["mask_prob"] == 0
     report = train_teachers(world, copy, fast=True, progress=False, only=["dinov3"],
-                            dinov3={"steps": 2, "warmup_steps": 1, "use_pretrain": True, "presence_weight": 1.0})
+                            dinov3={"steps": 2, "warmup_steps": 1, "mask_prob": 1.0, "global_scale": [0.35, 1.0],
+                                    "presence_weight": 1.0, "use_pretrain": False})
     assert len(report["dinov3"]["losses"]) == 2
-    assert all(v > 0 for v in report["dinov3"]["presence_losses"])   # the CLS weak-supervision term ran
-    # asked to, the DINOv3 teacher trains on the pool and the world's pretraining set
+    for term in ("presence_losses", "ibot_losses", "pixel_losses"):
+        assert all(v > 0 for v in report["dinov3"][term]), term
     world_cfg = json.loads(QUICKSTART.read_text())["fast"]["world"]["size"]
-    assert report["dinov3"]["images"] == world_cfg["pool"]["images"] + world_cfg["pretrain"]["images"]
+    assert report["dinov3"]["images"] == world_cfg["pool"]["images"]   # asked to, the pool alone
 
 
 def test_a_killed_teacher_resumes_mid_training_to_the_same_weights(trained, world, tmp_path, monkeypatch):
