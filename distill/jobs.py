@@ -12,13 +12,17 @@ once all have ended. `workers <= 1` runs the jobs here, one after the other, wit
 The worker processes outlive a call: the next call with the same (workers, threads) reuses them, since
 a fresh worker spends about 6 s importing torch, transformers and the models' code before its first
 job, and the quickstart with `--ablations` makes seven calls. `shutdown_workers()` ends them (also at exit);
-a pool whose worker died, or a call interrupted, is not reused.
+a pool whose worker died, or a call interrupted, is not reused. A worker ends with its parent: a parent
+killed by a signal runs no exit handler, and its workers would otherwise finish their jobs and write into
+run folders that the resumed run is already using.
 """
 from __future__ import annotations
 
 import atexit
 import multiprocessing
+import multiprocessing.connection
 import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -39,7 +43,7 @@ def _pool(workers: int, threads: int) -> ProcessPoolExecutor:
     if (workers, threads) not in _POOLS:
         _POOLS[(workers, threads)] = ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_set_threads, initargs=(threads,))
+            initializer=_init_worker, initargs=(threads,))
     return _POOLS[(workers, threads)]
 
 
@@ -58,10 +62,20 @@ def shutdown_workers() -> None:
 atexit.register(shutdown_workers)
 
 
-def _set_threads(threads: int) -> None:
+def _init_worker(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
     torch.set_num_threads(threads)
+    threading.Thread(target=_exit_with_parent, name="exit-with-parent", daemon=True).start()
+
+
+def _exit_with_parent() -> None:
+    """Wait for the parent process to end, then end this worker at once (its job's files are written
+    atomically and checkpointed, so this is the same as the kill the parent got)."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
 
 
 def side_by_side(jobs: list[Job], workers: int, threads: int = 1,

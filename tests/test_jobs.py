@@ -1,6 +1,13 @@
 """distill.jobs: independent jobs side by side in spawned processes with a fixed thread count."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from distill.jobs import default_workers, shutdown_workers, side_by_side
@@ -59,3 +66,54 @@ def test_workers_are_reused_across_calls_and_replaced_when_one_dies():
     shutdown_workers()
     assert set(side_by_side([(_pid, (k,), {}) for k in range(2)], workers=2)).isdisjoint(fresh)
     shutdown_workers()
+
+
+PARENT = '''
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from distill.jobs import side_by_side
+
+
+def job(folder):
+    Path(folder, str(os.getpid())).touch()
+    time.sleep(30)
+    Path(folder, "finished").touch()
+
+
+if __name__ == "__main__":
+    side_by_side([(job, ({folder!r},), {{}})] * 2, workers=2)
+'''
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie lingers where PID 1 does not reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_end_with_a_killed_parent(tmp_path):
+    """A parent killed by a signal runs no exit handler; its workers must not finish their jobs and write
+    into run folders that a resumed run is already using."""
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT.format(repo=str(Path(__file__).resolve().parents[1]), folder=str(folder)))
+    parent = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.time() + 120
+    while len(pids := [int(p.name) for p in folder.iterdir() if p.name.isdigit()]) < 2:
+        assert parent.poll() is None and time.time() < deadline, "the workers never started their jobs"
+        time.sleep(0.2)
+    parent.kill()
+    parent.wait()
+    try:
+        deadline = time.time() + 15
+        while any(_running(p) for p in pids):
+            assert time.time() < deadline, "a worker outlived its killed parent"
+            time.sleep(0.2)
+        assert not (folder / "finished").exists()
+    finally:   # never leave an orphan behind, even when the check fails
+        for pid in filter(_running, pids):
+            os.kill(pid, signal.SIGKILL)
