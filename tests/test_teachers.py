@@ -222,8 +222,8 @@ def test_dinov3_recipe_init_range_reaches_the_weights():
     docs/teachers.md)."""
     from distill.teachers.dinov3 import build_model
     recipe = load_recipe(dinov3={"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2})["dinov3"]
-    assert recipe["initializer_range"] == 0.125
-    for std in (0.02, 0.125):
+    assert recipe["initializer_range"] != 0.02   # not HF's default, which plateaus at this width
+    for std in (0.02, recipe["initializer_range"]):
         model = build_model({**recipe, "initializer_range": std})
         assert model.config.initializer_range == std
         w = model.get_parameter("model.layer.0.mlp.up_proj.weight")
