@@ -43,8 +43,9 @@ from distill.student.model import TransformerBlock
 from distill.student.rope import rotation_angles
 
 from .mask import MaskHead
-from .model import (GroundingVLM, KVCache, VisionEmbed, VLMConfig, VLMOutput, check_texts, check_token_ids, embed_images,
-                    init_vision_like_student, vision_parameters)
+from .model import (FOURIER_BANDS, GroundingVLM, KVCache, VisionEmbed, VLMConfig, VLMOutput, box_frame_features,
+                    check_texts, check_token_ids, embed_images, fourier_features, init_vision_like_student,
+                    vision_parameters)
 
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM"}       # model_type -> class: the decoders whose layers this reads
@@ -87,27 +88,6 @@ def lm_from_config(config: dict[str, Any]):
 def bridge_layer_map(n_vision: int, n_lm: int) -> list[int]:
     """v(j): the vision layer whose output LM layer j reads."""
     return [math.ceil((j + 1) * n_vision / n_lm) - 1 for j in range(n_lm)]
-
-
-FOURIER_BANDS = 8     # box-frame position features: sin and cos of 2^k * pi * (x, y), k < 8 -> 32 numbers
-
-
-def _fourier(t: torch.Tensor) -> torch.Tensor:
-    """(..., n) values in [0, 1] -> (..., 2 * n * FOURIER_BANDS): sin and cos of 2^k * pi * t."""
-    angles = (t[..., None].float() * (2.0 ** torch.arange(FOURIER_BANDS)) * math.pi).flatten(-2)
-    return torch.cat([angles.sin(), angles.cos()], -1)
-
-
-def box_frame_features(grids: Sequence[tuple[int, int]], n_prefix: int, device) -> torch.Tensor:
-    """(Ni, 4 * FOURIER_BANDS) position features of the packed image tokens: each patch centre's
-    (x / W, y / H) in [0, 1], in Fourier features; zeros for the CLS and register tokens."""
-    parts = []
-    for hp, wp in grids:
-        y = (torch.arange(hp, dtype=torch.float32) + 0.5) / hp
-        x = (torch.arange(wp, dtype=torch.float32) + 0.5) / wp
-        coords = torch.stack([x[None, :].expand(hp, wp).reshape(-1), y[:, None].expand(hp, wp).reshape(-1)], -1)
-        parts += [torch.zeros(n_prefix, 4 * FOURIER_BANDS), _fourier(coords)]
-    return torch.cat(parts).to(device)
 
 
 class Bridge(nn.Module):
@@ -258,7 +238,7 @@ class LMTextExperts(nn.Module):
             for r, ids in enumerate(spellings):
                 dst[r] = src[ids].float().mean(0) if ids else mean
                 if not ids and bins_of[r] is not None:
-                    dst[r] += spread * (_fourier(torch.tensor([bins_of[r]])) @ proj)
+                    dst[r] += spread * (fourier_features(torch.tensor([bins_of[r]])) @ proj)
             dst.add_(torch.randn(dst.shape, generator=generator) * 0.02 * spread)
 
     # ------------------------------------------------------------------ whole text side

@@ -48,6 +48,8 @@ class VLMConfig:
     text: str = "scratch"           # "scratch": text experts at the student's width; "lm": a pretrained LM's
     lm: dict | None = None          # text "lm": the LM's transformers config (to_dict), architecture only
     lm_vocab: int = 0               # text "lm": ids below it are the LM's tokens, the rest new ones
+    box_positions: bool = True      # text "scratch": text queries read where each patch sits (MoTBlock; the
+                                    # LM's bridge has its own)
 
     def __post_init__(self):
         if not isinstance(self.vision, StudentConfig):
@@ -64,8 +66,10 @@ class VLMConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {"vision": self.vision.to_dict(), "vocab_size": self.vocab_size,
                "text_ffn_dim": self.text_ffn_dim, "max_text_len": self.max_text_len, "mask_head": self.mask_head}
-        if self.text == "lm":     # scratch configs keep the keys they always had
+        if self.text == "lm":     # the LM's bridge carries its own box positions
             out |= {"text": self.text, "lm": self.lm, "lm_vocab": self.lm_vocab}
+        else:
+            out["box_positions"] = self.box_positions
         return out
 
     @classmethod
@@ -73,6 +77,7 @@ class VLMConfig:
         d = dict(d)
         if isinstance(d.get("vision"), str):          # a named student config
             d["vision"] = get_config(d["vision"]).to_dict()
+        d.setdefault("box_positions", False)          # models saved before box positions existed had none
         return parse_dataclass(cls, d, "", top="the grounding model config")
 
 
@@ -96,9 +101,10 @@ class VisionEmbed(nn.Module):
 
 
 class TextBlock(nn.Module):
-    """The text experts of one layer: same attention shapes as the vision side, a dense SwiGLU FFN."""
+    """The text experts of one layer: same attention shapes as the vision side, a dense SwiGLU FFN, and
+    (`box_positions`) the map from a patch's box-frame position to the value offset text queries read."""
 
-    def __init__(self, cfg: StudentConfig, ffn_dim: int):
+    def __init__(self, cfg: StudentConfig, ffn_dim: int, box_positions: bool):
         super().__init__()
         from distill.student.attention import Attention
 
@@ -107,13 +113,22 @@ class TextBlock(nn.Module):
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, ffn_dim, "silu")
+        self.box_position = (nn.Linear(4 * FOURIER_BANDS, cfg.n_kv_heads * cfg.head_dim, bias=False)
+                             if box_positions else None)
 
 
 class MoTBlock(nn.Module):
+    """One layer. Where each patch sits: image tokens know it only through RoPE, which shapes attention
+    scores but not the values a text query reads, so a text token could find *which* patch an
+    expression names but not read *where* it is, which is what the box tokens must say. With
+    `box_positions`, text queries read every image value plus a learned projection of its patch
+    centre's box-frame position (`box_frame_features`); image queries read the plain values, so the
+    image states stay the student's."""
+
     def __init__(self, layer_id: int, cfg: VLMConfig):
         super().__init__()
         self.vision = TransformerBlock(layer_id, cfg.vision)
-        self.text = TextBlock(cfg.vision, cfg.text_ffn_dim)
+        self.text = TextBlock(cfg.vision, cfg.text_ffn_dim, cfg.box_positions)
 
     def _qkv(self, att, x):
         n = x.shape[0]
@@ -130,10 +145,21 @@ class MoTBlock(nn.Module):
         va = self.vision.attention
         if va.use_qk_norm:
             q, k = rms_norm(q, None, None), rms_norm(k, None, None)
-        group = va.n_heads // va.n_kv_heads
-        if group > 1:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        return q, k, v
+        return q, self._repeat_kv(k), self._repeat_kv(v)
+
+    def _repeat_kv(self, t):
+        group = self.vision.attention.n_heads // self.vision.attention.n_kv_heads
+        return t.repeat_interleave(group, dim=1) if group > 1 else t
+
+    def _text_value_offsets(self, box_pos: torch.Tensor | None, n_t: int) -> torch.Tensor | None:
+        """(Ni + Nt, H, hd): what text queries add to each value: the image tokens' box-frame
+        projections, zeros on the text rows; None without box positions or text."""
+        proj = self.text.box_position
+        if proj is None or box_pos is None or n_t == 0:
+            return None
+        att = self.text.attention
+        dv = proj(box_pos.to(proj.weight.dtype)).view(-1, att.n_kv_heads, att.head_dim)
+        return self._repeat_kv(F.pad(dv, (0, 0, 0, 0, 0, n_t)))
 
     def _text_out(self, xt: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         T = self.text
@@ -141,10 +167,12 @@ class MoTBlock(nn.Module):
         return ht + T.feed_forward(T.ffn_norm(ht))
 
     def forward(self, xi: torch.Tensor, xt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: "torch.Tensor | SampleAttention", keep: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: "torch.Tensor | SampleAttention", keep: list | None = None,
+                box_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """xi (Ni, D) image tokens, xt (Nt, D) text tokens; cos/sin (Ni+Nt, H, hd/4) modality-sorted;
         mask: a `SampleAttention`, or the dense (Ni+Nt, Ni+Nt+2) bool mask incl. the two sink columns.
-        `keep`: a list the layer's keys and values (after RoPE) are appended to (the KV cache's prefill)."""
+        `keep`: a list the layer's keys and values (after RoPE) are appended to (the KV cache's prefill;
+        the values as text queries read them). `box_pos`: (Ni, 4 * FOURIER_BANDS) `box_frame_features`."""
         V = self.vision
         va, ta = V.attention, self.text.attention
         qi, ki, vi = self._qkv(va, V.apply_norm(V.attention_norm, xi))
@@ -152,12 +180,13 @@ class MoTBlock(nn.Module):
         q, k, v = self._heads(torch.cat([qi, qt]), torch.cat([ki, kt]), torch.cat([vi, vt]))
         q = apply_golden_rope(q[None], cos, sin)[0]
         k = apply_golden_rope(k[None], cos, sin)[0]
+        dv = self._text_value_offsets(box_pos, xt.shape[0])
         if keep is not None:
-            keep.append((k, v))
+            keep.append((k, v if dv is None else v + dv))
         if isinstance(mask, SampleAttention):
-            out = mask(q, k, v, va.sinks, ta.sinks)
+            out = mask(q, k, v, va.sinks, ta.sinks, dv)
         else:
-            out = shared_sink_attention(q, k, v, va.sinks, ta.sinks, xi.shape[0], mask)
+            out = shared_sink_attention(q, k, v, va.sinks, ta.sinks, xi.shape[0], mask, dv)
         n_i = xi.shape[0]
         hi = xi + va.wo(out[:n_i])
         zi = V.apply_norm(V.ffn_norm, hi)
@@ -173,7 +202,8 @@ class MoTBlock(nn.Module):
         return self._text_out(xt, cached_sink_attention(q, keys, values, valid, self.text.attention.sinks))
 
 
-def shared_sink_attention(q, k, v, sinks_v, sinks_t, n_image: int, mask: torch.Tensor) -> torch.Tensor:
+def shared_sink_attention(q, k, v, sinks_v, sinks_t, n_image: int, mask: torch.Tensor,
+                          dv: torch.Tensor | None = None) -> torch.Tensor:
     """One softmax over the union of keys, with a per-modality attention sink.
 
     q, k, v: (S, H, hd), or (G, S, H, hd) for G sequences sharing one mask; image queries first. Each
@@ -181,11 +211,15 @@ def shared_sink_attention(q, k, v, sinks_v, sinks_t, n_image: int, mask: torch.T
     As in the student's SDPA path, that logit is produced by appending one-hot components to q: image
     queries carry [1, 0], text queries [0, 1]; the image sink key carries sinks_v * sqrt(hd) in the
     first, the text sink key sinks_t * sqrt(hd) in the second, and the mask (S, S+2) shows each query
-    only its own modality's sink key. Returns (S, H*hd) or (G, S, H*hd)."""
+    only its own modality's sink key. `dv` (shaped as v): offsets only text queries add to the values;
+    they ride in the same softmax as extra value channels. Returns (S, H*hd) or (G, S, H*hd)."""
     batched = q.dim() == 4
     if not batched:
         q, k, v = q[None], k[None], v[None]
+        dv = None if dv is None else dv[None]
     G, S, H, hd = q.shape
+    if dv is not None:
+        v = torch.cat([v, dv], dim=-1)
     is_img = torch.zeros(S, 2, dtype=q.dtype, device=q.device)
     is_img[:n_image, 0] = 1
     is_img[n_image:, 1] = 1
@@ -196,9 +230,13 @@ def shared_sink_attention(q, k, v, sinks_v, sinks_t, n_image: int, mask: torch.T
     sink_t = torch.cat([q.new_zeros(H, hd + 1), (sinks_t.to(q.dtype) * root)[:, None]], -1)
     sinks = torch.stack([sink_v, sink_t], dim=1)[None].expand(G, H, 2, hd + 2)
     k2 = torch.cat([k2, sinks], dim=2)                                                       # (G, H, S+2, hd+2)
-    v2 = F.pad(v.transpose(1, 2), (0, 2, 0, 2))
+    v2 = F.pad(v.transpose(1, 2), (0, 0, 0, 2))                                              # sinks' zero values
     out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask[None, None], scale=1.0 / root)
-    out = out[..., :hd].transpose(1, 2).reshape(G, S, H * hd)
+    out = out.transpose(1, 2)                                                                # (G, S, H, hd or 2 hd)
+    if dv is not None:
+        plain, offset = out[..., :hd], out[..., hd:]
+        out = torch.cat([plain[:, :n_image], plain[:, n_image:] + offset[:, n_image:]], dim=1)
+    out = out.reshape(G, S, H * hd)
     return out if batched else out[0]
 
 
@@ -282,14 +320,14 @@ class SampleAttention:
         order = torch.cat([idx.reshape(-1) for idx, _, _ in self.groups])
         self.inverse = torch.argsort(order).to(device)
 
-    def __call__(self, q, k, v, sinks_v, sinks_t) -> torch.Tensor:
+    def __call__(self, q, k, v, sinks_v, sinks_t, dv=None) -> torch.Tensor:
         S, H, hd = q.shape
         outs = []
         for idx, n_img, mask in self.groups:
             G, L = idx.shape
             flat = idx.reshape(-1)
             o = shared_sink_attention(q[flat].view(G, L, H, hd), k[flat].view(G, L, H, hd), v[flat].view(G, L, H, hd),
-                                      sinks_v, sinks_t, n_img, mask)
+                                      sinks_v, sinks_t, n_img, mask, None if dv is None else dv[flat].view(G, L, H, hd))
             outs.append(o.reshape(G * L, H * hd))
         return torch.cat(outs)[self.inverse]
 
@@ -345,6 +383,8 @@ class GroundingVLM(nn.Module):
             nn.init.trunc_normal_(t.feed_forward.w1.weight, std=std, generator=generator)
             nn.init.trunc_normal_(t.feed_forward.w3.weight, std=layer_std, generator=generator)
             nn.init.zeros_(t.feed_forward.w2.weight)
+            if t.box_position is not None:
+                nn.init.trunc_normal_(t.box_position.weight, std=layer_std, generator=generator)
 
     # ------------------------------------------------------------------ parameter groups
     def vision_parameters(self) -> list[nn.Parameter]:
@@ -395,8 +435,9 @@ class GroundingVLM(nn.Module):
                 else _sorted_mask(img_lens, txt_lens, device))
 
         kept = [] if cache_room else None
+        box_pos = box_frame_features(grids, P, device) if self.config.box_positions and n_t else None
         for block in self.layers.values():
-            xi, xt = block(xi, xt, cos, sin, mask, kept)
+            xi, xt = block(xi, xt, cos, sin, mask, kept, box_pos)
         zt = self.text_norm(xt)
         logits = self.lm_head(zt) if n_t else xt.new_zeros(0, self.config.vocab_size)
         states = list(self.vision_norm(xi).split(img_lens)) if image_states or mask_at is not None else []
@@ -432,6 +473,28 @@ class GroundingVLM(nn.Module):
     def encode_images(self, images: Sequence[torch.Tensor]) -> VLMOutput:
         """The vision-only path (no text): patch features comparable with the student's."""
         return self.forward(images, None)
+
+
+FOURIER_BANDS = 8     # box-frame position features: sin and cos of 2^k * pi * (x, y), k < 8 -> 32 numbers
+
+
+def fourier_features(t: torch.Tensor) -> torch.Tensor:
+    """(..., n) values in [0, 1] -> (..., 2 * n * FOURIER_BANDS): sin and cos of 2^k * pi * t."""
+    angles = (t[..., None].float() * (2.0 ** torch.arange(FOURIER_BANDS)) * math.pi).flatten(-2)
+    return torch.cat([angles.sin(), angles.cos()], -1)
+
+
+def box_frame_features(grids: Sequence[tuple[int, int]], n_prefix: int, device) -> torch.Tensor:
+    """(Ni, 4 * FOURIER_BANDS) position features of the packed image tokens: each patch centre's
+    (x / W, y / H) in [0, 1], the frame the location tokens quantise, in Fourier features; zeros for
+    the CLS and register tokens."""
+    parts = []
+    for hp, wp in grids:
+        y = (torch.arange(hp, dtype=torch.float32) + 0.5) / hp
+        x = (torch.arange(wp, dtype=torch.float32) + 0.5) / wp
+        coords = torch.stack([x[None, :].expand(hp, wp).reshape(-1), y[:, None].expand(hp, wp).reshape(-1)], -1)
+        parts += [torch.zeros(n_prefix, 4 * FOURIER_BANDS), fourier_features(coords)]
+    return torch.cat(parts).to(device)
 
 
 def _sorted_mask(img_lens: list[int], txt_lens: list[int], device) -> torch.Tensor:

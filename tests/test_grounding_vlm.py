@@ -135,6 +135,46 @@ def test_per_sample_attention_equals_the_dense_mask_forward_and_backward():
         assert (ga[k] - gb[k]).abs().max() <= 1e-5, k
 
 
+def test_text_queries_read_where_each_patch_sits():
+    """Box positions: a text query reads each image value plus a projection of its patch's box-frame
+    position (checked against an explicit softmax); image queries read the plain values, so image
+    states do not change; a model saved before box positions existed loads without them."""
+    from grounding_vlm.model import _sorted_mask, shared_sink_attention
+
+    torch.manual_seed(3)
+    n_i, n_t, H, hd = 5, 3, 2, 4
+    q, k, v, dv = (torch.randn(n_i + n_t, H, hd) for _ in range(4))
+    dv[n_i:] = 0
+    sinks_v, sinks_t = torch.randn(H), torch.randn(H)
+    mask = _sorted_mask([n_i], [n_t], "cpu")
+    out = shared_sink_attention(q, k, v, sinks_v, sinks_t, n_i, mask, dv).view(n_i + n_t, H, hd)
+    scores = torch.einsum("shd,khd->hsk", q, k) / hd ** 0.5
+    sink = torch.where(torch.arange(n_i + n_t) < n_i, sinks_v[:, None], sinks_t[:, None])   # (H, S)
+    scores = scores.masked_fill(~mask[None, :, : n_i + n_t], -torch.inf)       # each query's own sink is always seen
+    p = torch.cat([scores, sink[..., None]], -1).softmax(-1)[..., :-1]
+    want_image = torch.einsum("hsk,khd->shd", p[:, :n_i], v)
+    want_text = torch.einsum("hsk,khd->shd", p[:, n_i:], v + dv)
+    assert torch.allclose(out[:n_i], want_image, atol=1e-5) and torch.allclose(out[n_i:], want_text, atol=1e-5)
+
+    models = {on: GroundingVLM(VLMConfig(vision=TINY_STUDENT, vocab_size=40, box_positions=on)) for on in (True, False)}
+    with torch.no_grad():
+        for p in models[False].parameters():
+            p.add_(torch.randn_like(p) * 0.05)        # zeroed output projections would hide the text side
+    missing, unexpected = models[True].load_state_dict(models[False].state_dict(), strict=False)
+    assert not unexpected and missing and all(".text.box_position." in m for m in missing)
+    imgs, texts = [torch.randn(3, 32, 32)], [[1, 2, 3]]
+    a, b = models[True](imgs, texts), models[False](imgs, texts)
+    assert torch.equal(a.image_states[0], b.image_states[0])
+    assert not torch.allclose(a.logits[0], b.logits[0], atol=1e-4)
+    a.logits[0].sum().backward()
+    assert models[True].layers["0"].text.box_position.weight.grad.abs().sum() > 0
+
+    old = models[False].config.to_dict()
+    del old["box_positions"]
+    assert VLMConfig.from_dict(old).box_positions is False
+    assert VLMConfig.from_dict(models[True].config.to_dict()).box_positions is True
+
+
 def test_constrained_decoding_always_gives_four_ordered_location_tokens():
     tok = GroundingTokenizer(train_tokenizer(["red circle left", "blue star", "big green square"] * 10,
                                              vocab_size=80), bins=16)
