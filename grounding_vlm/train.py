@@ -48,7 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "data": {"root": None, "dataset": "refcoco", "split_by": None, "image_root": None, "train_split": "train",
              "eval_splits": ["val", "testA", "testB"], "min_pixels": 128 * 128, "max_pixels": 256 * 256},
     "tokenizer": {"path": None, "vocab_size": 2000, "bins": 1000},
-    "model": {"vision": "from_init", "text_ffn_dim": 0, "max_text_len": 64},
+    # box_positions: the scratch text side reads where each patch sits (grounding_vlm.model.MoTBlock)
+    "model": {"vision": "from_init", "text_ffn_dim": 0, "max_text_len": 64, "box_positions": True},
     # text experts from a pretrained causal LM (grounding_vlm/lm.py): a hub id or local folder with the LM
     # and its tokenizer; null = the scratch text side at the student's width (model.text_ffn_dim)
     "lm": {"path": None, "dtype": None, "gradient_checkpointing": False},
@@ -115,7 +116,8 @@ def build_model(cfg: dict, tok):
         report["lm"] = {"path": cfg["lm"]["path"], "class": check_supported(model.text.hf_config),
                         "lm_vocab": model.config.lm_vocab, "new_tokens": tok.vocab_size - model.config.lm_vocab}
     else:
-        model = GroundingVLM(VLMConfig(**common, vocab_size=tok.vocab_size))
+        model = GroundingVLM(VLMConfig(**common, vocab_size=tok.vocab_size,
+                                       box_positions=bool(cfg["model"]["box_positions"])))
     if source is not None:
         report.update(load_vision_experts(model, source[1]))
         report["copied"] = len(report["copied"])

@@ -169,6 +169,13 @@ def test_text_queries_read_where_each_patch_sits():
     a.logits[0].sum().backward()
     assert models[True].layers["0"].text.box_position.weight.grad.abs().sum() > 0
 
+    from grounding_vlm.train import build_model
+    tok = GroundingTokenizer(train_tokenizer(["the red circle", "the blue star on the left"], 60), 8)
+    for on in (True, False):                            # the training config's model.box_positions
+        cfg = load_config("miniworld-scratch", [f"model.vision={json.dumps(TINY_STUDENT)}",
+                                                f"model.box_positions={json.dumps(on)}"])
+        assert (build_model(cfg, tok)[0].layers["0"].text.box_position is not None) is on
+
     old = models[False].config.to_dict()
     del old["box_positions"]
     assert VLMConfig.from_dict(old).box_positions is False
