@@ -21,9 +21,13 @@ def model():
     return Student(SMALL)
 
 
-def test_unknown_config_name_lists_known():
+def test_unknown_config_name_lists_known(capsys):
     with pytest.raises(KeyError, match=r"unknown student config 'siglino-moe-0.3B'; known: .*dense-30M.*siglino-0.3B"):
         get_config("siglino-moe-0.3B")
+    from amoe.cli import main
+    assert main(["ground", "perf", "--vision", "nope"]) == 2          # one line, no traceback
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown student config 'nope'" in err
 
 
 def test_unknown_config_field_is_named():

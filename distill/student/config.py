@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from distill.config import parse_dataclass
+from distill.errors import AmoeError
 
 CONFIGS_FILE = Path(__file__).with_name("configs.json")
 
@@ -161,6 +162,10 @@ def released_configs() -> list[str]:
     return sorted(k for k, v in _named_table().items() if v.get("release"))
 
 
+class UnknownStudentConfig(AmoeError, KeyError):
+    """A student config name that is not in the table."""
+
+
 def get_config(spec: "str | Mapping[str, Any] | StudentConfig | Any") -> StudentConfig:
     """A config by name, from a dict (release-style args), a StudentConfig, or any object with
     the same attributes (e.g. a release SigLinoArgs instance)."""
@@ -169,7 +174,7 @@ def get_config(spec: "str | Mapping[str, Any] | StudentConfig | Any") -> Student
     if isinstance(spec, str):
         table = _named_table()
         if spec not in table:
-            raise KeyError(f"unknown student config {spec!r}; known: {', '.join(known_configs())}")
+            raise UnknownStudentConfig(f"unknown student config {spec!r}; known: {', '.join(known_configs())}")
         return StudentConfig.from_dict(table[spec]["args"])
     if isinstance(spec, Mapping):
         return StudentConfig.from_dict(spec)
