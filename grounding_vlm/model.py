@@ -170,7 +170,7 @@ class MoTBlock(nn.Module):
                 mask: "torch.Tensor | SampleAttention", keep: list | None = None,
                 box_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """xi (Ni, D) image tokens, xt (Nt, D) text tokens; cos/sin (Ni+Nt, H, hd/4) modality-sorted;
-        mask: a `SampleAttention`, or the dense (Ni+Nt, Ni+Nt) bool mask (`_sorted_mask`).
+        mask: a `SampleAttention`, or the dense (Ni+Nt, Ni+Nt+2) bool mask incl. the two sink columns.
         `keep`: a list the layer's keys and values (after RoPE) are appended to (the KV cache's prefill;
         the values as text queries read them). `box_pos`: (Ni, 4 * FOURIER_BANDS) `box_frame_features`."""
         V = self.vision
@@ -206,37 +206,38 @@ def shared_sink_attention(q, k, v, sinks_v, sinks_t, n_image: int, mask: torch.T
                           dv: torch.Tensor | None = None) -> torch.Tensor:
     """One softmax over the union of keys, with a per-modality attention sink.
 
-    q, k, v: (S, H, hd), or (G, S, H, hd) for G sequences sharing one mask; image queries first; mask
-    (S, S) bool, the `PackedLayout` rule. Each query gets one zero-valued extra key whose logit is its
-    modality's sinks[h] (the student's sink). Image queries never see text keys, so they are one call
-    over the image keys and the text queries another over all keys: the image states cost what the
-    student's do, and `dv` (shaped as v), the offsets only text queries add to the values, need no
-    second value table. Returns (S, H*hd) or (G, S, H*hd)."""
+    q, k, v: (S, H, hd), or (G, S, H, hd) for G sequences sharing one mask; image queries first. Each
+    query gets one zero-valued extra key whose logit is its modality's sinks[h] (the student's sink).
+    As in the student's SDPA path, that logit is produced by appending one-hot components to q: image
+    queries carry [1, 0], text queries [0, 1]; the image sink key carries sinks_v * sqrt(hd) in the
+    first, the text sink key sinks_t * sqrt(hd) in the second, and the mask (S, S+2) shows each query
+    only its own modality's sink key. `dv` (shaped as v): offsets only text queries add to the values;
+    they ride in the same softmax as extra value channels. Returns (S, H*hd) or (G, S, H*hd)."""
     batched = q.dim() == 4
     if not batched:
         q, k, v = q[None], k[None], v[None]
         dv = None if dv is None else dv[None]
     G, S, H, hd = q.shape
-    out = [_sink_attention(q[:, :n_image], k[:, :n_image], v[:, :n_image], sinks_v, mask[:n_image, :n_image])]
-    if S > n_image:
-        out.append(_sink_attention(q[:, n_image:], k, v if dv is None else v + dv, sinks_t, mask[n_image:, :S]))
-    out = torch.cat(out, dim=1).reshape(G, S, H * hd)
-    return out if batched else out[0]
-
-
-def _sink_attention(q, k, v, sinks, mask) -> torch.Tensor:
-    """SDPA of q (G, Sq, H, hd) over k, v (G, Sk, H, hd) under mask (Sq, Sk) plus one zero-valued sink
-    key per head with logit sinks[h]; as in the student's SDPA path, the logit is produced by a one
-    appended to every query and sinks * sqrt(hd) to the sink key. -> (G, Sq, H, hd)."""
-    G, Sq, H, hd = q.shape
+    if dv is not None:
+        v = torch.cat([v, dv], dim=-1)
+    is_img = torch.zeros(S, 2, dtype=q.dtype, device=q.device)
+    is_img[:n_image, 0] = 1
+    is_img[n_image:, 1] = 1
+    q2 = torch.cat([q, is_img[None, :, None, :].expand(G, S, H, 2)], dim=-1).transpose(1, 2)   # (G, H, S, hd+2)
+    k2 = torch.cat([k, k.new_zeros(G, S, H, 2)], dim=-1).transpose(1, 2)
     root = math.sqrt(hd)
-    q2 = F.pad(q, (0, 1), value=1.0).transpose(1, 2)                                      # (G, H, Sq, hd+1)
-    sink = torch.cat([q.new_zeros(H, hd), (sinks.to(q.dtype) * root)[:, None]], -1)      # (H, hd+1)
-    k2 = torch.cat([F.pad(k, (0, 1)).transpose(1, 2), sink[None, :, None].expand(G, H, 1, hd + 1)], dim=2)
-    v2 = F.pad(v.transpose(1, 2), (0, 0, 0, 1))                                           # the sink's zero value
-    allowed = F.pad(mask, (0, 1), value=True)
-    out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=allowed[None, None], scale=1.0 / root)
-    return out.transpose(1, 2)
+    sink_v = torch.cat([q.new_zeros(H, hd), (sinks_v.to(q.dtype) * root)[:, None], q.new_zeros(H, 1)], -1)
+    sink_t = torch.cat([q.new_zeros(H, hd + 1), (sinks_t.to(q.dtype) * root)[:, None]], -1)
+    sinks = torch.stack([sink_v, sink_t], dim=1)[None].expand(G, H, 2, hd + 2)
+    k2 = torch.cat([k2, sinks], dim=2)                                                       # (G, H, S+2, hd+2)
+    v2 = F.pad(v.transpose(1, 2), (0, 0, 0, 2))                                              # sinks' zero values
+    out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask[None, None], scale=1.0 / root)
+    out = out.transpose(1, 2)                                                                # (G, S, H, hd or 2 hd)
+    if dv is not None:
+        plain, offset = out[..., :hd], out[..., hd:]
+        out = torch.cat([plain[:, :n_image], plain[:, n_image:] + offset[:, n_image:]], dim=1)
+    out = out.reshape(G, S, H * hd)
+    return out if batched else out[0]
 
 
 def cached_sink_attention(q, keys, values, valid, sinks_t) -> torch.Tensor:
@@ -497,10 +498,16 @@ def box_frame_features(grids: Sequence[tuple[int, int]], n_prefix: int, device) 
 
 
 def _sorted_mask(img_lens: list[int], txt_lens: list[int], device) -> torch.Tensor:
-    """The PackedLayout rule permuted into modality-sorted order (S, S)."""
+    """The PackedLayout rule permuted into modality-sorted order, plus the two sink columns."""
     layout = PackedLayout.build(img_lens, txt_lens)
     order = torch.cat([torch.nonzero(~layout.is_text).flatten(), torch.nonzero(layout.is_text).flatten()])
-    return layout.allowed(order[:, None], order[None, :]).to(device)
+    allowed = layout.allowed(order[:, None], order[None, :])
+    n_i = sum(img_lens)
+    S = allowed.shape[0]
+    sinks = torch.zeros(S, 2, dtype=torch.bool)
+    sinks[:n_i, 0] = True
+    sinks[n_i:, 1] = True
+    return torch.cat([allowed, sinks], dim=1).to(device)
 
 
 def vision_parameters(model) -> list[nn.Parameter]:

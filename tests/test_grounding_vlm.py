@@ -150,7 +150,7 @@ def test_text_queries_read_where_each_patch_sits():
     out = shared_sink_attention(q, k, v, sinks_v, sinks_t, n_i, mask, dv).view(n_i + n_t, H, hd)
     scores = torch.einsum("shd,khd->hsk", q, k) / hd ** 0.5
     sink = torch.where(torch.arange(n_i + n_t) < n_i, sinks_v[:, None], sinks_t[:, None])   # (H, S)
-    scores = scores.masked_fill(~mask[None], -torch.inf)                       # each query's own sink is always seen
+    scores = scores.masked_fill(~mask[None, :, : n_i + n_t], -torch.inf)       # each query's own sink is always seen
     p = torch.cat([scores, sink[..., None]], -1).softmax(-1)[..., :-1]
     want_image = torch.einsum("hsk,khd->shd", p[:, :n_i], v)
     want_text = torch.einsum("hsk,khd->shd", p[:, n_i:], v + dv)
