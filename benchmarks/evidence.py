@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -224,11 +225,11 @@ def _plot(claim: dict, margin: float, path: Path) -> Path | None:
     if any(t["expect"] == "not_worse" for t in tests):
         ax.axvline(-margin, color="black", lw=0.8, ls=":")
     ax.set_yticks(range(len(tests)))
-    ax.set_yticklabels([f"{t['a']} - {t['b']}\n{t['task']} {t['metric']}{' (tail)' if t.get('subset') else ''}"
-                        for t in tests], fontsize=8)
+    ax.set_yticklabels([f"{t['a']} - {t['b']}\n{t['task']} {t['dataset']} {t['metric']}"
+                        f"{' (tail)' if t.get('subset') else ''}" for t in tests], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("paired difference A - B (points), 95 % bootstrap interval")
-    ax.set_title(claim["title"], fontsize=9)
+    ax.set_title(textwrap.fill(claim["title"], 70), fontsize=9)   # wrapped: a long claim ran off the figure
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
