@@ -102,7 +102,7 @@ class VisionEmbed(nn.Module):
 
 class TextBlock(nn.Module):
     """The text experts of one layer: same attention shapes as the vision side, a dense SwiGLU FFN, and
-    (`box_positions`) the map from a patch's box-frame position to the value offset text queries read."""
+    (`box_positions`, see MoTBlock) the map from a patch's box-frame position to a value offset."""
 
     def __init__(self, cfg: StudentConfig, ffn_dim: int, box_positions: bool):
         super().__init__()
@@ -153,10 +153,11 @@ class MoTBlock(nn.Module):
 
     def _text_value_offsets(self, box_pos: torch.Tensor | None, n_t: int) -> torch.Tensor | None:
         """(Ni + Nt, H, hd): what text queries add to each value: the image tokens' box-frame
-        projections, zeros on the text rows; None without box positions or text."""
-        proj = self.text.box_position
-        if proj is None or box_pos is None or n_t == 0:
+        projections, zeros on the text rows; None when the forward passes no box positions (the
+        model has none, or there is no text to read them)."""
+        if box_pos is None:
             return None
+        proj = self.text.box_position
         att = self.text.attention
         dv = proj(box_pos.to(proj.weight.dtype)).view(-1, att.n_kv_heads, att.head_dim)
         return self._repeat_kv(F.pad(dv, (0, 0, 0, 0, 0, n_t)))
