@@ -109,15 +109,16 @@ def test_text_is_causal_and_samples_do_not_leak():
 
 
 def test_per_sample_attention_equals_the_dense_mask_forward_and_backward():
-    """The default per-sample attention (equal (image, text) lengths batched) against one dense mask
-    over the whole packed sequence: logits, image states and gradients agree."""
+    """The default per-sample attention (every sample one row of a padded batch) against one dense mask
+    over the whole packed sequence: logits, image states and gradients agree, with samples of unequal
+    lengths (padding rows) and one without text."""
     torch.manual_seed(2)
     vlm = GroundingVLM(VLMConfig(vision=TINY_STUDENT, vocab_size=40))
     with torch.no_grad():
         for p in vlm.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     imgs = [torch.randn(3, 32, 32), torch.randn(3, 32, 16), torch.randn(3, 32, 32), torch.randn(3, 16, 16)]
-    texts = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11], []]   # samples 0 and 2 share one call
+    texts = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11], []]   # rows of unequal lengths: padding
 
     def run(mode):
         vlm.attention = mode
