@@ -315,23 +315,23 @@ class SampleAttention:
     outputs are dropped."""
 
     def __init__(self, img_lens: list[int], txt_lens: list[int], device):
-        B, n_i = len(img_lens), sum(img_lens)
-        L = max(a + b for a, b in zip(img_lens, txt_lens))
-        idx = torch.zeros(B, L, dtype=torch.long)
-        valid = torch.zeros(B, L, dtype=torch.bool)
-        image_rows = torch.zeros(B, L, dtype=torch.bool)
-        mask = torch.zeros(B, L, L + 2, dtype=torch.bool)
-        si, st = 0, n_i
-        for j, (a, b) in enumerate(zip(img_lens, txt_lens)):
-            n = a + b
-            idx[j, :a], idx[j, a:n] = torch.arange(si, si + a), torch.arange(st, st + b)
-            valid[j, :n] = True
-            image_rows[j, :a] = True
-            own = _sorted_mask([a], [b], "cpu")                     # (n, n + 2): the sink columns last
-            mask[j, :n, :n], mask[j, :n, L:] = own[:, :n], own[:, n:]
-            si, st = si + a, st + b
-        mask[~valid, L + 1] = True                                  # padding rows: the text sink alone
-        self.idx, self.valid, self.image_rows, self.mask = (t.to(device) for t in (idx, valid, image_rows, mask))
+        a = torch.tensor(img_lens)
+        n = a + torch.tensor(txt_lens)
+        L = int(n.max())
+        pos = torch.arange(L)
+        valid = pos[None, :] < n[:, None]                                      # (B, L)
+        image_rows = pos[None, :] < a[:, None]
+        # the PackedLayout rule within a sample: every query sees its image; text keys are causal to
+        # text queries; image queries see no text
+        keys = valid[:, None, :] & valid[:, :, None] & (
+            image_rows[:, None, :] | (~image_rows[:, :, None] & (pos[None, None, :] <= pos[None, :, None])))
+        sinks = torch.stack([image_rows, ~image_rows], dim=-1)                # padding rows: the text sink alone
+        starts_i = torch.cumsum(a, 0) - a
+        starts_t = int(a.sum()) + torch.cumsum(n - a, 0) - (n - a)
+        idx = torch.where(image_rows, starts_i[:, None] + pos, starts_t[:, None] + pos - a[:, None])
+        idx = torch.where(valid, idx, 0)
+        self.idx, self.valid, self.image_rows = idx.to(device), valid.to(device), image_rows.to(device)
+        self.mask = torch.cat([keys, sinks], dim=-1).to(device)                # (B, L, L + 2)
         self.inverse = torch.argsort(idx[valid]).to(device)
 
     def __call__(self, q, k, v, sinks_v, sinks_t, dv=None) -> torch.Tensor:
