@@ -15,7 +15,7 @@ from grounding_vlm.boxes import box_iou
 from grounding_vlm.evaluate import greedy_box_tokens
 from distill.encoders.student import save_student
 from grounding_vlm.init import load_student_source, load_vision_experts
-from grounding_vlm.model import GroundingVLM, VLMConfig
+from grounding_vlm.model import GroundingVLM, SampleAttention, VLMConfig, _sorted_mask
 from grounding_vlm.tokenizer import GroundingTokenizer, train_tokenizer
 from grounding_vlm.train import apply_overrides, load_config, train
 
@@ -106,6 +106,19 @@ def test_text_is_causal_and_samples_do_not_leak():
     assert torch.allclose(a.logits[0], c.logits[0], atol=1e-5)
     d = vlm([torch.randn(3, 32, 32), imgs[1]], [[1, 2, 3, 4], [5, 6, 7]])   # own image changes
     assert not torch.allclose(a.logits[0], d.logits[0], atol=1e-4)
+
+
+def test_per_sample_rows_carry_each_samples_own_mask_and_padding_sees_only_the_text_sink():
+    img_lens, txt_lens = [5, 3, 7], [4, 0, 2]
+    rows = SampleAttention(img_lens, txt_lens, "cpu")
+    L = rows.mask.shape[1]
+    for j, (a, b) in enumerate(zip(img_lens, txt_lens)):
+        n, own = a + b, _sorted_mask([a], [b], "cpu")
+        assert torch.equal(rows.mask[j, :n, :n], own[:, :n]) and torch.equal(rows.mask[j, :n, L:], own[:, n:])
+        assert not rows.mask[j, n:, :L + 1].any() and rows.mask[j, n:, L + 1].all()
+    # row j gathers sample j's image tokens, then its text tokens (which follow every image in the sequence)
+    assert rows.idx[0, :9].tolist() == [0, 1, 2, 3, 4, 15, 16, 17, 18] and rows.idx[1, :3].tolist() == [5, 6, 7]
+    assert torch.equal(rows.idx[rows.valid][rows.inverse], torch.arange(21))
 
 
 def test_per_sample_attention_equals_the_dense_mask_forward_and_backward():
