@@ -321,10 +321,10 @@ class SampleAttention:
         pos = torch.arange(L)
         valid = pos[None, :] < n[:, None]                                      # (B, L)
         image_rows = pos[None, :] < a[:, None]
-        # the PackedLayout rule within a sample: every query sees its image; text keys are causal to
-        # text queries; image queries see no text
-        keys = valid[:, None, :] & valid[:, :, None] & (
-            image_rows[:, None, :] | (~image_rows[:, :, None] & (pos[None, None, :] <= pos[None, :, None])))
+        # the rule is PackedLayout's: there, sample j's tokens [image, text] sit at start_j + pos
+        at = torch.where(valid, (torch.cumsum(n, 0) - n)[:, None] + pos, 0)
+        keys = valid[:, :, None] & valid[:, None, :] & \
+            PackedLayout.build(img_lens, txt_lens).allowed(at[:, :, None], at[:, None, :])
         sinks = torch.stack([image_rows, ~image_rows], dim=-1)                # padding rows: the text sink alone
         starts_i = torch.cumsum(a, 0) - a
         starts_t = int(a.sum()) + torch.cumsum(n - a, 0) - (n - a)
