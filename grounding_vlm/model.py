@@ -310,7 +310,7 @@ class SampleAttention:
     batch, one SDPA call runs every row under its own mask, and the outputs are scattered back. The
     work is B * max(n_i + t_i)^2 instead of S^2, in one call: on CPU the model is small enough that
     the number of calls, not the arithmetic, sets the time (grouping the samples by equal lengths
-    took about 5 calls a layer and trained 1.2x slower). `dense` (one mask over the whole sequence)
+    took about 5 calls a layer and trained 1.3x slower). `dense` (one mask over the whole sequence)
     is the reference it is tested against. Padding rows see only the text sink (a zero value); their
     outputs are dropped."""
 
