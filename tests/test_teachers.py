@@ -384,3 +384,9 @@ def test_presence_targets_and_loss_match_a_hand_computation():
     colours = -(-0.5 - math.log(math.exp(0.5) + math.exp(-0.5)))
     loss = presence_cross_entropy(logits, targets, 3)
     assert loss.tolist() == pytest.approx([shapes + colours, 0.0])
+    # by area: each name weighted by what its objects cover (boxes x, y, w, h; patches of a crop)
+    boxed = [o | {"bbox": [0, 0, w, h]} for o, (w, h) in zip(objects, [(4, 4), (2, 2)])]
+    assert presence_vector(boxed, vocab, by_area=True) == [4.0, 0.0, 16.0, 0.0, 20.0]
+    assert presence_targets(labels, (3, 2), by_area=True).tolist() == [[1, 0, 2, 0, 3], [0, 0, 0, 0, 0]]
+    weighted = presence_cross_entropy(logits[:1], torch.tensor([[1.0, 0.0, 3.0, 0.0, 3.0]]), 3)
+    assert weighted.item() == pytest.approx(-((1 - z) + 3 * (3 - z)) / 4 + colours)

@@ -53,15 +53,20 @@ def object_vocab(objects: list) -> tuple[list[str], list[str]]:
     return sorted({o["shape"] for o in objects}), sorted({o["colour"] for o in objects})
 
 
-def presence_vector(objects: list, vocab: tuple[list[str], list[str]]) -> list[float]:
-    """Multi-hot of the shapes, then the colours, that a sample's metadata objects name."""
+def presence_vector(objects: list, vocab: tuple[list[str], list[str]], by_area: bool = False) -> list[float]:
+    """The shapes, then the colours, that a sample's metadata objects name: multi-hot, or with
+    `by_area` each weighted by the summed area of its objects' boxes (`bbox` x, y, w, h), so a small
+    distractor counts for what it covers."""
     shapes, colours = vocab
     v = [0.0] * (len(shapes) + len(colours))
     for o in objects:
+        w = float(o["bbox"][2] * o["bbox"][3]) if by_area else 1.0
         if o.get("shape") in shapes:
-            v[shapes.index(o["shape"])] = 1.0
+            i = shapes.index(o["shape"])
+            v[i] = v[i] + w if by_area else 1.0
         if o.get("colour") in colours:
-            v[len(shapes) + colours.index(o["colour"])] = 1.0
+            i = len(shapes) + colours.index(o["colour"])
+            v[i] = v[i] + w if by_area else 1.0
     return v
 
 

@@ -185,10 +185,11 @@ def _student_views(m: SSLModel, g_in: torch.Tensor, mask: torch.Tensor, l_in: to
     return torch.cat(views), ibot, pixels, dense_logits, presence_logits
 
 
-def presence_targets(labels: torch.Tensor, classes: tuple[int, int]) -> torch.Tensor:
-    """(B, 2, tokens) per-patch shape / colour ids (0 = background) -> (B, shapes + colours) multi-hot
-    of the ids present anywhere in the crop."""
-    return torch.cat([F.one_hot(labels[:, k], n + 1).amax(1)[:, 1:] for k, n in enumerate(classes)], 1).float()
+def presence_targets(labels: torch.Tensor, classes: tuple[int, int], by_area: bool = False) -> torch.Tensor:
+    """(B, 2, tokens) per-patch shape / colour ids (0 = background) -> (B, shapes + colours): multi-hot
+    of the ids present anywhere in the crop, or with `by_area` the number of patches each covers."""
+    reduce = (lambda t: t.sum(1)) if by_area else (lambda t: t.amax(1))
+    return torch.cat([reduce(F.one_hot(labels[:, k], n + 1))[:, 1:] for k, n in enumerate(classes)], 1).float()
 
 
 def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = True,
@@ -278,7 +279,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
         else:
             dense = torch.zeros(())
         presence = torch.zeros(()) if presence_logits is None else presence_cross_entropy(
-            presence_logits, presence_targets(g_labels, (len(vocab[0]), len(vocab[1]))), len(vocab[0])).mean()
+            presence_logits, presence_targets(g_labels, (len(vocab[0]), len(vocab[1])), r["presence_by_area"]), len(vocab[0])).mean()
         loss = (r["dino_weight"] * dino + r["ibot_weight"] * ibot + r["pixel_weight"] * pixel
                 + r["dense_weight"] * dense + r["presence_weight"] * presence)
         optimizer_step(opt, sched, loss, student.parameters(), 3.0, guard, "DINOv3 teacher", ranks)

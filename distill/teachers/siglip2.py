@@ -126,7 +126,7 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
     inputs = preprocess_images(proc, [p.image for p in pairs], progress=progress)
     groups = torch.tensor([p.group for p in pairs])
     vocab = object_vocab([o for p in pairs for o in p.objects])
-    presence = torch.tensor([presence_vector(p.objects, vocab) for p in pairs])
+    presence = torch.tensor([presence_vector(p.objects, vocab, r["presence_by_area"]) for p in pairs])
     t_data = time.perf_counter() - t0
 
     model = build_model(r, tokenizer)
