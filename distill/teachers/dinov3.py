@@ -15,9 +15,10 @@ world's pretraining set, recipe key `use_pretrain`):
   for patch features that carry object layout; without it (`dense_weight` 0) the SSL terms alone
   left both the kNN and the segmentation probe near chance after ~10 CPU-minutes (measured, see
   docs/teachers.md).
-- presence term (`presence_weight`, off by default): the student's CLS on each global crop predicts
-  which shapes and colours the crop's patch labels hold (the same weak supervision the SigLIP2
-  teacher uses); it did not teach shape in this teacher's budget (docs/teachers.md).
+- presence term (`presence_weight`): the student's CLS on each global crop predicts which shapes and
+  colours the crop's patch labels hold, each weighed by its patch count with `presence_by_area` (the
+  same weak supervision the SigLIP2 teacher uses); with whole-image views it is what taught this
+  teacher some shape (docs/teachers.md).
 The saved backbone is the student's or the momentum teacher's, as the recipe's `save` says.
 """
 from __future__ import annotations
@@ -279,7 +280,8 @@ def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = T
         else:
             dense = torch.zeros(())
         presence = torch.zeros(()) if presence_logits is None else presence_cross_entropy(
-            presence_logits, presence_targets(g_labels, (len(vocab[0]), len(vocab[1])), r["presence_by_area"]), len(vocab[0])).mean()
+            presence_logits, presence_targets(g_labels, (len(vocab[0]), len(vocab[1])), r["presence_by_area"]),
+            len(vocab[0])).mean()
         loss = (r["dino_weight"] * dino + r["ibot_weight"] * ibot + r["pixel_weight"] * pixel
                 + r["dense_weight"] * dense + r["presence_weight"] * presence)
         optimizer_step(opt, sched, loss, student.parameters(), 3.0, guard, "DINOv3 teacher", ranks)
