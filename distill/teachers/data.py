@@ -61,12 +61,10 @@ def presence_vector(objects: list, vocab: tuple[list[str], list[str]], by_area: 
     v = [0.0] * (len(shapes) + len(colours))
     for o in objects:
         w = float(o["bbox"][2] * o["bbox"][3]) if by_area else 1.0
-        if o.get("shape") in shapes:
-            i = shapes.index(o["shape"])
-            v[i] = v[i] + w if by_area else 1.0
-        if o.get("colour") in colours:
-            i = len(shapes) + colours.index(o["colour"])
-            v[i] = v[i] + w if by_area else 1.0
+        for key, names, offset in (("shape", shapes, 0), ("colour", colours, len(shapes))):
+            if o.get(key) in names:
+                i = offset + names.index(o[key])
+                v[i] = v[i] + w if by_area else w
     return v
 
 

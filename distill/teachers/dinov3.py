@@ -189,8 +189,8 @@ def _student_views(m: SSLModel, g_in: torch.Tensor, mask: torch.Tensor, l_in: to
 def presence_targets(labels: torch.Tensor, classes: tuple[int, int], by_area: bool = False) -> torch.Tensor:
     """(B, 2, tokens) per-patch shape / colour ids (0 = background) -> (B, shapes + colours): multi-hot
     of the ids present anywhere in the crop, or with `by_area` the number of patches each covers."""
-    reduce = (lambda t: t.sum(1)) if by_area else (lambda t: t.amax(1))
-    return torch.cat([reduce(F.one_hot(labels[:, k], n + 1))[:, 1:] for k, n in enumerate(classes)], 1).float()
+    hot = [F.one_hot(labels[:, k], n + 1)[:, :, 1:] for k, n in enumerate(classes)]   # (B, tokens, n) each
+    return torch.cat([h.sum(1) if by_area else h.amax(1) for h in hot], 1).float()
 
 
 def train(data: WorldData, r: dict, out_dir: Path, seed: int, progress: bool = True,
